@@ -1,0 +1,17 @@
+"""The bus: JetStream streams from the routes table, deduplicated publishing, and consumers
+that ack explicitly, retry transient failures and dead-letter what cannot be processed."""
+
+from binloop.bus.broker import make_broker
+from binloop.bus.consume import Delivery, subscribe, subscribe_batch
+from binloop.bus.publish import Outgoing, Publisher
+from binloop.bus.streams import ensure_streams
+
+__all__ = [
+    "Delivery",
+    "Outgoing",
+    "Publisher",
+    "ensure_streams",
+    "make_broker",
+    "subscribe",
+    "subscribe_batch",
+]

@@ -1,0 +1,285 @@
+"""JetStream pull consumers with explicit acks, retries and a dead-letter subject.
+
+What happens to each delivered message:
+- it does not parse or validate as the route's model -> DeadLetter event, ack (never retried);
+- the handler raises PermanentError -> DeadLetter, ack;
+- the handler raises anything else (TransientError, a bug, a server that is down) -> nak with a
+  delay; after `max_deliveries` attempts -> DeadLetter, ack. Nothing is dropped silently;
+- the handler returns events -> they are published (deduplicated by Nats-Msg-Id), then the input
+  is acked. A crash in between redelivers the input; JetStream drops the repeated outputs.
+
+Hot subjects use `subscribe_batch`: one fetch of up to N messages, one validation pass, one
+handler call for the whole batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, TypeVar
+
+from faststream import Context
+from faststream.middlewares import AckPolicy
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
+from faststream.nats.message import NatsBatchMessage
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from binloop.bus.publish import MSG_ID_HEADER, Outgoing, Publisher
+from binloop.errors import PermanentError
+from binloop.observability import metrics
+from schemas.base import Event
+from schemas.events import DeadLetter
+from schemas.routes import DLQ, Route
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Event)
+PREVIEW_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Delivery(Generic[E]):
+    event: E
+    subject: str
+    attempt: int
+
+
+EventHandler = Callable[[Delivery[E]], Awaitable[Sequence[Outgoing]]]
+BatchHandler = Callable[[list[Delivery[E]]], Awaitable[Sequence[Outgoing]]]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_deliveries: int = 5
+    retry_delay_s: float = 2.0
+
+
+def _attempt(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except (AttributeError, ValueError, TypeError):
+        return 1
+
+
+class _Consumer(Generic[E]):
+    """Turns raw JetStream messages into typed deliveries and applies the policy above."""
+
+    def __init__(
+        self, publisher: Publisher, route: Route, policy: RetryPolicy, ack_wait_s: float
+    ) -> None:
+        self.publisher = publisher
+        self.route = route
+        self.policy = policy
+        self.ack_wait_s = ack_wait_s
+        self.service = publisher.service
+
+    def decode(
+        self, msgs: list[Msg]
+    ) -> tuple[list[tuple[Msg, Delivery[E]]], list[tuple[Msg, Exception]]]:
+        good: list[tuple[Msg, Delivery[E]]] = []
+        bad: list[tuple[Msg, Exception]] = []
+        model: Any = self.route.model
+        for msg in msgs:
+            try:
+                event = model.model_validate_json(msg.data)
+            except ValidationError as exc:
+                bad.append((msg, exc))
+            else:
+                good.append(
+                    (msg, Delivery(event=event, subject=msg.subject, attempt=_attempt(msg)))
+                )
+        return good, bad
+
+    async def dead_letter(self, msg: Msg, error: BaseException) -> None:
+        error_type = type(error).__name__
+        headers = {k: v for k, v in (msg.headers or {}).items() if isinstance(v, str)}
+        entry = DeadLetter(
+            producer=self.service,
+            service=self.service,
+            original_subject=msg.subject,
+            error_type=error_type,
+            error=str(error)[:4096],
+            payload_preview=msg.data[:PREVIEW_BYTES].decode("utf-8", errors="replace"),
+            payload_size=len(msg.data),
+            headers=headers,
+            delivery_attempt=_attempt(msg),
+        )
+        await self.publisher.publish(DLQ, entry, self.service)
+        await msg.ack()
+        metrics.DEAD_LETTERS.labels(self.service, self.route.name, error_type).inc()
+        log.warning(
+            "%s: dead-lettered a message from %s (%s: %s)",
+            self.service,
+            msg.subject,
+            error_type,
+            str(error)[:300],
+        )
+
+    async def fail(self, msg: Msg, error: BaseException) -> None:
+        if isinstance(error, PermanentError) or _attempt(msg) >= self.policy.max_deliveries:
+            await self.dead_letter(msg, error)
+            return
+        metrics.MESSAGES_RETRIED.labels(self.service, self.route.name, type(error).__name__).inc()
+        log.info(
+            "%s: will retry a message from %s in %.1fs (attempt %d: %s)",
+            self.service,
+            msg.subject,
+            self.policy.retry_delay_s,
+            _attempt(msg),
+            error,
+        )
+        await msg.nak(delay=self.policy.retry_delay_s)
+
+    async def keep_alive(self, msgs: list[Msg]) -> None:
+        """Long handlers (training) tell JetStream they are still working on the message."""
+        while True:
+            await asyncio.sleep(self.ack_wait_s / 3)
+            for msg in msgs:
+                await msg.in_progress()
+
+    async def run_guarded(
+        self, msgs: list[Msg], work: Callable[[], Awaitable[Sequence[Outgoing]]]
+    ) -> Sequence[Outgoing] | BaseException:
+        started = time.perf_counter()
+        heartbeat = asyncio.create_task(self.keep_alive(msgs))
+        try:
+            return await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure is retried or dead-lettered by the caller
+            return exc
+        finally:
+            heartbeat.cancel()
+            metrics.HANDLER_SECONDS.labels(self.service, self.route.name).observe(
+                time.perf_counter() - started
+            )
+
+    async def finish(self, msgs: list[Msg], result: Sequence[Outgoing] | BaseException) -> None:
+        if isinstance(result, BaseException):
+            for msg in msgs:
+                await self.fail(msg, result)
+            return
+        try:
+            await self.publisher.publish_all(list(result))
+        except Exception as exc:  # the bus itself failed: leave the input for redelivery
+            for msg in msgs:
+                await self.fail(msg, exc)
+            return
+        for msg in msgs:
+            await msg.ack()
+
+
+def _register(
+    broker: NatsBroker,
+    route: Route,
+    *,
+    durable: str,
+    bin_id: str | None,
+    batch_size: int,
+    fetch_timeout_s: float,
+    ack_wait_s: float,
+    description: str,
+    on_messages: Callable[[list[Msg]], Awaitable[None]],
+) -> None:
+    subject = route.subject(bin_id) if bin_id else route.wildcard
+    subscriber = broker.subscriber(
+        subject,
+        stream=JStream(route.stream, declare=False),
+        durable=durable,
+        config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=-1),
+        pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout_s, batch=True),
+        ack_policy=AckPolicy.MANUAL,
+        title=f"{durable}:{route.name}",
+        description=f"{description} Payload: {route.model.__name__} "
+        f"(schemas/jsonschema/v1/{route.name}.json).",
+    )
+
+    async def consume(message: Annotated[NatsBatchMessage, Context("message")]) -> None:
+        await on_messages(list(message.raw_message))
+
+    subscriber(consume)
+
+
+def subscribe(
+    broker: NatsBroker,
+    publisher: Publisher,
+    route: Route,
+    handler: EventHandler[E],
+    *,
+    durable: str,
+    bin_id: str | None = None,
+    policy: RetryPolicy = RetryPolicy(),
+    ack_wait_s: float = 30.0,
+    description: str = "",
+) -> None:
+    """One message at a time, for low-rate subjects where latency matters."""
+    consumer: _Consumer[E] = _Consumer(publisher, route, policy, ack_wait_s)
+
+    async def on_messages(msgs: list[Msg]) -> None:
+        good, bad = consumer.decode(msgs)
+        for msg, error in bad:
+            await consumer.dead_letter(msg, error)
+        for msg, delivery in good:
+            metrics.MESSAGES_CONSUMED.labels(consumer.service, route.name).inc()
+            result = await consumer.run_guarded([msg], lambda d=delivery: handler(d))
+            await consumer.finish([msg], result)
+
+    _register(
+        broker,
+        route,
+        durable=durable,
+        bin_id=bin_id,
+        batch_size=1,
+        fetch_timeout_s=1.0,
+        ack_wait_s=ack_wait_s,
+        description=description,
+        on_messages=on_messages,
+    )
+
+
+def subscribe_batch(
+    broker: NatsBroker,
+    publisher: Publisher,
+    route: Route,
+    handler: BatchHandler[E],
+    *,
+    durable: str,
+    batch_size: int = 256,
+    max_wait_s: float = 0.2,
+    bin_id: str | None = None,
+    policy: RetryPolicy = RetryPolicy(),
+    ack_wait_s: float = 30.0,
+    description: str = "",
+) -> None:
+    """Up to `batch_size` messages per call, waiting at most `max_wait_s` to fill a batch."""
+    consumer: _Consumer[E] = _Consumer(publisher, route, policy, ack_wait_s)
+
+    async def on_messages(msgs: list[Msg]) -> None:
+        good, bad = consumer.decode(msgs)
+        for msg, error in bad:
+            await consumer.dead_letter(msg, error)
+        if not good:
+            return
+        metrics.MESSAGES_CONSUMED.labels(consumer.service, route.name).inc(len(good))
+        deliveries = [d for _, d in good]
+        result = await consumer.run_guarded([m for m, _ in good], lambda: handler(deliveries))
+        await consumer.finish([m for m, _ in good], result)
+
+    _register(
+        broker,
+        route,
+        durable=durable,
+        bin_id=bin_id,
+        batch_size=batch_size,
+        fetch_timeout_s=max_wait_s,
+        ack_wait_s=ack_wait_s,
+        description=description,
+        on_messages=on_messages,
+    )
+
+
+__all__ = ["MSG_ID_HEADER", "Delivery", "RetryPolicy", "subscribe", "subscribe_batch"]

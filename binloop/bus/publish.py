@@ -1,0 +1,43 @@
+"""Publishing events: JSON on the route's subject, event_id as Nats-Msg-Id, acked by JetStream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from faststream.nats import NatsBroker
+
+from binloop.observability import metrics
+from schemas.base import Event
+from schemas.routes import Route
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """An event a handler wants published; the consumer publishes it before acking the input."""
+
+    route: Route
+    event: Event
+    bin_id: str | None = None
+
+
+class Publisher:
+    def __init__(self, broker: NatsBroker, service: str) -> None:
+        self._broker = broker
+        self.service = service
+
+    async def publish(self, route: Route, event: Event, bin_id: str | None = None) -> None:
+        if not isinstance(event, route.model):
+            raise TypeError(f"{route.name} carries {route.model.__name__}, not {type(event)}")
+        await self._broker.publish(
+            event.model_dump_json().encode(),
+            route.subject(bin_id),
+            headers={MSG_ID_HEADER: str(event.event_id), "content-type": "application/json"},
+            stream=route.stream,
+        )
+        metrics.EVENTS_PUBLISHED.labels(self.service, route.name).inc()
+
+    async def publish_all(self, outgoing: list[Outgoing]) -> None:
+        for item in outgoing:
+            await self.publish(item.route, item.event, item.bin_id)

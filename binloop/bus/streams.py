@@ -1,0 +1,37 @@
+"""Creates (or updates) the JetStream streams the routes table names."""
+
+from __future__ import annotations
+
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from schemas.routes import STREAMS, Stream
+
+DUPLICATE_WINDOW_S = 120.0
+
+
+def stream_config(stream: Stream) -> StreamConfig:
+    return StreamConfig(
+        name=stream.name,
+        description=stream.description,
+        subjects=list(stream.subjects),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=stream.max_age_s,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
+async def ensure_streams(js: JetStreamContext) -> list[str]:
+    """Idempotent: adds missing streams and updates changed ones. Returns the stream names."""
+    for stream in STREAMS.values():
+        config = stream_config(stream)
+        try:
+            await js.stream_info(stream.name)
+        except NotFoundError:
+            await js.add_stream(config)
+        else:
+            await js.update_stream(config)
+    return list(STREAMS)

@@ -1,0 +1,1 @@
+"""Prometheus metrics (one place for every name) and the /metrics, /healthz, /readyz server."""

@@ -1,0 +1,81 @@
+"""Every Prometheus metric binloop exports, defined once. Labels stay low in cardinality:
+a bin id is allowed, a frame id never is."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+MESSAGES_CONSUMED = Counter(
+    "binloop_messages_consumed_total",
+    "Messages a service took off the bus",
+    ["service", "route"],
+)
+MESSAGES_RETRIED = Counter(
+    "binloop_messages_retried_total",
+    "Messages nak'ed for redelivery after a delay",
+    ["service", "route", "error_type"],
+)
+DEAD_LETTERS = Counter(
+    "binloop_dead_letters_total",
+    "Messages sent to the dead-letter subject",
+    ["service", "route", "error_type"],
+)
+EVENTS_PUBLISHED = Counter(
+    "binloop_events_published_total", "Events published", ["service", "route"]
+)
+HANDLER_SECONDS = Histogram(
+    "binloop_handler_seconds",
+    "Time a handler spent on one delivery (message or batch)",
+    ["service", "route"],
+    buckets=LATENCY_BUCKETS,
+)
+
+FRAMES_CAPTURED = Counter("binloop_frames_captured_total", "Frames captured", ["bin"])
+FRAMES_INFERRED = Counter("binloop_frames_inferred_total", "Frames classified", ["bin"])
+INFERENCE_STAGE_SECONDS = Histogram(
+    "binloop_inference_stage_seconds",
+    "Edge inferencer per-frame time by stage",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
+FRAME_TO_ACTUATION_SECONDS = Histogram(
+    "binloop_frame_to_actuation_seconds",
+    "Capture to actuator done",
+    ["bin"],
+    buckets=LATENCY_BUCKETS,
+)
+DECISIONS = Counter(
+    "binloop_decisions_total", "Items sent to each compartment", ["bin", "compartment"]
+)
+ABSTENTIONS = Counter(
+    "binloop_abstentions_total", "Items sent to trash for low confidence", ["bin"]
+)
+ACTUATOR_ERRORS = Counter("binloop_actuator_errors_total", "Actuator failures", ["bin", "error"])
+MODEL_VERSION_SERVED = Gauge(
+    "binloop_model_version_served", "Model version the edge inferencer serves", ["bin", "model"]
+)
+MODEL_SWAPS = Counter("binloop_model_swaps_total", "Live model swaps", ["bin"])
+UPLOADER_BACKLOG = Gauge("binloop_uploader_backlog_frames", "Frames in the spool", ["bin"])
+UPLOADED_BYTES = Counter("binloop_uploaded_bytes_total", "Bytes written to the store", ["bin"])
+SAMPLER_SELECTIONS = Counter(
+    "binloop_sampler_selections_total", "Frames picked for labeling", ["strategy"]
+)
+SAMPLER_RATE_LIMITED = Counter(
+    "binloop_sampler_rate_limited_total", "Candidates dropped by the per-bin limit", ["bin"]
+)
+LABELS = Counter("binloop_labels_total", "Annotations received", ["backend"])
+DATASET_SNAPSHOTS = Counter("binloop_dataset_snapshots_total", "Dataset snapshots written")
+TRAINING_RUNS = Counter("binloop_training_runs_total", "Training runs", ["outcome"])
+TRAINING_SECONDS = Histogram(
+    "binloop_training_seconds",
+    "Wall time of a training run",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+)
+MODEL_ACCURACY = Gauge(
+    "binloop_model_eval_accuracy", "Accuracy on the fixed evaluation set", ["model", "role"]
+)
+MODEL_PROMOTIONS = Counter(
+    "binloop_model_promotions_total", "Registry decisions", ["model", "decision"]
+)

@@ -1,0 +1,120 @@
+"""How every service process starts and stops: one FastStream app, the streams it needs, the
+health server, and background tasks that end cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from faststream import FastStream
+from faststream.nats import NatsBroker
+from nats.js.client import JetStreamContext
+
+from binloop.bus import Publisher, ensure_streams, make_broker
+from binloop.bus.consume import RetryPolicy
+from binloop.observability.http import HealthServer
+from binloop.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+BackgroundTask = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class ServiceApp:
+    """A service: its broker, publisher, retry policy, readiness and background tasks."""
+
+    name: str
+    settings: ServiceSettings
+    broker: NatsBroker
+    publisher: Publisher
+    policy: RetryPolicy
+    ready_checks: list[Callable[[], bool]] = field(default_factory=list)
+    background: list[BackgroundTask] = field(default_factory=list)
+    on_start: list[Callable[[JetStreamContext], Awaitable[None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    health: HealthServer | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _started: bool = False
+
+    @property
+    def producer(self) -> str:
+        return f"{self.name}:{self.settings.instance}" if self.settings.instance else self.name
+
+    def is_ready(self) -> bool:
+        connected = bool(
+            self._started
+            and self.broker.config.connection_state.connection
+            and self.broker.connection.is_connected
+        )
+        return connected and all(check() for check in self.ready_checks)
+
+    @property
+    def js(self) -> JetStreamContext:
+        js: JetStreamContext = self.broker.config.connection_state.stream
+        return js
+
+    async def start(self) -> None:
+        """Connect, make sure the streams exist, start consumers, health server and tasks."""
+        await self._connect_and_prepare()
+        await self.broker.start()
+        await self._after_broker_started()
+
+    async def stop(self) -> None:
+        await self.stop_extras()
+        await self.broker.stop()
+
+    async def _supervise(self, task: BackgroundTask) -> None:
+        try:
+            await task()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: background task %s failed", self.name, task)
+            raise
+
+    def faststream_app(self) -> FastStream:
+        """The app `binloop run <service>` serves (signals, graceful shutdown) and documents."""
+        app = FastStream(self.broker, title=f"binloop {self.name}", version="0.1.0")
+        app.on_startup(self._connect_and_prepare)
+        app.after_startup(self._after_broker_started)
+        app.on_shutdown(self.stop_extras)
+        return app
+
+    async def _connect_and_prepare(self) -> None:
+        await self.broker.connect()
+        await ensure_streams(self.js)
+        for hook in self.on_start:
+            await hook(self.js)
+
+    async def _after_broker_started(self) -> None:
+        self.health = HealthServer(self.settings.http_host, self.settings.http_port, self.is_ready)
+        await self.health.start()
+        for task in self.background:
+            self._tasks.append(asyncio.create_task(self._supervise(task)))
+        self._started = True
+
+    async def stop_extras(self) -> None:
+        self._started = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for hook in self.on_stop:
+            await hook()
+        if self.health is not None:
+            await self.health.stop()
+
+
+def new_service(name: str, settings: ServiceSettings) -> ServiceApp:
+    broker = make_broker(settings.nats_url, name)
+    producer = f"{name}:{settings.instance}" if settings.instance else name
+    return ServiceApp(
+        name=name,
+        settings=settings,
+        broker=broker,
+        publisher=Publisher(broker, producer),
+        policy=RetryPolicy(settings.max_deliveries, settings.retry_delay_s),
+    )

@@ -1,0 +1,34 @@
+"""Settings every service shares. Each service adds its own in its folder's settings.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Read from BINLOOP_* environment variables; unknown keys are an error, not a typo lost."""
+
+    model_config = SettingsConfigDict(env_prefix="BINLOOP_", extra="forbid", frozen=True)
+
+    nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server(s)")
+    http_port: int = Field(
+        default=8000,
+        ge=0,
+        le=65535,
+        description="Port of /metrics, /healthz and /readyz; 0 picks a free one.",
+    )
+    http_host: str = Field(default="0.0.0.0", description="Interface the health server binds")
+    blob_root: Path = Field(
+        default=Path(".binloop/blobs"), description="Local object-store folder (embedded default)"
+    )
+    max_deliveries: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="Attempts before a message that keeps failing is dead-lettered",
+    )
+    retry_delay_s: float = Field(default=2.0, gt=0, le=3600, description="Delay before a retry")
+    instance: str = Field(default="", description="Instance suffix for the producer name")

@@ -1,0 +1,55 @@
+"""binloop's wire contract: typed events, the taxonomy and the one routes table."""
+
+from schemas.base import BlobRef, Event
+from schemas.events import (
+    ActuationCommand,
+    ActuationDone,
+    ClassScore,
+    DatasetSnapshot,
+    DeadLetter,
+    FleetHeartbeat,
+    FrameCaptured,
+    FrameStored,
+    InferenceResult,
+    LabelAnnotated,
+    ModelMetrics,
+    ModelPromoted,
+    ModelRegistered,
+    ModelRolledBack,
+    SampleSelected,
+    StageLatency,
+    TrainingCompleted,
+    TrainingRequested,
+)
+from schemas.routes import ROUTES, STREAMS, Route, Stream
+from schemas.taxonomy import COMPARTMENTS, Compartment, Taxonomy
+
+__all__ = [
+    "COMPARTMENTS",
+    "ROUTES",
+    "STREAMS",
+    "ActuationCommand",
+    "ActuationDone",
+    "BlobRef",
+    "ClassScore",
+    "Compartment",
+    "DatasetSnapshot",
+    "DeadLetter",
+    "Event",
+    "FleetHeartbeat",
+    "FrameCaptured",
+    "FrameStored",
+    "InferenceResult",
+    "LabelAnnotated",
+    "ModelMetrics",
+    "ModelPromoted",
+    "ModelRegistered",
+    "ModelRolledBack",
+    "Route",
+    "SampleSelected",
+    "StageLatency",
+    "Stream",
+    "Taxonomy",
+    "TrainingCompleted",
+    "TrainingRequested",
+]

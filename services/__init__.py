@@ -1,0 +1,1 @@
+"""binloop services: one folder each, each with settings, core logic and a create_app factory."""

@@ -1,0 +1,83 @@
+"""The bus against a real nats-server: dedup by Nats-Msg-Id, DLQ for garbage, retries."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+
+from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.errors import PermanentError, TransientError
+from binloop.runtime import new_service
+from binloop.settings import ServiceSettings
+from schemas import DeadLetter, TrainingRequested
+from schemas.routes import DLQ, TRAINING_REQUESTED
+from tests.helpers import Collector
+
+pytestmark = pytest.mark.integration
+
+
+def _settings(url: str) -> ServiceSettings:
+    return ServiceSettings(nats_url=url, http_port=0, retry_delay_s=0.05, max_deliveries=3)
+
+
+async def test_publish_is_deduplicated_by_event_id(js: JetStreamContext, nats_server) -> None:
+    service = new_service("probe", _settings(nats_server.url))
+    await service.start()
+    try:
+        event = TrainingRequested(producer="test", dataset_name="d")
+        await service.publisher.publish(TRAINING_REQUESTED, event)
+        await service.publisher.publish(TRAINING_REQUESTED, event)
+        info = await js.stream_info("ENGINE")
+        assert info.state.messages == 1
+    finally:
+        await service.stop()
+
+
+async def test_garbage_goes_to_dlq_and_service_keeps_serving(
+    js: JetStreamContext, nats_client: Client, nats_server
+) -> None:
+    service = new_service("echo", _settings(nats_server.url))
+    seen: list[str] = []
+    both_seen = asyncio.Event()
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        if delivery.event.dataset_name == "poison":
+            raise PermanentError("poisoned dataset name")
+        if delivery.event.dataset_name == "flaky" and delivery.attempt < 2:
+            raise TransientError("try again")
+        seen.append(delivery.event.dataset_name)
+        if set(seen) == {"flaky", "good"}:
+            both_seen.set()
+        return []
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="echo",
+        policy=service.policy,
+    )
+    dlq = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
+    await service.start()
+    try:
+        subject = TRAINING_REQUESTED.subject()
+        await js.publish(subject, b"{not json")
+        await js.publish(subject, b'{"schema_version": 2, "producer": "x", "dataset_name": "d"}')
+        for name in ("poison", "flaky", "good"):
+            event = TrainingRequested(
+                producer="test", dataset_name=name, occurred_at=datetime.now(UTC)
+            )
+            await js.publish(subject, event.model_dump_json().encode())
+        letters = await dlq.wait_for(3)
+        assert {d.error_type for d in letters} == {"ValidationError", "PermanentError"}
+        assert all(d.original_subject == subject for d in letters)
+        assert any("schema_version" in d.error for d in letters)
+        await asyncio.wait_for(both_seen.wait(), 20)
+        assert sorted(seen) == ["flaky", "good"]
+    finally:
+        await service.stop()
