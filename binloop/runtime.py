@@ -9,9 +9,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from faststream import FastStream
+from faststream.specification import AsyncAPI
 from faststream.nats import NatsBroker
 from nats.js.client import JetStreamContext
 
+from binloop import __version__
 from binloop.bus import Publisher, ensure_streams, make_broker
 from binloop.bus.consume import RetryPolicy
 from binloop.observability.http import HealthServer
@@ -77,7 +79,13 @@ class ServiceApp:
 
     def faststream_app(self) -> FastStream:
         """The app `binloop run <service>` serves (signals, graceful shutdown) and documents."""
-        app = FastStream(self.broker, title=f"binloop {self.name}", version="0.1.0")
+        spec = AsyncAPI(
+            self.broker,
+            title=f"binloop {self.name}",
+            version=__version__,
+            description=f"Subjects the binloop {self.name} service consumes and publishes.",
+        )
+        app = FastStream(self.broker, specification=spec)
         app.on_startup(self._connect_and_prepare)
         app.after_startup(self._after_broker_started)
         app.on_shutdown(self.stop_extras)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
@@ -225,7 +226,7 @@ def subscribe(
             await consumer.dead_letter(msg, error)
         for msg, delivery in good:
             metrics.MESSAGES_CONSUMED.labels(consumer.service, route.name).inc()
-            result = await consumer.run_guarded([msg], lambda d=delivery: handler(d))
+            result = await consumer.run_guarded([msg], partial(handler, delivery))
             await consumer.finish([msg], result)
 
     _register(
@@ -266,7 +267,11 @@ def subscribe_batch(
             return
         metrics.MESSAGES_CONSUMED.labels(consumer.service, route.name).inc(len(good))
         deliveries = [d for _, d in good]
-        result = await consumer.run_guarded([m for m, _ in good], lambda: handler(deliveries))
+
+        def work() -> Awaitable[Sequence[Outgoing]]:
+            return handler(deliveries)
+
+        result = await consumer.run_guarded([m for m, _ in good], work)
         await consumer.finish([m for m, _ in good], result)
 
     _register(
