@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from faststream import FastStream
-from faststream.specification import AsyncAPI
 from faststream.nats import NatsBroker
+from faststream.specification import AsyncAPI
 from nats.js.client import JetStreamContext
 
 from binloop import __version__

@@ -1,0 +1,46 @@
+"""The actuator service: actuation.command in, actuation.done out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.errors import ConfigError
+from binloop.observability import metrics
+from binloop.runtime import ServiceApp, new_service
+from schemas.events import ActuationCommand
+from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE
+from services.actuator.core import ActuatorDriver, SimulatedDriver, execute
+from services.actuator.settings import ActuatorSettings
+
+
+def make_driver(settings: ActuatorSettings) -> ActuatorDriver:
+    if settings.driver == "simulated":
+        return SimulatedDriver(settings.sim_actuation_ms, settings.sim_jam_rate, settings.sim_seed)
+    raise ConfigError("the gpio driver runs on the bin only; see edge/ (driver=simulated here)")
+
+
+def create_app(settings: ActuatorSettings, driver: ActuatorDriver | None = None) -> ServiceApp:
+    service = new_service("actuator", settings)
+    active_driver = driver or make_driver(settings)
+
+    async def on_command(delivery: Delivery[ActuationCommand]) -> list[Outgoing]:
+        done = await execute(active_driver, delivery.event, service.producer)
+        bin_id = done.bin_id
+        if not done.ok:
+            metrics.ACTUATOR_ERRORS.labels(bin_id, "jam").inc()
+        latency = (datetime.now(UTC) - done.captured_at).total_seconds()
+        metrics.FRAME_TO_ACTUATION_SECONDS.labels(bin_id).observe(max(latency, 0.0))
+        return [Outgoing(ACTUATION_DONE, done, bin_id)]
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        ACTUATION_COMMAND,
+        on_command,
+        durable=f"actuator-{settings.bin_id}",
+        bin_id=settings.bin_id,
+        policy=service.policy,
+        description="Moves the item into the chosen compartment.",
+    )
+    return service
