@@ -1,0 +1,65 @@
+"""Image decoding and preprocessing exactly as the model card describes, vectorised (no
+per-pixel Python). Training and the edge share this code, so they cannot drift apart."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from binloop.errors import CorruptFrameError
+from binloop.ml.card import ModelCard
+
+FloatArray = npt.NDArray[np.float32]
+ImageArray = npt.NDArray[np.uint8]
+
+
+def decode_rgb(data: bytes) -> ImageArray:
+    """JPEG/PNG bytes -> HxWx3 uint8 RGB. Raises CorruptFrameError on anything else."""
+    if not data:
+        raise CorruptFrameError("empty image")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise CorruptFrameError(f"{len(data)} bytes that do not decode as an image")
+    rgb: ImageArray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
+
+
+class Preprocessor:
+    """Whole-frame resize to the input size (no crop), scale to [0, 1], normalise, NCHW."""
+
+    def __init__(
+        self,
+        input_size: tuple[int, int],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> None:
+        self.height, self.width = input_size
+        mean_arr = np.asarray(mean, dtype=np.float32)
+        std_arr = np.asarray(std, dtype=np.float32)
+        # One multiply-add per pixel: x * scale + shift == (x / 255 - mean) / std
+        self._scale = (1.0 / (255.0 * std_arr)).reshape(1, 1, 3)
+        self._shift = (-mean_arr / std_arr).reshape(1, 1, 3)
+
+    @classmethod
+    def from_card(cls, card: ModelCard) -> Preprocessor:
+        return cls(card.input_size, card.mean, card.std)
+
+    def __call__(self, rgb: ImageArray) -> FloatArray:
+        """HxWx3 uint8 RGB -> 3xHxW float32."""
+        resized = cv2.resize(rgb, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+        normalised = resized.astype(np.float32) * self._scale + self._shift
+        chw: FloatArray = np.ascontiguousarray(normalised.transpose(2, 0, 1))
+        return chw
+
+    def batch(self, images: list[ImageArray]) -> FloatArray:
+        stacked: FloatArray = np.stack([self(image) for image in images])
+        return stacked
+
+
+def softmax(logits: FloatArray) -> FloatArray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    result: FloatArray = exp / exp.sum(axis=-1, keepdims=True)
+    return result
