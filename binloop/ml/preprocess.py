@@ -22,7 +22,7 @@ def decode_rgb(data: bytes) -> ImageArray:
     bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if bgr is None:
         raise CorruptFrameError(f"{len(data)} bytes that do not decode as an image")
-    rgb: ImageArray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    rgb: ImageArray = np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
     return rgb
 
 
