@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from faststream import FastStream
-from faststream.nats import NatsBroker
+from faststream.nats import JStream, NatsBroker
 from faststream.specification import AsyncAPI
 from nats.js.client import JetStreamContext
 
@@ -18,6 +18,7 @@ from binloop.bus import Publisher, ensure_streams, make_broker
 from binloop.bus.consume import RetryPolicy
 from binloop.observability.http import HealthServer
 from binloop.settings import ServiceSettings
+from schemas.routes import Route
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,18 @@ class ServiceApp:
     @property
     def producer(self) -> str:
         return f"{self.name}:{self.settings.instance}" if self.settings.instance else self.name
+
+    def declare_publishes(self, *routes: Route, bin_id: str | None = None) -> None:
+        """Documents (AsyncAPI) the routes this service publishes; publishing goes through
+        `self.publisher`, which sets Nats-Msg-Id and waits for JetStream's ack."""
+        for route in routes:
+            self.broker.publisher(
+                route.subject(bin_id) if bin_id and route.per_bin else route.wildcard,
+                stream=JStream(route.stream, declare=False),
+                schema=route.model,
+                title=f"{self.name}:{route.name}",
+                description=f"{route.model.__doc__ or route.model.__name__}".strip(),
+            )
 
     def is_ready(self) -> bool:
         connected = bool(

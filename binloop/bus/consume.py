@@ -24,7 +24,7 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from faststream import Context
 from faststream.middlewares import AckPolicy
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
+from faststream.nats import ConsumerConfig, DeliverPolicy, JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsBatchMessage
 from nats.aio.msg import Msg
 from pydantic import ValidationError
@@ -185,13 +185,14 @@ def _register(
     ack_wait_s: float,
     description: str,
     on_messages: Callable[[list[Msg]], Awaitable[None]],
+    deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
 ) -> None:
     subject = route.subject(bin_id) if bin_id else route.wildcard
     subscriber = broker.subscriber(
         subject,
         stream=JStream(route.stream, declare=False),
         durable=durable,
-        config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=-1),
+        config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=-1, deliver_policy=deliver_policy),
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout_s, batch=True),
         ack_policy=AckPolicy.MANUAL,
         title=f"{durable}:{route.name}",
@@ -216,8 +217,13 @@ def subscribe(
     policy: RetryPolicy = RetryPolicy(),
     ack_wait_s: float = 30.0,
     description: str = "",
+    deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
 ) -> None:
-    """One message at a time, for low-rate subjects where latency matters."""
+    """One message at a time, for low-rate subjects where latency matters.
+
+    `deliver_policy` applies when the durable consumer is first created, e.g. LAST_PER_SUBJECT
+    for "tell me the current model, then every change".
+    """
     consumer: _Consumer[E] = _Consumer(publisher, route, policy, ack_wait_s)
 
     async def on_messages(msgs: list[Msg]) -> None:

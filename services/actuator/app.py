@@ -23,6 +23,7 @@ def make_driver(settings: ActuatorSettings) -> ActuatorDriver:
 def create_app(settings: ActuatorSettings, driver: ActuatorDriver | None = None) -> ServiceApp:
     service = new_service("actuator", settings)
     active_driver = driver or make_driver(settings)
+    service.declare_publishes(ACTUATION_DONE, bin_id=settings.bin_id)
 
     async def on_command(delivery: Delivery[ActuationCommand]) -> list[Outgoing]:
         done = await execute(active_driver, delivery.event, service.producer)

@@ -1,0 +1,210 @@
+"""The `binloop` command: run the whole loop, run one service, record/replay, export docs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.live import Live
+
+from binloop.embedded import DEMO_DIR, LoopConfig, run_loop
+from binloop.liveview import render, summary
+from services.registry import SERVICES
+
+app = typer.Typer(
+    help="binloop: the ML data engine for smart waste-sorting bins.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option(help="Where the run keeps its state")] = Path(
+        ".binloop/demo"
+    ),
+    stream: Annotated[Path, typer.Option(help="Image folder replayed as the camera")] = DEMO_DIR
+    / "stream",
+    fps: Annotated[float, typer.Option(help="Frames per second of the replay")] = 20.0,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 900.0,
+    live: Annotated[bool, typer.Option(help="Show the live table")] = True,
+    log_level: Annotated[str, typer.Option(help="Log level")] = "WARNING",
+) -> None:
+    """Start nats-server, a local blob store and every service; run the loop on a replay."""
+    _setup_logging(log_level)
+    config = LoopConfig(data_dir=data_dir, stream_dir=stream, fps=fps, timeout_s=timeout)
+
+    async def main() -> int:
+        with (
+            Live(console=console, refresh_per_second=4, transient=False)
+            if live
+            else (contextlib.nullcontext()) as view
+        ):
+
+            def tick(stats: object) -> None:
+                if view is not None:
+                    view.update(render(stats))  # type: ignore[arg-type]
+
+            outcome = await run_loop(config, tick)
+        console.print(summary(outcome.stats, outcome.reason))
+        lost = sum(outcome.stats.lost().values()) + sum(outcome.stats.duplicates().values())
+        return 0 if outcome.finished and lost == 0 else 1
+
+    raise typer.Exit(asyncio.run(main()))
+
+
+@app.command()
+def run(
+    service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}")],
+    validate_config: Annotated[
+        bool, typer.Option("--validate-config", help="Check settings and exit 0 or 1")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="Log level")] = "INFO",
+) -> None:
+    """Run one service as its own process (how compose and Kubernetes run them)."""
+    if service not in SERVICES:
+        console.print(f"[red]unknown service {service!r}; known: {', '.join(SERVICES)}")
+        raise typer.Exit(2)
+    settings_cls, factory = SERVICES[service].load()
+    try:
+        settings = settings_cls()
+    except ValidationError as exc:
+        for error in exc.errors():
+            key = ".".join(str(p) for p in error["loc"])
+            console.print(f"[red]BINLOOP_{key.upper()}[/]: {error['msg']}")
+        raise typer.Exit(1) from exc
+    if validate_config:
+        console.print(f"{service}: configuration is valid")
+        console.print_json(settings.model_dump_json())
+        return
+    _setup_logging(log_level)
+    service_app = factory(settings)
+    asyncio.run(service_app.faststream_app().run())
+
+
+@app.command()
+def record(
+    out: Annotated[Path, typer.Argument(help="Replay file to write (JSON lines)")],
+    subjects: Annotated[list[str], typer.Option("--subject", help="Subject filter(s)")],
+    nats_url: Annotated[str, typer.Option(envvar="BINLOOP_NATS_URL")] = "nats://127.0.0.1:4222",
+    embed_frames_from: Annotated[
+        Path | None, typer.Option(help="Spool folder: embed frames so the file stands alone")
+    ] = None,
+    max_messages: Annotated[int | None, typer.Option(help="Stop after this many")] = None,
+) -> None:
+    """Write chosen subjects to a replay file until Ctrl-C (or --max-messages)."""
+    from binloop.replay import record as record_subjects
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await record_subjects(
+            nats_url,
+            subjects,
+            out,
+            embed_frames_from=embed_frames_from,
+            stop=stop,
+            max_messages=max_messages,
+        )
+
+    count = asyncio.run(main())
+    console.print(f"recorded {count} messages to {out}")
+
+
+@app.command()
+def replay(
+    path: Annotated[Path, typer.Argument(help="Replay file written by `binloop record`")],
+    speed: Annotated[
+        float, typer.Option(help="1 = original timing, N = N times faster, 0 = as fast as possible")
+    ] = 1.0,
+    nats_url: Annotated[str, typer.Option(envvar="BINLOOP_NATS_URL")] = "nats://127.0.0.1:4222",
+) -> None:
+    """Publish a recorded stream again."""
+    from binloop.replay import replay as replay_file
+
+    count = asyncio.run(replay_file(nats_url, path, speed=speed))
+    console.print(f"replayed {count} messages from {path}")
+
+
+@app.command("export-schemas")
+def export_schemas(
+    check: Annotated[bool, typer.Option(help="Fail if the committed files differ")] = False,
+) -> None:
+    """Write (or check) the JSON Schema file of every route."""
+    from schemas.export import JSONSCHEMA_DIR, render_json_schemas, write_json_schemas
+
+    if check:
+        stale = [
+            name
+            for name, text in render_json_schemas().items()
+            if not (JSONSCHEMA_DIR / name).exists() or (JSONSCHEMA_DIR / name).read_text() != text
+        ]
+        if stale:
+            console.print(f"[red]out of date: {', '.join(stale)}; run `binloop export-schemas`")
+            raise typer.Exit(1)
+        console.print("JSON schemas are up to date")
+        return
+    for path in write_json_schemas():
+        console.print(f"wrote {path}")
+
+
+@app.command("export-asyncapi")
+def export_asyncapi(
+    out: Annotated[Path, typer.Option(help="Folder for the AsyncAPI documents")] = Path(
+        "docs/asyncapi"
+    ),
+) -> None:
+    """Generate each service's AsyncAPI document with FastStream's generator."""
+    from binloop.docs import write_asyncapi
+
+    for path in write_asyncapi(out):
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def rollback(
+    model: Annotated[str, typer.Option(help="Model name")] = "binloop-waste",
+    to_version: Annotated[int | None, typer.Option(help="Version (default: previous)")] = None,
+    reason: Annotated[str, typer.Option(help="Why, for the record")] = "operator rollback",
+    nats_url: Annotated[str, typer.Option(envvar="BINLOOP_NATS_URL")] = "nats://127.0.0.1:4222",
+) -> None:
+    """Make an earlier model version champion again and ship it to the bins."""
+    from binloop.runtime import new_service
+    from binloop.settings import ServiceSettings
+    from services.model_registry import rollback as registry_rollback
+
+    async def main() -> None:
+        service = new_service("rollback", ServiceSettings(nats_url=nats_url, http_port=0))
+        await service.broker.connect()
+        try:
+            await registry_rollback(service.js, service.publisher, model, to_version, reason)
+        finally:
+            await service.broker.stop()
+
+    asyncio.run(main())
+
+
+def main() -> None:
+    app(prog_name="binloop")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Record bus traffic to a JSON-lines file and replay it later, with its original timing.
+
+One line per message: {"t": seconds since the first message, "subject", "headers", "data": the
+JSON payload}. With frames embedded, frames.captured lines also carry "frame_b64" (the JPEG
+bytes), so the file is self-contained and the frame-ingestor can replay it on another machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import nats
+from nats.aio.msg import Msg
+from nats.js.errors import NoStreamResponseError
+from pydantic import ValidationError
+
+from binloop.errors import PermanentError
+from binloop.storage import LocalBlobStore, sha256_hex
+from schemas.events import FrameCaptured
+from schemas.routes import FRAMES_CAPTURED, route_for_subject
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecordedMessage:
+    """One line of a replay file, checked for shape (the payload is not validated here)."""
+
+    line: int
+    t: float
+    subject: str
+    headers: dict[str, str]
+    data: dict[str, Any]
+    frame: bytes | None = None
+
+
+@dataclass
+class ReplayStats:
+    """What a pass over a replay file found; bad lines are skipped, never fatal."""
+
+    messages: int = 0
+    bad_lines: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def skip(self, path: Path, line: int, reason: str) -> None:
+        self.bad_lines += 1
+        message = f"{path}:{line}: {reason}; line skipped"
+        if len(self.problems) < 100:
+            self.problems.append(message)
+        log.warning("replay file %s", message)
+
+
+def _parse_line(text: str, line: int) -> RecordedMessage:
+    """Raises ValueError with a human reason when the line is not a recorded message."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg} at column {exc.colno})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+    t, subject, headers, data = (
+        raw.get("t"),
+        raw.get("subject"),
+        raw.get("headers"),
+        raw.get("data"),
+    )
+    if isinstance(t, bool) or not isinstance(t, int | float) or t < 0:
+        raise ValueError(f'"t" must be a number of seconds >= 0, got {t!r}')
+    if not isinstance(subject, str) or not subject or " " in subject:
+        raise ValueError(f'"subject" must be a non-empty subject without spaces, got {subject!r}')
+    if headers is None:
+        headers = {}
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ValueError('"headers" must be an object of strings')
+    if not isinstance(data, dict):
+        raise ValueError(f'"data" must be a JSON object, got {type(data).__name__}')
+    frame: bytes | None = None
+    encoded = raw.get("frame_b64")
+    if encoded is not None:
+        if not isinstance(encoded, str):
+            raise ValueError('"frame_b64" must be a base64 string')
+        try:
+            frame = base64.b64decode(encoded, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f'"frame_b64" is not valid base64 ({exc})') from exc
+    return RecordedMessage(line, float(t), subject, dict(headers), data, frame)
+
+
+def iter_replay_file(path: Path, stats: ReplayStats | None = None) -> Iterator[RecordedMessage]:
+    """The messages of a replay file in order. Bad lines are skipped with a warning that names
+    the line, and counted in `stats`."""
+    counts = stats if stats is not None else ReplayStats()
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                message = _parse_line(text, number)
+            except ValueError as exc:
+                counts.skip(path, number, str(exc))
+                continue
+            counts.messages += 1
+            yield message
+
+
+def replay_delay(t: float, speed: float, elapsed: float) -> float:
+    """Seconds to wait before sending a message recorded `t` s after the first, when `elapsed`
+    seconds have passed since the replay began. Measured from one start, so no drift builds up."""
+    if speed <= 0:
+        return 0.0
+    return max(0.0, t / speed - elapsed)
+
+
+def _embedded_frame(spool: LocalBlobStore, data: dict[str, Any]) -> bytes:
+    """The spooled JPEG a frames.captured payload points at, checked against its sha256."""
+    try:
+        event = FrameCaptured.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(
+            f"payload is not a valid FrameCaptured ({exc.error_count()} errors)"
+        ) from exc
+    frame = spool.get(event.spool.key)
+    actual = sha256_hex(frame)
+    if actual != event.frame_sha256:
+        raise ValueError(f"spooled frame hashes to {actual}, event says {event.frame_sha256}")
+    return frame
+
+
+class _Recorder:
+    def __init__(self, out: IO[str], embed_frames_from: Path | None) -> None:
+        self.out = out
+        self.spool = LocalBlobStore(embed_frames_from) if embed_frames_from else None
+        self.first: float | None = None
+        self.written = 0
+        self.skipped = 0
+
+    async def write(self, received_at: float, msg: Msg) -> None:
+        try:
+            data = json.loads(msg.data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if not isinstance(data, dict):
+            self.skipped += 1
+            log.warning(
+                "record: %s carried %d bytes that are not a JSON object; not recorded",
+                msg.subject,
+                len(msg.data),
+            )
+            return
+        if self.first is None:
+            self.first = received_at
+        headers = {k: v for k, v in (msg.headers or {}).items() if isinstance(v, str)}
+        line: dict[str, Any] = {
+            "t": round(received_at - self.first, 6),
+            "subject": msg.subject,
+            "headers": headers,
+            "data": data,
+        }
+        if self.spool is not None and route_for_subject(msg.subject) is FRAMES_CAPTURED:
+            try:
+                frame = await asyncio.to_thread(_embedded_frame, self.spool, data)
+            except (ValueError, OSError, PermanentError) as exc:
+                # The message is still recorded: a replay without the frame beats none.
+                log.warning("record: frame of %s not embedded: %s", msg.subject, exc)
+            else:
+                line["frame_b64"] = base64.b64encode(frame).decode("ascii")
+        self.out.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self.written += 1
+
+
+async def record(
+    nats_url: str,
+    subjects: list[str],
+    path: Path,
+    *,
+    embed_frames_from: Path | None = None,
+    stop: asyncio.Event,
+    max_messages: int | None = None,
+    ready: asyncio.Event | None = None,
+) -> int:
+    """Write every message on `subjects` (core NATS) to `path` until `stop` is set or
+    `max_messages` were written. `ready` is set once the subscriptions are in place.
+    Returns the number of lines written."""
+    if not subjects:
+        raise ValueError("record needs at least one subject")
+    client = await nats.connect(nats_url)
+    inbox: asyncio.Queue[tuple[float, Msg]] = asyncio.Queue()
+
+    async def on_msg(msg: Msg) -> None:
+        # Stamped on arrival, not when written, so slow frame embedding does not skew timing.
+        inbox.put_nowait((time.monotonic(), msg))
+
+    try:
+        for subject in subjects:
+            await client.subscribe(subject, cb=on_msg)
+        await client.flush()
+        if ready is not None:
+            ready.set()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as out:
+            recorder = _Recorder(out, embed_frames_from)
+            stopped = asyncio.ensure_future(stop.wait())
+            try:
+                while max_messages is None or recorder.written < max_messages:
+                    if inbox.empty() and stop.is_set():
+                        break
+                    received = asyncio.ensure_future(inbox.get())
+                    await asyncio.wait({received, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    if not received.done():
+                        received.cancel()
+                        continue  # stop was set: write what is already queued, then end
+                    await recorder.write(*received.result())
+            finally:
+                stopped.cancel()
+        if recorder.skipped:
+            log.warning(
+                "record: %d messages were not JSON objects and were left out", recorder.skipped
+            )
+        return recorder.written
+    finally:
+        await client.drain()
+
+
+async def replay(nats_url: str, path: Path, *, speed: float = 1.0) -> int:
+    """Publish every message of a replay file to JetStream again, `speed` times faster than
+    recorded (0: as fast as possible). Nats-Msg-Id is kept, so replaying twice within the
+    duplicate window stores each message once. Returns the number JetStream acknowledged."""
+    if speed < 0:
+        raise ValueError(f"speed must be >= 0, got {speed}")
+    client = await nats.connect(nats_url)
+    stats = ReplayStats()
+    published = duplicates = unroutable = 0
+    try:
+        js = client.jetstream()
+        started = time.monotonic()
+        for message in iter_replay_file(path, stats):
+            delay = replay_delay(message.t, speed, time.monotonic() - started)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            payload = json.dumps(message.data, separators=(",", ":")).encode()
+            try:
+                ack = await js.publish(message.subject, payload, headers=message.headers or None)
+            except NoStreamResponseError:
+                unroutable += 1
+                log.warning(
+                    "replay %s:%d: no stream stores %s; message skipped",
+                    path,
+                    message.line,
+                    message.subject,
+                )
+                continue
+            published += 1
+            duplicates += bool(ack.duplicate)
+    finally:
+        await client.drain()
+    log.info(
+        "replayed %d messages from %s (%d already stored, %d bad lines, %d without a stream)",
+        published,
+        path,
+        duplicates,
+        stats.bad_lines,
+        unroutable,
+    )
+    return published

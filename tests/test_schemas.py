@@ -1,0 +1,87 @@
+"""The wire contract: JSON Schema files match the models, garbage is rejected, routes agree."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+from pydantic import ValidationError
+
+from schemas import ROUTES, STREAMS, FrameCaptured
+from schemas.export import JSONSCHEMA_DIR, render_json_schemas
+from schemas.routes import route_for_subject
+from schemas.taxonomy import Compartment, Taxonomy
+
+SHA = "a" * 64
+
+
+def test_committed_json_schemas_match_the_models() -> None:
+    rendered = render_json_schemas()
+    committed = {p.name: p.read_text() for p in JSONSCHEMA_DIR.glob("*.json")}
+    assert set(committed) == set(rendered), "run `binloop export-schemas`"
+    stale = [name for name, text in rendered.items() if committed[name] != text]
+    assert not stale, f"out of date, run `binloop export-schemas`: {stale}"
+
+
+def test_every_route_is_in_exactly_one_declared_stream() -> None:
+    for route in ROUTES.values():
+        stream = STREAMS[route.stream]
+        prefix = route.template.split(".")[0]
+        assert f"{prefix}.>" in stream.subjects
+        other = [s.name for s in STREAMS.values() if f"{prefix}.>" in s.subjects]
+        assert other == [route.stream]
+
+
+def test_subjects_resolve_back_to_their_route() -> None:
+    for route in ROUTES.values():
+        subject = route.subject("bin-7") if route.per_bin else route.subject()
+        resolved = route_for_subject(subject)
+        assert resolved is not None and resolved.name == route.name
+    assert route_for_subject("frames.captured.v2.bin-1") is None
+
+
+def _frame(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "producer": "t",
+        "bin_id": "bin-1",
+        "frame_sha256": SHA,
+        "spool": {"key": "k", "uri": "file:///k", "sha256": SHA, "size": 1},
+        "captured_at": "2026-11-22T10:00:00+00:00",
+        "width": 4,
+        "height": 3,
+        "source": "test",
+        "sequence": 0,
+    }
+    base.update(overrides)
+    return base
+
+
+def test_garbage_is_rejected_with_a_clear_message() -> None:
+    FrameCaptured.model_validate(_frame())
+    cases = {
+        "schema_version": _frame(schema_version=2),
+        "captured_at": _frame(captured_at="2026-11-22T10:00:00"),
+        "bin_id": _frame(bin_id="bin.1"),
+        "frame_sha256": _frame(frame_sha256="xyz"),
+        "extra": _frame(extra=1),
+    }
+    for field, payload in cases.items():
+        with pytest.raises(ValidationError) as info:
+            FrameCaptured.model_validate(payload)
+        assert field in str(info.value)
+
+
+def test_events_are_frozen_and_timezone_aware() -> None:
+    frame = FrameCaptured.model_validate(_frame())
+    assert isinstance(frame.occurred_at, datetime) and frame.occurred_at.tzinfo is not None
+    with pytest.raises(ValidationError):
+        frame.bin_id = "other"  # type: ignore[misc]
+
+
+def test_taxonomy_maps_labels_and_falls_back_to_trash() -> None:
+    taxonomy = Taxonomy()
+    assert taxonomy.compartment_for("metal") is Compartment.PLASTIC_METAL
+    assert taxonomy.compartment_for("cardboard") is Compartment.PAPER_CARDBOARD
+    assert taxonomy.compartment_for("banana_peel") is Compartment.TRASH
+    with pytest.raises(ValidationError):
+        Taxonomy(label_to_compartment={"Glass": Compartment.GLASS})
