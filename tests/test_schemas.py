@@ -36,7 +36,8 @@ def test_subjects_resolve_back_to_their_route() -> None:
     for route in ROUTES.values():
         subject = route.subject("bin-7") if route.per_bin else route.subject()
         resolved = route_for_subject(subject)
-        assert resolved is not None and resolved.name == route.name
+        assert resolved is not None
+        assert resolved.name == route.name
     assert route_for_subject("frames.captured.v2.bin-1") is None
 
 
@@ -73,7 +74,8 @@ def test_garbage_is_rejected_with_a_clear_message() -> None:
 
 def test_events_are_frozen_and_timezone_aware() -> None:
     frame = FrameCaptured.model_validate(_frame())
-    assert isinstance(frame.occurred_at, datetime) and frame.occurred_at.tzinfo is not None
+    assert isinstance(frame.occurred_at, datetime)
+    assert frame.occurred_at.tzinfo is not None
     with pytest.raises(ValidationError):
         frame.bin_id = "other"  # type: ignore[misc]
 
