@@ -1,7 +1,8 @@
 """Watches the whole bus and keeps the loop's figures: what the live view and summary show.
 
-`LoopStats` is pure (fed typed events); `BusMonitor` feeds it from a core NATS subscription
-to every subject, so watching never takes messages away from the services' consumers.
+`LoopStats` is pure (fed typed events); `BusMonitor` feeds it from ordered (ephemeral)
+JetStream consumers, so it sees exactly what the streams stored (repeats that JetStream
+dropped by Nats-Msg-Id are not counted) and never takes messages from the services.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
+from binloop.bus import ensure_streams
 from schemas.events import (
     ActuationDone,
     DatasetSnapshot,
@@ -140,7 +143,7 @@ class LoopStats:
 
 
 class BusMonitor:
-    """Feeds LoopStats from every route's subjects (core NATS, no consumer state)."""
+    """Feeds LoopStats from every route's subjects as stored in JetStream."""
 
     def __init__(self, nats_url: str, stats: LoopStats | None = None) -> None:
         self.nats_url = nats_url
@@ -150,9 +153,15 @@ class BusMonitor:
 
     async def start(self) -> None:
         self._client = await nats.connect(self.nats_url, name="binloop-monitor")
+        js = self._client.jetstream()
+        await ensure_streams(js)
         for route in ROUTES.values():
-            await self._client.subscribe(route.wildcard, cb=self._on_message)
-        await self._client.flush()
+            await js.subscribe(
+                route.wildcard,
+                cb=self._on_message,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.NEW,
+            )
 
     async def _on_message(self, msg: Msg) -> None:
         route = route_for_subject(msg.subject)

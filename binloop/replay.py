@@ -13,7 +13,7 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -50,13 +50,18 @@ class ReplayStats:
     messages: int = 0
     bad_lines: int = 0
     problems: list[str] = field(default_factory=list)
+    on_bad_line: Callable[[str], None] | None = None
+    """Called with the message instead of logging it, for callers that count and log."""
 
     def skip(self, path: Path, line: int, reason: str) -> None:
         self.bad_lines += 1
         message = f"{path}:{line}: {reason}; line skipped"
         if len(self.problems) < 100:
             self.problems.append(message)
-        log.warning("replay file %s", message)
+        if self.on_bad_line is not None:
+            self.on_bad_line(message)
+        else:
+            log.warning("replay file %s", message)
 
 
 def _parse_line(text: str, line: int) -> RecordedMessage:

@@ -8,6 +8,7 @@ from typing import Generic, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
 from pydantic import BaseModel
 
 M = TypeVar("M", bound=BaseModel)
@@ -30,6 +31,18 @@ class Collector(Generic[M]):
 
         await client.subscribe(subject, cb=on_msg)
         await client.flush()
+        return self
+
+    async def attach_stream(self, js: JetStreamContext, subject: str) -> Collector[M]:
+        """Reads what JetStream stored (an ordered consumer), so duplicates that JetStream
+        dropped by Nats-Msg-Id are not counted: this is what downstream consumers see."""
+
+        async def on_msg(msg: Msg) -> None:
+            self.items.append(self.model.model_validate_json(msg.data))
+            self.subjects.append(msg.subject)
+            self._changed.set()
+
+        await js.subscribe(subject, cb=on_msg, ordered_consumer=True)
         return self
 
     async def wait_for(

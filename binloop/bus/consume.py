@@ -5,8 +5,12 @@ What happens to each delivered message:
 - the handler raises PermanentError -> DeadLetter, ack;
 - the handler raises anything else (TransientError, a bug, a server that is down) -> nak with a
   delay; after `max_deliveries` attempts -> DeadLetter, ack. Nothing is dropped silently;
-- the handler returns events -> they are published (deduplicated by Nats-Msg-Id), then the input
-  is acked. A crash in between redelivers the input; JetStream drops the repeated outputs.
+- the handler returns events -> they are published, then the input is acked. Their event_ids
+  are derived from the input's, so when a crash in between redelivers the input, JetStream
+  drops the repeated outputs by Nats-Msg-Id (within the streams' duplicate window).
+
+A message fetched but not acked (the process died, or stopped mid-fetch) comes back after
+`ack_wait_s`; long handlers keep theirs alive with in-progress acks, so it can stay short.
 
 Hot subjects use `subscribe_batch`: one fetch of up to N messages, one validation pass, one
 handler call for the whole batch.
@@ -17,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -57,6 +62,20 @@ BatchHandler = Callable[[list[Delivery[E]]], Awaitable[Sequence[Outgoing]]]
 class RetryPolicy:
     max_deliveries: int = 5
     retry_delay_s: float = 2.0
+
+
+def derive_event_ids(cause: Event, outgoing: Sequence[Outgoing]) -> list[Outgoing]:
+    """Gives each output an event_id derived from the input's, so handling a redelivered
+    message again publishes the same ids and JetStream drops the repeats (Nats-Msg-Id)."""
+    return [
+        replace(
+            item,
+            event=item.event.model_copy(
+                update={"event_id": uuid.uuid5(cause.event_id, f"{item.route.name}#{index}")}
+            ),
+        )
+        for index, item in enumerate(outgoing)
+    ]
 
 
 def _attempt(msg: Msg) -> int:
@@ -159,13 +178,19 @@ class _Consumer(Generic[E]):
                 time.perf_counter() - started
             )
 
-    async def finish(self, msgs: list[Msg], result: Sequence[Outgoing] | BaseException) -> None:
+    async def finish(
+        self,
+        msgs: list[Msg],
+        result: Sequence[Outgoing] | BaseException,
+        cause: Event | None = None,
+    ) -> None:
         if isinstance(result, BaseException):
             for msg in msgs:
                 await self.fail(msg, result)
             return
+        outgoing = list(result) if cause is None else derive_event_ids(cause, result)
         try:
-            await self.publisher.publish_all(list(result))
+            await self.publisher.publish_all(outgoing)
         except Exception as exc:  # the bus itself failed: leave the input for redelivery
             for msg in msgs:
                 await self.fail(msg, exc)
@@ -215,7 +240,7 @@ def subscribe(
     durable: str,
     bin_id: str | None = None,
     policy: RetryPolicy = RetryPolicy(),
-    ack_wait_s: float = 30.0,
+    ack_wait_s: float = 10.0,
     description: str = "",
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
 ) -> None:
@@ -233,7 +258,7 @@ def subscribe(
         for msg, delivery in good:
             metrics.MESSAGES_CONSUMED.labels(consumer.service, route.name).inc()
             result = await consumer.run_guarded([msg], partial(handler, delivery))
-            await consumer.finish([msg], result)
+            await consumer.finish([msg], result, cause=delivery.event)
 
     _register(
         broker,
@@ -259,7 +284,7 @@ def subscribe_batch(
     max_wait_s: float = 0.2,
     bin_id: str | None = None,
     policy: RetryPolicy = RetryPolicy(),
-    ack_wait_s: float = 30.0,
+    ack_wait_s: float = 10.0,
     description: str = "",
 ) -> None:
     """Up to `batch_size` messages per call, waiting at most `max_wait_s` to fill a batch."""

@@ -79,3 +79,8 @@ MODEL_ACCURACY = Gauge(
 MODEL_PROMOTIONS = Counter(
     "binloop_model_promotions_total", "Registry decisions", ["model", "decision"]
 )
+FRAMES_SKIPPED = Counter(
+    "binloop_frames_skipped_total",
+    "Source frames the frame-ingestor could not use (corrupt, unreadable, bad replay line)",
+    ["bin", "reason"],
+)
