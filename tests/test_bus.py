@@ -81,3 +81,23 @@ async def test_garbage_goes_to_dlq_and_service_keeps_serving(
         assert sorted(seen) == ["flaky", "good"]
     finally:
         await service.stop()
+
+
+def test_random_output_ids_are_derived_from_the_input_and_chosen_ones_kept() -> None:
+    import uuid
+
+    from binloop.bus.consume import derive_event_ids
+
+    cause = TrainingRequested(producer="t", dataset_name="d")
+    chosen = uuid.uuid5(uuid.NAMESPACE_URL, "label-of-frame")
+    outputs = [
+        Outgoing(TRAINING_REQUESTED, TrainingRequested(producer="t", dataset_name="a")),
+        Outgoing(
+            TRAINING_REQUESTED, TrainingRequested(producer="t", dataset_name="b", event_id=chosen)
+        ),
+    ]
+    first = derive_event_ids(cause, outputs)
+    again = derive_event_ids(cause, outputs)
+    assert [o.event.event_id for o in first] == [o.event.event_id for o in again]
+    assert first[0].event.event_id != outputs[0].event.event_id
+    assert first[1].event.event_id == chosen

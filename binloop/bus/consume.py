@@ -65,10 +65,14 @@ class RetryPolicy:
 
 
 def derive_event_ids(cause: Event, outgoing: Sequence[Outgoing]) -> list[Outgoing]:
-    """Gives each output an event_id derived from the input's, so handling a redelivered
-    message again publishes the same ids and JetStream drops the repeats (Nats-Msg-Id)."""
+    """Replaces each output's random (uuid4) event_id by one derived from the input's, so
+    handling a redelivered message again publishes the same ids and JetStream drops the
+    repeats (Nats-Msg-Id). Ids a handler chose deterministically itself (uuid5, e.g. "the
+    label of this frame") say more than "caused by this input" and are kept."""
     return [
-        replace(
+        item
+        if item.event.event_id.version != 4
+        else replace(
             item,
             event=item.event.model_copy(
                 update={"event_id": uuid.uuid5(cause.event_id, f"{item.route.name}#{index}")}

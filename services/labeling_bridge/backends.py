@@ -1,0 +1,90 @@
+"""Labeling backends: who gives a selected sample its label, now (oracle) or later (people)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from binloop.errors import PermanentError
+from schemas.base import BlobRef
+from schemas.events import SampleSelected
+from schemas.taxonomy import Taxonomy
+from services.labeling_bridge.label_studio import import_task, label_config_xml
+
+
+@dataclass(frozen=True)
+class Annotation:
+    label: str
+    annotator: str
+    annotation_id: str
+
+
+class LabelingBackend(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def submit(self, sample: SampleSelected, frame: BlobRef) -> Annotation | None:
+        """The annotation, or None when it arrives later (people label asynchronously)."""
+        ...
+
+
+class OracleBackend:
+    """Simulation: the replayed stream knows each frame's true label."""
+
+    name = "oracle"
+
+    def submit(self, sample: SampleSelected, frame: BlobRef) -> Annotation | None:
+        if sample.ground_truth is None:
+            raise PermanentError("oracle backend needs ground truth")
+        return Annotation(
+            label=sample.ground_truth,
+            annotator="oracle",
+            annotation_id=f"oracle-{sample.frame_sha256}",
+        )
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Label Studio may import the folder at any time: it must never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LabelStudioExportBackend:
+    """Writes one import task per sample (named by frame sha256, so a repeat overwrites) and
+    the labeling config once. Annotations come back through Label Studio, not from here."""
+
+    name = "label-studio-export"
+    CONFIG_FILE = "label_config.xml"
+
+    def __init__(self, export_dir: Path, taxonomy: Taxonomy) -> None:
+        self.export_dir = export_dir
+        self.taxonomy = taxonomy
+        self._config_written = False
+
+    def task_path(self, frame_sha256: str) -> Path:
+        return self.export_dir / f"{frame_sha256}.json"
+
+    def _write_config(self) -> None:
+        config = label_config_xml(self.taxonomy)
+        path = self.export_dir / self.CONFIG_FILE
+        if not (path.is_file() and path.read_text(encoding="utf-8") == config):
+            write_atomically(path, config)
+        self._config_written = True
+
+    def submit(self, sample: SampleSelected, frame: BlobRef) -> Annotation | None:
+        if not self._config_written:
+            self._write_config()
+        task = import_task(sample, frame)
+        write_atomically(self.task_path(sample.frame_sha256), json.dumps(task, indent=1))
+        return None

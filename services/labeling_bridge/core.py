@@ -1,0 +1,138 @@
+"""The labeling bridge's work for one selected sample. No bus here.
+
+frame in the store? -> backend -> label record -> labels.annotated, and a dataset snapshot
+whenever enough new labels have gathered.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from binloop.errors import ChecksumMismatchError, PermanentError, TransientError
+from binloop.storage import BlobStore, sha256_hex
+from schemas.base import BlobRef
+from schemas.events import DatasetSnapshot, LabelAnnotated, SampleSelected
+from schemas.taxonomy import Taxonomy
+from services.labeling_bridge.backends import Annotation, LabelingBackend
+from services.labeling_bridge.records import LabelRecord, save_label
+from services.labeling_bridge.snapshots import DatasetBook, Snapshot
+
+LABEL_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:labels.annotated")
+SNAPSHOT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:datasets.snapshot")
+
+
+def annotation_event_id(dataset: str, frame_sha256: str) -> uuid.UUID:
+    """One per (dataset, frame): labeling a frame again is dropped by JetStream's dedup."""
+    return uuid.uuid5(LABEL_NAMESPACE, f"{dataset}:{frame_sha256}")
+
+
+def snapshot_event_id(dataset: str, version: int) -> uuid.UUID:
+    return uuid.uuid5(SNAPSHOT_NAMESPACE, f"{dataset}:v{version}")
+
+
+@dataclass(frozen=True)
+class BridgeOutcome:
+    annotated: LabelAnnotated | None = None
+    new_label: bool = False
+    """False when the same annotation was already stored (a redelivered sample)."""
+    snapshot: DatasetSnapshot | None = None
+    snapshot_written: bool = False
+    """False when `snapshot` announces again a version written for an earlier delivery."""
+
+
+class LabelingBridge:
+    def __init__(
+        self,
+        store: BlobStore,
+        backend: LabelingBackend,
+        book: DatasetBook,
+        taxonomy: Taxonomy,
+        producer: str,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.book = book
+        self.taxonomy = taxonomy
+        self.producer = producer
+
+    def frame_ref(self, sample: SampleSelected) -> BlobRef:
+        key = sample.frame_key
+        if not self.store.exists(key):
+            # The uploader stores frames on its own schedule (and later when a bin is offline).
+            raise TransientError(f"frame {key} is not in the object store yet")
+        data = self.store.get(key)
+        digest = sha256_hex(data)
+        if digest != sample.frame_sha256:
+            raise ChecksumMismatchError(self.store.uri(key), sample.frame_sha256, digest)
+        uri = self.store.uri(key)
+        return BlobRef(key=key, uri=uri, sha256=digest, size=len(data), content_type="image/jpeg")
+
+    def handle(self, sample: SampleSelected, attempt: int = 1) -> BridgeOutcome:
+        frame = self.frame_ref(sample)
+        annotation = self.backend.submit(sample, frame)
+        if annotation is None:
+            return BridgeOutcome()
+        record, new_label = save_label(self.store, self._record(sample, frame, annotation))
+        annotated = self._annotated(record)
+        written = self.book.add(record)
+        if written is not None:
+            return BridgeOutcome(annotated, new_label, self._announce(written), True)
+        latest = self.book.latest
+        if attempt > 1 and latest and self.book.contains(record.frame_sha256):
+            # An earlier delivery may have written the version and then failed to publish it;
+            # the same event_id again is dropped by JetStream if it did get out.
+            return BridgeOutcome(annotated, new_label, self._announce(latest))
+        return BridgeOutcome(annotated, new_label)
+
+    def _record(
+        self, sample: SampleSelected, frame: BlobRef, annotation: Annotation
+    ) -> LabelRecord:
+        if annotation.label not in self.taxonomy.label_to_compartment:
+            raise PermanentError(
+                f"label {annotation.label!r} is not in taxonomy {self.taxonomy.version} "
+                f"({', '.join(self.taxonomy.labels)})"
+            )
+        return LabelRecord(
+            dataset=self.book.name,
+            frame_sha256=sample.frame_sha256,
+            bin_id=sample.bin_id,
+            frame=frame,
+            label=annotation.label,
+            compartment=self.taxonomy.compartment_for(annotation.label),
+            backend=self.backend.name,
+            annotator=annotation.annotator,
+            annotation_id=annotation.annotation_id,
+            taxonomy_version=self.taxonomy.version,
+            labeled_at=self.book.now(),
+        )
+
+    def _annotated(self, record: LabelRecord) -> LabelAnnotated:
+        return LabelAnnotated(
+            event_id=annotation_event_id(record.dataset, record.frame_sha256),
+            occurred_at=record.labeled_at,
+            producer=self.producer,
+            frame_sha256=record.frame_sha256,
+            bin_id=record.bin_id,
+            frame=record.frame,
+            label=record.label,
+            compartment=record.compartment,
+            backend=record.backend,
+            annotator=record.annotator,
+            annotation_id=record.annotation_id,
+            taxonomy_version=record.taxonomy_version,
+        )
+
+    def _announce(self, snapshot: Snapshot) -> DatasetSnapshot:
+        manifest = snapshot.manifest
+        return DatasetSnapshot(
+            event_id=snapshot_event_id(manifest.name, manifest.version),
+            occurred_at=manifest.created_at,
+            producer=self.producer,
+            name=manifest.name,
+            version=manifest.version,
+            manifest=snapshot.ref,
+            num_items=len(manifest.items),
+            class_counts=manifest.class_counts(),
+            taxonomy_version=manifest.taxonomy_version,
+        )

@@ -1,0 +1,56 @@
+"""Label records in the object store: one JSON per (dataset, frame), written idempotently."""
+
+from __future__ import annotations
+
+import posixpath
+
+from pydantic import AwareDatetime
+
+from binloop.storage import BlobStore, label_key
+from schemas.base import BinId, BlobRef, Frozen, Name, Sha256
+from schemas.events import Label
+from schemas.taxonomy import Compartment
+
+
+class LabelRecord(Frozen):
+    dataset: Name
+    frame_sha256: Sha256
+    bin_id: BinId
+    frame: BlobRef
+    label: Label
+    compartment: Compartment
+    backend: Name
+    annotator: Name
+    annotation_id: Name
+    taxonomy_version: Name
+    labeled_at: AwareDatetime
+
+
+def label_prefix(dataset: str) -> str:
+    """The folder of a dataset's label records, derived so the layout stays in keys.py."""
+    return posixpath.dirname(label_key(dataset, "0" * 64)) + "/"
+
+
+def save_label(store: BlobStore, record: LabelRecord) -> tuple[LabelRecord, bool]:
+    """Stores `record` unless the same annotation is already there. Returns the stored record
+    and whether it was written now.
+
+    Keeping the stored record (and its labeled_at) makes a redelivered sample produce exactly
+    the same record and event as the first time.
+    """
+    key = label_key(record.dataset, record.frame_sha256)
+    if store.exists(key):
+        stored = LabelRecord.model_validate_json(store.get(key))
+        if (stored.label, stored.annotation_id) == (record.label, record.annotation_id):
+            return stored, False
+    store.put(key, record.model_dump_json(indent=1).encode(), "application/json")
+    return record, True
+
+
+def load_labels(store: BlobStore, dataset: str) -> list[LabelRecord]:
+    prefix = label_prefix(dataset)
+    return [
+        LabelRecord.model_validate_json(store.get(key))
+        for key in store.list(prefix)
+        if key.endswith(".json")
+    ]

@@ -1,0 +1,411 @@
+"""The labeling bridge: Label Studio export format, the oracle, label records, dataset snapshots
+(counts, versions, contents, restarts), and the service against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+
+from binloop.datasets import DatasetManifest, import_image_folder, split_for
+from binloop.errors import ChecksumMismatchError, PermanentError, TransientError
+from binloop.natsserver import NatsServer
+from binloop.storage import LocalBlobStore, frame_key, label_key, sha256_hex
+from binloop.storage.blobstore import read_verified
+from schemas.base import BlobRef
+from schemas.events import (
+    ClassScore,
+    DatasetSnapshot,
+    DeadLetter,
+    LabelAnnotated,
+    SampleSelected,
+)
+from schemas.routes import DATASETS_SNAPSHOT, LABELS_ANNOTATED, SAMPLES_SELECTED, dlq_subject
+from schemas.taxonomy import Taxonomy
+from services.labeling_bridge import LabelingBridgeSettings, create_app
+from services.labeling_bridge.backends import LabelStudioExportBackend, OracleBackend
+from services.labeling_bridge.core import LabelingBridge, snapshot_event_id
+from services.labeling_bridge.label_studio import FROM_NAME, TO_NAME
+from services.labeling_bridge.records import LabelRecord
+from services.labeling_bridge.snapshots import DatasetBook
+from tests.helpers import Collector
+
+DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
+TAXONOMY = Taxonomy()
+CAPTURED_AT = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
+
+
+class TickingClock:
+    """Label times one second apart, so "oldest first" is well defined in the tests."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(seconds=1)
+        return self.now
+
+
+def demo_frames(count: int) -> list[tuple[bytes, str]]:
+    """(JPEG bytes, true label) of real stream images, classes interleaved."""
+    by_class = [sorted((DEMO / "stream" / label).glob("*.jpg")) for label in TAXONOMY.labels]
+    frames = []
+    for i in range(count):
+        path = by_class[i % len(by_class)][i // len(by_class)]
+        frames.append((path.read_bytes(), path.parent.name))
+    return frames
+
+
+def make_sample(
+    data: bytes, ground_truth: str | None, *, bin_id: str = "bin-a", predicted: str = "plastic"
+) -> SampleSelected:
+    sha = sha256_hex(data)
+    return SampleSelected(
+        producer="sampler",
+        bin_id=bin_id,
+        frame_sha256=sha,
+        frame_key=frame_key(bin_id, CAPTURED_AT, sha),
+        captured_at=CAPTURED_AT,
+        strategy="least_confidence",
+        score=0.59,
+        reason="confidence 0.41 < 0.60",
+        predicted=[
+            ClassScore(label="glass", probability=0.33),
+            ClassScore(label=predicted, probability=0.41),
+            ClassScore(label="paper", probability=0.26),
+        ],
+        model_name="mobilenet",
+        model_version=3,
+        ground_truth=ground_truth,
+    )
+
+
+def store_frame(store: LocalBlobStore, sample: SampleSelected, data: bytes) -> BlobRef:
+    return store.put(sample.frame_key, data, "image/jpeg")
+
+
+def seed_version_one(store: LocalBlobStore, tmp_path: Path, per_class: int = 1) -> DatasetManifest:
+    """What the demo does before the loop starts: an ImageFolder import as version 1."""
+    folder = tmp_path / "seed"
+    for label in TAXONOMY.labels:
+        (folder / label).mkdir(parents=True)
+        for path in sorted((DEMO / "seed" / label).glob("*.jpg"))[:per_class]:
+            shutil.copy(path, folder / label / path.name)
+    manifest, _ = import_image_folder(
+        store, folder, "binloop", taxonomy_version=TAXONOMY.version, classes=TAXONOMY.labels
+    )
+    return manifest
+
+
+def make_bridge(
+    store: LocalBlobStore, snapshot_every: int, clock: TickingClock | None = None
+) -> LabelingBridge:
+    book = DatasetBook(store, "binloop", TAXONOMY, snapshot_every, now=clock or TickingClock())
+    return LabelingBridge(store, OracleBackend(), book, TAXONOMY, "labeling-bridge")
+
+
+# --- Label Studio export -----------------------------------------------------------------------
+
+
+def test_label_studio_export_writes_a_task_with_the_prediction_and_a_matching_config(
+    tmp_path: Path, blob_store: LocalBlobStore
+) -> None:
+    ((data, _),) = demo_frames(1)
+    sample = make_sample(data, ground_truth=None, predicted="metal")
+    frame = store_frame(blob_store, sample, data)
+    backend = LabelStudioExportBackend(tmp_path / "import", TAXONOMY)
+
+    assert backend.submit(sample, frame) is None  # people label later
+    assert backend.submit(sample, frame) is None  # a repeat overwrites the same task
+
+    files = sorted(p.name for p in (tmp_path / "import").iterdir())
+    assert files == sorted([f"{sample.frame_sha256}.json", "label_config.xml"])
+    task = json.loads((tmp_path / "import" / f"{sample.frame_sha256}.json").read_text())
+    assert task["data"]["image"] == frame.uri
+    assert task["data"]["frame_sha256"] == sample.frame_sha256
+    (prediction,) = task["predictions"]
+    assert prediction["model_version"] == "mobilenet:v3"
+    assert prediction["score"] == pytest.approx(0.41)
+    (result,) = prediction["result"]
+    assert result["type"] == "choices"
+    assert result["value"] == {"choices": ["metal"]}
+
+    config = ET.fromstring((tmp_path / "import" / "label_config.xml").read_text())
+    image = config.find("Image")
+    choices = config.find("Choices")
+    assert image is not None
+    assert choices is not None
+    assert (result["from_name"], result["to_name"]) == (choices.get("name"), image.get("name"))
+    assert (choices.get("name"), choices.get("toName")) == (FROM_NAME, TO_NAME)
+    assert image.get("value") == "$image"
+    assert [c.get("value") for c in choices.findall("Choice")] == TAXONOMY.labels
+
+
+def test_export_backend_through_the_bridge_stores_no_label(
+    tmp_path: Path, blob_store: LocalBlobStore
+) -> None:
+    ((data, truth),) = demo_frames(1)
+    sample = make_sample(data, truth)
+    store_frame(blob_store, sample, data)
+    book = DatasetBook(blob_store, "binloop", TAXONOMY, 1)
+    backend = LabelStudioExportBackend(tmp_path / "import", TAXONOMY)
+    bridge = LabelingBridge(blob_store, backend, book, TAXONOMY, "labeling-bridge")
+    outcome = bridge.handle(sample)
+    assert (outcome.annotated, outcome.snapshot) == (None, None)
+    assert not blob_store.exists(label_key("binloop", sample.frame_sha256))
+    assert (tmp_path / "import" / f"{sample.frame_sha256}.json").is_file()
+
+
+# --- oracle and frame checks ----------------------------------------------------------------
+
+
+def test_oracle_labels_with_ground_truth_and_refuses_without(blob_store: LocalBlobStore) -> None:
+    ((data, truth),) = demo_frames(1)
+    labeled = make_sample(data, truth)
+    frame = store_frame(blob_store, labeled, data)
+    annotation = OracleBackend().submit(labeled, frame)
+    assert annotation is not None
+    assert annotation.label == truth
+    with pytest.raises(PermanentError, match="oracle backend needs ground truth"):
+        OracleBackend().submit(make_sample(data, None), frame)
+
+
+def test_bridge_waits_for_the_frame_and_rejects_wrong_bytes_or_unknown_labels(
+    blob_store: LocalBlobStore,
+) -> None:
+    (data, truth), (other, _) = demo_frames(2)
+    bridge = make_bridge(blob_store, snapshot_every=10)
+    sample = make_sample(data, truth)
+    with pytest.raises(TransientError, match="not in the object store yet"):
+        bridge.handle(sample)
+
+    blob_store.put(sample.frame_key, other)  # bytes that do not hash to the sample's sha256
+    with pytest.raises(ChecksumMismatchError):
+        bridge.handle(sample)
+
+    blob_store.put(sample.frame_key, data)
+    with pytest.raises(PermanentError, match="not in taxonomy trashnet-6"):
+        bridge.handle(make_sample(data, "styrofoam"))
+
+    outcome = bridge.handle(sample)
+    assert outcome.annotated is not None
+    assert outcome.new_label
+    assert outcome.annotated.label == truth
+    assert outcome.annotated.compartment == TAXONOMY.compartment_for(truth)
+    assert outcome.annotated.frame.sha256 == sample.frame_sha256
+    record = LabelRecord.model_validate_json(
+        blob_store.get(label_key("binloop", sample.frame_sha256))
+    )
+    assert (record.label, record.backend, record.frame.key) == (truth, "oracle", sample.frame_key)
+
+    again = bridge.handle(sample)  # a redelivery: the same record and the same event
+    assert again.annotated == outcome.annotated
+    assert not again.new_label
+
+
+# --- snapshots ------------------------------------------------------------------------------
+
+
+def label_frames(
+    bridge: LabelingBridge, store: LocalBlobStore, frames: list[tuple[bytes, str]]
+) -> list[DatasetSnapshot]:
+    snapshots = []
+    for data, truth in frames:
+        sample = make_sample(data, truth)
+        store_frame(store, sample, data)
+        outcome = bridge.handle(sample)
+        if outcome.snapshot is not None:
+            assert outcome.snapshot_written
+            snapshots.append(outcome.snapshot)
+    return snapshots
+
+
+def test_snapshots_build_on_the_seed_version_without_duplicates(
+    blob_store: LocalBlobStore, tmp_path: Path
+) -> None:
+    seed = seed_version_one(blob_store, tmp_path)
+    frames = demo_frames(7)
+    bridge = make_bridge(blob_store, snapshot_every=3)
+
+    snapshots = label_frames(bridge, blob_store, frames)
+    assert [s.version for s in snapshots] == [2, 3]
+    v2 = DatasetManifest.model_validate_json(read_verified(snapshots[0].manifest))
+    v3 = DatasetManifest.model_validate_json(read_verified(snapshots[1].manifest))
+
+    shas = [sha256_hex(data) for data, _ in frames]
+    assert [i.sha256 for i in v2.items] == [i.sha256 for i in seed.items] + shas[:3]
+    assert [i.sha256 for i in v3.items] == [i.sha256 for i in seed.items] + shas[:6]
+    assert v3.items[: len(v2.items)] == v2.items
+    new_items = v3.items[len(seed.items) :]
+    assert [(i.label, i.split) for i in new_items] == [
+        (truth, split_for(sha)) for (_, truth), sha in zip(frames[:6], shas, strict=False)
+    ]
+    assert all(i.key.startswith("frames/bin-a/2025/03/14/") for i in new_items)
+    assert (v3.classes, v3.taxonomy_version) == (TAXONOMY.labels, "trashnet-6")
+
+    expected_counts = Counter(i.label for i in seed.items) + Counter(t for _, t in frames[:6])
+    assert snapshots[1].class_counts == dict(sorted(expected_counts.items()))
+    assert snapshots[1].num_items == len(seed.items) + 6
+    assert snapshots[1].event_id == snapshot_event_id("binloop", 3)
+    assert [r.frame_sha256 for r in bridge.book.pending] == [shas[6]]
+
+    # Labeling the same frames again adds nothing and cuts no version.
+    assert label_frames(bridge, blob_store, frames[:6]) == []
+    assert [r.frame_sha256 for r in bridge.book.pending] == [shas[6]]
+
+
+def test_first_version_is_one_when_nothing_was_imported(blob_store: LocalBlobStore) -> None:
+    frames = demo_frames(2)
+    (snapshot,) = label_frames(make_bridge(blob_store, snapshot_every=2), blob_store, frames)
+    assert snapshot.version == 1
+    manifest = DatasetManifest.model_validate_json(read_verified(snapshot.manifest))
+    assert sorted(i.sha256 for i in manifest.items) == sorted(sha256_hex(d) for d, _ in frames)
+
+
+def test_a_restarted_bridge_counts_what_the_last_one_left_pending(
+    blob_store: LocalBlobStore, tmp_path: Path
+) -> None:
+    seed_version_one(blob_store, tmp_path)
+    frames = demo_frames(8)
+    shas = [sha256_hex(data) for data, _ in frames]
+    clock = TickingClock()
+    first = make_bridge(blob_store, 3, clock)
+    assert [s.version for s in label_frames(first, blob_store, frames[:5])] == [2]
+
+    restarted = make_bridge(blob_store, 3, clock)
+    assert restarted.book.version == 2
+    assert [r.frame_sha256 for r in restarted.book.pending] == shas[3:5]
+    (snapshot,) = label_frames(restarted, blob_store, frames[5:8])
+    assert snapshot.version == 3
+    manifest = DatasetManifest.model_validate_json(read_verified(snapshot.manifest))
+    assert [i.sha256 for i in manifest.items][-6:] == shas[:6]
+    assert [r.frame_sha256 for r in restarted.book.pending] == shas[6:8]
+
+
+def test_a_relabeled_frame_replaces_its_item(blob_store: LocalBlobStore) -> None:
+    frames = demo_frames(2)
+    bridge = make_bridge(blob_store, snapshot_every=1)
+    label_frames(bridge, blob_store, frames[:1])
+    data, truth = frames[0]
+    relabel = "trash" if truth != "trash" else "glass"
+    (snapshot,) = label_frames(bridge, blob_store, [(data, relabel)])
+    manifest = DatasetManifest.model_validate_json(read_verified(snapshot.manifest))
+    assert snapshot.version == 2
+    assert [(i.sha256, i.label) for i in manifest.items] == [(sha256_hex(data), relabel)]
+
+
+def test_a_version_written_by_someone_else_is_built_upon(
+    blob_store: LocalBlobStore, tmp_path: Path
+) -> None:
+    frames = demo_frames(3)
+    bridge = make_bridge(blob_store, snapshot_every=2)
+    assert label_frames(bridge, blob_store, frames[:1]) == []
+    seed = seed_version_one(blob_store, tmp_path)  # lands while the bridge runs
+    (snapshot,) = label_frames(bridge, blob_store, frames[1:2])
+    assert snapshot.version == 2
+    manifest = DatasetManifest.model_validate_json(read_verified(snapshot.manifest))
+    assert len(manifest.items) == len(seed.items) + 2
+
+
+def test_a_redelivered_sample_announces_the_version_it_completed_again(
+    blob_store: LocalBlobStore,
+) -> None:
+    frames = demo_frames(2)
+    bridge = make_bridge(blob_store, snapshot_every=2)
+    (written,) = label_frames(bridge, blob_store, frames)
+    sample = make_sample(*frames[1])
+    outcome = bridge.handle(sample, attempt=2)
+    assert outcome.snapshot == written  # same event_id: JetStream drops it if it got out
+    assert not outcome.snapshot_written
+    assert bridge.handle(sample, attempt=1).snapshot is None
+
+
+# --- against a real nats-server ---------------------------------------------------------------
+
+
+class WatchedStore(LocalBlobStore):
+    """Tells the test when the bridge looked for a frame that was not there yet."""
+
+    def __init__(self, root: Path, watched_key: str) -> None:
+        super().__init__(root)
+        self.watched_key = watched_key
+        self.missed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def exists(self, key: str) -> bool:
+        found = super().exists(key)
+        if key == self.watched_key and not found:
+            self._loop.call_soon_threadsafe(self.missed.set)
+        return found
+
+
+@pytest.mark.integration
+async def test_oracle_labels_samples_snapshots_and_dead_letters_unlabeled(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    blob_store: LocalBlobStore,
+    tmp_path: Path,
+) -> None:
+    seed = seed_version_one(blob_store, tmp_path)
+    frames = demo_frames(6)
+    samples = [make_sample(data, truth) for data, truth in frames[:5]]
+    unlabeled = make_sample(frames[5][0], None)
+    late = samples[0]
+    for sample, (data, _) in zip([*samples[1:], unlabeled], [*frames[1:]], strict=True):
+        store_frame(blob_store, sample, data)
+
+    settings = LabelingBridgeSettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        retry_delay_s=0.05,
+        max_deliveries=20,
+        blob_root=blob_store.root,
+        snapshot_every=4,
+    )
+    store = WatchedStore(blob_store.root, late.frame_key)
+    annotated = await Collector(LabelAnnotated).attach(nats_client, LABELS_ANNOTATED.subject())
+    snapshots = await Collector(DatasetSnapshot).attach(nats_client, DATASETS_SNAPSHOT.subject())
+    dlq = await Collector(DeadLetter).attach(nats_client, dlq_subject("labeling-bridge"))
+    service = create_app(settings, store=store)
+    await service.start()
+    try:
+        for sample in [*samples, unlabeled]:
+            await js.publish(SAMPLES_SELECTED.subject(), sample.model_dump_json().encode())
+        await asyncio.wait_for(store.missed.wait(), 20)
+        store_frame(blob_store, late, frames[0][0])  # the uploader catches up
+
+        labels = await annotated.wait_for(5)
+        (snapshot,) = await snapshots.wait_for(1)
+        (letter,) = await dlq.wait_for(1)
+    finally:
+        await service.stop()
+
+    truths = {s.frame_sha256: s.ground_truth for s in samples}
+    assert {a.frame_sha256: a.label for a in labels} == truths
+    assert all(a.compartment == TAXONOMY.compartment_for(a.label) for a in labels)
+    assert all(a.backend == "oracle" and a.taxonomy_version == "trashnet-6" for a in labels)
+
+    assert snapshot.version == 2
+    assert snapshot.num_items == len(seed.items) + 4
+    manifest = DatasetManifest.model_validate_json(read_verified(snapshot.manifest))
+    new_items = manifest.items[len(seed.items) :]
+    assert manifest.items[: len(seed.items)] == seed.items
+    assert len({i.sha256 for i in manifest.items}) == len(manifest.items)
+    assert {i.sha256 for i in new_items} < set(truths)
+    assert all(truths[i.sha256] == i.label for i in new_items)
+    assert snapshot.class_counts == manifest.class_counts()
+    assert all(snapshot.class_counts.get(c, 0) >= 1 for c in TAXONOMY.labels)
+
+    assert letter.error_type == "PermanentError"
+    assert letter.error == "oracle backend needs ground truth"
+    assert unlabeled.frame_sha256 in letter.payload_preview
+    assert blob_store.exists(label_key("binloop", late.frame_sha256))

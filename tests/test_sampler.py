@@ -1,0 +1,287 @@
+"""The sampler: strategies, deterministic random baseline, per-bin rate limit, deduplication,
+and the service against a real nats-server (one batch in, each selection stored exactly once)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+
+from binloop.natsserver import NatsServer
+from binloop.storage.keys import frame_key
+from schemas.events import (
+    ClassScore,
+    DeadLetter,
+    InferenceResult,
+    SampleSelected,
+    StageLatency,
+)
+from schemas.routes import INFERENCE_RESULT, SAMPLES_SELECTED, dlq_subject
+from schemas.taxonomy import Compartment
+from services.sampler import SamplerSettings, create_app
+from services.sampler.core import Sampler, build_sampler, selection_id
+from services.sampler.ratelimit import SlidingWindowLimiter
+from services.sampler.strategies import LeastConfidence, RandomBaseline, uniform_draw
+from tests.helpers import Collector
+
+LABELS = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+CAPTURED_AT = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
+
+
+def frame_sha(n: int) -> str:
+    return hashlib.sha256(f"frame-{n}".encode()).hexdigest()
+
+
+def make_result(
+    n: int,
+    confidence: float,
+    *,
+    bin_id: str = "bin-a",
+    model_version: int = 1,
+    label: str = "plastic",
+    ground_truth: str | None = "glass",
+) -> InferenceResult:
+    """A well-formed result whose top-1 is `label` at `confidence`, the rest spread evenly."""
+    rest = (1.0 - confidence) / (len(LABELS) - 1)
+    probabilities = {name: (confidence if name == label else rest) for name in LABELS}
+    top_k = sorted(
+        (ClassScore(label=name, probability=p) for name, p in probabilities.items()),
+        key=lambda score: -score.probability,
+    )
+    return InferenceResult(
+        producer="edge-inferencer",
+        bin_id=bin_id,
+        frame_sha256=frame_sha(n),
+        frame_event_id=str(uuid.uuid4()),
+        captured_at=CAPTURED_AT,
+        model_name="mobilenet",
+        model_version=model_version,
+        label=label,
+        confidence=confidence,
+        margin=confidence - rest,
+        entropy=-sum(p * math.log(p) for p in probabilities.values() if p > 0),
+        top_k=top_k,
+        compartment=Compartment.PLASTIC_METAL,
+        abstained=confidence < 0.5,
+        latency=StageLatency(
+            read_ms=0.1, decode_ms=1.0, preprocess_ms=0.5, infer_ms=3.0, postprocess_ms=0.1
+        ),
+        ground_truth=ground_truth,
+    )
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_sampler(
+    *,
+    threshold: float = 0.6,
+    random_fraction: float = 0.0,
+    per_hour: int = 600,
+    remember: int = 100_000,
+    clock: FakeClock | None = None,
+) -> Sampler:
+    settings = SamplerSettings(
+        least_confidence_threshold=threshold,
+        random_fraction=random_fraction,
+        max_per_bin_per_hour=per_hour,
+        remember_selected=remember,
+        seed=7,
+    )
+    return build_sampler(settings, "sampler", clock or FakeClock())
+
+
+# --- strategies ---------------------------------------------------------------------------
+
+
+def test_least_confidence_scores_unsure_frames_and_says_why() -> None:
+    strategy = LeastConfidence(0.6)
+    verdict = strategy.score(make_result(1, 0.41))
+    assert verdict is not None
+    assert verdict.score == pytest.approx(0.59)
+    assert verdict.reason == "confidence 0.41 < 0.60"
+    assert strategy.score(make_result(2, 0.6)) is None
+    assert strategy.score(make_result(3, 0.93)) is None
+
+
+def test_random_baseline_is_a_deterministic_function_of_seed_and_frame() -> None:
+    results = [make_result(n, 0.9) for n in range(4000)]
+    first = [RandomBaseline(0.05, seed=3).score(r) is not None for r in results]
+    again = [RandomBaseline(0.05, seed=3).score(r) is not None for r in results]
+    other_seed = [RandomBaseline(0.05, seed=4).score(r) is not None for r in results]
+    assert first == again
+    assert first != other_seed
+    assert 0.035 < sum(first) / len(results) < 0.065
+    picked = next(r for r, chosen in zip(results, first, strict=True) if chosen)
+    verdict = RandomBaseline(0.05, seed=3).score(picked)
+    assert verdict is not None
+    assert verdict.score == 0.0
+    assert f"{uniform_draw(3, picked.frame_sha256):.3f} < 0.050" in verdict.reason
+    assert not any(RandomBaseline(0.0, seed=3).score(r) for r in results[:200])
+    assert all(RandomBaseline(1.0, seed=3).score(r) for r in results[:200])
+
+
+def test_random_baseline_only_samples_what_least_confidence_left() -> None:
+    sampler = make_sampler(random_fraction=1.0)
+    outcome = sampler.select_batch([make_result(1, 0.3), make_result(2, 0.95)])
+    assert [(s.frame_sha256, s.strategy) for s in outcome.selected] == [
+        (frame_sha(1), "least_confidence"),
+        (frame_sha(2), "random"),
+    ]
+
+
+# --- selections -----------------------------------------------------------------------------
+
+
+def test_selection_carries_prediction_reason_and_where_the_frame_is_stored() -> None:
+    result = make_result(1, 0.41, bin_id="bin-7", model_version=3, ground_truth="paper")
+    (selection,) = make_sampler().select_batch([result]).selected
+    assert selection.strategy == "least_confidence"
+    assert selection.score == pytest.approx(0.59)
+    assert selection.reason == "confidence 0.41 < 0.60"
+    assert selection.predicted == result.top_k
+    assert (selection.model_name, selection.model_version) == ("mobilenet", 3)
+    assert selection.ground_truth == "paper"
+    assert selection.frame_key == frame_key("bin-7", CAPTURED_AT, result.frame_sha256)
+    assert selection.frame_key == f"frames/bin-7/2025/03/14/{result.frame_sha256}.jpg"
+    # A restarted sampler gives the same frame and model the same event_id.
+    (again,) = make_sampler().select_batch([result]).selected
+    assert again.event_id == selection.event_id == selection_id(result)
+
+
+def test_a_frame_is_selected_once_per_model_version_and_redeliveries_republish() -> None:
+    sampler = make_sampler()
+    result = make_result(1, 0.2)
+    (selection,) = sampler.select_batch([result]).selected
+
+    redelivered = sampler.select_batch([result])
+    assert redelivered.selected == []
+    assert redelivered.republished == [selection]
+
+    seen_again = sampler.select_batch([make_result(1, 0.25)])
+    assert (seen_again.selected, seen_again.republished, seen_again.repeats) == ([], [], 1)
+
+    new_model = sampler.select_batch([make_result(1, 0.2, model_version=2)])
+    (for_v2,) = new_model.selected
+    assert for_v2.event_id != selection.event_id
+
+
+def test_remembered_selections_are_bounded() -> None:
+    sampler = make_sampler(remember=2)
+    sampler.select_batch([make_result(n, 0.2) for n in range(3)])
+    # The oldest was forgotten: a new result for it is a fresh selection (same event_id, so
+    # JetStream's duplicate window still catches it); the newest are still remembered.
+    assert len(sampler.select_batch([make_result(0, 0.2)]).selected) == 1
+    assert sampler.select_batch([make_result(2, 0.2)]).repeats == 1
+
+
+# --- rate limit -----------------------------------------------------------------------------
+
+
+def test_rate_limit_is_per_bin_and_slides_with_the_clock() -> None:
+    clock = FakeClock()
+    sampler = make_sampler(per_hour=3, clock=clock)
+    batch = [make_result(n, 0.3, bin_id="bin-a") for n in range(5)]
+    batch += [make_result(100 + n, 0.3, bin_id="bin-b") for n in range(2)]
+    batch += [make_result(200, 0.9, bin_id="bin-a")]  # not a candidate: costs nothing
+    outcome = sampler.select_batch(batch)
+    assert [s.frame_sha256 for s in outcome.selected] == [
+        *(frame_sha(n) for n in range(3)),
+        frame_sha(100),
+        frame_sha(101),
+    ]
+    assert outcome.rate_limited == {"bin-a": 2}
+
+    clock.now += 3599.0
+    assert sampler.select_batch([make_result(10, 0.3)]).rate_limited == {"bin-a": 1}
+    clock.now += 1.0  # the first three selections are now an hour old
+    later = sampler.select_batch([make_result(n, 0.3) for n in range(11, 15)])
+    assert len(later.selected) == 3
+    assert later.rate_limited == {"bin-a": 1}
+
+
+def test_sliding_window_counts_each_grant_for_exactly_one_window() -> None:
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(limit=2, window_s=60.0, clock=clock)
+    assert limiter.try_acquire("x")
+    clock.now += 30
+    assert limiter.try_acquire("x")
+    assert not limiter.try_acquire("x")
+    assert limiter.try_acquire("y")
+    clock.now += 30  # the first grant expires, the second does not
+    assert limiter.try_acquire("x")
+    assert not limiter.try_acquire("x")
+
+
+# --- against a real nats-server ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_sampler_service_selects_a_batch_exactly_once_and_dead_letters_garbage(
+    js: JetStreamContext, nats_client: Client, nats_server: NatsServer
+) -> None:
+    settings = SamplerSettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        retry_delay_s=0.05,
+        random_fraction=0.3,
+        seed=11,
+    )
+    confidences = [0.3, 0.95, 0.55, 0.8, 0.61, 0.9, 0.2, 0.99, 0.7, 0.45, 0.85, 0.75]
+    results = [
+        make_result(n, c, bin_id="bin-a" if n % 2 else "bin-b") for n, c in enumerate(confidences)
+    ]
+    sentinel = make_result(999, 0.2)
+    expected = {
+        r.frame_sha256: "least_confidence" if r.confidence < 0.6 else "random"
+        for r in [*results, sentinel]
+        if r.confidence < 0.6 or uniform_draw(11, r.frame_sha256) < 0.3
+    }
+    assert "random" in expected.values()  # the seed is chosen so both strategies show up
+
+    for result in results[:6]:
+        await js.publish(INFERENCE_RESULT.subject(result.bin_id), result.model_dump_json().encode())
+    await js.publish(INFERENCE_RESULT.subject("bin-a"), b'{"bin_id": "bin-a", "confid')
+    for result in [*results[6:], results[0], sentinel]:  # results[0] is delivered twice
+        await js.publish(INFERENCE_RESULT.subject(result.bin_id), result.model_dump_json().encode())
+
+    selected = await Collector(SampleSelected).attach(nats_client, SAMPLES_SELECTED.subject())
+    dlq = await Collector(DeadLetter).attach(nats_client, dlq_subject("sampler"))
+    service = create_app(settings)
+    await service.start()
+    try:
+        await selected.wait_for(
+            lambda items: any(s.frame_sha256 == sentinel.frame_sha256 for s in items)
+        )
+        (letter,) = await dlq.wait_for(1)
+    finally:
+        await service.stop()
+
+    assert letter.error_type == "ValidationError"
+    assert letter.original_subject == INFERENCE_RESULT.subject("bin-a")
+    assert letter.service == "sampler"
+
+    # What the stream holds, not what core subscribers saw: duplicates are dropped there.
+    info = await js.stream_info("ENGINE")
+    stored = [
+        SampleSelected.model_validate_json((await js.get_msg("ENGINE", seq)).data or b"")
+        for seq in range(info.state.first_seq, info.state.last_seq + 1)
+    ]
+    assert {s.frame_sha256: s.strategy for s in stored} == expected
+    assert len(stored) == len(expected)
+    by_sha = {r.frame_sha256: r for r in [*results, sentinel]}
+    for selection in stored:
+        source = by_sha[selection.frame_sha256]
+        assert selection.event_id == selection_id(source)
+        assert selection.predicted == source.top_k
+        assert selection.frame_key == frame_key(source.bin_id, CAPTURED_AT, source.frame_sha256)
