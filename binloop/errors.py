@@ -40,6 +40,10 @@ class MissingBlobError(PermanentError):
     pass
 
 
+class ModelLoadError(PermanentError):
+    """A model file that cannot be loaded, or that does not match its card."""
+
+
 class TransientError(BinloopError):
     """Might work later; the message is redelivered after a delay."""
 

@@ -4,7 +4,8 @@ What happens to each delivered message:
 - it does not parse or validate as the route's model -> DeadLetter event, ack (never retried);
 - the handler raises PermanentError -> DeadLetter, ack;
 - the handler raises anything else (TransientError, a bug, a server that is down) -> nak with a
-  delay; after `max_deliveries` attempts -> DeadLetter, ack. Nothing is dropped silently;
+  delay; after `max_deliveries` attempts -> DeadLetter, ack. Nothing is dropped silently.
+  NotReadyError (the service cannot work yet, the message is fine) is retried without limit;
 - the handler returns events -> they are published, then the input is acked. Their event_ids
   are derived from the input's, so when a crash in between redelivers the input, JetStream
   drops the repeated outputs by Nats-Msg-Id (within the streams' duplicate window).
@@ -35,7 +36,7 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from binloop.bus.publish import MSG_ID_HEADER, Outgoing, Publisher
-from binloop.errors import PermanentError
+from binloop.errors import NotReadyError, PermanentError
 from binloop.observability import metrics
 from schemas.base import Event
 from schemas.events import DeadLetter
@@ -144,7 +145,10 @@ class _Consumer(Generic[E]):
         )
 
     async def fail(self, msg: Msg, error: BaseException) -> None:
-        if isinstance(error, PermanentError) or _attempt(msg) >= self.policy.max_deliveries:
+        gave_up = _attempt(msg) >= self.policy.max_deliveries and not isinstance(
+            error, NotReadyError
+        )
+        if isinstance(error, PermanentError) or gave_up:
             await self.dead_letter(msg, error)
             return
         metrics.MESSAGES_RETRIED.labels(self.service, self.route.name, type(error).__name__).inc()
@@ -221,7 +225,8 @@ def _register(
         subject,
         stream=JStream(route.stream, declare=False),
         durable=durable,
-        config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=-1, deliver_policy=deliver_policy),
+        config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=-1),
+        deliver_policy=deliver_policy,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout_s, batch=True),
         ack_policy=AckPolicy.MANUAL,
         title=f"{durable}:{route.name}",
@@ -274,6 +279,7 @@ def subscribe(
         ack_wait_s=ack_wait_s,
         description=description,
         on_messages=on_messages,
+        deliver_policy=deliver_policy,
     )
 
 

@@ -9,16 +9,12 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from binloop.errors import PermanentError
+from binloop.errors import ModelLoadError
 from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import FloatArray, softmax
 
 EMBEDDING_OUTPUT = "embedding"
 """An ONNX output with this name, when present, is the model's feature vector."""
-
-
-class ModelLoadError(PermanentError):
-    """A model file that cannot be loaded, or that does not match its card."""
 
 
 class InferenceBackend(Protocol):

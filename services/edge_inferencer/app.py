@@ -1,0 +1,162 @@
+"""The edge-inferencer service: frames.captured in, inference.result + actuation.command out;
+models.promoted and models.rolled_back swap the served model between two frames."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+
+from nats.js.api import DeliverPolicy
+from nats.js.client import JetStreamContext
+
+from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.errors import ConfigError, ModelLoadError
+from binloop.observability import metrics
+from binloop.runtime import ServiceApp, new_service
+from schemas.base import BlobRef
+from schemas.events import FrameCaptured, ModelPromoted, ModelRolledBack
+from schemas.routes import (
+    ACTUATION_COMMAND,
+    FRAMES_CAPTURED,
+    INFERENCE_RESULT,
+    MODELS_PROMOTED,
+    MODELS_ROLLED_BACK,
+)
+from services.edge_inferencer.core import (
+    Classification,
+    DecisionPolicy,
+    SpoolReader,
+    build_events,
+    classify,
+)
+from services.edge_inferencer.models import (
+    ModelCache,
+    ModelSlot,
+    ModelUpdate,
+    card_path_for,
+    load_model,
+    update_verdict,
+)
+from services.edge_inferencer.settings import EdgeInferencerSettings
+
+SERVICE = "edge-inferencer"
+MODEL_ACK_WAIT_S = 30.0
+"""Mirrors binloop.bus.subscribe's default, since the model consumers are created here."""
+
+log = logging.getLogger(__name__)
+
+
+def _observe(bin_id: str, outcome: Classification) -> None:
+    latency = outcome.latency
+    for stage, ms in (
+        ("read", latency.read_ms),
+        ("decode", latency.decode_ms),
+        ("preprocess", latency.preprocess_ms),
+        ("infer", latency.infer_ms),
+        ("postprocess", latency.postprocess_ms),
+    ):
+        metrics.INFERENCE_STAGE_SECONDS.labels(stage).observe(ms / 1000)
+    metrics.FRAMES_INFERRED.labels(bin_id).inc()
+    metrics.DECISIONS.labels(bin_id, outcome.decision.compartment.value).inc()
+    if outcome.decision.abstained:
+        metrics.ABSTENTIONS.labels(bin_id).inc()
+
+
+def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) -> ServiceApp:
+    """`slot` lets the caller watch what is served (`slot.served`, `slot.add_listener`)."""
+    service = new_service(SERVICE, settings)
+    bin_id = settings.bin_id
+    model_slot = slot or ModelSlot(bin_id)
+    reader = SpoolReader(settings.spool_root)
+    cache = ModelCache(settings.model_cache, settings.intra_op_threads)
+    policy = DecisionPolicy(settings.taxonomy, settings.confidence_threshold, settings.top_k)
+    durable = f"{SERVICE}-{bin_id}"
+    promoted_durable = f"{durable}-promoted"
+    rolled_back_durable = f"{durable}-rolledback"
+
+    async def on_frame(delivery: Delivery[FrameCaptured]) -> list[Outgoing]:
+        frame = delivery.event
+        async with model_slot.use() as model:
+            outcome = await asyncio.to_thread(
+                classify, partial(reader.read, frame.spool), model, policy
+            )
+        result, command = build_events(frame, model, outcome, service.producer)
+        _observe(frame.bin_id, outcome)
+        return [
+            Outgoing(INFERENCE_RESULT, result, frame.bin_id),
+            Outgoing(ACTUATION_COMMAND, command, frame.bin_id),
+        ]
+
+    async def apply_update(update: ModelUpdate, artifact: BlobRef, card: BlobRef) -> None:
+        # Check before downloading (cheap), and again at the swap: the other consumer may
+        # have installed something in between.
+        skipped = update_verdict(model_slot.current, update)
+        if skipped is None:
+            model = await asyncio.to_thread(cache.fetch, update, artifact, card)
+            skipped = await model_slot.install(model)
+        if skipped is not None:
+            log.info("bin %s: ignored %s v%d (%s)", bin_id, update.name, update.version, skipped)
+
+    async def on_promoted(delivery: Delivery[ModelPromoted]) -> list[Outgoing]:
+        event = delivery.event
+        update = ModelUpdate(event.model_name, event.model_version, event.occurred_at)
+        await apply_update(update, event.artifact, event.card)
+        return []
+
+    async def on_rolled_back(delivery: Delivery[ModelRolledBack]) -> list[Outgoing]:
+        event = delivery.event
+        update = ModelUpdate(event.model_name, event.to_version, event.occurred_at, rollback=True)
+        await apply_update(update, event.artifact, event.card)
+        return []
+
+    async def prepare(js: JetStreamContext) -> None:
+        if settings.default_model is not None:
+            onnx_path = settings.default_model
+            try:
+                model = await asyncio.to_thread(
+                    load_model,
+                    onnx_path,
+                    card_path_for(onnx_path),
+                    intra_op_threads=settings.intra_op_threads,
+                )
+            except (ModelLoadError, OSError) as exc:
+                raise ConfigError(f"default_model {onnx_path} cannot be served: {exc}") from exc
+            await model_slot.install(model)
+
+    service.on_start.append(prepare)
+    service.ready_checks.append(lambda: model_slot.current is not None)
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        FRAMES_CAPTURED,
+        on_frame,
+        durable=durable,
+        bin_id=bin_id,
+        policy=service.policy,
+        description="Classifies each frame and tells the actuator where the item goes.",
+    )
+    subscribe(
+        service.broker,
+        service.publisher,
+        MODELS_PROMOTED,
+        on_promoted,
+        durable=promoted_durable,
+        policy=service.policy,
+        ack_wait_s=MODEL_ACK_WAIT_S,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,  # a new bin wants today's model only
+        description="Downloads a promoted model and serves it from the next frame on.",
+    )
+    subscribe(
+        service.broker,
+        service.publisher,
+        MODELS_ROLLED_BACK,
+        on_rolled_back,
+        durable=rolled_back_durable,
+        policy=service.policy,
+        ack_wait_s=MODEL_ACK_WAIT_S,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        description="Goes back to the version the registry rolled back to.",
+    )
+    return service

@@ -1,0 +1,219 @@
+"""The model the edge serves: loading it from files or from a promotion, the on-disk cache, and
+the slot that swaps it between frames. No bus here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from binloop.errors import ConfigError, ModelLoadError, NotReadyError
+from binloop.ml.backend import InferenceBackend, OnnxBackend
+from binloop.ml.card import ModelCard
+from binloop.ml.preprocess import Preprocessor
+from binloop.observability import metrics
+from binloop.storage.blobstore import read_verified
+from schemas.base import BlobRef
+
+log = logging.getLogger(__name__)
+
+_LABEL = re.compile(r"^[a-z0-9_]{1,64}$")
+_PATH_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+ONNX_FILE = "model.onnx"
+
+
+def card_path_for(onnx_path: Path) -> Path:
+    """The card of `<dir>/<stem>.onnx` is `<dir>/<stem>.card.json`, else `<dir>/card.json`."""
+    beside = onnx_path.with_name(f"{onnx_path.stem}.card.json")
+    if beside.exists():
+        return beside
+    shared = onnx_path.with_name("card.json")
+    if shared.exists():
+        return shared
+    raise ConfigError(f"no model card for {onnx_path}: looked for {beside.name} and card.json")
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    """A registry decision to serve (name, version), issued at `issued_at`."""
+
+    name: str
+    version: int
+    issued_at: datetime
+    rollback: bool = False
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    card: ModelCard
+    backend: InferenceBackend
+    preprocessor: Preprocessor
+    installed_by: ModelUpdate | None = None
+    """The registry event that installed it; None for a model loaded from disk at start."""
+
+
+def _parse_card(data: bytes, where: str) -> ModelCard:
+    try:
+        card = ModelCard.model_validate_json(data)
+    except ValidationError as exc:
+        raise ModelLoadError(f"{where}: not a valid model card: {exc}") from exc
+    bad = [c for c in card.classes if not _LABEL.match(c)]
+    if bad:
+        raise ModelLoadError(f"{where}: class names must match {_LABEL.pattern}, got {bad}")
+    return card
+
+
+def load_model(
+    onnx_path: Path,
+    card_path: Path,
+    *,
+    intra_op_threads: int = 1,
+    installed_by: ModelUpdate | None = None,
+) -> LoadedModel:
+    """Blocking (session creation takes a while): run it in a worker thread."""
+    card = _parse_card(card_path.read_bytes(), str(card_path))
+    backend = OnnxBackend(onnx_path, card, intra_op_threads=intra_op_threads)
+    return LoadedModel(card, backend, Preprocessor.from_card(card), installed_by)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ModelCache:
+    """Promoted models on local disk, as <root>/<name>/v<version>/model.onnx + model.card.json,
+    so a restarted bin can point default_model at the last one without the network."""
+
+    def __init__(self, root: Path, intra_op_threads: int = 1) -> None:
+        self.root = root
+        self.intra_op_threads = intra_op_threads
+
+    def fetch(self, update: ModelUpdate, artifact: BlobRef, card_ref: BlobRef) -> LoadedModel:
+        """Download (sha256 checked), cache and load one model. Blocking: use a worker thread."""
+        if not _PATH_SAFE_NAME.match(update.name):
+            raise ModelLoadError(f"model name {update.name!r} is not safe as a folder name")
+        card_bytes = read_verified(card_ref)
+        card = _parse_card(card_bytes, card_ref.uri)
+        if (card.name, card.version) != (update.name, update.version):
+            raise ModelLoadError(
+                f"the card at {card_ref.uri} describes {card.name} v{card.version}, "
+                f"the event promised {update.name} v{update.version}"
+            )
+        onnx_bytes = read_verified(artifact)
+        folder = self.root / update.name / f"v{update.version}"
+        folder.mkdir(parents=True, exist_ok=True)
+        onnx_path = folder / ONNX_FILE
+        _write_atomically(onnx_path, onnx_bytes)
+        _write_atomically(folder / f"{onnx_path.stem}.card.json", card_bytes)
+        return load_model(
+            onnx_path,
+            card_path_for(onnx_path),
+            intra_op_threads=self.intra_op_threads,
+            installed_by=update,
+        )
+
+
+def update_verdict(current: LoadedModel | None, update: ModelUpdate) -> str | None:
+    """None when `update` should replace `current`; otherwise why it is skipped.
+
+    Promotions and rollbacks arrive on two consumers, so their relative order is not
+    guaranteed: an update older than the registry event that installed the current model is
+    stale. A promotion must also bring a newer version; a rollback may go to any other one.
+    """
+    if current is None:
+        return None
+    card, installed_by = current.card, current.installed_by
+    if installed_by is not None and update.issued_at <= installed_by.issued_at:
+        return (
+            f"stale: issued at {update.issued_at.isoformat()}, the served model was installed "
+            f"by an event of {installed_by.issued_at.isoformat()}"
+        )
+    same_model = card.name == update.name
+    if same_model and update.version == card.version:
+        return f"already serving {card.name} v{card.version}"
+    if same_model and not update.rollback and update.version < card.version:
+        return f"v{update.version} is not newer than the served v{card.version}"
+    return None
+
+
+SwapListener = Callable[[LoadedModel], None]
+
+
+class ModelSlot:
+    """Holds the served model. Frames use it under a lock and swaps take the same lock, so
+    a swap lands between two frames: none is dropped, none sees two models."""
+
+    def __init__(self, bin_id: str) -> None:
+        self.bin_id = bin_id
+        self._lock = asyncio.Lock()
+        self._current: LoadedModel | None = None
+        self._listeners: list[SwapListener] = []
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    @property
+    def served(self) -> tuple[str, int] | None:
+        """(model name, version) being served, or None before the first model is loaded."""
+        current = self._current
+        return None if current is None else (current.card.name, current.card.version)
+
+    def add_listener(self, listener: SwapListener) -> None:
+        """Called (on the event loop) with each newly installed model."""
+        self._listeners.append(listener)
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[LoadedModel]:
+        """The served model, held for one frame. NotReadyError (retried later) when none."""
+        async with self._lock:
+            if self._current is None:
+                raise NotReadyError(
+                    "no model loaded yet: waiting for models.promoted or default_model"
+                )
+            yield self._current
+
+    async def install(self, model: LoadedModel) -> str | None:
+        """Serve `model` from the next frame on. Returns why it was skipped, or None."""
+        async with self._lock:
+            previous = self._current
+            if model.installed_by is not None:
+                skipped = update_verdict(previous, model.installed_by)
+                if skipped is not None:
+                    return skipped
+            self._current = model
+        self._record_swap(previous, model)
+        return None
+
+    def _record_swap(self, previous: LoadedModel | None, model: LoadedModel) -> None:
+        card = model.card
+        if previous is not None:
+            metrics.MODEL_SWAPS.labels(self.bin_id).inc()
+            if previous.card.name != card.name:
+                metrics.MODEL_VERSION_SERVED.remove(self.bin_id, previous.card.name)
+        metrics.MODEL_VERSION_SERVED.labels(self.bin_id, card.name).set(card.version)
+        log.info(
+            "bin %s now serves %s v%d (was %s)",
+            self.bin_id,
+            card.name,
+            card.version,
+            "nothing" if previous is None else f"{previous.card.name} v{previous.card.version}",
+        )
+        for listener in self._listeners:
+            listener(model)

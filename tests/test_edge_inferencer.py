@@ -1,0 +1,635 @@
+"""The edge inferencer: probability stats and decisions (pure), model loading and swapping,
+and the service against a real nats-server (results, DLQ, live swaps, waiting for a model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+
+from binloop.bus.publish import MSG_ID_HEADER
+from binloop.errors import (
+    ChecksumMismatchError,
+    ConfigError,
+    CorruptFrameError,
+    ModelLoadError,
+    NotReadyError,
+    UnknownUriError,
+)
+from binloop.natsserver import NatsServer
+from binloop.runtime import ServiceApp
+from binloop.storage import LocalBlobStore, model_key, sha256_hex, spool_key
+from schemas.base import BlobRef, Event
+from schemas.events import (
+    ActuationCommand,
+    DeadLetter,
+    FrameCaptured,
+    InferenceResult,
+    ModelMetrics,
+    ModelPromoted,
+    ModelRolledBack,
+)
+from schemas.routes import (
+    ACTUATION_COMMAND,
+    FRAMES_CAPTURED,
+    INFERENCE_RESULT,
+    MODELS_PROMOTED,
+    MODELS_ROLLED_BACK,
+    Route,
+    dlq_subject,
+)
+from schemas.taxonomy import Compartment, Taxonomy
+from services.edge_inferencer import EdgeInferencerSettings, ModelSlot, create_app
+from services.edge_inferencer.core import (
+    Decision,
+    DecisionPolicy,
+    ProbabilityStats,
+    SpoolReader,
+    build_events,
+    classify,
+    decide,
+    probability_stats,
+)
+from services.edge_inferencer.models import (
+    LoadedModel,
+    ModelCache,
+    ModelUpdate,
+    card_path_for,
+    load_model,
+    update_verdict,
+)
+from tests.helpers import Collector
+from tests.modelfactory import make_onnx_model
+
+CLASSES = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "stream"
+BIN = "bin-t"
+SERVICE = "edge-inferencer"
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    onnx: Path
+    card: Path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, ModelFiles]:
+    """Versions 1 and 2 of the same model (different weights)."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        version: ModelFiles(
+            *make_onnx_model(root / f"v{version}", CLASSES, version=version, seed=version)
+        )
+        for version in (1, 2)
+    }
+
+
+def _demo_frames(per_class: int) -> list[Path]:
+    return [path for label in CLASSES for path in sorted((DEMO / label).glob("*.jpg"))[:per_class]]
+
+
+# ---------------------------------------------------------------- probability stats, decisions
+
+
+def test_stats_of_a_hand_made_distribution() -> None:
+    probs = np.array([0.1, 0.6, 0.3], dtype=np.float32)
+
+    stats = probability_stats(probs, ["paper", "glass", "metal"], top_k=2)
+
+    assert stats.label == "glass"
+    assert stats.confidence == pytest.approx(0.6)
+    assert stats.margin == pytest.approx(0.3)
+    expected_entropy = -(0.1 * math.log(0.1) + 0.6 * math.log(0.6) + 0.3 * math.log(0.3))
+    assert stats.entropy == pytest.approx(expected_entropy, abs=1e-6)
+    assert [label for label, _ in stats.top_k] == ["glass", "metal"]
+    assert [p for _, p in stats.top_k] == pytest.approx([0.6, 0.3])
+
+
+def test_stats_of_extreme_distributions() -> None:
+    uniform = probability_stats(np.full(4, 0.25, dtype=np.float32), list("abcd"), top_k=3)
+    assert uniform.entropy == pytest.approx(math.log(4), abs=1e-6)
+    assert uniform.margin == 0.0
+    assert uniform.label == "a"  # ties keep class order: deterministic across runs
+
+    certain = probability_stats(np.array([0.0, 1.0, 0.0], dtype=np.float32), list("abc"), 5)
+    assert certain.entropy == 0.0
+    assert certain.margin == 1.0
+    assert certain.confidence == 1.0
+    assert len(certain.top_k) == 3  # top_k is capped by the number of classes
+
+
+def test_stats_reject_a_distribution_of_the_wrong_size() -> None:
+    with pytest.raises(ValueError, match="expected 3 probabilities"):
+        probability_stats(np.array([0.5, 0.5], dtype=np.float32), list("abc"), 1)
+
+
+def _stats(label: str, confidence: float) -> ProbabilityStats:
+    return ProbabilityStats(label, confidence, 0.1, 1.0, [(label, confidence)])
+
+
+def test_low_confidence_abstains_to_the_fallback_compartment() -> None:
+    taxonomy = Taxonomy()
+
+    unsure = decide(_stats("glass", 0.49), taxonomy, threshold=0.5)
+    at_threshold = decide(_stats("glass", 0.5), taxonomy, threshold=0.5)
+
+    assert (unsure.compartment, unsure.abstained) == (Compartment.TRASH, True)
+    assert (at_threshold.compartment, at_threshold.abstained) == (Compartment.GLASS, False)
+
+
+@pytest.mark.parametrize(
+    ("label", "compartment"),
+    [
+        ("metal", Compartment.PLASTIC_METAL),
+        ("plastic", Compartment.PLASTIC_METAL),
+        ("cardboard", Compartment.PAPER_CARDBOARD),
+        ("paper", Compartment.PAPER_CARDBOARD),
+        ("glass", Compartment.GLASS),
+        ("trash", Compartment.TRASH),
+        ("styrofoam", Compartment.TRASH),  # unknown to the taxonomy: its fallback
+    ],
+)
+def test_confident_labels_map_through_the_taxonomy(label: str, compartment: Compartment) -> None:
+    decision = decide(_stats(label, 0.9), Taxonomy(), threshold=0.5)
+    assert decision == Decision(compartment, abstained=False)
+
+
+def test_a_custom_taxonomy_changes_the_mapping() -> None:
+    taxonomy = Taxonomy(
+        version="cups-1",
+        label_to_compartment={"cup": Compartment.PAPER_CARDBOARD},
+        fallback=Compartment.TRASH,
+    )
+    assert decide(_stats("cup", 0.8), taxonomy, 0.5).compartment == Compartment.PAPER_CARDBOARD
+    assert decide(_stats("cup", 0.2), taxonomy, 0.5).compartment == Compartment.TRASH
+
+
+# ---------------------------------------------------------------- model updates
+
+
+def _loaded(version: int, by: ModelUpdate | None, files: dict[int, ModelFiles]) -> LoadedModel:
+    model = files[version]
+    return load_model(model.onnx, model.card, installed_by=by)
+
+
+def test_update_rules(models: dict[int, ModelFiles]) -> None:
+    v2 = _loaded(2, ModelUpdate("tiny-cnn", 2, T0), models)
+    later = T0 + timedelta(minutes=1)
+
+    assert update_verdict(None, ModelUpdate("tiny-cnn", 1, T0)) is None
+    assert "not newer" in str(update_verdict(v2, ModelUpdate("tiny-cnn", 1, later)))
+    assert "already serving" in str(update_verdict(v2, ModelUpdate("tiny-cnn", 2, later)))
+    assert update_verdict(v2, ModelUpdate("tiny-cnn", 3, later)) is None
+    assert update_verdict(v2, ModelUpdate("tiny-cnn", 1, later, rollback=True)) is None
+    # An event older than the one that installed v2 lost the race between the two consumers.
+    assert "stale" in str(update_verdict(v2, ModelUpdate("tiny-cnn", 1, T0, rollback=True)))
+    assert "stale" in str(update_verdict(v2, ModelUpdate("tiny-cnn", 3, T0)))
+    # A model loaded from disk at start yields to any registry decision but older versions.
+    from_disk = _loaded(2, None, models)
+    assert update_verdict(from_disk, ModelUpdate("tiny-cnn", 1, T0, rollback=True)) is None
+    assert update_verdict(from_disk, ModelUpdate("tiny-cnn", 1, T0)) is not None
+    assert update_verdict(from_disk, ModelUpdate("other-model", 1, T0)) is None
+
+
+async def test_slot_swaps_and_reports_what_it_serves(models: dict[int, ModelFiles]) -> None:
+    slot = ModelSlot("bin-unit")
+    installed: list[int] = []
+    slot.add_listener(lambda model: installed.append(model.card.version))
+    assert slot.served is None
+    with pytest.raises(NotReadyError):
+        async with slot.use():
+            pass
+
+    assert await slot.install(_loaded(1, ModelUpdate("tiny-cnn", 1, T0), models)) is None
+    stale = _loaded(2, ModelUpdate("tiny-cnn", 2, T0 - timedelta(seconds=1)), models)
+    assert await slot.install(stale) is not None
+    assert slot.served == ("tiny-cnn", 1)
+    newer = _loaded(2, ModelUpdate("tiny-cnn", 2, T0 + timedelta(seconds=1)), models)
+    assert await slot.install(newer) is None
+
+    assert slot.served == ("tiny-cnn", 2)
+    assert installed == [1, 2]
+    async with slot.use() as model:
+        assert model.card.version == 2
+
+
+def test_card_lookup_beside_the_onnx_file(tmp_path: Path) -> None:
+    onnx = tmp_path / "resnet.onnx"
+    onnx.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"resnet\.card\.json and card\.json"):
+        card_path_for(onnx)
+    (tmp_path / "card.json").write_text("{}")
+    assert card_path_for(onnx) == tmp_path / "card.json"
+    (tmp_path / "resnet.card.json").write_text("{}")
+    assert card_path_for(onnx) == tmp_path / "resnet.card.json"
+
+
+def _store_model(store: LocalBlobStore, files: ModelFiles, version: int) -> tuple[BlobRef, BlobRef]:
+    artifact = store.put(model_key("tiny-cnn", version, "model.onnx"), files.onnx.read_bytes())
+    card = store.put(
+        model_key("tiny-cnn", version, "card.json"), files.card.read_bytes(), "application/json"
+    )
+    return artifact, card
+
+
+def test_cache_writes_the_promoted_model_and_checks_its_card(
+    tmp_path: Path, blob_store: LocalBlobStore, models: dict[int, ModelFiles]
+) -> None:
+    cache = ModelCache(tmp_path / "cache")
+    artifact, card = _store_model(blob_store, models[2], 2)
+
+    loaded = cache.fetch(ModelUpdate("tiny-cnn", 2, T0), artifact, card)
+
+    assert loaded.card.version == 2
+    cached = tmp_path / "cache" / "tiny-cnn" / "v2"
+    assert sorted(p.name for p in cached.iterdir()) == ["model.card.json", "model.onnx"]
+    assert sha256_hex((cached / "model.onnx").read_bytes()) == artifact.sha256
+    with pytest.raises(ModelLoadError, match="describes tiny-cnn v2, the event promised"):
+        cache.fetch(ModelUpdate("tiny-cnn", 3, T0), artifact, card)
+    with pytest.raises(ModelLoadError, match="not safe as a folder name"):
+        cache.fetch(ModelUpdate("../escape", 2, T0), artifact, card)
+    with pytest.raises(UnknownUriError):
+        cache.fetch(
+            ModelUpdate("tiny-cnn", 2, T0), artifact.model_copy(update={"uri": "ftp://x/m"}), card
+        )
+
+
+# ---------------------------------------------------------------- reading and classifying frames
+
+
+def _spool(spool: LocalBlobStore, data: bytes) -> BlobRef:
+    return spool.put(spool_key(BIN, sha256_hex(data)), data, "image/jpeg")
+
+
+def _frame(ref: BlobRef, sequence: int, ground_truth: str | None = None) -> FrameCaptured:
+    return FrameCaptured(
+        producer="test",
+        bin_id=BIN,
+        frame_sha256=ref.sha256,
+        spool=ref,
+        captured_at=datetime.now(UTC),
+        width=160,
+        height=120,
+        source="test",
+        sequence=sequence,
+        ground_truth=ground_truth,
+    )
+
+
+def test_spool_reader_prefers_its_own_spool_and_checks_the_hash(tmp_path: Path) -> None:
+    data = (DEMO / "glass").glob("*.jpg").__next__().read_bytes()
+    ref = _spool(LocalBlobStore(tmp_path / "spool"), data)
+    elsewhere = ref.model_copy(update={"uri": "file:///mounted/elsewhere/frame.jpg"})
+
+    assert SpoolReader(tmp_path / "spool").read(elsewhere) == data
+    with pytest.raises(UnknownUriError):
+        SpoolReader(tmp_path / "spool").read(ref.model_copy(update={"uri": "ftp://cam/f.jpg"}))
+    with pytest.raises(ChecksumMismatchError):
+        SpoolReader(tmp_path / "spool").read(ref.model_copy(update={"sha256": "0" * 64}))
+
+
+def test_classify_times_every_stage_and_builds_matching_events(
+    tmp_path: Path, models: dict[int, ModelFiles]
+) -> None:
+    model = _loaded(1, None, models)
+    policy = DecisionPolicy(Taxonomy(), confidence_threshold=0.0, top_k=3)
+    data = sorted((DEMO / "metal").glob("*.jpg"))[0].read_bytes()
+    frame = _frame(_spool(LocalBlobStore(tmp_path / "spool"), data), 0, ground_truth="metal")
+
+    outcome = classify(lambda: data, model, policy)
+    result, command = build_events(frame, model, outcome, "edge-inferencer")
+    again, _ = build_events(frame, model, outcome, "edge-inferencer")
+
+    latency = outcome.latency
+    assert min(latency.read_ms, latency.decode_ms, latency.infer_ms) >= 0
+    assert result.label in CLASSES
+    assert len(result.top_k) == 3
+    assert result.top_k[0].label == result.label
+    assert result.abstained is False  # threshold 0
+    assert result.compartment == Taxonomy().compartment_for(result.label)
+    assert (result.ground_truth, result.frame_event_id) == ("metal", str(frame.event_id))
+    assert (command.compartment, command.model_version) == (result.compartment, 1)
+    # A redelivered frame republishes the same ids, which JetStream deduplicates.
+    assert again.event_id == result.event_id
+    assert command.event_id != result.event_id
+
+
+def test_classify_raises_corrupt_frame_for_bytes_that_are_not_an_image(
+    models: dict[int, ModelFiles],
+) -> None:
+    policy = DecisionPolicy(Taxonomy(), 0.5, 3)
+    with pytest.raises(CorruptFrameError):
+        classify(lambda: b"\xff\xd8 truncated jpeg", _loaded(1, None, models), policy)
+
+
+# ---------------------------------------------------------------- the service on a real bus
+
+
+def _settings(
+    server: NatsServer, tmp_path: Path, default_model: Path | None, **overrides: object
+) -> EdgeInferencerSettings:
+    values: dict[str, object] = {
+        "nats_url": server.url,
+        "http_port": 0,
+        "retry_delay_s": 0.05,
+        "max_deliveries": 3,
+        "bin_id": BIN,
+        "spool_root": tmp_path / "spool",
+        "model_cache": tmp_path / "edge-models",
+        "default_model": default_model,
+        "confidence_threshold": 0.3,
+    }
+    values.update(overrides)
+    return EdgeInferencerSettings.model_validate(values)
+
+
+async def _publish(
+    js: JetStreamContext, route: Route, event: Event, bin_id: str | None = None
+) -> None:
+    await js.publish(
+        route.subject(bin_id),
+        event.model_dump_json().encode(),
+        headers={MSG_ID_HEADER: str(event.event_id)},
+    )
+
+
+async def _publish_frames(
+    js: JetStreamContext, spool: LocalBlobStore, paths: list[Path], start: int = 0
+) -> list[FrameCaptured]:
+    frames = []
+    for sequence, path in enumerate(paths, start):
+        frame = _frame(_spool(spool, path.read_bytes()), sequence, ground_truth=path.parent.name)
+        await _publish(js, FRAMES_CAPTURED, frame, BIN)
+        frames.append(frame)
+    return frames
+
+
+def _promotion(
+    store: LocalBlobStore, models: dict[int, ModelFiles], version: int, *, occurred_at: datetime
+) -> ModelPromoted:
+    artifact, card = _store_model(store, models[version], version)
+    return ModelPromoted(
+        producer="model-registry",
+        occurred_at=occurred_at,
+        model_name="tiny-cnn",
+        model_version=version,
+        previous_version=version - 1 if version > 1 else None,
+        artifact=artifact,
+        card=card,
+        metrics=ModelMetrics(
+            eval_set_id="a" * 64,
+            eval_items=10,
+            accuracy=0.5,
+            macro_f1=0.5,
+            compartment_accuracy=0.6,
+            per_class_f1={c: 0.5 for c in CLASSES},
+        ),
+        reason="better on the evaluation set",
+    )
+
+
+async def _collectors(
+    client: Client,
+) -> tuple[Collector[InferenceResult], Collector[ActuationCommand], Collector[DeadLetter]]:
+    results = await Collector(InferenceResult).attach(client, INFERENCE_RESULT.subject(BIN))
+    commands = await Collector(ActuationCommand).attach(client, ACTUATION_COMMAND.subject(BIN))
+    dead = await Collector(DeadLetter).attach(client, dlq_subject(SERVICE))
+    return results, commands, dead
+
+
+async def _started(app: ServiceApp) -> ServiceApp:
+    await app.start()
+    return app
+
+
+@pytest.mark.integration
+async def test_every_frame_gets_one_result_and_one_command(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    models: dict[int, ModelFiles],
+) -> None:
+    results, commands, dead = await _collectors(nats_client)
+    app = await _started(create_app(_settings(nats_server, tmp_path, models[1].onnx)))
+    try:
+        assert app.is_ready()
+        frames = await _publish_frames(js, LocalBlobStore(tmp_path / "spool"), _demo_frames(2))
+        await results.wait_for(len(frames))
+        await commands.wait_for(len(frames))
+    finally:
+        await app.stop()
+
+    sent = {str(f.event_id): f for f in frames}
+    assert Counter(r.frame_event_id for r in results.items) == Counter(sent.keys())
+    assert Counter(c.frame_event_id for c in commands.items) == Counter(sent.keys())
+    by_frame = {c.frame_event_id: c for c in commands.items}
+    for result in results.items:
+        frame = sent[result.frame_event_id]
+        assert (result.model_name, result.model_version) == ("tiny-cnn", 1)
+        assert result.ground_truth == frame.ground_truth
+        assert result.frame_sha256 == frame.frame_sha256
+        assert result.abstained == (result.confidence < 0.3)
+        expected = (
+            Taxonomy().fallback if result.abstained else Taxonomy().compartment_for(result.label)
+        )
+        assert result.compartment == expected
+        assert len(result.top_k) == 3
+        assert result.latency.infer_ms >= 0
+        assert by_frame[result.frame_event_id].compartment == result.compartment
+    assert dead.items == []
+    assert (await js.stream_info("INFERENCE")).state.messages == len(frames)
+
+
+@pytest.mark.integration
+async def test_corrupt_frame_and_unknown_model_uri_are_dead_lettered(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    blob_store: LocalBlobStore,
+    models: dict[int, ModelFiles],
+) -> None:
+    results, _, dead = await _collectors(nats_client)
+    slot = ModelSlot(BIN)
+    app = await _started(create_app(_settings(nats_server, tmp_path, models[1].onnx), slot))
+    spool = LocalBlobStore(tmp_path / "spool")
+    try:
+        corrupt = _frame(_spool(spool, b"\xff\xd8\xff\xe0 not really a jpeg"), 0)
+        await _publish(js, FRAMES_CAPTURED, corrupt, BIN)
+        promotion = _promotion(blob_store, models, 2, occurred_at=datetime.now(UTC))
+        unreachable = promotion.artifact.model_copy(update={"uri": "ftp://models.example/v2.onnx"})
+        await _publish(js, MODELS_PROMOTED, promotion.model_copy(update={"artifact": unreachable}))
+        (good,) = await _publish_frames(js, spool, _demo_frames(1)[:1], start=1)
+        await dead.wait_for(2)
+        await results.wait_for(1)
+    finally:
+        await app.stop()
+
+    letters = {d.error_type: d for d in dead.items}
+    assert set(letters) == {"CorruptFrameError", "UnknownUriError"}
+    assert letters["CorruptFrameError"].original_subject == FRAMES_CAPTURED.subject(BIN)
+    assert str(corrupt.event_id) in letters["CorruptFrameError"].payload_preview
+    assert letters["UnknownUriError"].original_subject == MODELS_PROMOTED.subject()
+    assert "ftp://models.example/v2.onnx" in letters["UnknownUriError"].error
+    assert all(d.delivery_attempt == 1 for d in dead.items)  # permanent: never retried
+    assert [r.frame_event_id for r in results.items] == [str(good.event_id)]
+    assert results.items[0].model_version == 1
+    assert slot.served == ("tiny-cnn", 1)
+
+
+@pytest.mark.integration
+async def test_promotion_mid_stream_swaps_the_model_without_losing_a_frame(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    blob_store: LocalBlobStore,
+    models: dict[int, ModelFiles],
+) -> None:
+    results, commands, dead = await _collectors(nats_client)
+    slot = ModelSlot(BIN)
+    swapped = asyncio.Event()
+    slot.add_listener(lambda model: swapped.set() if model.card.version == 2 else None)
+    app = await _started(create_app(_settings(nats_server, tmp_path, models[1].onnx), slot))
+    spool = LocalBlobStore(tmp_path / "spool")
+    paths = _demo_frames(4)
+    try:
+        before = await _publish_frames(js, spool, paths[:8])
+        await results.wait_for(2)
+        await _publish(
+            js, MODELS_PROMOTED, _promotion(blob_store, models, 2, occurred_at=datetime.now(UTC))
+        )
+        during = await _publish_frames(js, spool, paths[8:16], start=8)
+        await asyncio.wait_for(swapped.wait(), 20)
+        after = await _publish_frames(js, spool, paths[16:], start=16)
+        frames = before + during + after
+        await results.wait_for(len(frames))
+        await commands.wait_for(len(frames))
+    finally:
+        await app.stop()
+
+    assert Counter(r.frame_event_id for r in results.items) == Counter(
+        str(f.event_id) for f in frames
+    )
+    assert len(commands.items) == len(frames)
+    versions = [r.model_version for r in results.items]
+    # Processed one at a time: every result before the swap is v1, every one after it is v2.
+    assert versions == sorted(versions)
+    assert versions[0] == 1
+    late = {str(f.event_id) for f in after}
+    assert {r.model_version for r in results.items if r.frame_event_id in late} == {2}
+    assert slot.served == ("tiny-cnn", 2)
+    assert dead.items == []
+    cached = tmp_path / "edge-models" / "tiny-cnn" / "v2" / "model.onnx"
+    assert cached.read_bytes() == models[2].onnx.read_bytes()
+
+
+@pytest.mark.integration
+async def test_a_frame_before_any_model_is_served_once_a_model_is_promoted(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    blob_store: LocalBlobStore,
+    models: dict[int, ModelFiles],
+) -> None:
+    results, _, dead = await _collectors(nats_client)
+    refused = asyncio.get_running_loop().create_future()
+
+    async def on_nak(msg: Msg) -> None:
+        if not refused.done():
+            refused.set_result(json.loads(msg.data))
+
+    # The server announces each nak; the first one is the frame refused for want of a model.
+    nak_subject = f"$JS.EVENT.ADVISORY.CONSUMER.MSG_NAKED.FRAMES.{SERVICE}-{BIN}"
+    await nats_client.subscribe(nak_subject, cb=on_nak)
+    settings = _settings(nats_server, tmp_path, None, max_deliveries=100, retry_delay_s=0.1)
+    app = await _started(create_app(settings))
+    try:
+        assert not app.is_ready()
+        (frame,) = await _publish_frames(
+            js, LocalBlobStore(tmp_path / "spool"), _demo_frames(1)[:1]
+        )
+        await asyncio.wait_for(refused, 20)
+        await _publish(
+            js, MODELS_PROMOTED, _promotion(blob_store, models, 1, occurred_at=datetime.now(UTC))
+        )
+        await results.wait_for(1)
+        assert app.is_ready()
+    finally:
+        await app.stop()
+
+    assert [r.frame_event_id for r in results.items] == [str(frame.event_id)]
+    assert results.items[0].model_version == 1
+    assert dead.items == []
+
+
+@pytest.mark.integration
+async def test_a_new_bin_loads_only_the_latest_promotion_and_follows_rollbacks(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    blob_store: LocalBlobStore,
+    models: dict[int, ModelFiles],
+) -> None:
+    results, _, _ = await _collectors(nats_client)
+    now = datetime.now(UTC)
+    for version in (1, 2):
+        await _publish(
+            js,
+            MODELS_PROMOTED,
+            _promotion(
+                blob_store, models, version, occurred_at=now - timedelta(seconds=3 - version)
+            ),
+        )
+    slot = ModelSlot(BIN)
+    installed: list[int] = []
+    changed = asyncio.Event()
+
+    def record(model: LoadedModel) -> None:
+        installed.append(model.card.version)
+        changed.set()
+
+    slot.add_listener(record)
+    app = await _started(create_app(_settings(nats_server, tmp_path, None), slot))
+    spool = LocalBlobStore(tmp_path / "spool")
+    try:
+        await asyncio.wait_for(changed.wait(), 20)
+        changed.clear()
+        (first,) = await _publish_frames(js, spool, _demo_frames(1)[:1])
+        await results.wait_for(1)
+        artifact, card = _store_model(blob_store, models[1], 1)
+        rollback = ModelRolledBack(
+            producer="model-registry",
+            model_name="tiny-cnn",
+            from_version=2,
+            to_version=1,
+            artifact=artifact,
+            card=card,
+            reason="accuracy dropped in the field",
+        )
+        await _publish(js, MODELS_ROLLED_BACK, rollback)
+        await asyncio.wait_for(changed.wait(), 20)
+        (second,) = await _publish_frames(js, spool, _demo_frames(1)[1:2], start=1)
+        await results.wait_for(2)
+    finally:
+        await app.stop()
+
+    # Version 1's promotion was history before this bin existed: it was never downloaded.
+    assert installed == [2, 1]
+    versions = {r.frame_event_id: r.model_version for r in results.items}
+    assert versions == {str(first.event_id): 2, str(second.event_id): 1}

@@ -1,0 +1,116 @@
+"""The ONNX backend computes what the torch model computes, and refuses files it cannot serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from binloop.errors import ModelLoadError, PermanentError
+from binloop.ml.backend import InferenceBackend, OnnxBackend
+from binloop.ml.card import ModelCard
+from binloop.ml.preprocess import Preprocessor, decode_rgb
+from tests.modelfactory import build_torch_model, make_onnx_model
+
+CLASSES = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "eval"
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_onnx_model(tmp_path_factory.mktemp("model"), CLASSES, input_size=(64, 64), seed=3)
+
+
+def _torch_probabilities(batch: np.ndarray, seed: int) -> np.ndarray:
+    model = build_torch_model(CLASSES, seed)
+    with torch.no_grad():
+        result: np.ndarray = torch.softmax(model(torch.from_numpy(batch)), dim=-1).numpy()
+    return result
+
+
+def _demo_batch(card: ModelCard, per_class: int = 2) -> np.ndarray:
+    preprocess = Preprocessor.from_card(card)
+    images = [
+        decode_rgb(path.read_bytes())
+        for label in CLASSES
+        for path in sorted((DEMO / label).glob("*.jpg"))[:per_class]
+    ]
+    return preprocess.batch(images)
+
+
+def test_onnx_probabilities_match_torch_on_real_frames(model_files: tuple[Path, Path]) -> None:
+    onnx_path, card_path = model_files
+    card = ModelCard.read(card_path)
+    backend: InferenceBackend = OnnxBackend(onnx_path, card, intra_op_threads=2)
+    batch = _demo_batch(card)
+    assert batch.shape == (12, 3, 64, 64)
+
+    probs = backend.predict(batch)
+
+    expected = _torch_probabilities(batch, seed=3)
+    assert probs.shape == (12, len(CLASSES))
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert backend.embed(batch) is None
+
+
+def test_random_batch_matches_torch_and_batch_size_is_dynamic(
+    model_files: tuple[Path, Path],
+) -> None:
+    onnx_path, card_path = model_files
+    backend = OnnxBackend(onnx_path, ModelCard.read(card_path))
+    batch = np.random.default_rng(7).normal(size=(5, 3, 64, 64)).astype(np.float32)
+
+    np.testing.assert_allclose(
+        backend.predict(batch), _torch_probabilities(batch, seed=3), atol=1e-4
+    )
+    np.testing.assert_allclose(
+        backend.predict(batch[:1]), _torch_probabilities(batch[:1], seed=3), atol=1e-4
+    )
+    assert backend.providers[-1] == "CPUExecutionProvider"
+
+
+def test_probability_output_is_passed_through(model_files: tuple[Path, Path]) -> None:
+    onnx_path, card_path = model_files
+    card = ModelCard.read(card_path).model_copy(update={"output": "probabilities"})
+    backend = OnnxBackend(onnx_path, card)
+    batch = np.random.default_rng(1).normal(size=(3, 3, 64, 64)).astype(np.float32)
+
+    with torch.no_grad():
+        logits = build_torch_model(CLASSES, 3)(torch.from_numpy(batch)).numpy()
+    # The card says the graph already emits probabilities, so no softmax is applied on top.
+    np.testing.assert_allclose(backend.predict(batch), logits, atol=1e-4)
+
+
+def test_a_file_that_is_not_onnx_is_a_permanent_load_error(
+    tmp_path: Path, model_files: tuple[Path, Path]
+) -> None:
+    bogus = tmp_path / "model.onnx"
+    bogus.write_bytes(b"\x89PNG definitely not a protobuf")
+    card = ModelCard.read(model_files[1])
+
+    with pytest.raises(ModelLoadError, match="cannot load ONNX model") as caught:
+        OnnxBackend(bogus, card)
+    assert isinstance(caught.value, PermanentError)
+    assert str(bogus) in str(caught.value)
+
+
+def test_a_card_that_does_not_match_the_graph_is_rejected(model_files: tuple[Path, Path]) -> None:
+    onnx_path, card_path = model_files
+    card = ModelCard.read(card_path)
+
+    with pytest.raises(ModelLoadError, match="outputs 6 scores, the card lists 3 classes"):
+        OnnxBackend(onnx_path, card.model_copy(update={"classes": ["a", "b", "c"]}))
+    with pytest.raises(ModelLoadError, match="input axis 2 is 64, the card says 32"):
+        OnnxBackend(onnx_path, card.model_copy(update={"input_size": (32, 64)}))
+
+
+def test_wrong_input_dtype_is_refused(model_files: tuple[Path, Path]) -> None:
+    onnx_path, card_path = model_files
+    backend = OnnxBackend(onnx_path, ModelCard.read(card_path))
+
+    with pytest.raises(ValueError, match="NCHW float32"):
+        backend.predict(np.zeros((1, 3, 64, 64), dtype=np.float64))  # type: ignore[arg-type]
