@@ -1,0 +1,68 @@
+"""The model-registry service: training.completed in; models.registered and, for a better
+model, models.promoted out. Records live in a JetStream key-value bucket."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js.client import JetStreamContext
+
+from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.errors import NotReadyError
+from binloop.observability import metrics
+from binloop.runtime import ServiceApp, new_service
+from schemas.events import ModelPromoted, TrainingCompleted
+from schemas.routes import MODELS_PROMOTED, MODELS_REGISTERED, TRAINING_COMPLETED
+from services.model_registry.operations import record_training
+from services.model_registry.settings import RegistrySettings
+from services.model_registry.store import RegistryStore
+
+
+@dataclass
+class _Registry:
+    store: RegistryStore | None = None
+
+    def require(self) -> RegistryStore:
+        if self.store is None:
+            raise NotReadyError("the registry bucket is not open yet")
+        return self.store
+
+
+def create_app(settings: RegistrySettings) -> ServiceApp:
+    service = new_service("model-registry", settings)
+    registry = _Registry()
+
+    async def open_bucket(js: JetStreamContext) -> None:
+        registry.store = await RegistryStore.open(js, settings.kv_bucket, settings.kv_history)
+        champion = (await registry.store.champion(settings.model_name)).record
+        if champion is not None:
+            record = await registry.store.version(settings.model_name, champion.version)
+            if record is not None:
+                metrics.MODEL_ACCURACY.labels(settings.model_name, "champion").set(
+                    record.metrics.accuracy
+                )
+
+    service.on_start.append(open_bucket)
+    service.ready_checks.append(lambda: registry.store is not None)
+
+    async def on_completed(delivery: Delivery[TrainingCompleted]) -> list[Outgoing]:
+        events = await record_training(
+            registry.require(), delivery.event, settings.promotion_margin, service.producer
+        )
+        return [
+            Outgoing(
+                MODELS_PROMOTED if isinstance(event, ModelPromoted) else MODELS_REGISTERED, event
+            )
+            for event in events
+        ]
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_COMPLETED,
+        on_completed,
+        durable="model-registry",
+        policy=service.policy,
+        description="Records each candidate and promotes it when it beats the champion.",
+    )
+    return service

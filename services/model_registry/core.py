@@ -1,0 +1,247 @@
+"""The registry's decisions, pure: promote or reject a candidate, roll the champion back, and
+the events each outcome publishes. No bus and no storage here."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from pydantic import AwareDatetime, Field
+
+from binloop.errors import PermanentError
+from schemas.base import BlobRef, Frozen
+from schemas.events import (
+    ModelMetrics,
+    ModelPromoted,
+    ModelRegistered,
+    ModelRolledBack,
+    TrainingCompleted,
+)
+
+# Event ids derive from what they announce, so a replayed decision re-publishes the same ids
+# and JetStream's duplicate window drops them.
+EVENT_NAMESPACE = uuid.UUID("5d1f7a34-8f0e-4b8e-9a57-6c1c0a3b9e21")
+KEY_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# Accuracy arrives as float; 0.52 - 0.50 must count as a gain of 0.02.
+EPSILON = 1e-9
+
+
+class RegistryError(PermanentError):
+    """A request the registry can never satisfy as given."""
+
+
+class VersionRecord(Frozen):
+    """Everything the registry knows about one model version, and what it decided."""
+
+    model_name: str
+    version: int = Field(ge=1)
+    parent_version: int | None
+    dataset_name: str
+    dataset_version: int = Field(ge=1)
+    artifact: BlobRef
+    card: BlobRef
+    metrics: ModelMetrics
+    onnx_parity_max_abs_diff: float = Field(ge=0)
+    train_seconds: float = Field(ge=0)
+    training_event_id: uuid.UUID
+    decision: Literal["promoted", "rejected"]
+    reason: str
+    champion_before: int | None = Field(description="Champion when the decision was made")
+    recorded_at: AwareDatetime
+
+
+class ChampionRecord(Frozen):
+    """The version serving now, and the champions before it (oldest first) for rollback."""
+
+    model_name: str
+    version: int = Field(ge=1)
+    history: list[int] = Field(default_factory=list)
+    changed_at: AwareDatetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    reason: str
+
+
+def key_token(model_name: str) -> str:
+    """A model name as a key-value key token (no dots, spaces or wildcards)."""
+    if not KEY_TOKEN.match(model_name):
+        raise RegistryError(f"model name {model_name!r} is not usable as a registry key")
+    return model_name
+
+
+def decide(candidate: ModelMetrics, champion: VersionRecord | None, margin: float) -> Decision:
+    """Promote the first model; afterwards only a candidate measured on the champion's eval set
+    whose accuracy beats the champion's by at least `margin`."""
+    if champion is None:
+        return Decision(True, "first model: no champion yet")
+    ours, theirs = candidate, champion.metrics
+    if ours.eval_set_id != theirs.eval_set_id:
+        return Decision(
+            False,
+            f"evaluated on a different eval set ({ours.eval_set_id[:12]}) than champion "
+            f"v{champion.version} ({theirs.eval_set_id[:12]}); accuracies are not comparable",
+        )
+    gain = ours.accuracy - theirs.accuracy
+    comparison = (
+        f"accuracy {ours.accuracy:.4f} vs champion v{champion.version} {theirs.accuracy:.4f} "
+        f"(gain {gain:+.4f}, margin {margin:.4f})"
+    )
+    if gain + EPSILON >= margin:
+        return Decision(True, f"beats the champion: {comparison}")
+    return Decision(False, f"not better by the margin: {comparison}")
+
+
+def register(
+    event: TrainingCompleted,
+    champion: ChampionRecord | None,
+    champion_record: VersionRecord | None,
+    margin: float,
+    now: datetime,
+) -> VersionRecord:
+    """The record of a new candidate, with the decision against the current champion."""
+    key_token(event.model_name)
+    decision = decide(event.metrics, champion_record, margin)
+    return VersionRecord(
+        model_name=event.model_name,
+        version=event.model_version,
+        parent_version=event.parent_version,
+        dataset_name=event.dataset_name,
+        dataset_version=event.dataset_version,
+        artifact=event.artifact,
+        card=event.card,
+        metrics=event.metrics,
+        onnx_parity_max_abs_diff=event.onnx_parity_max_abs_diff,
+        train_seconds=event.train_seconds,
+        training_event_id=event.event_id,
+        decision="promoted" if decision.promoted else "rejected",
+        reason=decision.reason[:512],
+        champion_before=champion.version if champion else None,
+        recorded_at=now,
+    )
+
+
+def pending_promotion(
+    record: VersionRecord, champion: ChampionRecord | None
+) -> ChampionRecord | None:
+    """The champion `record` makes, if it is promoted and not applied yet.
+
+    Used right after the decision and again on a redelivery: the record is written before the
+    champion key, so a crash in between leaves a promotion that the replay completes. Once the
+    champion has moved past `record.champion_before` (applied, or superseded) there is nothing
+    left to do.
+    """
+    if record.decision != "promoted":
+        return None
+    current = champion.version if champion else None
+    if current != record.champion_before:
+        return None
+    return ChampionRecord(
+        model_name=record.model_name,
+        version=record.version,
+        history=[*champion.history, champion.version] if champion else [],
+        changed_at=record.recorded_at,
+        reason=record.reason,
+    )
+
+
+def check_replay(existing: VersionRecord, event: TrainingCompleted) -> None:
+    """A redelivery of the same training run is fine; another run claiming the version is not."""
+    if existing.training_event_id != event.event_id:
+        raise RegistryError(
+            f"{event.model_name} v{event.model_version} is already recorded from training event "
+            f"{existing.training_event_id}; refusing a second one ({event.event_id})"
+        )
+
+
+def _event_id(*parts: object) -> uuid.UUID:
+    return uuid.uuid5(EVENT_NAMESPACE, "/".join(str(p) for p in parts))
+
+
+def registration_events(
+    record: VersionRecord, producer: str
+) -> list[ModelRegistered | ModelPromoted]:
+    """What the decision announces; the same record always yields the same events."""
+    registered = ModelRegistered(
+        event_id=_event_id(record.model_name, record.version, "registered"),
+        occurred_at=record.recorded_at,
+        producer=producer,
+        model_name=record.model_name,
+        model_version=record.version,
+        metrics=record.metrics,
+        champion_version=record.champion_before,
+        decision=record.decision,
+        reason=record.reason,
+    )
+    if record.decision == "rejected":
+        return [registered]
+    promoted = ModelPromoted(
+        event_id=_event_id(record.model_name, record.version, "promoted"),
+        occurred_at=record.recorded_at,
+        producer=producer,
+        model_name=record.model_name,
+        model_version=record.version,
+        previous_version=record.champion_before,
+        artifact=record.artifact,
+        card=record.card,
+        metrics=record.metrics,
+        reason=record.reason,
+    )
+    return [registered, promoted]
+
+
+def rollback_target(champion: ChampionRecord | None, to_version: int | None) -> int:
+    """The version a rollback makes champion: the given one, or the champion before this one."""
+    if champion is None:
+        raise RegistryError("there is no champion to roll back")
+    if to_version is None:
+        if not champion.history:
+            raise RegistryError(
+                f"{champion.model_name} v{champion.version} is the first champion; "
+                "there is nothing earlier to roll back to"
+            )
+        return champion.history[-1]
+    if to_version == champion.version:
+        raise RegistryError(f"{champion.model_name} v{to_version} is already the champion")
+    return to_version
+
+
+def rolled_back_champion(
+    champion: ChampionRecord, target: VersionRecord, reason: str, now: datetime
+) -> ChampionRecord:
+    """The champion after rolling back to `target`. Rolling back to an earlier champion forgets
+    the ones after it; any other recorded version goes on top of the current history."""
+    if target.version in champion.history:
+        history = champion.history[: champion.history.index(target.version)]
+    else:
+        history = [*champion.history, champion.version]
+    return ChampionRecord(
+        model_name=champion.model_name,
+        version=target.version,
+        history=history,
+        changed_at=now,
+        reason=f"rollback from v{champion.version}: {reason}"[:512],
+    )
+
+
+def rolled_back_event(
+    champion: ChampionRecord, target: VersionRecord, reason: str, producer: str, revision: int
+) -> ModelRolledBack:
+    """`revision` (the champion key's revision being replaced) makes a retried rollback
+    publish the same event id, and a later rollback a new one."""
+    return ModelRolledBack(
+        event_id=_event_id(champion.model_name, "rollback", revision, target.version),
+        producer=producer,
+        model_name=champion.model_name,
+        from_version=champion.version,
+        to_version=target.version,
+        artifact=target.artifact,
+        card=target.card,
+        reason=reason[:512],
+    )

@@ -1,0 +1,111 @@
+"""Registry records in a JetStream key-value bucket: one key per model version and one
+"champion" key per model, updated with compare-and-set so two writers cannot both win."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.client import JetStreamContext
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
+from nats.js.kv import KeyValue
+
+from binloop.errors import TransientError
+from services.model_registry.core import ChampionRecord, VersionRecord, key_token
+
+
+class ChampionChangedError(TransientError):
+    """Someone else changed the champion since we read it; retry with the new state."""
+
+
+@dataclass(frozen=True)
+class ChampionState:
+    record: ChampionRecord | None
+    revision: int
+    """Revision of the champion key; 0 when there is none yet."""
+
+
+def version_key(model_name: str, version: int) -> str:
+    return f"{key_token(model_name)}.versions.{version:06d}"
+
+
+def champion_key(model_name: str) -> str:
+    return f"{key_token(model_name)}.champion"
+
+
+class RegistryStore:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, bucket: str, history: int = 16) -> RegistryStore:
+        try:
+            kv = await js.key_value(bucket)
+        except BucketNotFoundError:
+            kv = await js.create_key_value(
+                KeyValueConfig(
+                    bucket=bucket,
+                    description="binloop model registry: version records and champions",
+                    history=history,
+                    storage=StorageType.FILE,
+                )
+            )
+        return cls(kv)
+
+    async def version(self, model_name: str, version: int) -> VersionRecord | None:
+        try:
+            entry = await self.kv.get(version_key(model_name, version))
+        except KeyNotFoundError:
+            return None
+        return VersionRecord.model_validate_json(entry.value or b"")
+
+    async def versions(self, model_name: str) -> list[VersionRecord]:
+        prefix = f"{key_token(model_name)}.versions."
+        try:
+            every_key = await self.kv.keys()
+        except NoKeysError:
+            return []
+        # keys(filters=...) matches substrings, not subject wildcards: filter here instead.
+        numbers = sorted(int(key[len(prefix) :]) for key in every_key if key.startswith(prefix))
+        records = [await self.version(model_name, number) for number in numbers]
+        return [record for record in records if record is not None]
+
+    async def champion(self, model_name: str) -> ChampionState:
+        try:
+            entry = await self.kv.get(champion_key(model_name))
+        except KeyNotFoundError:
+            return ChampionState(None, 0)
+        record = ChampionRecord.model_validate_json(entry.value or b"")
+        return ChampionState(record, entry.revision or 0)
+
+    async def add_version(self, record: VersionRecord) -> bool:
+        """Writes a new version record; False when the version is already recorded."""
+        try:
+            await self.kv.create(
+                version_key(record.model_name, record.version), record.model_dump_json().encode()
+            )
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def remove_version(self, model_name: str, version: int) -> None:
+        """Undoes add_version when the champion it was decided against changed meanwhile."""
+        await self.kv.delete(version_key(model_name, version))
+
+    async def set_champion(self, record: ChampionRecord, expected_revision: int) -> int:
+        """Replaces the champion only if it is still at `expected_revision` (0: none yet)."""
+        key = champion_key(record.model_name)
+        value = record.model_dump_json().encode()
+        try:
+            if expected_revision == 0:
+                return await self.kv.create(key, value)
+            return await self.kv.update(key, value, last=expected_revision)
+        except KeyWrongLastSequenceError as exc:
+            raise ChampionChangedError(
+                f"the champion of {record.model_name} changed since revision {expected_revision}"
+            ) from exc

@@ -1,0 +1,186 @@
+"""The trainer service: datasets.snapshot / training.requested in, training.completed out.
+
+Training runs in a worker thread, one run at a time; the bus wrapper keeps the message alive
+while it works. The current champion (the parent of the next model) is followed from
+models.promoted and models.rolled_back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.datasets import DatasetManifest
+from binloop.observability import metrics
+from binloop.runtime import ServiceApp, new_service
+from binloop.storage import BlobStore, open_store
+from schemas.events import (
+    DatasetSnapshot,
+    ModelPromoted,
+    ModelRolledBack,
+    TrainingCompleted,
+    TrainingRequested,
+)
+from schemas.routes import (
+    DATASETS_SNAPSHOT,
+    MODELS_PROMOTED,
+    MODELS_ROLLED_BACK,
+    TRAINING_COMPLETED,
+    TRAINING_REQUESTED,
+)
+from services.trainer.core import (
+    EvalSet,
+    InsufficientDataError,
+    load_eval_set,
+    manifest_for_request,
+    manifest_for_snapshot,
+    run_training,
+)
+from services.trainer.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerState:
+    eval_set: EvalSet | None = None
+    champion: int | None = None
+    champion_at: datetime | None = None
+    one_run_at_a_time: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def follow(self, version: int, at: datetime) -> None:
+        """A newer promotion or rollback names the champion; a redelivered older one does not."""
+        if self.champion_at is None or at >= self.champion_at:
+            self.champion, self.champion_at = version, at
+
+
+async def recall_champion(js: JetStreamContext, model_name: str, state: TrainerState) -> None:
+    """Seeds the champion from the last promotion/rollback in the stream, so a restarted
+    trainer (whose durable consumers already acked them) still knows the parent version."""
+    for route in (MODELS_PROMOTED, MODELS_ROLLED_BACK):
+        try:
+            raw = await js.get_last_msg(route.stream, route.subject())
+        except NotFoundError:
+            continue
+        if raw.data is None:
+            continue
+        event = route.model.model_validate_json(raw.data)
+        if isinstance(event, ModelPromoted) and event.model_name == model_name:
+            state.follow(event.model_version, event.occurred_at)
+        elif isinstance(event, ModelRolledBack) and event.model_name == model_name:
+            state.follow(event.to_version, event.occurred_at)
+
+
+def _outcome_of(error: BaseException) -> str:
+    return "insufficient_data" if isinstance(error, InsufficientDataError) else "failed"
+
+
+def create_app(settings: TrainerSettings, store: BlobStore | None = None) -> ServiceApp:
+    service = new_service("trainer", settings)
+    blob_store = store or open_store(settings.blob_root)
+    state = TrainerState()
+
+    async def prepare_eval_set(_: JetStreamContext) -> None:
+        state.eval_set = await asyncio.to_thread(load_eval_set, blob_store, settings)
+
+    async def seed_champion(js: JetStreamContext) -> None:
+        await recall_champion(js, settings.model_name, state)
+
+    service.on_start.extend([prepare_eval_set, seed_champion])
+    service.ready_checks.append(lambda: state.eval_set is not None)
+
+    async def train(load_manifest: Callable[[], DatasetManifest]) -> list[Outgoing]:
+        eval_set = state.eval_set
+        if eval_set is None:  # on_start loads it before any consumer runs
+            raise RuntimeError("the evaluation set is not loaded")
+        async with state.one_run_at_a_time:
+            parent = state.champion
+
+            def work() -> TrainingCompleted:
+                outcome = run_training(
+                    blob_store, load_manifest(), eval_set, settings, parent_version=parent
+                )
+                return outcome.completed_event(service.producer)
+
+            try:
+                completed = await asyncio.to_thread(work)
+            except Exception as exc:  # counted, then retried or dead-lettered by the bus
+                metrics.TRAINING_RUNS.labels(_outcome_of(exc)).inc()
+                raise
+        metrics.TRAINING_RUNS.labels("completed").inc()
+        metrics.TRAINING_SECONDS.observe(completed.train_seconds)
+        metrics.MODEL_ACCURACY.labels(settings.model_name, "candidate").set(
+            completed.metrics.accuracy
+        )
+        log.info(
+            "trained %s v%d on %s v%d: eval accuracy %.3f",
+            completed.model_name,
+            completed.model_version,
+            completed.dataset_name,
+            completed.dataset_version,
+            completed.metrics.accuracy,
+        )
+        return [Outgoing(TRAINING_COMPLETED, completed)]
+
+    async def on_snapshot(delivery: Delivery[DatasetSnapshot]) -> list[Outgoing]:
+        return await train(lambda: manifest_for_snapshot(blob_store, delivery.event))
+
+    async def on_request(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        return await train(lambda: manifest_for_request(blob_store, delivery.event))
+
+    async def on_promoted(delivery: Delivery[ModelPromoted]) -> list[Outgoing]:
+        if delivery.event.model_name == settings.model_name:
+            state.follow(delivery.event.model_version, delivery.event.occurred_at)
+        return []
+
+    async def on_rolled_back(delivery: Delivery[ModelRolledBack]) -> list[Outgoing]:
+        if delivery.event.model_name == settings.model_name:
+            state.follow(delivery.event.to_version, delivery.event.occurred_at)
+        return []
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        DATASETS_SNAPSHOT,
+        on_snapshot,
+        durable="trainer",
+        ack_wait_s=settings.ack_wait_s,
+        description="Trains a candidate model on each new dataset snapshot.",
+        policy=service.policy,
+    )
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        on_request,
+        durable="trainer-requests",
+        ack_wait_s=settings.ack_wait_s,
+        description="Trains a candidate on the named (or latest) snapshot of a dataset.",
+        policy=service.policy,
+    )
+    subscribe(
+        service.broker,
+        service.publisher,
+        MODELS_PROMOTED,
+        on_promoted,
+        durable="trainer-champion",
+        description="Follows the champion, the parent of the next candidate.",
+        policy=service.policy,
+    )
+    subscribe(
+        service.broker,
+        service.publisher,
+        MODELS_ROLLED_BACK,
+        on_rolled_back,
+        durable="trainer-champion-rollback",
+        description="Follows rollbacks of the champion.",
+        policy=service.policy,
+    )
+    return service

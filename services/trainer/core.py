@@ -1,0 +1,302 @@
+"""One training run, start to finish: dataset manifest -> trained, evaluated, exported and
+parity-checked model -> artifacts in the object store. No bus here."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+import numpy as np
+import torch
+
+from binloop.datasets import DatasetManifest, latest_version, read_manifest
+from binloop.errors import ChecksumMismatchError, PermanentError
+from binloop.ml.card import ModelCard
+from binloop.ml.preprocess import Preprocessor
+from binloop.storage import BlobStore, dataset_key, model_key, sha256_hex
+from schemas.base import BlobRef, utc_now
+from schemas.events import DatasetSnapshot, ModelMetrics, TrainingCompleted, TrainingRequested
+from schemas.taxonomy import Taxonomy
+from services.trainer.data import (
+    LoadedItems,
+    ManifestDataset,
+    ensure_eval_set,
+    items_in,
+    load_items,
+    model_classes,
+)
+from services.trainer.evaluate import EvalReport, evaluate
+from services.trainer.export import (
+    check_parity,
+    export_onnx,
+    onnx_logits,
+    onnx_session,
+    parity_max_abs_diff,
+)
+from services.trainer.nets import build_model, count_parameters
+from services.trainer.report import confusion_png
+from services.trainer.settings import TrainerSettings
+from services.trainer.train import TrainConfig, TrainResult, train_classifier
+
+log = logging.getLogger(__name__)
+
+PARITY_BATCH = 32
+
+
+class InsufficientDataError(PermanentError):
+    """The snapshot cannot train a useful classifier (too few items or classes)."""
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The fixed evaluation set, decoded once per process."""
+
+    manifest: DatasetManifest
+    loaded: LoadedItems
+
+    @property
+    def eval_set_id(self) -> str:
+        return self.manifest.content_id()
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    model_name: str
+    version: int
+    parent_version: int | None
+    dataset_name: str
+    dataset_version: int
+    card: ModelCard
+    artifact: BlobRef
+    card_ref: BlobRef
+    confusion_ref: BlobRef
+    metrics: ModelMetrics
+    report: EvalReport
+    parity_max_abs_diff: float
+    train_seconds: float
+    skipped: dict[str, str]
+
+    def completed_event(self, producer: str) -> TrainingCompleted:
+        return TrainingCompleted(
+            producer=producer,
+            model_name=self.model_name,
+            model_version=self.version,
+            parent_version=self.parent_version,
+            dataset_name=self.dataset_name,
+            dataset_version=self.dataset_version,
+            artifact=self.artifact,
+            card=self.card_ref,
+            metrics=self.metrics,
+            onnx_parity_max_abs_diff=self.parity_max_abs_diff,
+            train_seconds=self.train_seconds,
+        )
+
+
+def taxonomy_for(settings: TrainerSettings) -> Taxonomy:
+    return Taxonomy.from_yaml(settings.taxonomy_path) if settings.taxonomy_path else Taxonomy()
+
+
+def preprocessor_for(settings: TrainerSettings) -> Preprocessor:
+    """Built from the same three values the card records, so the edge reproduces it exactly."""
+    return Preprocessor(settings.input_size, settings.mean, settings.std)
+
+
+def train_config(settings: TrainerSettings) -> TrainConfig:
+    return TrainConfig(
+        epochs=settings.epochs,
+        patience=settings.patience,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        seed=settings.seed,
+        min_val_items=settings.min_val_items,
+        mean=settings.mean,
+        std=settings.std,
+    )
+
+
+def load_eval_set(store: BlobStore, settings: TrainerSettings) -> EvalSet:
+    manifest = ensure_eval_set(
+        store,
+        settings.eval_dir,
+        settings.eval_dataset_name,
+        taxonomy_version=taxonomy_for(settings).version,
+    )
+    loaded = load_items(store, manifest.items, preprocessor_for(settings))
+    if len(loaded) == 0:
+        raise PermanentError(f"no readable image in the evaluation set {settings.eval_dir}")
+    return EvalSet(manifest=manifest, loaded=loaded)
+
+
+def manifest_for_snapshot(store: BlobStore, snapshot: DatasetSnapshot) -> DatasetManifest:
+    data = store.get(snapshot.manifest.key)
+    actual = sha256_hex(data)
+    if actual != snapshot.manifest.sha256:
+        raise ChecksumMismatchError(snapshot.manifest.key, snapshot.manifest.sha256, actual)
+    manifest = DatasetManifest.model_validate_json(data)
+    if (manifest.name, manifest.version) != (snapshot.name, snapshot.version):
+        raise PermanentError(
+            f"snapshot {snapshot.name} v{snapshot.version} points at the manifest of "
+            f"{manifest.name} v{manifest.version}"
+        )
+    return manifest
+
+
+def manifest_for_request(store: BlobStore, request: TrainingRequested) -> DatasetManifest:
+    version = request.dataset_version or latest_version(store, request.dataset_name)
+    if version == 0:
+        raise PermanentError(f"dataset {request.dataset_name!r} has no snapshot in the store")
+    return read_manifest(store, dataset_key(request.dataset_name, version))
+
+
+def next_model_version(store: BlobStore, model_name: str) -> int:
+    pattern = re.compile(rf"^models/{re.escape(model_name)}/v(\d+)/")
+    versions = [
+        int(m.group(1)) for key in store.list(f"models/{model_name}/") if (m := pattern.match(key))
+    ]
+    return max(versions, default=0) + 1
+
+
+def _check_enough(
+    settings: TrainerSettings, manifest: DatasetManifest, usable: int, classes: int
+) -> None:
+    where = f"dataset {manifest.name} v{manifest.version}"
+    if usable < settings.min_items:
+        raise InsufficientDataError(
+            f"{where} has {usable} usable labeled train/val items; "
+            f"training needs at least {settings.min_items}"
+        )
+    if classes < 2:
+        raise InsufficientDataError(f"{where} has training items of {classes} class(es); need 2")
+
+
+def _parity_batch(eval_set: EvalSet, train: LoadedItems) -> np.ndarray:
+    return np.concatenate([eval_set.loaded.inputs[:PARITY_BATCH], train.inputs[:PARITY_BATCH]])[
+        :PARITY_BATCH
+    ]
+
+
+def _weights_bytes(model: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def run_training(
+    store: BlobStore,
+    manifest: DatasetManifest,
+    eval_set: EvalSet,
+    settings: TrainerSettings,
+    *,
+    parent_version: int | None,
+    clock: Callable[[], datetime] = utc_now,
+) -> TrainingOutcome:
+    """Trains on the manifest's train split (val split for model selection), evaluates on the
+    fixed eval set with the exported ONNX graph, and stores model.onnx, model.pt,
+    confusion.png, training.json and, last, card.json under the next model version."""
+    started = time.perf_counter()
+    preprocessor = preprocessor_for(settings)
+    classes = model_classes(manifest)
+    labeled = len(items_in(manifest, ("train", "val")))
+    _check_enough(settings, manifest, labeled, len(classes))
+    train_items = load_items(store, items_in(manifest, ("train",)), preprocessor)
+    val_items = load_items(store, items_in(manifest, ("val",)), preprocessor)
+    train_data = ManifestDataset(train_items, classes)
+    val_data = ManifestDataset(val_items, classes)
+    _check_enough(
+        settings,
+        manifest,
+        len(train_items) + len(val_items),
+        int((train_data.class_counts() > 0).sum()),
+    )
+
+    torch.set_num_threads(settings.torch_threads)
+    result = train_classifier(
+        lambda: build_model(settings.architecture, len(classes)),
+        train_data,
+        val_data if len(val_data) else None,
+        train_config(settings),
+        device=settings.device,
+    )
+    onnx_bytes = export_onnx(result.model, settings.input_size)
+    session = onnx_session(onnx_bytes, settings.torch_threads)
+    parity = parity_max_abs_diff(result.model, session, _parity_batch(eval_set, train_items))
+    check_parity(parity, settings.parity_tolerance)
+
+    predicted = onnx_logits(session, eval_set.loaded.inputs).argmax(axis=1)
+    report = evaluate(
+        eval_set.loaded.labels, [classes[i] for i in predicted], taxonomy_for(settings), classes
+    )
+    metrics = report.to_metrics(eval_set.eval_set_id)
+
+    version = next_model_version(store, settings.model_name)
+    skipped = {**train_items.skipped, **val_items.skipped}
+    card = ModelCard(
+        name=settings.model_name,
+        version=version,
+        architecture=settings.architecture,
+        classes=classes,
+        input_size=settings.input_size,
+        mean=settings.mean,
+        std=settings.std,
+        parameters=count_parameters(result.model),
+        dataset_name=manifest.name,
+        dataset_version=manifest.version,
+        parent_version=parent_version,
+        metrics=metrics,
+        onnx_parity_max_abs_diff=parity,
+        created_at=clock(),
+        notes=_notes(result, len(train_items), len(val_items), len(skipped)),
+    )
+
+    def put(name: str, data: bytes, content_type: str) -> BlobRef:
+        return store.put(model_key(settings.model_name, version, name), data, content_type)
+
+    artifact = put("model.onnx", onnx_bytes, "application/onnx")
+    put("model.pt", _weights_bytes(result.model), "application/octet-stream")
+    confusion_ref = put(
+        "confusion.png", confusion_png(report, f"{settings.model_name} v{version}"), "image/png"
+    )
+    put("training.json", _training_log(result, skipped), "application/json")
+    # The card goes last: its presence says the version is complete.
+    card_ref = put(
+        "card.json", (card.model_dump_json(indent=2) + "\n").encode(), "application/json"
+    )
+    return TrainingOutcome(
+        model_name=settings.model_name,
+        version=version,
+        parent_version=parent_version,
+        dataset_name=manifest.name,
+        dataset_version=manifest.version,
+        card=card,
+        artifact=artifact,
+        card_ref=card_ref,
+        confusion_ref=confusion_ref,
+        metrics=metrics,
+        report=report,
+        parity_max_abs_diff=parity,
+        train_seconds=time.perf_counter() - started,
+        skipped=skipped,
+    )
+
+
+def _notes(result: TrainResult, train: int, val: int, skipped: int) -> str:
+    return (
+        f"trained {len(result.history)} epochs (kept epoch {result.best_epoch}) on {train} train "
+        f"and {val} val items; {skipped} unreadable items skipped"
+    )
+
+
+def _training_log(result: TrainResult, skipped: dict[str, str]) -> bytes:
+    document = {
+        "best_epoch": result.best_epoch,
+        "history": [asdict(stats) for stats in result.history],
+        "skipped": skipped,
+    }
+    return (json.dumps(document, indent=1) + "\n").encode()

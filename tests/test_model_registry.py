@@ -1,0 +1,266 @@
+"""The model registry: the promotion rule and rollback as pure logic, then the service on a
+real nats-server with its key-value bucket."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+
+from binloop.natsserver import NatsServer
+from schemas import DeadLetter
+from schemas.base import BlobRef
+from schemas.events import (
+    ModelMetrics,
+    ModelPromoted,
+    ModelRegistered,
+    ModelRolledBack,
+    TrainingCompleted,
+)
+from schemas.routes import (
+    DLQ,
+    MODELS_PROMOTED,
+    MODELS_REGISTERED,
+    MODELS_ROLLED_BACK,
+    TRAINING_COMPLETED,
+)
+from services.model_registry import RegistryError, RegistrySettings, create_app, rollback
+from services.model_registry.core import (
+    ChampionRecord,
+    VersionRecord,
+    check_replay,
+    decide,
+    key_token,
+    pending_promotion,
+    register,
+    registration_events,
+    rollback_target,
+    rolled_back_champion,
+)
+from services.model_registry.store import RegistryStore
+from tests.helpers import Collector
+
+EVAL_SET = "e" * 64
+OTHER_EVAL_SET = "f" * 64
+NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
+MODEL = "binloop-waste"
+
+
+def _ref(version: int, name: str) -> BlobRef:
+    key = f"models/{MODEL}/v{version:05d}/{name}"
+    return BlobRef(key=key, uri=f"file:///blobs/{key}", sha256=f"{version:064x}", size=100)
+
+
+def _completed(
+    version: int, accuracy: float, eval_set: str = EVAL_SET, parent: int | None = None
+) -> TrainingCompleted:
+    return TrainingCompleted(
+        producer="trainer",
+        model_name=MODEL,
+        model_version=version,
+        parent_version=parent,
+        dataset_name="seed",
+        dataset_version=version,
+        artifact=_ref(version, "model.onnx"),
+        card=_ref(version, "card.json"),
+        metrics=ModelMetrics(
+            eval_set_id=eval_set,
+            eval_items=120,
+            accuracy=accuracy,
+            macro_f1=accuracy,
+            compartment_accuracy=accuracy,
+            per_class_f1={"glass": accuracy},
+        ),
+        onnx_parity_max_abs_diff=1e-6,
+        train_seconds=3.0,
+    )
+
+
+def _champion_of(event: TrainingCompleted) -> VersionRecord:
+    return register(event, None, None, 0.02, NOW)
+
+
+# --- the promotion rule ----------------------------------------------------------------------
+
+
+def test_first_model_is_promoted() -> None:
+    decision = decide(_completed(1, 0.2).metrics, None, margin=0.02)
+    assert decision.promoted
+    assert "first model" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "promoted"),
+    [(0.52, True), (0.60, True), (0.519, False), (0.50, False), (0.30, False)],
+)
+def test_candidate_must_beat_champion_by_the_margin(accuracy: float, promoted: bool) -> None:
+    champion = _champion_of(_completed(1, 0.50))
+    decision = decide(_completed(2, accuracy).metrics, champion, margin=0.02)
+    assert decision.promoted is promoted
+    assert "champion v1 0.5000" in decision.reason
+
+
+def test_a_different_eval_set_is_rejected_whatever_the_accuracy() -> None:
+    champion = _champion_of(_completed(1, 0.50))
+    decision = decide(_completed(2, 0.99, OTHER_EVAL_SET).metrics, champion, margin=0.02)
+    assert not decision.promoted
+    assert "different eval set" in decision.reason
+    assert OTHER_EVAL_SET[:12] in decision.reason
+
+
+def test_promotion_stacks_the_champion_history() -> None:
+    first = register(_completed(1, 0.5), None, None, 0.02, NOW)
+    champion_1 = pending_promotion(first, None)
+    assert champion_1 is not None
+    assert (champion_1.version, champion_1.history) == (1, [])
+
+    rejected = register(_completed(2, 0.51), champion_1, first, 0.02, NOW)
+    assert rejected.decision == "rejected"
+    assert rejected.champion_before == 1
+    assert pending_promotion(rejected, champion_1) is None
+
+    better = register(_completed(3, 0.53), champion_1, first, 0.02, NOW)
+    champion_3 = pending_promotion(better, champion_1)
+    assert champion_3 is not None
+    assert (champion_3.version, champion_3.history) == (3, [1])
+    # Already applied (or superseded): a replay has nothing left to do.
+    assert pending_promotion(better, champion_3) is None
+
+
+def test_events_are_the_same_for_the_same_record() -> None:
+    champion = _champion_of(_completed(1, 0.5))
+    record = register(_completed(3, 0.6), None, champion, 0.02, NOW).model_copy(
+        update={"champion_before": 1}
+    )
+    first, again = registration_events(record, "reg"), registration_events(record, "reg")
+    assert [e.event_id for e in first] == [e.event_id for e in again]
+    registered, promoted = first
+    assert isinstance(registered, ModelRegistered)
+    assert isinstance(promoted, ModelPromoted)
+    assert (registered.decision, registered.champion_version) == ("promoted", 1)
+    assert (promoted.model_version, promoted.previous_version) == (3, 1)
+    assert promoted.artifact == _ref(3, "model.onnx")
+    rejected = record.model_copy(update={"decision": "rejected", "version": 4})
+    [only] = registration_events(rejected, "reg")
+    assert isinstance(only, ModelRegistered)
+    assert only.event_id not in {e.event_id for e in first}
+
+
+def test_a_second_training_run_claiming_a_recorded_version_is_refused() -> None:
+    event = _completed(1, 0.5)
+    record = _champion_of(event)
+    check_replay(record, event)
+    with pytest.raises(RegistryError, match="already recorded"):
+        check_replay(record, event.model_copy(update={"event_id": uuid.uuid4()}))
+
+
+def test_rollback_goes_to_the_previous_champion_or_the_given_version() -> None:
+    champion = ChampionRecord(
+        model_name=MODEL, version=5, history=[1, 3], changed_at=NOW, reason="x"
+    )
+    assert rollback_target(champion, None) == 3
+    assert rollback_target(champion, 1) == 1
+    target_3 = _champion_of(_completed(3, 0.5))
+    after = rolled_back_champion(champion, target_3, "bad in the field", NOW)
+    assert (after.version, after.history) == (3, [1])
+    assert "rollback from v5: bad in the field" in after.reason
+    target_4 = _champion_of(_completed(4, 0.5))
+    assert rolled_back_champion(champion, target_4, "x", NOW).history == [1, 3, 5]
+
+
+def test_rollback_needs_somewhere_to_go() -> None:
+    with pytest.raises(RegistryError, match="no champion"):
+        rollback_target(None, None)
+    first = ChampionRecord(model_name=MODEL, version=1, changed_at=NOW, reason="x")
+    with pytest.raises(RegistryError, match="first champion"):
+        rollback_target(first, None)
+    with pytest.raises(RegistryError, match="already the champion"):
+        rollback_target(first, 1)
+
+
+def test_model_names_must_be_usable_as_keys() -> None:
+    assert key_token("binloop-waste_2") == "binloop-waste_2"
+    with pytest.raises(RegistryError):
+        key_token("bad.name")
+
+
+# --- the service on a real bus ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_registry_promotes_rejects_dedups_and_rolls_back(
+    js: JetStreamContext, nats_client: Client, nats_server: NatsServer
+) -> None:
+    settings = RegistrySettings(nats_url=nats_server.url, http_port=0, retry_delay_s=0.05)
+    registered = await Collector(ModelRegistered).attach(nats_client, MODELS_REGISTERED.subject())
+    promoted = await Collector(ModelPromoted).attach(nats_client, MODELS_PROMOTED.subject())
+    rolled = await Collector(ModelRolledBack).attach(nats_client, MODELS_ROLLED_BACK.subject())
+    dead = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
+    service = create_app(settings)
+    await service.start()
+    subject = TRAINING_COMPLETED.subject()
+    try:
+        v3 = _completed(3, 0.53, parent=1)
+        for event in (
+            _completed(1, 0.50),
+            _completed(2, 0.51, parent=1),
+            v3,
+            _completed(4, 0.90, OTHER_EVAL_SET, parent=3),
+        ):
+            await js.publish(subject, event.model_dump_json().encode())
+        await registered.wait_for(4)
+        # The same training run again (a redelivery): same decision, same event ids.
+        await js.publish(subject, v3.model_dump_json().encode())
+        await registered.wait_for(5)
+        await js.publish(subject, b'{"model_name": "binloop-waste", "garbage": true}')
+        [letter] = await dead.wait_for(1)
+
+        event = await rollback(js, service.publisher, MODEL, reason="field accuracy dropped")
+        await rolled.wait_for(1)
+        store = await RegistryStore.open(js, settings.kv_bucket)
+        champion = (await store.champion(MODEL)).record
+        records = await store.versions(MODEL)
+        with pytest.raises(RegistryError, match="first champion"):
+            await rollback(js, service.publisher, MODEL)
+        engine = await js.stream_info("ENGINE", subjects_filter="models.>")
+    finally:
+        await service.stop()
+
+    decisions = {r.model_version: (r.decision, r.champion_version) for r in registered.items}
+    assert decisions == {
+        1: ("promoted", None),
+        2: ("rejected", 1),
+        3: ("promoted", 1),
+        4: ("rejected", 3),
+    }
+    assert "different eval set" in registered.items[3].reason
+    assert registered.items[4].event_id == registered.items[2].event_id
+    assert [(p.model_version, p.previous_version) for p in promoted.items[:2]] == [
+        (1, None),
+        (3, 1),
+    ]
+    assert all(p.event_id == promoted.items[1].event_id for p in promoted.items[2:])
+    # The stream kept each decision once: the replay was dropped as a duplicate.
+    assert engine.state.subjects == {
+        MODELS_REGISTERED.subject(): 4,
+        MODELS_PROMOTED.subject(): 2,
+        MODELS_ROLLED_BACK.subject(): 1,
+    }
+    assert letter.service == "model-registry"
+    assert letter.error_type == "ValidationError"
+
+    assert (event.from_version, event.to_version) == (3, 1)
+    assert event.artifact == _ref(1, "model.onnx")
+    assert rolled.items[0].event_id == event.event_id
+    assert champion is not None
+    assert (champion.version, champion.history) == (1, [])
+    assert [(r.version, r.decision) for r in records] == [
+        (1, "promoted"),
+        (2, "rejected"),
+        (3, "promoted"),
+        (4, "rejected"),
+    ]
+    assert records[2].parent_version == 1

@@ -1,0 +1,434 @@
+"""The trainer: metrics on hand-made predictions, a real (tiny) training run on demo photos,
+ONNX parity, unreadable items, and the service against a real nats-server."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+
+from binloop.datasets import DatasetManifest, ManifestItem, import_image_folder, write_manifest
+from binloop.ml.card import ModelCard
+from binloop.ml.preprocess import Preprocessor, decode_rgb
+from binloop.natsserver import NatsServer
+from binloop.storage import LocalBlobStore, model_key, sha256_hex
+from binloop.storage.blobstore import read_verified
+from schemas import DeadLetter
+from schemas.base import utc_now
+from schemas.events import (
+    DatasetSnapshot,
+    ModelMetrics,
+    ModelPromoted,
+    TrainingCompleted,
+    TrainingRequested,
+)
+from schemas.routes import (
+    DATASETS_SNAPSHOT,
+    DLQ,
+    MODELS_PROMOTED,
+    TRAINING_COMPLETED,
+    TRAINING_REQUESTED,
+)
+from schemas.taxonomy import Taxonomy
+from services.trainer import TrainerSettings, create_app
+from services.trainer.core import (
+    InsufficientDataError,
+    TrainingOutcome,
+    load_eval_set,
+    next_model_version,
+    preprocessor_for,
+    run_training,
+    train_config,
+)
+from services.trainer.data import (
+    ManifestDataset,
+    ensure_eval_set,
+    folder_content_id,
+    items_in,
+    load_items,
+    model_classes,
+)
+from services.trainer.evaluate import confusion_matrix, evaluate
+from services.trainer.export import (
+    ParityError,
+    check_parity,
+    export_onnx,
+    onnx_logits,
+    onnx_session,
+    parity_max_abs_diff,
+)
+from services.trainer.nets import build_model
+from services.trainer.train import (
+    Augmenter,
+    TrainConfig,
+    class_weights,
+    predict_logits,
+    train_classifier,
+)
+from tests.helpers import Collector
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+TINY_CLASSES = ("cardboard", "glass", "metal")
+FAST = {"epochs": 15, "batch_size": 8, "min_items": 12}
+
+
+def _copy_subset(source: Path, target: Path, classes: tuple[str, ...], per_class: int) -> Path:
+    for label in classes:
+        (target / label).mkdir(parents=True)
+        for image in sorted((source / label).glob("*.jpg"))[:per_class]:
+            shutil.copy(image, target / label / image.name)
+    return target
+
+
+def _settings(root: Path, **overrides: object) -> TrainerSettings:
+    values: dict[str, object] = {
+        "blob_root": root / "blobs",
+        "eval_dir": root / "eval",
+        "http_port": 0,
+        **FAST,
+    }
+    values.update(overrides)
+    return TrainerSettings.model_validate(values)
+
+
+class TinyWorld:
+    """Three classes of real photos: a training snapshot and a small fixed eval set."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        _copy_subset(DEMO / "stream", root / "train", TINY_CLASSES, 12)
+        _copy_subset(DEMO / "eval", root / "eval", TINY_CLASSES, 4)
+        self.settings = _settings(root)
+        self.store = LocalBlobStore(self.settings.blob_root)
+        self.manifest, _ = import_image_folder(
+            self.store, root / "train", "tiny", taxonomy_version="t", classes=list(TINY_CLASSES)
+        )
+        self.eval_set = load_eval_set(self.store, self.settings)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    return TinyWorld(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def trained(world: TinyWorld) -> TrainingOutcome:
+    return run_training(
+        world.store, world.manifest, world.eval_set, world.settings, parent_version=None
+    )
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def test_metrics_on_hand_made_predictions() -> None:
+    truth = ["cardboard", "cardboard", "cardboard", "paper", "paper", "glass"]
+    guess = ["cardboard", "cardboard", "paper", "paper", "glass", "glass"]
+    report = evaluate(truth, guess, Taxonomy(), labels=["cardboard", "paper", "glass", "metal"])
+
+    assert report.labels == ["cardboard", "paper", "glass", "metal"]
+    assert report.confusion.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert report.accuracy == pytest.approx(4 / 6)
+    # cardboard 2TP/1FN, paper 1TP/1FP/1FN, glass 1TP/1FP; metal never seen: not averaged.
+    assert report.per_class_f1 == pytest.approx({"cardboard": 0.8, "paper": 0.5, "glass": 2 / 3})
+    assert report.macro_f1 == pytest.approx(59 / 90)
+    # Only paper -> glass crosses a compartment (cardboard <-> paper share one).
+    assert report.compartment_accuracy == pytest.approx(5 / 6)
+    metrics = report.to_metrics("ab" * 32)
+    assert metrics.eval_items == 6
+    assert metrics.accuracy == pytest.approx(4 / 6)
+
+
+def test_unlisted_prediction_gets_its_own_column_and_zero_f1() -> None:
+    report = evaluate(["glass", "glass"], ["glass", "trash"], Taxonomy(), labels=["glass"])
+    assert report.labels == ["glass", "trash"]
+    assert report.confusion.tolist() == [[1, 1], [0, 0]]
+    assert report.per_class_f1 == pytest.approx({"glass": 2 / 3, "trash": 0.0})
+    assert report.macro_f1 == pytest.approx(1 / 3)
+    assert report.compartment_accuracy == pytest.approx(0.5)
+
+
+def test_evaluate_refuses_mismatched_or_empty_input() -> None:
+    with pytest.raises(ValueError, match="2 true labels but 1 predictions"):
+        evaluate(["a", "b"], ["a"], Taxonomy())
+    with pytest.raises(ValueError, match="empty"):
+        evaluate([], [], Taxonomy())
+    assert confusion_matrix(["x"], ["y"], ["y", "x"]).tolist() == [[0, 0], [1, 0]]
+
+
+# --- training pieces -------------------------------------------------------------------------
+
+
+def test_class_weights_balance_present_classes_and_ignore_absent_ones() -> None:
+    weights = class_weights(torch.tensor([3, 1, 0]))
+    assert weights.tolist() == pytest.approx([4 / 6, 4 / 2, 0.0])
+
+
+def test_augmenter_without_jitter_is_an_exact_flip() -> None:
+    config = TrainConfig(flip_probability=1.0, brightness=0.0, contrast=0.0)
+    batch = torch.randn(4, 3, 8, 8) * 0.5
+    out = Augmenter(config, torch.Generator().manual_seed(0))(batch.clamp(-1.5, 1.5))
+    assert torch.allclose(out, batch.clamp(-1.5, 1.5).flip(-1), atol=1e-5)
+
+
+def test_augmenter_jitter_stays_in_the_valid_pixel_range() -> None:
+    config = TrainConfig(brightness=0.5, contrast=0.5)
+    batch = torch.randn(16, 3, 8, 8) * 3
+    out = Augmenter(config, torch.Generator().manual_seed(1))(batch)
+    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
+    pixels = out * std + mean
+    assert out.shape == batch.shape
+    assert float(pixels.min()) >= -1e-5
+    assert float(pixels.max()) <= 1 + 1e-5
+
+
+def test_training_beats_chance_on_its_own_training_data(
+    world: TinyWorld, trained: TrainingOutcome
+) -> None:
+    classes = model_classes(world.manifest)
+    preprocessor = preprocessor_for(world.settings)
+    train = ManifestDataset(
+        load_items(world.store, items_in(world.manifest, ["train"]), preprocessor), classes
+    )
+    model = build_model(world.settings.architecture, len(classes))
+    state = torch.load(
+        world.store.root / model_key("binloop-waste", trained.version, "model.pt"),
+        weights_only=True,
+    )
+    model.load_state_dict(state)
+    accuracy = float(
+        (predict_logits(model, train.inputs).argmax(1) == train.targets).float().mean()
+    )
+    assert accuracy > 0.6, f"train accuracy {accuracy:.2f} is barely above chance (1/3)"
+
+
+def test_training_is_deterministic_for_a_seed(world: TinyWorld) -> None:
+    preprocessor = preprocessor_for(world.settings)
+    classes = model_classes(world.manifest)
+    data = ManifestDataset(load_items(world.store, world.manifest.items, preprocessor), classes)
+    config = dataclasses.replace(train_config(world.settings), epochs=3)
+
+    def run() -> torch.Tensor:
+        result = train_classifier(lambda: build_model("compact-cnn", 3), data, None, config)
+        return predict_logits(result.model, data.inputs)
+
+    assert torch.equal(run(), run())
+
+
+def test_onnx_export_matches_torch_for_any_batch_size(
+    trained: TrainingOutcome, world: TinyWorld
+) -> None:
+    assert trained.parity_max_abs_diff <= 1e-3
+    model = build_model("compact-cnn", 3)
+    model.load_state_dict(
+        torch.load(
+            world.store.root / model_key("binloop-waste", trained.version, "model.pt"),
+            weights_only=True,
+        )
+    )
+    session = onnx_session(export_onnx(model, world.settings.input_size))
+    inputs = world.eval_set.loaded.inputs
+    assert onnx_logits(session, inputs[:1]).shape == (1, 3)
+    assert onnx_logits(session, inputs).shape == (len(inputs), 3)
+    assert parity_max_abs_diff(model, session, inputs) <= 1e-3
+
+
+def test_parity_beyond_tolerance_or_nan_fails_the_run() -> None:
+    check_parity(5e-4, 1e-3)
+    with pytest.raises(ParityError, match=r"disagree by 0\.01"):
+        check_parity(0.01, 1e-3)
+    with pytest.raises(ParityError):
+        check_parity(float("nan"), 1e-3)
+
+
+# --- whole runs ------------------------------------------------------------------------------
+
+
+def test_run_stores_complete_artifacts_and_a_card_that_reproduces_preprocessing(
+    world: TinyWorld, trained: TrainingOutcome
+) -> None:
+    card = ModelCard.model_validate_json(read_verified(trained.card_ref))
+    assert card.classes == list(TINY_CLASSES)
+    assert card.dataset_name == "tiny"
+    assert card.dataset_version == world.manifest.version
+    assert card.metrics == trained.metrics
+    assert card.parameters < 1_000_000
+    assert trained.metrics.eval_set_id == folder_content_id(world.root / "eval")
+    assert trained.metrics.eval_items == 12
+    assert set(trained.metrics.per_class_f1) <= set(TINY_CLASSES)
+    graph = onnx.load_model_from_string(read_verified(trained.artifact)).graph
+    [graph_input] = graph.input
+    batch_axis = graph_input.type.tensor_type.shape.dim[0]
+    assert (graph_input.name, batch_axis.dim_param) == ("input", "batch")
+    assert read_verified(trained.confusion_ref)[:8] == b"\x89PNG\r\n\x1a\n"
+    # The card alone reproduces the trainer's preprocessing, bit for bit.
+    image = decode_rgb(sorted((world.root / "eval" / "glass").glob("*.jpg"))[0].read_bytes())
+    np.testing.assert_array_equal(
+        Preprocessor.from_card(card)(image), preprocessor_for(world.settings)(image)
+    )
+
+
+def test_versions_increase_and_record_the_parent(
+    world: TinyWorld, trained: TrainingOutcome
+) -> None:
+    settings = world.settings.model_copy(update={"epochs": 2})
+    second = run_training(
+        world.store, world.manifest, world.eval_set, settings, parent_version=trained.version
+    )
+    assert second.version == trained.version + 1
+    assert second.card.parent_version == trained.version
+    assert next_model_version(world.store, "binloop-waste") == second.version + 1
+    event = second.completed_event("trainer")
+    assert event.parent_version == trained.version
+    assert event.artifact.key == model_key("binloop-waste", second.version, "model.onnx")
+
+
+def test_unreadable_items_are_skipped_and_counted(world: TinyWorld) -> None:
+    garbage = b"definitely not a jpeg"
+    garbage_key = world.store.put("imports/tiny/garbage.jpg", garbage).key
+    real = world.manifest.items[0]
+    items = [
+        *world.manifest.items,
+        ManifestItem(key=garbage_key, sha256=sha256_hex(garbage), label="glass", split="train"),
+        # A blob that does not hash to what the manifest promises.
+        ManifestItem(key=real.key, sha256="0" * 64, label=real.label, split="train"),
+    ]
+    manifest = world.manifest.model_copy(update={"version": 99, "items": items})
+    outcome = run_training(
+        world.store,
+        manifest,
+        world.eval_set,
+        world.settings.model_copy(update={"epochs": 2}),
+        parent_version=None,
+    )
+    assert len(outcome.skipped) == 2
+    assert "CorruptFrameError" in outcome.skipped[garbage_key]
+    assert "ChecksumMismatchError" in outcome.skipped[real.key]
+    assert "2 unreadable items skipped" in outcome.card.notes
+
+
+def test_too_few_items_is_a_permanent_error_with_the_reason(world: TinyWorld) -> None:
+    few = world.manifest.model_copy(update={"items": world.manifest.items[:5]})
+    with pytest.raises(InsufficientDataError, match="needs at least 12"):
+        run_training(world.store, few, world.eval_set, world.settings, parent_version=None)
+    one_class = world.manifest.model_copy(
+        update={"items": [i for i in world.manifest.items if i.label == "glass"] * 2}
+    )
+    with pytest.raises(InsufficientDataError, match="1 class"):
+        run_training(world.store, one_class, world.eval_set, world.settings, parent_version=None)
+
+
+def test_eval_set_is_imported_once_per_content(world: TinyWorld) -> None:
+    again = ensure_eval_set(
+        world.store, world.root / "eval", world.settings.eval_dataset_name, taxonomy_version="t"
+    )
+    assert again.version == world.eval_set.manifest.version
+    assert again.content_id() == folder_content_id(world.root / "eval")
+
+
+# --- the service on a real bus ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_service_trains_on_snapshots_and_requests(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    blob_store: LocalBlobStore,
+) -> None:
+    shutil.copytree(DEMO / "eval", tmp_path / "eval")
+    settings = _settings(
+        tmp_path, nats_url=nats_server.url, blob_root=blob_store.root, epochs=4, retry_delay_s=0.05
+    )
+    seed, seed_ref = import_image_folder(
+        blob_store, DEMO / "seed", "seed", taxonomy_version="trashnet-6", classes=Taxonomy().labels
+    )
+    tiny = DatasetManifest(
+        name="tiny",
+        version=1,
+        created_at=utc_now(),
+        taxonomy_version="t",
+        classes=["a", "b"],
+        items=seed.items[:3],
+    )
+    tiny_ref = write_manifest(blob_store, tiny)
+    # A champion promoted before the trainer starts: it must become the parent of what it trains.
+    champion = ModelPromoted(
+        producer="test",
+        model_name="binloop-waste",
+        model_version=7,
+        previous_version=None,
+        artifact=seed_ref,
+        card=seed_ref,
+        metrics=_some_metrics(),
+        reason="earlier",
+    )
+    await js.publish(MODELS_PROMOTED.subject(), champion.model_dump_json().encode())
+
+    completed = await Collector(TrainingCompleted).attach(nats_client, TRAINING_COMPLETED.subject())
+    dead = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
+    service = create_app(settings)
+    await service.start()
+    try:
+        snapshot = DatasetSnapshot(
+            producer="test",
+            name="seed",
+            version=seed.version,
+            manifest=seed_ref,
+            num_items=len(seed.items),
+            class_counts=seed.class_counts(),
+            taxonomy_version="trashnet-6",
+        )
+        await js.publish(DATASETS_SNAPSHOT.subject(), snapshot.model_dump_json().encode())
+        first = (await completed.wait_for(1, timeout=60))[0]
+        await js.publish(
+            TRAINING_REQUESTED.subject(),
+            TrainingRequested(producer="test", dataset_name="seed").model_dump_json().encode(),
+        )
+        too_small = snapshot.model_copy(
+            update={"name": "tiny", "version": 1, "manifest": tiny_ref, "num_items": 3}
+        )
+        await js.publish(DATASETS_SNAPSHOT.subject(), too_small.model_dump_json().encode())
+        second = (await completed.wait_for(2, timeout=60))[1]
+        letters = await dead.wait_for(1, timeout=30)
+    finally:
+        await service.stop()
+
+    assert (first.model_version, first.parent_version) == (1, 7)
+    assert (second.model_version, second.parent_version) == (2, 7)
+    assert (first.dataset_name, first.dataset_version) == ("seed", seed.version)
+    assert second.dataset_version == seed.version
+    assert first.metrics.eval_items == 120
+    assert first.metrics.eval_set_id == folder_content_id(DEMO / "eval")
+    assert first.onnx_parity_max_abs_diff <= 1e-3
+    card = ModelCard.model_validate_json(read_verified(first.card))
+    assert (card.version, card.parent_version) == (1, 7)
+    assert card.classes == Taxonomy().labels
+    assert read_verified(first.artifact) == blob_store.get(
+        model_key("binloop-waste", 1, "model.onnx")
+    )
+    assert blob_store.exists(model_key("binloop-waste", 1, "confusion.png"))
+    [letter] = letters
+    assert letter.service == "trainer"
+    assert letter.error_type == "InsufficientDataError"
+    assert "needs at least 12" in letter.error
+
+
+def _some_metrics() -> ModelMetrics:
+    return ModelMetrics(
+        eval_set_id="c" * 64,
+        eval_items=1,
+        accuracy=0.5,
+        macro_f1=0.5,
+        compartment_accuracy=0.5,
+        per_class_f1={},
+    )
