@@ -16,7 +16,7 @@ from binloop.monitor import BusMonitor, LoopStats
 from binloop.natsserver import NatsServer
 from binloop.runtime import ServiceApp, new_service
 from binloop.settings import ServiceSettings
-from binloop.storage import LocalBlobStore
+from binloop.storage import open_store
 from schemas.events import DatasetSnapshot
 from schemas.routes import DATASETS_SNAPSHOT
 from schemas.taxonomy import Taxonomy
@@ -163,7 +163,8 @@ async def run_loop(
 async def _publish_seed(config: LoopConfig, blob_root: Path, nats_url: str) -> None:
     """The first labeled dataset: a small seed folder, as version 1 of the dataset."""
     taxonomy = Taxonomy()
-    store = LocalBlobStore(blob_root)
+    # The services read BINLOOP_BLOB_BACKEND and the s3_* settings too; the seed goes where they look.
+    store = open_store(ServiceSettings(blob_root=blob_root, http_port=0))
     manifest, ref = import_image_folder(
         store,
         config.seed_dir,

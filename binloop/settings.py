@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +24,27 @@ class ServiceSettings(BaseSettings):
     http_host: str = Field(default="0.0.0.0", description="Interface the health server binds")
     blob_root: Path = Field(
         default=Path(".binloop/blobs"), description="Local object-store folder (embedded default)"
+    )
+    blob_backend: Literal["local", "s3"] = Field(
+        default="local", description="Object store: the local folder blob_root, or S3/MinIO"
+    )
+    s3_endpoint: str = Field(
+        default="127.0.0.1:9000", description="S3/MinIO host:port, without a scheme"
+    )
+    s3_bucket: str = Field(
+        default="binloop",
+        min_length=3,
+        max_length=63,
+        pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$",
+        description="Bucket for every blob; created if missing",
+    )
+    s3_access_key: str = Field(default="minioadmin", description="S3 access key id")
+    s3_secret_key: SecretStr = Field(
+        default=SecretStr("minioadmin"), description="S3 secret key (never logged)"
+    )
+    s3_secure: bool = Field(default=False, description="Talk to the S3 endpoint over TLS")
+    s3_region: str = Field(
+        default="us-east-1", description="S3 region (saves a bucket-location lookup)"
     )
     max_deliveries: int = Field(
         default=5,

@@ -13,6 +13,7 @@ def make_broker(nats_url: str, service: str) -> NatsBroker:
     return NatsBroker(
         nats_url,
         name=f"binloop-{service}",
+        logger=logging.getLogger(f"binloop.faststream.{service}"),
         log_level=logging.DEBUG,
         graceful_timeout=30.0,
         max_reconnect_attempts=-1,

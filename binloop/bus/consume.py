@@ -29,6 +29,7 @@ from functools import partial
 from typing import Annotated, Any, Generic, TypeVar
 
 from faststream import Context
+from faststream.message import StreamMessage
 from faststream.middlewares import AckPolicy
 from faststream.nats import ConsumerConfig, DeliverPolicy, JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsBatchMessage
@@ -207,6 +208,16 @@ class _Consumer(Generic[E]):
             await msg.ack()
 
 
+async def _raw_batch(msgs: list[Msg]) -> StreamMessage[list[Msg]]:
+    """Skips FastStream's batch parser (it JSON-decodes every body, which we do ourselves
+    with the route's model) and hands the raw messages over."""
+    return NatsBatchMessage(raw_message=msgs, body=b"", path={})
+
+
+async def _no_decode(_: StreamMessage[Any]) -> None:
+    return None
+
+
 def _register(
     broker: NatsBroker,
     route: Route,
@@ -229,6 +240,8 @@ def _register(
         deliver_policy=deliver_policy,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout_s, batch=True),
         ack_policy=AckPolicy.MANUAL,
+        parser=_raw_batch,
+        decoder=_no_decode,
         title=f"{durable}:{route.name}",
         description=f"{description} Payload: {route.model.__name__} "
         f"(schemas/jsonschema/v1/{route.name}.json).",

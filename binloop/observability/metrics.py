@@ -36,8 +36,8 @@ FRAMES_CAPTURED = Counter("binloop_frames_captured_total", "Frames captured", ["
 FRAMES_INFERRED = Counter("binloop_frames_inferred_total", "Frames classified", ["bin"])
 INFERENCE_STAGE_SECONDS = Histogram(
     "binloop_inference_stage_seconds",
-    "Edge inferencer per-frame time by stage",
-    ["stage"],
+    "Edge inferencer per-frame time by stage (read, decode, preprocess, infer, postprocess)",
+    ["bin", "stage"],
     buckets=LATENCY_BUCKETS,
 )
 FRAME_TO_ACTUATION_SECONDS = Histogram(
@@ -54,7 +54,7 @@ ABSTENTIONS = Counter(
 )
 ACTUATOR_ERRORS = Counter("binloop_actuator_errors_total", "Actuator failures", ["bin", "error"])
 MODEL_VERSION_SERVED = Gauge(
-    "binloop_model_version_served", "Model version the edge inferencer serves", ["bin", "model"]
+    "binloop_model_served_version", "Model version the edge inferencer serves", ["bin", "model"]
 )
 MODEL_SWAPS = Counter("binloop_model_swaps_total", "Live model swaps", ["bin"])
 UPLOADER_BACKLOG = Gauge("binloop_uploader_backlog_frames", "Frames in the spool", ["bin"])
@@ -69,12 +69,14 @@ LABELS = Counter("binloop_labels_total", "Annotations received", ["backend"])
 DATASET_SNAPSHOTS = Counter("binloop_dataset_snapshots_total", "Dataset snapshots written")
 TRAINING_RUNS = Counter("binloop_training_runs_total", "Training runs", ["outcome"])
 TRAINING_SECONDS = Histogram(
-    "binloop_training_seconds",
+    "binloop_training_duration_seconds",
     "Wall time of a training run",
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
 )
 MODEL_ACCURACY = Gauge(
-    "binloop_model_eval_accuracy", "Accuracy on the fixed evaluation set", ["model", "role"]
+    "binloop_model_eval_accuracy_ratio",
+    "Accuracy on the fixed evaluation set (role: candidate or champion)",
+    ["model", "role"],
 )
 MODEL_PROMOTIONS = Counter(
     "binloop_model_promotions_total", "Registry decisions", ["model", "decision"]
@@ -83,4 +85,20 @@ FRAMES_SKIPPED = Counter(
     "binloop_frames_skipped_total",
     "Source frames the frame-ingestor could not use (corrupt, unreadable, bad replay line)",
     ["bin", "reason"],
+)
+BLOB_PUTS = Counter(
+    "binloop_blob_puts_total",
+    "Object-store writes by backend; outcome 'unchanged' means the same bytes were already there",
+    ["backend", "outcome"],
+)
+LABELING_BACKLOG = Gauge(
+    "binloop_labeling_backlog_samples",
+    "Selected samples handed to a labeling backend and not yet annotated",
+    ["backend"],
+)
+LABELING_LEAD_TIME = Histogram(
+    "binloop_labeling_lead_time_seconds",
+    "Time from a sample's selection to its annotation",
+    ["backend"],
+    buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400),
 )

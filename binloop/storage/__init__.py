@@ -1,16 +1,22 @@
 """Object storage behind one small interface; keys are content-addressed and writes idempotent."""
 
-from binloop.storage.blobstore import BlobStore, LocalBlobStore, open_store, sha256_hex
+from binloop.storage.blobstore import open_store, read_verified
 from binloop.storage.keys import dataset_key, frame_key, label_key, model_key, spool_key
+from binloop.storage.local import LocalBlobStore
+from binloop.storage.protocol import BlobStore, PresigningStore, sha256_hex
+from binloop.storage.s3 import S3BlobStore
 
 __all__ = [
     "BlobStore",
     "LocalBlobStore",
+    "PresigningStore",
+    "S3BlobStore",
     "dataset_key",
     "frame_key",
     "label_key",
     "model_key",
     "open_store",
+    "read_verified",
     "sha256_hex",
     "spool_key",
 ]

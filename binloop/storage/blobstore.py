@@ -1,122 +1,69 @@
-"""The blob-store interface and its local-folder backend (the embedded default).
+"""Choosing a blob-store backend from settings, and reading any blob by its URI.
 
-An S3/MinIO backend implements the same protocol; a URI's scheme says which backend serves it.
+The backends: LocalBlobStore (a folder, file:// URIs, the embedded default) and S3BlobStore
+(S3/MinIO, s3://bucket/key URIs). A URI's scheme says which backend serves it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import unquote, urlparse
 
 from binloop.errors import ChecksumMismatchError, MissingBlobError, UnknownUriError
+from binloop.settings import ServiceSettings
+from binloop.storage.local import LocalBlobStore
+from binloop.storage.protocol import BlobStore, PresigningStore, sha256_hex
+from binloop.storage.s3 import S3BlobStore
 from schemas.base import BlobRef
 
+__all__ = [
+    "BlobStore",
+    "LocalBlobStore",
+    "PresigningStore",
+    "S3BlobStore",
+    "open_store",
+    "read_verified",
+    "sha256_hex",
+]
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class BlobStore(Protocol):
-    def put(self, key: str, data: bytes, content_type: str = ...) -> BlobRef:
-        """Store `data` under `key`; a second put of the same bytes is a no-op."""
-        ...
-
-    def get(self, key: str) -> bytes: ...
-
-    def exists(self, key: str) -> bool: ...
-
-    def delete(self, key: str) -> None: ...
-
-    def list(self, prefix: str) -> list[str]: ...
-
-    def uri(self, key: str) -> str: ...
+# Buckets this process has opened, so that read_verified can serve an s3:// URI from an event
+# with the endpoint and credentials the settings gave for that bucket.
+_s3_stores: dict[str, S3BlobStore] = {}
 
 
-class LocalBlobStore:
-    """A folder. Writes go to a temporary file and are renamed, so a reader never sees half."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root.resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root):
-            raise UnknownUriError(f"key {key!r} escapes the store root")
-        return path
-
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> BlobRef:
-        path = self._path(key)
-        digest = sha256_hex(data)
-        if not (
-            path.exists()
-            and path.stat().st_size == len(data)
-            and sha256_hex(path.read_bytes()) == digest
-        ):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        return BlobRef(
-            key=key, uri=self.uri(key), sha256=digest, size=len(data), content_type=content_type
-        )
-
-    def get(self, key: str) -> bytes:
-        path = self._path(key)
-        try:
-            return path.read_bytes()
-        except FileNotFoundError as exc:
-            raise MissingBlobError(f"no blob at {self.uri(key)}") from exc
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
-    def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix) if prefix else self.root
-        folder = base if base.is_dir() else base.parent
-        if not folder.exists():
-            return []
-        keys = []
-        for path in folder.rglob("*"):
-            if path.is_file() and not path.name.startswith(".tmp-"):
-                key = path.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    keys.append(key)
-        return sorted(keys)
-
-    def uri(self, key: str) -> str:
-        return self._path(key).as_uri()
-
-
-def open_store(root: Path) -> BlobStore:
-    return LocalBlobStore(root)
+def open_store(settings: ServiceSettings) -> BlobStore:
+    """The store the settings choose: the folder blob_root, or the bucket s3_bucket."""
+    if settings.blob_backend == "s3":
+        store = S3BlobStore.from_settings(settings)
+        _s3_stores[store.bucket] = store
+        return store
+    return LocalBlobStore(settings.blob_root)
 
 
 def read_verified(ref: BlobRef) -> bytes:
-    """Fetch a blob by its URI and check its sha256. Unknown schemes are a permanent error."""
-    parsed = urlparse(ref.uri)
-    if parsed.scheme != "file":
-        raise UnknownUriError(f"no backend serves {ref.uri!r} (supported here: file://)")
-    path = Path(unquote(parsed.path))
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise MissingBlobError(f"no blob at {ref.uri}") from exc
+    """Fetch a blob by its URI and check its sha256. A scheme, or a bucket, that no store in
+    this process serves is a permanent error."""
+    data = _read(ref.uri)
     actual = sha256_hex(data)
     if actual != ref.sha256:
         raise ChecksumMismatchError(ref.uri, ref.sha256, actual)
     return data
+
+
+def _read(uri: str) -> bytes:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        try:
+            return Path(unquote(parsed.path)).read_bytes()
+        except FileNotFoundError as exc:
+            raise MissingBlobError(f"no blob at {uri}") from exc
+    if parsed.scheme == "s3":
+        store = _s3_stores.get(parsed.netloc)
+        if store is None:
+            opened = ", ".join(sorted(_s3_stores)) or "none"
+            raise UnknownUriError(
+                f"no S3 store is open for bucket {parsed.netloc!r} of {uri!r} (open buckets: "
+                f"{opened}); open_store(settings) with blob_backend='s3' opens one"
+            )
+        return store.get(parsed.path.removeprefix("/"))
+    raise UnknownUriError(f"no backend serves {uri!r} (supported: file://, s3://)")

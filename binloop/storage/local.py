@@ -1,0 +1,83 @@
+"""The local-folder blob store: the embedded default, and the edge spool."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from binloop.errors import MissingBlobError, UnknownUriError
+from binloop.observability import metrics
+from binloop.storage.protocol import sha256_hex
+from schemas.base import BlobRef
+
+
+class LocalBlobStore:
+    """A folder. Writes go to a temporary file and are renamed, so a reader never sees half."""
+
+    backend = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise UnknownUriError(f"key {key!r} escapes the store root")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> BlobRef:
+        path = self._path(key)
+        digest = sha256_hex(data)
+        already_there = (
+            path.exists()
+            and path.stat().st_size == len(data)
+            and sha256_hex(path.read_bytes()) == digest
+        )
+        if not already_there:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        outcome = "unchanged" if already_there else "written"
+        metrics.BLOB_PUTS.labels(self.backend, outcome).inc()
+        return BlobRef(
+            key=key, uri=self.uri(key), sha256=digest, size=len(data), content_type=content_type
+        )
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise MissingBlobError(f"no blob at {self.uri(key)}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        folder = base if base.is_dir() else base.parent
+        if not folder.exists():
+            return []
+        keys = []
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri()
