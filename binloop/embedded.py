@@ -163,7 +163,7 @@ async def run_loop(
 async def _publish_seed(config: LoopConfig, blob_root: Path, nats_url: str) -> None:
     """The first labeled dataset: a small seed folder, as version 1 of the dataset."""
     taxonomy = Taxonomy()
-    # The services read BINLOOP_BLOB_BACKEND and the s3_* settings too; the seed goes where they look.
+    # The services read BINLOOP_BLOB_BACKEND and s3_* too: the seed goes where they will look.
     store = open_store(ServiceSettings(blob_root=blob_root, http_port=0))
     manifest, ref = import_image_folder(
         store,

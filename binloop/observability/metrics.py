@@ -102,3 +102,8 @@ LABELING_LEAD_TIME = Histogram(
     ["backend"],
     buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400),
 )
+SAMPLER_NEAR_DUPLICATES = Counter(
+    "binloop_sampler_near_duplicates_total",
+    "Candidates dropped as near-duplicates (pHash) of an earlier selection",
+    ["bin"],
+)

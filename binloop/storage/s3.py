@@ -152,21 +152,30 @@ class S3BlobStore:
         unchanged = self.stored_sha256(key) == digest
         if not unchanged:
             self._ensure_bucket()
-            with self._errors("put", key):
-                # Above part_size the SDK switches to a multipart upload, parts sent in parallel.
-                self.client.put_object(
-                    self.bucket,
-                    key,
-                    io.BytesIO(data),
-                    len(data),
-                    content_type=content_type,
-                    metadata={SHA256_METADATA: digest},
-                    part_size=self.part_size,
-                )
+            try:
+                self._upload(key, data, content_type, digest)
+            except MissingBlobError:
+                # Someone removed the bucket after we made it: make it again, once.
+                self._bucket_ready = False
+                self._ensure_bucket()
+                self._upload(key, data, content_type, digest)
         metrics.BLOB_PUTS.labels(self.backend, "unchanged" if unchanged else "written").inc()
         return BlobRef(
             key=key, uri=self.uri(key), sha256=digest, size=len(data), content_type=content_type
         )
+
+    def _upload(self, key: str, data: bytes, content_type: str, digest: str) -> None:
+        with self._errors("put", key):
+            # Above part_size the SDK switches to a multipart upload, parts sent in parallel.
+            self.client.put_object(
+                self.bucket,
+                key,
+                io.BytesIO(data),
+                len(data),
+                content_type=content_type,
+                metadata={SHA256_METADATA: digest},
+                part_size=self.part_size,
+            )
 
     def get(self, key: str) -> bytes:
         with self._errors("get", key):

@@ -14,6 +14,7 @@ from binloop.bus import Delivery, Outgoing, subscribe
 from binloop.errors import ConfigError, ModelLoadError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
+from binloop.storage import open_store
 from schemas.base import BlobRef
 from schemas.events import FrameCaptured, ModelPromoted, ModelRolledBack
 from schemas.routes import (
@@ -56,7 +57,7 @@ def _observe(bin_id: str, outcome: Classification) -> None:
         ("infer", latency.infer_ms),
         ("postprocess", latency.postprocess_ms),
     ):
-        metrics.INFERENCE_STAGE_SECONDS.labels(stage).observe(ms / 1000)
+        metrics.INFERENCE_STAGE_SECONDS.labels(bin_id, stage).observe(ms / 1000)
     metrics.FRAMES_INFERRED.labels(bin_id).inc()
     metrics.DECISIONS.labels(bin_id, outcome.decision.compartment.value).inc()
     if outcome.decision.abstained:
@@ -66,6 +67,8 @@ def _observe(bin_id: str, outcome: Classification) -> None:
 def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) -> ServiceApp:
     """`slot` lets the caller watch what is served (`slot.served`, `slot.add_listener`)."""
     service = new_service(SERVICE, settings)
+    if settings.blob_backend == "s3":
+        open_store(settings)  # lets read_verified serve the s3:// URIs of promoted models
     bin_id = settings.bin_id
     model_slot = slot or ModelSlot(bin_id)
     reader = SpoolReader(settings.spool_root)

@@ -84,7 +84,7 @@ def _outcome_of(error: BaseException) -> str:
 
 def create_app(settings: TrainerSettings, store: BlobStore | None = None) -> ServiceApp:
     service = new_service("trainer", settings)
-    blob_store = store or open_store(settings.blob_root)
+    blob_store = store or open_store(settings)
     state = TrainerState()
 
     async def prepare_eval_set(_: JetStreamContext) -> None:
