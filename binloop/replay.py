@@ -184,6 +184,23 @@ class _Recorder:
         self.written += 1
 
 
+async def _next_message(
+    inbox: asyncio.Queue[tuple[float, Msg]], stop: asyncio.Event
+) -> tuple[float, Msg] | None:
+    """The next message that arrived, or None once `stop` is set."""
+    if stop.is_set():
+        return None
+    getter = asyncio.ensure_future(inbox.get())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not getter.done():
+            getter.cancel()  # a cancelled Queue.get leaves its item in the queue
+    return getter.result() if getter.done() and not getter.cancelled() else None
+
+
 async def record(
     nats_url: str,
     subjects: list[str],
@@ -215,19 +232,17 @@ async def record(
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", encoding="utf-8") as out:
             recorder = _Recorder(out, embed_frames_from)
-            stopped = asyncio.ensure_future(stop.wait())
-            try:
-                while max_messages is None or recorder.written < max_messages:
-                    if inbox.empty() and stop.is_set():
-                        break
-                    received = asyncio.ensure_future(inbox.get())
-                    await asyncio.wait({received, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                    if not received.done():
-                        received.cancel()
-                        continue  # stop was set: write what is already queued, then end
-                    await recorder.write(*received.result())
-            finally:
-                stopped.cancel()
+
+            def full() -> bool:
+                return max_messages is not None and recorder.written >= max_messages
+
+            while not full() and (received := await _next_message(inbox, stop)) is not None:
+                await recorder.write(*received)
+            # Stopped: what had already arrived is written too, what arrives now is not.
+            for _ in range(inbox.qsize()):
+                if full():
+                    break
+                await recorder.write(*inbox.get_nowait())
         if recorder.skipped:
             log.warning(
                 "record: %d messages were not JSON objects and were left out", recorder.skipped

@@ -107,3 +107,17 @@ SAMPLER_NEAR_DUPLICATES = Counter(
     "Candidates dropped as near-duplicates (pHash) of an earlier selection",
     ["bin"],
 )
+LABEL_STUDIO_ERRORS = Counter(
+    "binloop_label_studio_errors_total",
+    "Failed calls to Label Studio, by operation and HTTP status or transport error",
+    ["operation", "error"],
+)
+LABEL_STUDIO_WEBHOOKS = Counter(
+    "binloop_label_studio_webhooks_total",
+    "Webhook calls by outcome (published, unchanged, ignored, unauthenticated, rejected, failed)",
+    ["outcome"],
+)
+LABEL_STUDIO_RECONCILED = Counter(
+    "binloop_label_studio_reconciled_total",
+    "Annotations that reconciliation published because no webhook had brought them",
+)

@@ -1,0 +1,153 @@
+"""The capture loop: pace frames, write each to the spool, describe it as a FrameCaptured.
+
+No bus here: the loop hands each event to an `emit` coroutine the caller provides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from binloop.storage import LocalBlobStore, sha256_hex, spool_key
+from schemas.base import BlobRef, utc_now
+from schemas.events import FrameCaptured
+from services.frame_ingestor.sources import FrameSource, SourceFrame
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[FrameCaptured], Awaitable[None]]
+
+
+class RateSchedule:
+    """When each frame is due at a target rate. Frame n is due at anchor + n / fps, all
+    measured from one anchor, so sleep overshoot never accumulates (no drift). After a stall
+    longer than `max_lag_s` the schedule re-anchors instead of bursting to catch up."""
+
+    def __init__(self, fps: float, max_lag_s: float = 1.0) -> None:
+        if fps < 0:
+            raise ValueError(f"fps must be >= 0, got {fps}")
+        self.period = 1.0 / fps if fps > 0 else 0.0
+        self.max_lag_s = max_lag_s
+        self._anchor: float | None = None
+        self._next = 0
+
+    def wait_s(self, now: float) -> float:
+        """Seconds to wait before emitting the next frame; advances to the frame after it."""
+        if self.period == 0.0:
+            return 0.0
+        if self._anchor is None:
+            self._anchor, self._next = now, 0
+        due = self._anchor + self._next * self.period
+        if now - due > self.max_lag_s:
+            self._anchor, self._next, due = now, 0, now
+        self._next += 1
+        return max(0.0, due - now)
+
+
+def spool_frame(spool: LocalBlobStore, bin_id: str, jpeg: bytes) -> BlobRef:
+    """Write the frame to the spool (idempotent by content) and stamp it as freshly spooled:
+    the uploader's sweep keeps a frame that was spooled again after it was uploaded."""
+    ref = spool.put(spool_key(bin_id, sha256_hex(jpeg)), jpeg, "image/jpeg")
+    now = time.time()
+    os.utime(spool.root / ref.key, (now, now))
+    return ref
+
+
+@dataclass
+class CaptureStats:
+    published: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    bin_id: str
+    producer: str
+    fps: float = 0.0
+    loops: int = 1
+    """Passes over a finite source; 0 repeats it until stopped."""
+    max_frames: int | None = None
+
+
+async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):  # the pause ran its course; stop is not set
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _frame_event(
+    frame: SourceFrame, ref: BlobRef, sequence: int, plan: CapturePlan
+) -> FrameCaptured:
+    return FrameCaptured(
+        producer=plan.producer,
+        bin_id=plan.bin_id,
+        frame_sha256=ref.sha256,
+        spool=ref,
+        captured_at=utc_now(),
+        width=frame.width,
+        height=frame.height,
+        source=frame.description,
+        sequence=sequence,
+        ground_truth=frame.ground_truth,
+    )
+
+
+async def capture(
+    source: FrameSource,
+    spool: LocalBlobStore,
+    emit: Emit,
+    plan: CapturePlan,
+    *,
+    stop: asyncio.Event | None = None,
+    on_skip: Callable[[str], None] | None = None,
+) -> CaptureStats:
+    """Run the source for `plan.loops` passes (one for a live source) or until `max_frames`
+    frames were emitted or `stop` is set. Blocking reads and spool writes run in a thread."""
+    stats = CaptureStats()
+    schedule = RateSchedule(plan.fps)
+
+    def report_skip(reason: str, detail: str) -> None:
+        stats.skipped[reason] += 1
+        log.warning("%s: skipped a frame (%s): %s", source.description, reason, detail)
+        if on_skip is not None:
+            on_skip(reason)
+
+    def finished() -> bool:
+        stopped = stop is not None and stop.is_set()
+        return stopped or (plan.max_frames is not None and stats.published >= plan.max_frames)
+
+    passes = 0
+    while not finished() and (plan.loops == 0 or passes < plan.loops):
+        passes += 1
+        frames = source.frames(report_skip)
+        try:
+            while not finished():
+                frame = await asyncio.to_thread(next, frames, None)
+                if frame is None:
+                    break
+                wait = schedule.wait_s(time.monotonic())
+                if wait > 0:
+                    await _pause(wait, stop)
+                    if finished():
+                        break
+                ref = await asyncio.to_thread(spool_frame, spool, plan.bin_id, frame.jpeg)
+                await emit(_frame_event(frame, ref, stats.published, plan))
+                stats.published += 1
+        finally:
+            # After a cancel the generator may still be inside next() in its worker thread;
+            # it is then closed when collected instead.
+            with contextlib.suppress(ValueError):
+                frames.close()
+        if not source.finite:
+            break
+        if passes == 1 and stats.published == 0:
+            break  # a pass that yields nothing would only spin when looped
+    return stats

@@ -1,0 +1,85 @@
+"""Upload one captured frame: spool -> object store, verified, idempotent. No bus here."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from binloop.errors import MissingBlobError, StoreUnavailableError
+from binloop.storage import BlobStore, frame_key, sha256_hex
+from schemas.base import BlobRef
+from schemas.events import FrameCaptured, FrameStored
+from services.uploader.spool import Spool
+
+# FrameStored ids derive from the captured event, so a redelivered frame yields the same id
+# and JetStream drops the repeated announcement.
+_STORED_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:frames.stored")
+
+
+@dataclass(frozen=True)
+class Upload:
+    blob: BlobRef
+    written_bytes: int
+    """0 when the object store already held the frame."""
+
+
+class FrameUploader:
+    def __init__(
+        self, spool: Spool, store: BlobStore, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.spool = spool
+        self.store = store
+        self.clock = clock
+
+    def _already_stored(self, key: str, sha256: str) -> BlobRef | None:
+        try:
+            data = self.store.get(key)
+        except (MissingBlobError, OSError):
+            return None
+        if sha256_hex(data) != sha256:
+            return None
+        return BlobRef(
+            key=key,
+            uri=self.store.uri(key),
+            sha256=sha256,
+            size=len(data),
+            content_type="image/jpeg",
+        )
+
+    def upload(self, event: FrameCaptured) -> Upload:
+        """Store the frame and only then mark its spool entry uploaded. Raises PermanentError
+        for a spool entry that is missing or corrupt, TransientError when a write fails."""
+        key = frame_key(event.bin_id, event.captured_at, event.frame_sha256)
+        try:
+            data = self.spool.read(event.spool.key, event.frame_sha256)
+        except MissingBlobError:
+            # A redelivery after the sweep reclaimed the frame: it is safe if the store has it.
+            stored = self._already_stored(key, event.frame_sha256)
+            if stored is None:
+                raise
+            return Upload(stored, 0)
+        try:
+            existed = self.store.exists(key)
+            blob = self.store.put(key, data, "image/jpeg")
+        except OSError as exc:
+            raise StoreUnavailableError(f"object store write of {key} failed: {exc}") from exc
+        try:
+            self.spool.mark_uploaded(event.spool.key, key, self.clock())
+        except OSError as exc:
+            raise StoreUnavailableError(f"spool marker for {event.spool.key}: {exc}") from exc
+        return Upload(blob, 0 if existed else len(data))
+
+
+def stored_event(captured: FrameCaptured, blob: BlobRef, producer: str) -> FrameStored:
+    return FrameStored(
+        event_id=uuid.uuid5(_STORED_NAMESPACE, str(captured.event_id)),
+        producer=producer,
+        bin_id=captured.bin_id,
+        frame_sha256=captured.frame_sha256,
+        frame_event_id=str(captured.event_id),
+        captured_at=captured.captured_at,
+        blob=blob,
+        ground_truth=captured.ground_truth,
+    )

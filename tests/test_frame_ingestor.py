@@ -1,0 +1,399 @@
+"""frame-ingestor: sources (folder, video, replay file), the rate schedule, the capture loop,
+and the service publishing real demo frames into the FRAMES stream."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+from collections import Counter
+from collections.abc import Generator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import cv2
+import numpy as np
+import pytest
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+
+from binloop.errors import ConfigError, CorruptFrameError
+from binloop.natsserver import NatsServer
+from binloop.runtime import new_service
+from binloop.storage import LocalBlobStore, sha256_hex, spool_key
+from schemas.base import BlobRef
+from schemas.events import FrameCaptured
+from schemas.routes import FRAMES_CAPTURED
+from services.frame_ingestor import FrameIngestorSettings, create_app, run_capture
+from services.frame_ingestor.core import CapturePlan, RateSchedule, capture
+from services.frame_ingestor.jpeg import as_jpeg, jpeg_size
+from services.frame_ingestor.sources import (
+    ImageFolderSource,
+    ReplayFileSource,
+    SkipHandler,
+    SourceFrame,
+    VideoSource,
+    label_from_folder,
+    open_source,
+)
+from tests.helpers import Collector
+
+DEMO_STREAM = Path(__file__).resolve().parent.parent / "data" / "demo" / "stream"
+TRASHNET_CLASSES = {"cardboard", "glass", "metal", "paper", "plastic", "trash"}
+
+
+def _demo_jpegs(count: int) -> list[Path]:
+    return sorted(DEMO_STREAM.rglob("*.jpg"))[:count]
+
+
+class SkipLog:
+    def __init__(self) -> None:
+        self.reasons: Counter[str] = Counter()
+        self.details: list[str] = []
+
+    def __call__(self, reason: str, detail: str) -> None:
+        self.reasons[reason] += 1
+        self.details.append(detail)
+
+
+# --- JPEG handling -------------------------------------------------------------------------
+
+
+def test_jpeg_size_reads_the_header_like_a_full_decode() -> None:
+    for path in _demo_jpegs(12):
+        data = path.read_bytes()
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert jpeg_size(data) == (decoded.shape[1], decoded.shape[0])
+
+
+def test_jpeg_passes_through_and_other_formats_are_reencoded() -> None:
+    original = _demo_jpegs(1)[0].read_bytes()
+    frame = as_jpeg(original, quality=90)
+    assert frame.data is original  # not re-encoded: no generation loss
+    image = np.zeros((30, 40, 3), dtype=np.uint8)
+    image[:, 20:] = (0, 128, 255)
+    ok, png = cv2.imencode(".png", image)
+    assert ok
+    converted = as_jpeg(png.tobytes(), quality=90)
+    assert converted.data.startswith(b"\xff\xd8")
+    assert (converted.width, converted.height) == (40, 30) == jpeg_size(converted.data)
+    with pytest.raises(CorruptFrameError, match="end-of-image"):
+        as_jpeg(original[: len(original) // 2], quality=90)
+    with pytest.raises(CorruptFrameError, match="do not decode"):
+        as_jpeg(b"definitely not an image", quality=90)
+
+
+# --- sources -------------------------------------------------------------------------------
+
+
+def test_image_folder_skips_corrupt_files_and_labels_from_folders(tmp_path: Path) -> None:
+    root = tmp_path / "stream"
+    good = _demo_jpegs(3)
+    for index, path in enumerate(good):
+        target = root / ("Glass" if index == 0 else "paper") / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    (root / "paper" / "garbage.jpg").write_bytes(b"\x00\x01 not a jpeg")
+    (root / "paper" / "truncated.jpg").write_bytes(good[0].read_bytes()[:2000])
+    (root / "paper" / "empty.png").write_bytes(b"")
+    (root / "paper" / "notes.txt").write_text("not an image, not counted")
+    ok, png = cv2.imencode(".png", np.full((24, 32, 3), 200, dtype=np.uint8))
+    assert ok
+    (root / "loose.png").write_bytes(png.tobytes())
+
+    source = ImageFolderSource(root, labels_from_folders=True, jpeg_quality=85)
+    skips = SkipLog()
+    frames = list(source.frames(skips))
+
+    assert skips.reasons == {"corrupt": 3}
+    assert all(str(root) in detail for detail in skips.details)
+    by_name = {Path(f.description.removeprefix("folder:")).name: f for f in frames}
+    assert sorted(by_name) == sorted([*(p.name for p in good), "loose.png"])
+    for index, path in enumerate(good):
+        frame = by_name[path.name]
+        assert frame.jpeg == path.read_bytes()
+        assert frame.ground_truth == ("glass" if index == 0 else "paper")
+        assert (frame.width, frame.height) == (160, 120)
+    loose = by_name["loose.png"]
+    assert loose.ground_truth is None  # not in a class folder
+    assert (loose.width, loose.height) == (32, 24)
+    assert jpeg_size(loose.jpeg) == (32, 24)
+
+
+def test_folder_labels_are_normalised_to_label_tokens() -> None:
+    assert label_from_folder("Paper Cardboard") == "paper_cardboard"
+    assert label_from_folder("glass") == "glass"
+    assert label_from_folder("---") is None
+
+
+def test_video_file_frames_are_encoded_with_their_size(tmp_path: Path) -> None:
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    assert writer.isOpened()
+    for shade in range(5):
+        writer.write(np.full((48, 64, 3), shade * 40, dtype=np.uint8))
+    writer.release()
+
+    source = open_source(str(path), labels_from_folders=True, jpeg_quality=80)
+    assert isinstance(source, VideoSource)
+    assert source.finite
+    frames = list(source.frames(SkipLog()))
+
+    assert len(frames) == 5
+    assert [f.description for f in frames] == [f"video:{path}#{i}" for i in range(5)]
+    for shade, frame in enumerate(frames):
+        assert (frame.width, frame.height) == (64, 48) == jpeg_size(frame.jpeg)
+        decoded = cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+        assert abs(float(decoded.mean()) - shade * 40) < 6
+        assert frame.ground_truth is None
+
+
+def _frame_line(jpeg: bytes, *, label: str | None, t: float, sha: str | None = None) -> str:
+    digest = sha or sha256_hex(jpeg)
+    event = FrameCaptured(
+        producer="recorder-test",
+        bin_id="bin-9",
+        frame_sha256=digest,
+        spool=BlobRef(
+            key=spool_key("bin-9", digest),
+            uri="file:///elsewhere/x.jpg",
+            sha256=digest,
+            size=len(jpeg),
+        ),
+        captured_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        width=160,
+        height=120,
+        source="folder:x.jpg",
+        sequence=0,
+        ground_truth=label,
+    )
+    line = {
+        "t": t,
+        "subject": FRAMES_CAPTURED.subject("bin-9"),
+        "headers": {"Nats-Msg-Id": str(event.event_id)},
+        "data": json.loads(event.model_dump_json()),
+        "frame_b64": base64.b64encode(jpeg).decode(),
+    }
+    return json.dumps(line)
+
+
+def test_replay_file_source_yields_embedded_frames_with_ground_truth(tmp_path: Path) -> None:
+    first, second = (p.read_bytes() for p in _demo_jpegs(2))
+    without_frame = json.loads(_frame_line(first, label="glass", t=0.2))
+    del without_frame["frame_b64"]
+    lines = [
+        _frame_line(first, label="glass", t=0.0),
+        "{this is not json",
+        json.dumps(
+            {
+                "t": 0.1,
+                "subject": "training.requested.v1",
+                "headers": {},
+                "data": {"producer": "x", "dataset_name": "d"},
+            }
+        ),
+        json.dumps(without_frame),
+        _frame_line(second, label="paper", t=0.3, sha="0" * 64),
+        _frame_line(second, label=None, t=0.4),
+    ]
+    path = tmp_path / "recording.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    source = open_source(str(path), labels_from_folders=True, jpeg_quality=90)
+    assert isinstance(source, ReplayFileSource)
+    skips = SkipLog()
+    frames = list(source.frames(skips))
+
+    assert [f.jpeg for f in frames] == [first, second]
+    assert [f.ground_truth for f in frames] == ["glass", None]
+    assert [f.description for f in frames] == [
+        "replay:recording.jsonl:1",
+        "replay:recording.jsonl:6",
+    ]
+    assert skips.reasons == {"bad_line": 1, "no_frame": 1, "checksum": 1}
+    assert any(":2:" in d and "not JSON" in d for d in skips.details)
+
+
+def test_open_source_picks_the_source_kind(tmp_path: Path) -> None:
+    camera = open_source("0", labels_from_folders=False, jpeg_quality=90)
+    assert isinstance(camera, VideoSource)
+    assert not camera.finite
+    assert camera.target == 0
+    stream = open_source("rtsp://cam.local/live", labels_from_folders=False, jpeg_quality=90)
+    assert isinstance(stream, VideoSource)
+    assert not stream.finite
+    assert isinstance(
+        open_source(str(DEMO_STREAM), labels_from_folders=True, jpeg_quality=90),
+        ImageFolderSource,
+    )
+    with pytest.raises(ConfigError, match="not an image folder"):
+        open_source(str(tmp_path / "missing"), labels_from_folders=True, jpeg_quality=90)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no images"):
+        open_source(str(tmp_path / "empty"), labels_from_folders=True, jpeg_quality=90)
+
+
+# --- rate schedule -------------------------------------------------------------------------
+
+
+def test_rate_schedule_has_no_drift_and_reanchors_after_a_stall() -> None:
+    schedule = RateSchedule(fps=10)
+    assert schedule.wait_s(100.0) == 0.0  # the first frame goes at once
+    assert schedule.wait_s(100.0) == pytest.approx(0.1)
+    # Woke up late for frame 1 (100.13 instead of 100.1): frame 2 is still due at 100.2.
+    assert schedule.wait_s(100.13) == pytest.approx(0.07)
+    # Slow work, a little behind: no wait, and the due times stay where they were.
+    assert schedule.wait_s(100.35) == 0.0
+    assert schedule.wait_s(100.36) == pytest.approx(0.04)
+    # A long stall: re-anchor at now instead of bursting through the missed frames.
+    assert schedule.wait_s(110.0) == 0.0
+    assert schedule.wait_s(110.0) == pytest.approx(0.1)
+
+
+def test_rate_schedule_without_rate_never_waits() -> None:
+    schedule = RateSchedule(fps=0)
+    assert [schedule.wait_s(t) for t in (0.0, 0.0, 5.0)] == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="fps"):
+        RateSchedule(fps=-1)
+
+
+# --- capture loop (no bus) -----------------------------------------------------------------
+
+
+class ListSource:
+    finite = True
+    description = "list:test"
+
+    def __init__(self, frames: list[SourceFrame]) -> None:
+        self.items = frames
+        self.passes = 0
+
+    def frames(self, on_skip: SkipHandler) -> Generator[SourceFrame, None, None]:
+        self.passes += 1
+        on_skip("corrupt", "one bad frame per pass")
+        yield from self.items
+
+
+async def test_capture_spools_each_frame_and_numbers_events(tmp_path: Path) -> None:
+    frames = [
+        SourceFrame(p.read_bytes(), 160, 120, p.parent.name, f"folder:{p.name}")
+        for p in _demo_jpegs(3)
+    ]
+    source = ListSource(frames)
+    spool = LocalBlobStore(tmp_path / "spool")
+    emitted: list[FrameCaptured] = []
+    skip_reasons: list[str] = []
+
+    async def emit(event: FrameCaptured) -> None:
+        emitted.append(event)
+
+    plan = CapturePlan(bin_id="bin-7", producer="frame-ingestor", loops=3, max_frames=7)
+    stats = await capture(source, spool, emit, plan, on_skip=skip_reasons.append)
+
+    assert stats.published == 7
+    assert source.passes == 3  # the third pass stopped after one frame
+    assert stats.skipped == {"corrupt": 3}
+    assert skip_reasons == ["corrupt"] * 3
+    assert [e.sequence for e in emitted] == list(range(7))
+    assert [e.ground_truth for e in emitted] == [f.ground_truth for f in frames * 3][:7]
+    for event, frame in zip(emitted, (frames * 3)[:7], strict=True):
+        assert event.frame_sha256 == sha256_hex(frame.jpeg) == event.spool.sha256
+        assert event.spool.key == spool_key("bin-7", event.frame_sha256)
+        assert spool.get(event.spool.key) == frame.jpeg
+        assert event.bin_id == "bin-7"
+        assert event.captured_at.tzinfo is not None
+    assert len(spool.list("bin-7/")) == 3  # repeated passes reuse the content-addressed key
+
+
+async def test_capture_stops_when_asked(tmp_path: Path) -> None:
+    frames = [SourceFrame(p.read_bytes(), 160, 120, None, "x") for p in _demo_jpegs(4)]
+    stop = asyncio.Event()
+    emitted: list[FrameCaptured] = []
+
+    async def emit(event: FrameCaptured) -> None:
+        emitted.append(event)
+        if len(emitted) == 2:
+            stop.set()
+
+    plan = CapturePlan(bin_id="bin-1", producer="p", loops=0)
+    stats = await capture(ListSource(frames), LocalBlobStore(tmp_path), emit, plan, stop=stop)
+    assert stats.published == len(emitted) == 2
+
+
+# --- the service against a real nats-server ------------------------------------------------
+
+
+def _settings(nats_server: NatsServer, tmp_path: Path, **extra: object) -> FrameIngestorSettings:
+    return FrameIngestorSettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        http_host="127.0.0.1",
+        retry_delay_s=0.05,
+        source=str(DEMO_STREAM),
+        spool_root=tmp_path / "spool",
+        max_frames=10,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.integration
+async def test_run_capture_puts_demo_frames_in_the_frames_stream(
+    js: JetStreamContext, nats_client: Client, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    settings = _settings(nats_server, tmp_path)
+    collector = await Collector(FrameCaptured).attach(nats_client, FRAMES_CAPTURED.wildcard)
+    service = new_service("frame-ingestor", settings)
+    await service.start()
+    try:
+        published = await run_capture(settings, service.publisher)
+    finally:
+        await service.stop()
+
+    assert published == 10
+    info = await js.stream_info("FRAMES", subjects_filter=FRAMES_CAPTURED.wildcard)
+    assert info.state.messages == 10
+    assert info.state.subjects == {FRAMES_CAPTURED.subject("bin-1"): 10}
+    events = await collector.wait_for(10)
+    assert [e.sequence for e in events] == list(range(10))
+    assert {e.ground_truth for e in events} <= TRASHNET_CLASSES
+    spool = LocalBlobStore(settings.spool_root)
+    for event in events:
+        assert sha256_hex(spool.get(event.spool.key)) == event.frame_sha256
+        assert event.source.startswith("folder:")
+        assert event.source.endswith(".jpg")
+
+
+@pytest.mark.integration
+async def test_service_captures_then_keeps_serving_health(
+    js: JetStreamContext, nats_client: Client, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    settings = _settings(nats_server, tmp_path, fps=500.0)
+    collector = await Collector(FrameCaptured).attach(nats_client, FRAMES_CAPTURED.wildcard)
+    done = asyncio.Event()
+    service = create_app(settings, capture_done=done)
+    await service.start()
+    try:
+        await asyncio.wait_for(done.wait(), 20)
+        events = await collector.wait_for(10)
+        assert len({e.frame_sha256 for e in events}) == 10
+        info = await js.stream_info("FRAMES")
+        assert info.state.messages == 10
+        assert service.is_ready()
+        assert service.health is not None
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{service.health.port}"
+            async with http.get(f"{url}/readyz") as response:
+                assert response.status == 200
+            async with http.get(f"{url}/metrics") as response:
+                body = await response.text()
+        assert 'binloop_frames_captured_total{bin="bin-1"}' in body
+    finally:
+        await service.stop()
+
+
+def test_a_wrong_source_fails_at_start_up(tmp_path: Path) -> None:
+    settings = FrameIngestorSettings(source=str(tmp_path / "nowhere"), http_port=0)
+    with pytest.raises(ConfigError, match="nowhere"):
+        create_app(settings)
