@@ -18,7 +18,7 @@ import torch
 from binloop.datasets import DatasetManifest, latest_version, read_manifest
 from binloop.errors import ChecksumMismatchError, PermanentError
 from binloop.ml.card import ModelCard
-from binloop.ml.preprocess import Preprocessor
+from binloop.ml.preprocess import FloatArray, Preprocessor
 from binloop.storage import BlobStore, dataset_key, model_key, sha256_hex
 from schemas.base import BlobRef, utc_now
 from schemas.events import DatasetSnapshot, ModelMetrics, TrainingCompleted, TrainingRequested
@@ -176,7 +176,7 @@ def _check_enough(
         raise InsufficientDataError(f"{where} has training items of {classes} class(es); need 2")
 
 
-def _parity_batch(eval_set: EvalSet, train: LoadedItems) -> np.ndarray:
+def _parity_batch(eval_set: EvalSet, train: LoadedItems) -> FloatArray:
     return np.concatenate([eval_set.loaded.inputs[:PARITY_BATCH], train.inputs[:PARITY_BATCH]])[
         :PARITY_BATCH
     ]
