@@ -144,7 +144,8 @@ async def run_loop(
 
         finished = await _wait_until(retrained_model_served, config.timeout_s, tick)
         await apps["frame-ingestor"].stop()
-        await _wait_until(lambda: stats.in_flight == 0, 60.0, tick)
+        # Drain: every captured frame decided, actuated and safely stored before stopping.
+        await _wait_until(lambda: not any(stats.lost().values()), 120.0, tick)
         champion = max(stats.promoted) if stats.promoted else None
         reason = (
             "a retrained model was promoted and served"

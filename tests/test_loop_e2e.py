@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 async def test_the_loop_closes_with_a_retrained_model_served(tmp_path: Path) -> None:
     config = LoopConfig(
         data_dir=tmp_path / "run",
-        fps=0,  # as fast as the bin can go
+        fps=40,
         snapshot_every=30,
         frames_on_new_model=30,
         timeout_s=600,
