@@ -12,10 +12,16 @@ from typing import Any
 
 import yaml
 
+from binloop.embedded import DEMO_DIR
 from schemas.routes import ROUTES
 from services.registry import SERVICES
 
 REF_PREFIX = "#/components/schemas/"
+# Settings whose defaults are relative to the working directory.
+DOC_OVERRIDES: dict[str, dict[str, Any]] = {
+    "frame-ingestor": {"source": str(DEMO_DIR / "stream")},
+    "trainer": {"eval_dir": DEMO_DIR / "eval"},
+}
 
 
 def _fill_subscriber_payloads(document: dict[str, Any]) -> None:
@@ -39,15 +45,35 @@ def _fill_subscriber_payloads(document: dict[str, Any]) -> None:
         schemas.pop("EmptyPayload", None)
 
 
+def _sort_sections(document: dict[str, Any]) -> None:
+    """FastStream's order of channels varies between runs; a stable order keeps the committed
+    documents diffable and their drift check meaningful."""
+    for section in ("channels", "operations"):
+        document[section] = dict(sorted(document.get(section, {}).items()))
+    components = document.get("components", {})
+    for section in ("messages", "schemas"):
+        components[section] = dict(sorted(components.get(section, {}).items()))
+
+
+def render_asyncapi() -> dict[str, str]:
+    """File name -> AsyncAPI YAML for every service."""
+    documents = {}
+    for name, spec in SERVICES.items():
+        settings_cls, factory = spec.load()
+        overrides = DOC_OVERRIDES.get(name, {})
+        service = factory(settings_cls(http_port=0, **overrides))
+        document = service.faststream_app().schema.to_specification().to_jsonable()
+        _fill_subscriber_payloads(document)
+        _sort_sections(document)
+        documents[f"{name}.yaml"] = yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+    return documents
+
+
 def write_asyncapi(out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, spec in SERVICES.items():
-        settings_cls, factory = spec.load()
-        service = factory(settings_cls(http_port=0))
-        document = service.faststream_app().schema.to_specification().to_jsonable()
-        _fill_subscriber_payloads(document)
-        path = out / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+    for name, text in render_asyncapi().items():
+        path = out / name
+        path.write_text(text)
         written.append(path)
     return written

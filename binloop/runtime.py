@@ -18,7 +18,7 @@ from binloop.bus import Publisher, ensure_streams, make_broker
 from binloop.bus.consume import RetryPolicy
 from binloop.observability.http import HealthServer
 from binloop.settings import ServiceSettings
-from schemas.routes import Route
+from schemas.routes import DLQ, Route
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,12 @@ class ServiceApp:
 def new_service(name: str, settings: ServiceSettings) -> ServiceApp:
     broker = make_broker(settings.nats_url, name)
     producer = f"{name}:{settings.instance}" if settings.instance else name
-    return ServiceApp(
+    service = ServiceApp(
         name=name,
         settings=settings,
         broker=broker,
         publisher=Publisher(broker, producer),
         policy=RetryPolicy(settings.max_deliveries, settings.retry_delay_s),
     )
+    service.declare_publishes(DLQ, bin_id=name)
+    return service

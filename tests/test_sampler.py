@@ -1,5 +1,7 @@
-"""The sampler: strategies, deterministic random baseline, per-bin rate limit, deduplication,
-and the service against a real nats-server (one batch in, each selection stored exactly once)."""
+"""The sampler: least confidence, deterministic random baseline, per-bin rate limit,
+deduplication, and the service against a real nats-server (one batch in, each selection stored
+exactly once, the policy read from a YAML file). The other strategies, the combiner, pHash and
+policy validation are in test_active_learning.py."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import hashlib
 import math
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
@@ -25,6 +28,7 @@ from schemas.routes import INFERENCE_RESULT, SAMPLES_SELECTED, dlq_subject
 from schemas.taxonomy import Compartment
 from services.sampler import SamplerSettings, create_app
 from services.sampler.core import Sampler, build_sampler, selection_id
+from services.sampler.policy import SamplingPolicy
 from services.sampler.ratelimit import SlidingWindowLimiter
 from services.sampler.strategies import LeastConfidence, RandomBaseline, uniform_draw
 from tests.helpers import Collector
@@ -83,6 +87,27 @@ class FakeClock:
         return self.now
 
 
+def least_confidence_policy(
+    *, threshold: float = 0.6, random_fraction: float = 0.0, per_hour: int = 600, seed: int = 7
+) -> SamplingPolicy:
+    """Only least confidence and the random baseline, as the sampler started out."""
+    off = {"enabled": False}
+    return SamplingPolicy.model_validate(
+        {
+            "seed": seed,
+            "strategies": {
+                "least_confidence": {"threshold": threshold},
+                "threshold_band": off,
+                "class_balance": off,
+                "diversity": off,
+                "disagreement": off,
+                "random": {"fraction": random_fraction},
+            },
+            "rate_limits": {"per_bin_per_hour": per_hour, "per_bin_per_day": 24 * per_hour},
+        }
+    )
+
+
 def make_sampler(
     *,
     threshold: float = 0.6,
@@ -91,14 +116,10 @@ def make_sampler(
     remember: int = 100_000,
     clock: FakeClock | None = None,
 ) -> Sampler:
-    settings = SamplerSettings(
-        least_confidence_threshold=threshold,
-        random_fraction=random_fraction,
-        max_per_bin_per_hour=per_hour,
-        remember_selected=remember,
-        seed=7,
+    policy = least_confidence_policy(
+        threshold=threshold, random_fraction=random_fraction, per_hour=per_hour
     )
-    return build_sampler(settings, "sampler", clock or FakeClock())
+    return build_sampler(policy, "sampler", clock or FakeClock(), remember=remember)
 
 
 # --- strategies ---------------------------------------------------------------------------
@@ -148,7 +169,7 @@ def test_selection_carries_prediction_reason_and_where_the_frame_is_stored() -> 
     (selection,) = make_sampler().select_batch([result]).selected
     assert selection.strategy == "least_confidence"
     assert selection.score == pytest.approx(0.59)
-    assert selection.reason == "confidence 0.41 < 0.60"
+    assert selection.reason == "least_confidence 0.59: confidence 0.41 < 0.60"
     assert selection.predicted == result.top_k
     assert (selection.model_name, selection.model_version) == ("mobilenet", 3)
     assert selection.ground_truth == "paper"
@@ -228,14 +249,19 @@ def test_sliding_window_counts_each_grant_for_exactly_one_window() -> None:
 
 @pytest.mark.integration
 async def test_sampler_service_selects_a_batch_exactly_once_and_dead_letters_garbage(
-    js: JetStreamContext, nats_client: Client, nats_server: NatsServer
+    js: JetStreamContext, nats_client: Client, nats_server: NatsServer, tmp_path: Path
 ) -> None:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(
+        "seed: 11\n"
+        "strategies:\n"
+        "  least_confidence: {threshold: 0.6}\n"
+        "  threshold_band: {enabled: false}\n"
+        "  class_balance: {enabled: false}\n"
+        "  random: {fraction: 0.3}\n"
+    )
     settings = SamplerSettings(
-        nats_url=nats_server.url,
-        http_port=0,
-        retry_delay_s=0.05,
-        random_fraction=0.3,
-        seed=11,
+        nats_url=nats_server.url, http_port=0, retry_delay_s=0.05, policy_file=policy_file
     )
     confidences = [0.3, 0.95, 0.55, 0.8, 0.61, 0.9, 0.2, 0.99, 0.7, 0.45, 0.85, 0.75]
     results = [

@@ -29,9 +29,12 @@ async def ensure_streams(js: JetStreamContext) -> list[str]:
     for stream in STREAMS.values():
         config = stream_config(stream)
         try:
-            await js.stream_info(stream.name)
+            info = await js.stream_info(stream.name)
         except NotFoundError:
             await js.add_stream(config)
         else:
+            # Sources are the deployment's business (the hub sources each bin's leaf streams,
+            # see edge/streams.py): keep them, or a cloud service starting would cut the bins off.
+            config.sources = info.config.sources
             await js.update_stream(config)
     return list(STREAMS)

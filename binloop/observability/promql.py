@@ -50,6 +50,7 @@ _BRACKETS = re.compile(r"\[[^\[\]]*\]")
 _GROUPING = re.compile(
     r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", re.IGNORECASE
 )
+_OFFSET = re.compile(r"\boffset\s+-?(?:\d+(?:ms|[smhdwy]))+", re.IGNORECASE)
 _TOKEN = re.compile(
     r"(?P<number>(?:0x[0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?))"
     r"|(?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)"
@@ -67,7 +68,7 @@ def _strip(expr: str) -> str:
     # Subqueries nest brackets only one level deep in practice; repeat until none are left.
     while _BRACKETS.search(text):
         text = _BRACKETS.sub(" ", text)
-    return _GROUPING.sub(" ", text)
+    return _OFFSET.sub(" ", _GROUPING.sub(" ", text))
 
 
 def metric_names(expr: str) -> set[str]:

@@ -5,25 +5,32 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from binloop.bus import Delivery, Outgoing, subscribe
-from binloop.errors import ConfigError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from schemas.events import ActuationCommand
 from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE
 from services.actuator.core import ActuatorDriver, SimulatedDriver, execute
+from services.actuator.gpio import GpioDriver, jetson_driver
 from services.actuator.settings import ActuatorSettings
 
 
 def make_driver(settings: ActuatorSettings) -> ActuatorDriver:
     if settings.driver == "simulated":
         return SimulatedDriver(settings.sim_actuation_ms, settings.sim_jam_rate, settings.sim_seed)
-    raise ConfigError("the gpio driver runs on the bin only; see edge/ (driver=simulated here)")
+    return jetson_driver()
 
 
 def create_app(settings: ActuatorSettings, driver: ActuatorDriver | None = None) -> ServiceApp:
     service = new_service("actuator", settings)
     active_driver = driver or make_driver(settings)
     service.declare_publishes(ACTUATION_DONE, bin_id=settings.bin_id)
+    if isinstance(active_driver, GpioDriver):
+        gpio_driver = active_driver
+
+        async def release_pins() -> None:
+            gpio_driver.close()
+
+        service.on_stop.append(release_pins)
 
     async def on_command(delivery: Delivery[ActuationCommand]) -> list[Outgoing]:
         done = await execute(active_driver, delivery.event, service.producer)

@@ -67,6 +67,7 @@ def _observe(bin_id: str, outcome: Classification) -> None:
 def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) -> ServiceApp:
     """`slot` lets the caller watch what is served (`slot.served`, `slot.add_listener`)."""
     service = new_service(SERVICE, settings)
+    service.declare_publishes(INFERENCE_RESULT, ACTUATION_COMMAND, bin_id=settings.bin_id)
     if settings.blob_backend == "s3":
         open_store(settings)  # lets read_verified serve the s3:// URIs of promoted models
     bin_id = settings.bin_id

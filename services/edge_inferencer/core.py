@@ -86,11 +86,17 @@ class DecisionPolicy:
     top_k: int
 
 
+EMBEDDING_MAX_DIMS = 1024
+"""InferenceResult.embedding's bound: a wider feature vector is left off, not truncated."""
+
+
 @dataclass(frozen=True)
 class Classification:
     stats: ProbabilityStats
     decision: Decision
     latency: StageLatency
+    embedding: list[float] | None = None
+    """The model's feature vector for the sampler's diversity strategy, when it exposes one."""
 
 
 def classify(
@@ -105,6 +111,7 @@ def classify(
     batch = model.preprocessor(rgb)[np.newaxis]
     marks.append(time.perf_counter())
     probs = model.backend.predict(batch)[0]
+    features = model.backend.embed(batch)
     marks.append(time.perf_counter())
     stats = probability_stats(probs, model.card.classes, policy.top_k)
     decision = decide(stats, policy.taxonomy, policy.confidence_threshold)
@@ -119,7 +126,10 @@ def classify(
         infer_ms=infer_ms,
         postprocess_ms=postprocess_ms,
     )
-    return Classification(stats, decision, latency)
+    embedding = None
+    if features is not None and features[0].size <= EMBEDDING_MAX_DIMS:
+        embedding = [float(value) for value in features[0].ravel()]
+    return Classification(stats, decision, latency, embedding)
 
 
 def build_events(
@@ -144,6 +154,7 @@ def build_events(
         compartment=decision.compartment,
         abstained=decision.abstained,
         latency=outcome.latency,
+        embedding=outcome.embedding,
         ground_truth=frame.ground_truth,
     )
     command = ActuationCommand(

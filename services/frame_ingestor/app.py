@@ -77,6 +77,7 @@ def create_app(
     """The capture loop runs as a background task and ends with its source; the service keeps
     serving health and metrics. `capture_done` is set when the loop ends, however it ends."""
     service = new_service(SERVICE, settings)
+    service.declare_publishes(FRAMES_CAPTURED, bin_id=settings.bin_id)
     # Opened here so a wrong path or URL fails at start-up, not later in a background task.
     frame_source = source or source_from_settings(settings)
 

@@ -12,7 +12,12 @@ from binloop.errors import NotReadyError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from schemas.events import ModelPromoted, TrainingCompleted
-from schemas.routes import MODELS_PROMOTED, MODELS_REGISTERED, TRAINING_COMPLETED
+from schemas.routes import (
+    MODELS_PROMOTED,
+    MODELS_REGISTERED,
+    MODELS_ROLLED_BACK,
+    TRAINING_COMPLETED,
+)
 from services.model_registry.operations import record_training
 from services.model_registry.settings import RegistrySettings
 from services.model_registry.store import RegistryStore
@@ -30,6 +35,7 @@ class _Registry:
 
 def create_app(settings: RegistrySettings) -> ServiceApp:
     service = new_service("model-registry", settings)
+    service.declare_publishes(MODELS_REGISTERED, MODELS_PROMOTED, MODELS_ROLLED_BACK)
     registry = _Registry()
 
     async def open_bucket(js: JetStreamContext) -> None:

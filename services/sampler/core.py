@@ -1,8 +1,12 @@
 """The sampler's decisions for a batch of inference results. No bus here.
 
-Strategies are asked in priority order and the first verdict wins (least confidence first, the
-random baseline only among the rest). A weighted combination of several strategies replaces
-`Sampler.choose` when there are more of them.
+Every enabled strategy judges the whole batch (the batch is the candidate window diversity
+needs). A frame's combined score is the sum of weight x score over the strategies that want it;
+it is a candidate when at least one of them does and the sum reaches the policy's `min_score`,
+and it is attributed to the strategy that contributed most. Frames no strategy wants may still
+be drawn by the random baseline (score 0). Candidates are then taken best first, random draws
+last, so when a bin's rate limit bites the most useful frames are the ones kept; a candidate that
+is a near-duplicate (pHash) of an earlier selection is dropped before it costs any of the limit.
 """
 
 from __future__ import annotations
@@ -14,18 +18,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from binloop.storage.keys import frame_key
-from schemas.events import InferenceResult, SampleSelected
-from services.sampler.ratelimit import SlidingWindowLimiter
-from services.sampler.settings import SamplerSettings
+from schemas.events import InferenceResult, SampleSelected, SamplingStrategy
+from services.sampler.phash import HashSource, NearDuplicateFilter, event_phash
+from services.sampler.policy import SamplingPolicy
+from services.sampler.ratelimit import RateLimits
 from services.sampler.strategies import (
+    ClassBalance,
+    Disagreement,
+    Diversity,
+    Entropy,
     LeastConfidence,
+    Margin,
     RandomBaseline,
     Strategy,
+    ThresholdBand,
     Verdict,
 )
 
 SELECTION_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:samples.selected")
-HOUR_S = 3600.0
+REASON_MAX_CHARS = 512
 
 SelectionKey = tuple[str, int, str]
 """(model name, model version, frame sha256): one selection per frame and model."""
@@ -38,14 +49,60 @@ def selection_id(result: InferenceResult) -> uuid.UUID:
     )
 
 
+@dataclass(frozen=True)
+class Weighted:
+    strategy: Strategy
+    weight: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A frame some strategy wants, with the combined score and every contributor's reason."""
+
+    strategy: SamplingStrategy
+    score: float
+    reason: str
+    informative: bool
+    """False when only the random baseline drew it."""
+
+
+def combine(
+    verdicts: Sequence[tuple[SamplingStrategy, float, Verdict]],
+    random_verdict: Verdict | None,
+    min_score: float,
+) -> Candidate | None:
+    """Weighted sum of the verdicts given as (strategy, weight, verdict); None: not a candidate."""
+    if verdicts:
+        contributions = sorted(
+            ((weight * verdict.score, name, verdict) for name, weight, verdict in verdicts),
+            key=lambda item: -item[0],
+        )
+        total = sum(contribution for contribution, _, _ in contributions)
+        if total >= min_score:
+            reason = "; ".join(
+                f"{name} {contribution:.2f}: {verdict.reason}"
+                for contribution, name, verdict in contributions
+            )
+            if len(reason) > REASON_MAX_CHARS:
+                reason = reason[: REASON_MAX_CHARS - 3] + "..."
+            return Candidate(contributions[0][1], total, reason, informative=True)
+    if random_verdict is not None:
+        return Candidate("random", random_verdict.score, random_verdict.reason, informative=False)
+    return None
+
+
 @dataclass
 class BatchOutcome:
     selected: list[SampleSelected] = field(default_factory=list)
-    """New selections."""
+    """New selections, best first."""
     republished: list[SampleSelected] = field(default_factory=list)
     """Selections made before for a redelivered result, to publish again (same event_id)."""
     rate_limited: Counter[str] = field(default_factory=Counter)
-    """Candidates dropped by the per-bin limit, by bin."""
+    """Candidates dropped by a per-bin limit, by bin."""
+    near_duplicates: Counter[str] = field(default_factory=Counter)
+    """Candidates dropped as near-duplicates of an earlier selection, by bin."""
+    below_min_score: int = 0
+    """Frames some strategy wanted whose combined score stayed below min_score."""
     repeats: int = 0
     """Results for a frame already selected for the same model (other than redeliveries)."""
 
@@ -53,54 +110,95 @@ class BatchOutcome:
 class Sampler:
     def __init__(
         self,
-        strategies: Sequence[Strategy],
-        limiter: SlidingWindowLimiter,
+        strategies: Sequence[Weighted],
+        limits: RateLimits,
         producer: str,
+        *,
+        random: Strategy | None = None,
+        dedup: NearDuplicateFilter | None = None,
+        min_score: float = 0.0,
         remember: int = 100_000,
     ) -> None:
         self.strategies = list(strategies)
-        self.limiter = limiter
+        self.random = random
+        self.limits = limits
+        self.dedup = dedup
         self.producer = producer
+        self.min_score = min_score
         self.remember = remember
         # key -> (event_id of the inference result, the selection it produced)
         self._selected: OrderedDict[SelectionKey, tuple[uuid.UUID, SampleSelected]] = OrderedDict()
 
-    def choose(self, result: InferenceResult) -> tuple[Strategy, Verdict] | None:
-        for strategy in self.strategies:
-            verdict = strategy.score(result)
-            if verdict is not None:
-                return strategy, verdict
-        return None
+    def candidates(self, results: Sequence[InferenceResult]) -> list[tuple[Candidate | None, bool]]:
+        """Every strategy's verdicts on the batch, combined per frame, with whether any
+        informative strategy wanted the frame at all."""
+        by_strategy = [
+            (weighted, weighted.strategy.score_batch(results)) for weighted in self.strategies
+        ]
+        randoms = self.random.score_batch(results) if self.random else [None] * len(results)
+        combined: list[tuple[Candidate | None, bool]] = []
+        for index in range(len(results)):
+            verdicts = [
+                (weighted.strategy.name, weighted.weight, verdict)
+                for weighted, verdicts in by_strategy
+                if (verdict := verdicts[index]) is not None
+            ]
+            combined.append((combine(verdicts, randoms[index], self.min_score), bool(verdicts)))
+        return combined
 
     def select_batch(self, results: Sequence[InferenceResult]) -> BatchOutcome:
         outcome = BatchOutcome()
+        fresh: list[InferenceResult] = []
         for result in results:
-            key: SelectionKey = (result.model_name, result.model_version, result.frame_sha256)
-            earlier = self._selected.get(key)
-            if earlier is not None:
-                source_event_id, selection = earlier
-                if source_event_id == result.event_id:
-                    # A redelivery: its selection may not have been published yet. The same
-                    # event_id again lets JetStream drop it if it was.
-                    outcome.republished.append(selection)
-                else:
-                    outcome.repeats += 1
+            if not self._seen_before(result, outcome):
+                fresh.append(result)
+        candidates = self.candidates(fresh)
+        outcome.below_min_score = sum(
+            1
+            for candidate, wanted in candidates
+            if wanted and (candidate is None or not candidate.informative)
+        )
+        ranked = sorted(
+            (
+                (result, candidate)
+                for result, (candidate, _) in zip(fresh, candidates, strict=True)
+                if candidate is not None
+            ),
+            key=lambda pair: (not pair[1].informative, -pair[1].score),
+        )
+        for result, candidate in ranked:
+            if self._seen_before(result, outcome):  # the same result twice in one batch
                 continue
-            chosen = self.choose(result)
-            if chosen is None:
+            phash = self.dedup.hash_of(result) if self.dedup else None
+            if self.dedup and phash is not None and self.dedup.duplicate_of(result.bin_id, phash):
+                outcome.near_duplicates[result.bin_id] += 1
                 continue
-            if not self.limiter.try_acquire(result.bin_id):
+            if not self.limits.try_acquire(result.bin_id):
                 outcome.rate_limited[result.bin_id] += 1
                 continue
-            strategy, verdict = chosen
-            selection = self._selection(result, strategy, verdict)
-            self._remember(key, result.event_id, selection)
+            selection = self._selection(result, candidate)
+            self._remember(result, selection)
+            for weighted in self.strategies:
+                weighted.strategy.record(result)
+            if self.dedup and phash is not None:
+                self.dedup.add(result.bin_id, phash)
             outcome.selected.append(selection)
         return outcome
 
-    def _selection(
-        self, result: InferenceResult, strategy: Strategy, verdict: Verdict
-    ) -> SampleSelected:
+    def _seen_before(self, result: InferenceResult, outcome: BatchOutcome) -> bool:
+        earlier = self._selected.get((result.model_name, result.model_version, result.frame_sha256))
+        if earlier is None:
+            return False
+        source_event_id, selection = earlier
+        if source_event_id == result.event_id:
+            # A redelivery: its selection may not have been published yet. The same event_id
+            # again lets JetStream drop it if it was.
+            outcome.republished.append(selection)
+        else:
+            outcome.repeats += 1
+        return True
+
+    def _selection(self, result: InferenceResult, candidate: Candidate) -> SampleSelected:
         return SampleSelected(
             event_id=selection_id(result),
             producer=self.producer,
@@ -108,29 +206,93 @@ class Sampler:
             frame_sha256=result.frame_sha256,
             frame_key=frame_key(result.bin_id, result.captured_at, result.frame_sha256),
             captured_at=result.captured_at,
-            strategy=strategy.name,
-            score=verdict.score,
-            reason=verdict.reason,
+            strategy=candidate.strategy,
+            score=candidate.score,
+            reason=candidate.reason,
             predicted=result.top_k,
             model_name=result.model_name,
             model_version=result.model_version,
             ground_truth=result.ground_truth,
         )
 
-    def _remember(
-        self, key: SelectionKey, source_event_id: uuid.UUID, selection: SampleSelected
-    ) -> None:
-        self._selected[key] = (source_event_id, selection)
+    def _remember(self, result: InferenceResult, selection: SampleSelected) -> None:
+        key = (result.model_name, result.model_version, result.frame_sha256)
+        self._selected[key] = (result.event_id, selection)
         while len(self._selected) > self.remember:
             self._selected.popitem(last=False)
 
 
-def build_sampler(
-    settings: SamplerSettings, producer: str, clock: Callable[[], float] = time.monotonic
-) -> Sampler:
-    strategies: list[Strategy] = [
-        LeastConfidence(settings.least_confidence_threshold),
-        RandomBaseline(settings.random_fraction, settings.seed),
+def build_strategies(policy: SamplingPolicy) -> list[Weighted]:
+    """The enabled strategies of a policy, in its order, with their weights."""
+    config = policy.strategies
+    built: list[tuple[bool, float, Strategy]] = [
+        (
+            config.least_confidence.enabled,
+            config.least_confidence.weight,
+            LeastConfidence(config.least_confidence.threshold),
+        ),
+        (config.margin.enabled, config.margin.weight, Margin(config.margin.threshold)),
+        (
+            config.entropy.enabled,
+            config.entropy.weight,
+            Entropy(config.entropy.min_normalized, policy.num_classes),
+        ),
+        (
+            config.threshold_band.enabled,
+            config.threshold_band.weight,
+            ThresholdBand(
+                config.threshold_band.decision_threshold, config.threshold_band.half_width
+            ),
+        ),
+        (
+            config.class_balance.enabled,
+            config.class_balance.weight,
+            ClassBalance(
+                config.class_balance.quotas,
+                config.class_balance.default_quota,
+                config.class_balance.window,
+            ),
+        ),
+        (
+            config.diversity.enabled,
+            config.diversity.weight,
+            Diversity(
+                config.diversity.per_batch,
+                config.diversity.min_distance,
+                config.diversity.remember,
+            ),
+        ),
+        (
+            config.disagreement.enabled,
+            config.disagreement.weight,
+            Disagreement(config.disagreement.min_disagreement, config.disagreement.remember),
+        ),
     ]
-    limiter = SlidingWindowLimiter(settings.max_per_bin_per_hour, HOUR_S, clock)
-    return Sampler(strategies, limiter, producer, remember=settings.remember_selected)
+    return [Weighted(strategy, weight) for enabled, weight, strategy in built if enabled]
+
+
+def build_sampler(
+    policy: SamplingPolicy,
+    producer: str,
+    clock: Callable[[], float] = time.monotonic,
+    *,
+    hash_source: HashSource = event_phash,
+    remember: int = 100_000,
+) -> Sampler:
+    random = policy.strategies.random
+    dedup = policy.dedup
+    return Sampler(
+        build_strategies(policy),
+        RateLimits.per_hour_and_day(
+            policy.rate_limits.per_bin_per_hour, policy.rate_limits.per_bin_per_day, clock
+        ),
+        producer,
+        random=RandomBaseline(random.fraction, policy.seed) if random.enabled else None,
+        dedup=(
+            NearDuplicateFilter(hash_source, dedup.max_hamming, dedup.remember, dedup.per_bin)
+            if dedup.enabled
+            else None
+        ),
+        min_score=policy.min_score,
+        remember=remember,
+    )

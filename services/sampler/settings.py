@@ -1,6 +1,9 @@
-"""Settings of the sampler service."""
+"""Settings of the sampler service. What it samples by (strategies, weights, dedup, rate
+limits) is the sampling policy, a YAML file: see services/sampler/policy.py."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pydantic import Field
 
@@ -8,25 +11,11 @@ from binloop.settings import ServiceSettings
 
 
 class SamplerSettings(ServiceSettings):
-    least_confidence_threshold: float = Field(
-        default=0.6,
-        ge=0,
-        le=1,
-        description="Select a frame when the model's top-1 confidence is below this",
+    policy_file: Path | None = Field(
+        default=None,
+        description="YAML sampling policy (services/sampler/policy.example.yaml); "
+        "none: the built-in defaults",
     )
-    random_fraction: float = Field(
-        default=0.05,
-        ge=0,
-        le=1,
-        description="Baseline random sample among the frames no other strategy picked",
-    )
-    max_per_bin_per_hour: int = Field(
-        default=600,
-        ge=1,
-        le=1_000_000,
-        description="Selections allowed per bin in any one-hour window; the rest are dropped",
-    )
-    seed: int = Field(default=0, description="Seed of the random baseline's hash")
     remember_selected: int = Field(
         default=100_000,
         ge=1,

@@ -1,14 +1,29 @@
-"""Sampling strategies: each one looks at an inference result and says whether, and how much,
-the frame is worth labeling. New strategies (margin, entropy, diversity, class balance) plug in
-here by implementing `Strategy`."""
+"""Sampling strategies: each one looks at a batch of inference results and says, per frame,
+whether and how much the frame is worth labeling by its own measure (a score in [0, 1] and a
+reason). The sampler weighs and combines their verdicts (see core.py).
+
+Per-frame strategies (confidence, margin, entropy, threshold band, random) need only the result;
+the others keep a little state: class balance counts recent selections, diversity keeps the
+embeddings of earlier picks, disagreement keeps the first model's answer for each frame until a
+second model (a challenger in shadow) answers too.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections import Counter, OrderedDict, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from schemas.events import InferenceResult, SamplingStrategy
+
+ModelKey = tuple[str, int]
+"""(model name, model version)."""
 
 
 @dataclass(frozen=True)
@@ -23,12 +38,31 @@ class Strategy(Protocol):
     @property
     def name(self) -> SamplingStrategy: ...
 
-    def score(self, result: InferenceResult) -> Verdict | None:
-        """A verdict when the frame is worth labeling by this strategy's measure, else None."""
+    def score_batch(self, results: Sequence[InferenceResult]) -> list[Verdict | None]:
+        """One verdict per result: a Verdict when the frame is worth labeling, else None."""
+        ...
+
+    def record(self, result: InferenceResult) -> None:
+        """The sampler selected this frame (stateful strategies learn from it)."""
         ...
 
 
-class LeastConfidence:
+class PerFrameStrategy:
+    """A strategy that judges each frame on its own and keeps no state."""
+
+    name: SamplingStrategy
+
+    def score(self, result: InferenceResult) -> Verdict | None:
+        raise NotImplementedError
+
+    def score_batch(self, results: Sequence[InferenceResult]) -> list[Verdict | None]:
+        return [self.score(result) for result in results]
+
+    def record(self, result: InferenceResult) -> None:
+        return None
+
+
+class LeastConfidence(PerFrameStrategy):
     """Frames the model is unsure about: top-1 confidence below a threshold."""
 
     name: SamplingStrategy = "least_confidence"
@@ -45,13 +79,72 @@ class LeastConfidence:
         )
 
 
+class Margin(PerFrameStrategy):
+    """Frames where the two best classes are close: top-1 minus top-2 below a threshold."""
+
+    name: SamplingStrategy = "margin"
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def score(self, result: InferenceResult) -> Verdict | None:
+        if result.margin >= self.threshold:
+            return None
+        return Verdict(
+            score=1.0 - result.margin,
+            reason=f"margin {result.margin:.2f} < {self.threshold:.2f}",
+        )
+
+
+class Entropy(PerFrameStrategy):
+    """Frames whose whole distribution is spread out: entropy / ln(classes) above a minimum."""
+
+    name: SamplingStrategy = "entropy"
+
+    def __init__(self, min_normalized: float, num_classes: int) -> None:
+        self.min_normalized = min_normalized
+        self.max_entropy = math.log(num_classes)
+
+    def score(self, result: InferenceResult) -> Verdict | None:
+        normalized = min(result.entropy / self.max_entropy, 1.0)
+        if normalized < self.min_normalized:
+            return None
+        return Verdict(
+            score=normalized,
+            reason=f"entropy {normalized:.2f} of max >= {self.min_normalized:.2f}",
+        )
+
+
+class ThresholdBand(PerFrameStrategy):
+    """Frames near the edge's abstain threshold: the ones where a better model changes which
+    compartment the item falls into, so they matter most for the bin's behaviour."""
+
+    name: SamplingStrategy = "threshold_band"
+
+    def __init__(self, decision_threshold: float, half_width: float) -> None:
+        self.decision_threshold = decision_threshold
+        self.half_width = half_width
+
+    def score(self, result: InferenceResult) -> Verdict | None:
+        distance = abs(result.confidence - self.decision_threshold)
+        if distance > self.half_width:
+            return None
+        return Verdict(
+            score=1.0 - distance / self.half_width,
+            reason=(
+                f"confidence {result.confidence:.2f} within {self.half_width:.2f} "
+                f"of the decision threshold {self.decision_threshold:.2f}"
+            ),
+        )
+
+
 def uniform_draw(seed: int, frame_sha256: str) -> float:
     """A number in [0, 1) fixed by the seed and the frame: a redelivery draws the same."""
     digest = hashlib.sha256(f"{seed}:{frame_sha256}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-class RandomBaseline:
+class RandomBaseline(PerFrameStrategy):
     """An unbiased sample of everything else, so the labeled set also shows the easy cases."""
 
     name: SamplingStrategy = "random"
@@ -66,3 +159,203 @@ class RandomBaseline:
             return None
         # A random pick carries no information about how useful the frame is.
         return Verdict(score=0.0, reason=f"random baseline: draw {draw:.3f} < {self.fraction:.3f}")
+
+
+class ClassBalance:
+    """Quotas per predicted class: a frame scores by how far its class lags behind its target
+    share of recent selections, so rare classes (trash) keep being labeled."""
+
+    name: SamplingStrategy = "class_balance"
+
+    def __init__(
+        self, quotas: Mapping[str, float], default_quota: float = 1.0, window: int = 1000
+    ) -> None:
+        self.quotas = dict(quotas)
+        self.default_quota = default_quota
+        self._recent: deque[str] = deque(maxlen=window)
+        self._counts: Counter[str] = Counter()
+        self._classes: set[str] = set(quotas)
+
+    def _quota(self, label: str) -> float:
+        return self.quotas.get(label, self.default_quota)
+
+    def share(self, label: str, extra: Counter[str] | None = None) -> tuple[float, float]:
+        """(smoothed share of recent selections, target share) of one class."""
+        extra = extra or Counter()
+        total = len(self._recent) + sum(extra.values())
+        # Laplace smoothing: with nothing selected yet every class sits at 1/K.
+        share = (self._counts[label] + extra[label] + 1) / (total + len(self._classes))
+        target = self._quota(label) / sum(self._quota(c) for c in self._classes)
+        return share, target
+
+    def score_batch(self, results: Sequence[InferenceResult]) -> list[Verdict | None]:
+        for result in results:
+            self._classes.update(score.label for score in result.top_k)
+        # Picks earlier in this batch count already, so a batch full of one rare class does not
+        # all pass on the same deficit.
+        tentative: Counter[str] = Counter()
+        verdicts: list[Verdict | None] = []
+        for result in results:
+            share, target = self.share(result.label, tentative)
+            deficit = 1.0 - share / target
+            if deficit <= 0:
+                verdicts.append(None)
+                continue
+            tentative[result.label] += 1
+            verdicts.append(
+                Verdict(
+                    score=deficit,
+                    reason=(
+                        f"class {result.label} at {share:.0%} of recent selections, "
+                        f"quota {target:.0%}"
+                    ),
+                )
+            )
+        return verdicts
+
+    def record(self, result: InferenceResult) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            self._counts[self._recent[0]] -= 1
+        self._recent.append(result.label)
+        self._counts[result.label] += 1
+        self._classes.add(result.label)
+
+
+FloatMatrix = npt.NDArray[np.float64]
+
+
+def _unit_rows(vectors: Sequence[Sequence[float]]) -> FloatMatrix:
+    matrix = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    unit: FloatMatrix = matrix / np.maximum(norms, 1e-12)
+    return unit
+
+
+def k_center_greedy(
+    candidates: FloatMatrix, centers: FloatMatrix, k: int, min_distance: float
+) -> list[tuple[int, float]]:
+    """Greedy k-center on unit vectors: repeatedly take the candidate farthest (cosine distance
+    / 2, in [0, 1]) from every center and earlier pick. Returns (index, distance) in pick order;
+    stops early when nothing is at least `min_distance` away."""
+    if len(candidates) == 0:
+        return []
+    if len(centers):
+        nearest = ((1.0 - candidates @ centers.T) / 2.0).min(axis=1)
+    else:
+        nearest = np.ones(len(candidates))
+    picks: list[tuple[int, float]] = []
+    for _ in range(min(k, len(candidates))):
+        index = int(np.argmax(nearest))
+        distance = float(nearest[index])
+        if distance < min_distance:
+            break
+        picks.append((index, distance))
+        nearest = np.minimum(nearest, (1.0 - candidates @ candidates[index]) / 2.0)
+        nearest[index] = -1.0
+    return picks
+
+
+class Diversity:
+    """k-center greedy on the edge model's embeddings over each batch (the candidate window):
+    picks frames unlike anything selected before, so the labeled set covers the input space.
+    Embeddings of different model versions live in different spaces, so each model version
+    keeps its own centers."""
+
+    name: SamplingStrategy = "diversity"
+    models_kept = 4
+
+    def __init__(self, per_batch: int, min_distance: float, remember: int = 2000) -> None:
+        self.per_batch = per_batch
+        self.min_distance = min_distance
+        self.remember = remember
+        self._centers: OrderedDict[ModelKey, deque[FloatMatrix]] = OrderedDict()
+
+    def _centers_of(self, key: ModelKey) -> FloatMatrix:
+        kept = self._centers.get(key)
+        if not kept:
+            return np.zeros((0, 0))
+        return np.stack(list(kept))
+
+    def score_batch(self, results: Sequence[InferenceResult]) -> list[Verdict | None]:
+        verdicts: list[Verdict | None] = [None] * len(results)
+        groups: dict[tuple[ModelKey, int], list[int]] = {}
+        for index, result in enumerate(results):
+            if result.embedding:
+                key = (result.model_name, result.model_version)
+                groups.setdefault((key, len(result.embedding)), []).append(index)
+        for (key, dims), indices in groups.items():
+            centers = self._centers_of(key)
+            if len(centers) and centers.shape[1] != dims:
+                centers = np.zeros((0, dims))  # a malformed model changed its width: start over
+            candidates = _unit_rows([results[i].embedding or [] for i in indices])
+            picks = k_center_greedy(candidates, centers, self.per_batch, self.min_distance)
+            for order, (position, distance) in enumerate(picks):
+                reason = (
+                    "first pick in this model's embedding space (k-center greedy)"
+                    if order == 0 and not len(centers)
+                    else f"embedding {distance:.2f} from the nearest earlier pick (k-center greedy)"
+                )
+                verdicts[indices[position]] = Verdict(score=distance, reason=reason)
+        return verdicts
+
+    def record(self, result: InferenceResult) -> None:
+        if not result.embedding:
+            return
+        key = (result.model_name, result.model_version)
+        kept = self._centers.setdefault(key, deque(maxlen=self.remember))
+        self._centers.move_to_end(key)
+        kept.append(_unit_rows([result.embedding])[0])
+        while len(self._centers) > self.models_kept:
+            self._centers.popitem(last=False)
+
+
+def total_variation(first: Mapping[str, float], second: Mapping[str, float]) -> float:
+    """Half the L1 distance of two (possibly top-k truncated) distributions; a class missing
+    from one side counts as probability 0 there, so truncation can only lower the distance."""
+    labels = set(first) | set(second)
+    return 0.5 * sum(abs(first.get(label, 0.0) - second.get(label, 0.0)) for label in labels)
+
+
+class Disagreement:
+    """Two model versions answered for the same frame (a challenger in shadow next to the
+    champion): the frame is worth labeling when their distributions differ."""
+
+    name: SamplingStrategy = "disagreement"
+
+    def __init__(self, min_disagreement: float, remember: int = 20_000) -> None:
+        self.min_disagreement = min_disagreement
+        self.remember = remember
+        self._answers: OrderedDict[str, dict[ModelKey, InferenceResult]] = OrderedDict()
+
+    def score_batch(self, results: Sequence[InferenceResult]) -> list[Verdict | None]:
+        return [self._score(result) for result in results]
+
+    def _score(self, result: InferenceResult) -> Verdict | None:
+        key = (result.model_name, result.model_version)
+        answers = self._answers.setdefault(result.frame_sha256, {})
+        self._answers.move_to_end(result.frame_sha256)
+        answers[key] = result
+        while len(self._answers) > self.remember:
+            self._answers.popitem(last=False)
+        mine = {s.label: s.probability for s in result.top_k}
+        best: tuple[float, InferenceResult] | None = None
+        for other_key, other in answers.items():
+            if other_key == key:
+                continue
+            distance = total_variation(mine, {s.label: s.probability for s in other.top_k})
+            if best is None or distance > best[0]:
+                best = (distance, other)
+        if best is None or best[0] < self.min_disagreement:
+            return None
+        distance, other = best
+        return Verdict(
+            score=min(distance, 1.0),
+            reason=(
+                f"v{result.model_version} says {result.label} {result.confidence:.2f}, "
+                f"v{other.model_version} says {other.label} {other.confidence:.2f}: "
+                f"distance {distance:.2f}"
+            ),
+        )
+
+    def record(self, result: InferenceResult) -> None:
+        return None

@@ -84,6 +84,7 @@ def _outcome_of(error: BaseException) -> str:
 
 def create_app(settings: TrainerSettings, store: BlobStore | None = None) -> ServiceApp:
     service = new_service("trainer", settings)
+    service.declare_publishes(TRAINING_COMPLETED)
     blob_store = store or open_store(settings)
     state = TrainerState()
 

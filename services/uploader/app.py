@@ -26,6 +26,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
 ) -> ServiceApp:
     service = new_service(SERVICE, settings)
+    service.declare_publishes(FRAMES_STORED, bin_id=settings.bin_id)
     bin_id = settings.bin_id
     spool = Spool(settings.spool_root, bin_id)
     uploader = FrameUploader(spool, store or open_store(settings), clock)

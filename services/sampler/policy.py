@@ -1,0 +1,240 @@
+"""The sampling policy: which strategies run, their weights and thresholds, near-duplicate
+dropping and per-bin rate limits, read from a validated YAML file.
+
+`python -m services.sampler --validate-config FILE` checks a file and exits 0, or 1 with
+the key path of every error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+Label = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,64}$")]
+Weight = Annotated[float, Field(gt=0, le=100, description="Share of the combined score")]
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be read or does not validate; the message lists each problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LeastConfidencePolicy(_Strict):
+    enabled: bool = Field(default=True, description="Run this strategy")
+    weight: Weight = 1.0
+    threshold: float = Field(
+        default=0.6, gt=0, le=1, description="Fires when top-1 confidence is below this"
+    )
+
+
+class MarginPolicy(_Strict):
+    enabled: bool = Field(default=False, description="Run this strategy")
+    weight: Weight = 1.0
+    threshold: float = Field(
+        default=0.2, gt=0, le=1, description="Fires when top-1 minus top-2 is below this"
+    )
+
+
+class EntropyPolicy(_Strict):
+    enabled: bool = Field(default=False, description="Run this strategy")
+    weight: Weight = 1.0
+    min_normalized: float = Field(
+        default=0.5,
+        ge=0,
+        lt=1,
+        description="Fires when entropy / ln(num_classes) is at least this",
+    )
+
+
+class ThresholdBandPolicy(_Strict):
+    enabled: bool = Field(default=True, description="Run this strategy")
+    weight: Weight = 1.0
+    decision_threshold: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="The edge's abstain threshold (edge-inferencer confidence_threshold)",
+    )
+    half_width: float = Field(
+        default=0.1, gt=0, le=1, description="Fires within this distance of the threshold"
+    )
+
+
+class ClassBalancePolicy(_Strict):
+    enabled: bool = Field(default=True, description="Run this strategy")
+    weight: Weight = 1.0
+    quotas: dict[Label, Annotated[float, Field(gt=0, le=1000)]] = Field(
+        default_factory=lambda: {"trash": 3.0},
+        description="Relative share of selections per predicted class; rare classes get more",
+    )
+    default_quota: float = Field(
+        default=1.0, gt=0, le=1000, description="Share of every class not listed in quotas"
+    )
+    window: int = Field(
+        default=1000, ge=10, le=1_000_000, description="Recent selections the shares count"
+    )
+
+
+class DiversityPolicy(_Strict):
+    enabled: bool = Field(default=True, description="Run this strategy (needs embeddings)")
+    weight: Weight = 1.0
+    per_batch: int = Field(
+        default=4, ge=1, le=4096, description="Most frames k-center greedy picks from one batch"
+    )
+    min_distance: float = Field(
+        default=0.15,
+        ge=0,
+        le=1,
+        description="Cosine distance / 2 to every earlier pick below which a frame adds nothing",
+    )
+    remember: int = Field(
+        default=2000, ge=1, le=100_000, description="Embeddings of earlier picks kept as centers"
+    )
+
+
+class DisagreementPolicy(_Strict):
+    enabled: bool = Field(default=True, description="Run this strategy (needs a shadow model)")
+    weight: Weight = 1.0
+    min_disagreement: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description="Fires when the total-variation distance of two models' top-k reaches this",
+    )
+    remember: int = Field(
+        default=20_000, ge=1, le=1_000_000, description="Frames whose first result is kept"
+    )
+
+
+class RandomPolicy(_Strict):
+    enabled: bool = Field(default=True, description="Run the random baseline")
+    fraction: float = Field(
+        default=0.05, ge=0, le=1, description="Share of the frames no other strategy picked"
+    )
+
+
+class StrategiesPolicy(_Strict):
+    least_confidence: LeastConfidencePolicy = LeastConfidencePolicy()
+    margin: MarginPolicy = MarginPolicy()
+    entropy: EntropyPolicy = EntropyPolicy()
+    threshold_band: ThresholdBandPolicy = ThresholdBandPolicy()
+    class_balance: ClassBalancePolicy = ClassBalancePolicy()
+    diversity: DiversityPolicy = DiversityPolicy()
+    disagreement: DisagreementPolicy = DisagreementPolicy()
+    random: RandomPolicy = RandomPolicy()
+
+
+class DedupPolicy(_Strict):
+    enabled: bool = Field(default=True, description="Drop near-duplicates of earlier selections")
+    max_hamming: int = Field(
+        default=6, ge=0, le=64, description="pHash bits that may differ for a near-duplicate"
+    )
+    remember: int = Field(
+        default=10_000, ge=1, le=1_000_000, description="Hashes of earlier selections kept"
+    )
+    per_bin: bool = Field(
+        default=True, description="Compare only with earlier selections from the same bin"
+    )
+
+
+class RateLimitPolicy(_Strict):
+    per_bin_per_hour: int = Field(
+        default=600, ge=1, le=1_000_000, description="Selections per bin in any one-hour window"
+    )
+    per_bin_per_day: int = Field(
+        default=5000, ge=1, le=10_000_000, description="Selections per bin in any 24-hour window"
+    )
+
+    @model_validator(mode="after")
+    def _day_holds_an_hour(self) -> Self:
+        if self.per_bin_per_day < self.per_bin_per_hour:
+            raise ValueError(
+                f"per_bin_per_day ({self.per_bin_per_day}) is below per_bin_per_hour "
+                f"({self.per_bin_per_hour}): the hourly limit could never be reached"
+            )
+        return self
+
+
+class SamplingPolicy(_Strict):
+    """Everything the sampler decides by. Every field has a default: an empty file is valid."""
+
+    version: Literal[1] = Field(default=1, description="Format of this file")
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Seed of the random baseline")
+    num_classes: int = Field(
+        default=6, ge=2, le=1000, description="Classes the model scores (normalises entropy)"
+    )
+    min_score: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        description="Combined weighted score a frame needs unless the random baseline drew it",
+    )
+    strategies: StrategiesPolicy = StrategiesPolicy()
+    dedup: DedupPolicy = DedupPolicy()
+    rate_limits: RateLimitPolicy = RateLimitPolicy()
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_policy(text: str, source: str = "<string>") -> SamplingPolicy:
+    """YAML text -> a validated policy. Raises PolicyError naming each bad key."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{source}: expected a mapping at the top, got {type(raw).__name__}")
+    try:
+        return SamplingPolicy.model_validate(raw)
+    except ValidationError as exc:
+        count = exc.error_count()
+        raise PolicyError(
+            f"{source}: {count} error{'s' if count > 1 else ''}\n{_describe(exc)}"
+        ) from exc
+
+
+def load_policy(path: Path) -> SamplingPolicy:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return parse_policy(text, str(path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.sampler", description="Check a sampling policy file."
+    )
+    parser.add_argument("--validate-config", type=Path, required=True, metavar="FILE")
+    args = parser.parse_args(argv)
+    try:
+        load_policy(args.validate_config)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.validate_config}: valid")
+    return 0

@@ -1,0 +1,544 @@
+"""Active-learning strategies on hand-made results, the weighted combiner, pHash and the
+near-duplicate filter, per-bin rate limits per hour and per day on an injected clock, the YAML
+policy and its errors, and the edge inferencer filling InferenceResult.embedding."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from binloop.ml.card import ModelCard
+from binloop.ml.preprocess import FloatArray, Preprocessor
+from schemas.base import BlobRef
+from schemas.events import ClassScore, FrameCaptured, InferenceResult, StageLatency
+from schemas.taxonomy import Compartment, Taxonomy
+from services.edge_inferencer.core import DecisionPolicy, build_events, classify
+from services.edge_inferencer.models import LoadedModel
+from services.sampler.core import Candidate, Sampler, build_sampler, build_strategies, combine
+from services.sampler.phash import NearDuplicateFilter, hamming, phash
+from services.sampler.policy import PolicyError, SamplingPolicy, load_policy, main, parse_policy
+from services.sampler.ratelimit import DAY_S, HOUR_S, RateLimits
+from services.sampler.strategies import (
+    ClassBalance,
+    Disagreement,
+    Diversity,
+    Entropy,
+    Margin,
+    ThresholdBand,
+    Verdict,
+    k_center_greedy,
+)
+from tests.modelfactory import make_card
+from tests.test_sampler import CAPTURED_AT, LABELS, FakeClock, frame_sha, make_result
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo" / "eval"
+
+
+def result_from(
+    probabilities: dict[str, float],
+    n: int = 1,
+    *,
+    model_version: int = 1,
+    bin_id: str = "bin-a",
+    embedding: list[float] | None = None,
+) -> InferenceResult:
+    """A result for a hand-made distribution over LABELS (missing classes get 0)."""
+    full = {label: probabilities.get(label, 0.0) for label in LABELS}
+    ranked = sorted(full.items(), key=lambda item: -item[1])
+    positive = [p for p in full.values() if p > 0]
+    return InferenceResult(
+        producer="edge-inferencer",
+        bin_id=bin_id,
+        frame_sha256=frame_sha(n),
+        frame_event_id=str(uuid.uuid4()),
+        captured_at=CAPTURED_AT,
+        model_name="mobilenet",
+        model_version=model_version,
+        label=ranked[0][0],
+        confidence=ranked[0][1],
+        margin=ranked[0][1] - ranked[1][1],
+        entropy=-sum(p * math.log(p) for p in positive),
+        top_k=[ClassScore(label=label, probability=p) for label, p in ranked],
+        compartment=Compartment.PLASTIC_METAL,
+        abstained=ranked[0][1] < 0.5,
+        latency=StageLatency(
+            read_ms=0.1, decode_ms=1.0, preprocess_ms=0.5, infer_ms=3.0, postprocess_ms=0.1
+        ),
+        embedding=embedding,
+    )
+
+
+def policy(
+    strategies: dict[str, dict[str, object]] | None = None, **rest: object
+) -> SamplingPolicy:
+    """Every strategy off unless `strategies` turns it on."""
+    chosen: dict[str, dict[str, object]] = {
+        name: {"enabled": False}
+        for name in (
+            "least_confidence",
+            "margin",
+            "entropy",
+            "threshold_band",
+            "class_balance",
+            "diversity",
+            "disagreement",
+            "random",
+        )
+    }
+    chosen.update(strategies or {})
+    return SamplingPolicy.model_validate({"strategies": chosen, **rest})
+
+
+# --- per-frame strategies -------------------------------------------------------------------
+
+
+def test_margin_scores_close_calls_between_the_two_best_classes() -> None:
+    strategy = Margin(0.2)
+    close = strategy.score(result_from({"plastic": 0.45, "glass": 0.40, "paper": 0.15}))
+    assert close is not None
+    assert close.score == pytest.approx(0.95)
+    assert close.reason == "margin 0.05 < 0.20"
+    assert strategy.score(result_from({"plastic": 0.65, "glass": 0.35})) is None
+
+
+def test_entropy_is_normalised_by_the_number_of_classes() -> None:
+    strategy = Entropy(min_normalized=0.5, num_classes=6)
+    uniform = strategy.score(result_from(dict.fromkeys(LABELS, 1 / 6)))
+    assert uniform is not None
+    assert uniform.score == pytest.approx(1.0)
+    two_way = strategy.score(result_from({"plastic": 0.5, "glass": 0.5}))
+    assert two_way is None  # ln 2 / ln 6 = 0.39 < 0.5
+    assert Entropy(0.3, 6).score(result_from({"plastic": 0.5, "glass": 0.5})) == Verdict(
+        pytest.approx(math.log(2) / math.log(6)), "entropy 0.39 of max >= 0.30"
+    )
+
+
+def test_threshold_band_peaks_at_the_decision_threshold() -> None:
+    band = ThresholdBand(decision_threshold=0.5, half_width=0.1)
+    at = band.score(make_result(1, 0.5))
+    near = band.score(make_result(2, 0.55))
+    assert at is not None
+    assert near is not None
+    assert at.score == pytest.approx(1.0)
+    assert near.score == pytest.approx(0.5)
+    assert near.reason == "confidence 0.55 within 0.10 of the decision threshold 0.50"
+    assert band.score(make_result(3, 0.65)) is None
+    assert band.score(make_result(4, 0.3)) is None
+
+
+# --- stateful strategies --------------------------------------------------------------------
+
+
+def test_class_balance_gives_rare_classes_more_and_counts_picks_within_a_batch() -> None:
+    balance = ClassBalance({"trash": 3.0}, default_quota=1.0, window=100)
+    trash = [make_result(n, 0.9, label="trash") for n in range(10)]
+    plastic = make_result(50, 0.9, label="plastic")
+    verdicts = balance.score_batch([plastic, *trash])
+    # Six classes, trash at 3/8 of the target, everything at 1/6 before any selection:
+    # plastic (target 1/8) is over its quota, trash under it by 1 - (1/6)/(3/8).
+    assert verdicts[0] is None
+    first = verdicts[1]
+    assert first is not None
+    assert first.score == pytest.approx(1 - (1 / 6) / (3 / 8))
+    assert first.reason == "class trash at 17% of recent selections, quota 38%"
+    # (k + 1) / (k + 6) reaches 3/8 at the third trash frame of the batch: two pass.
+    assert [v is not None for v in verdicts[1:]] == [True, True] + [False] * 8
+
+    for result in trash[:2]:
+        balance.record(result)
+    assert balance.score_batch(trash[2:3]) == [None]  # at quota now
+    for n in range(10):
+        balance.record(make_result(100 + n, 0.9, label="plastic"))
+    assert balance.score_batch(trash[2:3])[0] is not None  # plastic grew, trash lags again
+
+
+def test_class_balance_window_forgets_old_selections() -> None:
+    balance = ClassBalance({}, window=10)
+    for n in range(10):
+        balance.record(make_result(n, 0.9, label="glass"))
+    assert balance.share("glass")[0] == pytest.approx(11 / 11)
+    for n in range(10):
+        balance.record(make_result(20 + n, 0.9, label="paper"))
+    assert balance.share("glass")[0] == pytest.approx(1 / 12)
+
+
+def test_k_center_greedy_picks_the_farthest_points_until_they_get_close() -> None:
+    candidates = np.array([[1.0, 0.01], [0.0, 1.0], [-1.0, 0.0], [0.7071, 0.7071]])
+    candidates /= np.linalg.norm(candidates, axis=1, keepdims=True)
+    centers = np.array([[1.0, 0.0]])
+    picks = k_center_greedy(candidates, centers, k=3, min_distance=0.2)
+    assert [index for index, _ in picks] == [2, 1]
+    assert [distance for _, distance in picks] == pytest.approx([1.0, 0.5])
+    # Without a floor the third pick is the diagonal, 0.146 from (0, 1).
+    third = k_center_greedy(candidates, centers, k=3, min_distance=0.0)[2]
+    assert third == (3, pytest.approx((1 - 0.7071) / 2, abs=1e-3))
+    assert k_center_greedy(candidates[:0], centers, k=3, min_distance=0.0) == []
+
+
+def test_diversity_spreads_picks_per_model_and_remembers_what_was_selected() -> None:
+    diversity = Diversity(per_batch=2, min_distance=0.1)
+    east, north, east_again = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.99, 0.05, 0.0]
+    batch = [
+        make_result(1, 0.9),  # no embedding: diversity cannot judge it
+        result_from({"plastic": 0.9, "glass": 0.1}, 2, embedding=east),
+        result_from({"plastic": 0.9, "glass": 0.1}, 3, embedding=east_again),
+        result_from({"plastic": 0.9, "glass": 0.1}, 4, embedding=north),
+    ]
+    verdicts = diversity.score_batch(batch)
+    assert verdicts[0] is None
+    assert verdicts[1] is not None
+    assert verdicts[1].reason == "first pick in this model's embedding space (k-center greedy)"
+    assert verdicts[2] is None  # right next to the first pick
+    assert verdicts[3] is not None
+    assert verdicts[3].score == pytest.approx(0.5)
+
+    diversity.record(batch[1])
+    later = diversity.score_batch([result_from({"plastic": 0.9}, 5, embedding=[0.98, 0.0, 0.1])])
+    assert later == [None]  # close to a selection of this model
+    other_model = diversity.score_batch(
+        [result_from({"plastic": 0.9}, 5, model_version=2, embedding=[0.98, 0.0, 0.1])]
+    )
+    assert other_model[0] is not None  # v2's embedding space has no centers yet
+
+
+def test_disagreement_needs_a_second_model_on_the_same_frame() -> None:
+    disagreement = Disagreement(min_disagreement=0.2)
+    champion = result_from({"plastic": 0.8, "glass": 0.2}, 7, model_version=3)
+    challenger = result_from({"glass": 0.7, "plastic": 0.3}, 7, model_version=4)
+    agreeing = result_from({"plastic": 0.75, "glass": 0.25}, 8, model_version=4)
+    assert disagreement.score_batch([champion]) == [None]  # nobody to disagree with yet
+    assert disagreement.score_batch([champion]) == [None]  # a redelivery is not a second model
+    (verdict,) = disagreement.score_batch([challenger])
+    assert verdict is not None
+    assert verdict.score == pytest.approx(0.5)
+    assert verdict.reason == "v4 says glass 0.70, v3 says plastic 0.80: distance 0.50"
+    assert disagreement.score_batch(
+        [result_from({"plastic": 0.8, "glass": 0.2}, 8, model_version=3), agreeing]
+    ) == [None, None]
+
+
+# --- combining strategies -------------------------------------------------------------------
+
+
+def test_combine_sums_weighted_scores_and_credits_the_largest_contribution() -> None:
+    candidate = combine(
+        [
+            ("least_confidence", 1.0, Verdict(0.3, "confidence 0.70 < 0.80")),
+            ("diversity", 2.0, Verdict(0.25, "far")),
+        ],
+        random_verdict=Verdict(0.0, "random"),
+        min_score=0.5,
+    )
+    assert candidate == Candidate(
+        strategy="diversity",
+        score=pytest.approx(0.8),
+        reason="diversity 0.50: far; least_confidence 0.30: confidence 0.70 < 0.80",
+        informative=True,
+    )
+    weak = [("margin", 1.0, Verdict(0.3, "margin 0.70 < 0.80"))]
+    assert combine(weak, None, min_score=0.5) is None
+    fallback = combine(weak, Verdict(0.0, "random baseline: draw 0.010 < 0.050"), 0.5)
+    assert fallback == Candidate(
+        "random", 0.0, "random baseline: draw 0.010 < 0.050", informative=False
+    )
+    long = combine([("margin", 1.0, Verdict(0.9, "x" * 600))], None, 0.0)
+    assert long is not None
+    assert len(long.reason) == 512
+    assert long.reason.endswith("...")
+
+
+def test_sampler_keeps_the_best_candidates_when_the_limit_bites() -> None:
+    sampler = build_sampler(
+        policy(
+            strategies={
+                "least_confidence": {"threshold": 0.9, "weight": 1.0},
+                "margin": {"enabled": True, "threshold": 0.5, "weight": 2.0},
+                "random": {"fraction": 1.0},
+            },
+            rate_limits={"per_bin_per_hour": 2, "per_bin_per_day": 10},
+        ),
+        "sampler",
+        FakeClock(),
+    )
+    easy = make_result(1, 0.97)  # only the random baseline wants it
+    unsure = result_from({"plastic": 0.45, "glass": 0.40, "paper": 0.15}, 2)
+    mildly = result_from({"plastic": 0.8, "glass": 0.2}, 3)
+    outcome = sampler.select_batch([easy, mildly, unsure])
+    assert [s.frame_sha256 for s in outcome.selected] == [frame_sha(2), frame_sha(3)]
+    first, second = outcome.selected
+    assert first.strategy == "margin"
+    assert first.score == pytest.approx(0.55 + 2 * 0.95)
+    assert first.reason.startswith("margin 1.90: margin 0.05 < 0.50; least_confidence 0.55:")
+    assert second.strategy == "least_confidence"  # 0.8 margin is above 0.5: margin is silent
+    assert outcome.rate_limited == {"bin-a": 1}
+
+
+def test_frames_below_min_score_are_counted_and_not_selected() -> None:
+    sampler = build_sampler(
+        policy(min_score=0.5, strategies={"least_confidence": {"threshold": 0.8}}),
+        "sampler",
+        FakeClock(),
+    )
+    outcome = sampler.select_batch([make_result(1, 0.7), make_result(2, 0.3), make_result(3, 0.9)])
+    assert [s.frame_sha256 for s in outcome.selected] == [frame_sha(2)]
+    assert outcome.below_min_score == 1
+
+
+def test_default_policy_runs_every_strategy_on_a_realistic_batch() -> None:
+    sampler = build_sampler(SamplingPolicy(), "sampler", FakeClock())
+    rng = np.random.default_rng(0)
+    batch = [
+        result_from(
+            dict(zip(LABELS, rng.dirichlet(np.ones(6) * 0.5), strict=True)),
+            n,
+            embedding=rng.normal(size=8).tolist(),
+        )
+        for n in range(200)
+    ]
+    outcome = sampler.select_batch(batch)
+    strategies = {s.strategy for s in outcome.selected}
+    assert {"least_confidence", "diversity"} <= strategies
+    assert len(outcome.selected) < len(batch)
+    for selection in outcome.selected:
+        assert selection.reason.startswith(selection.strategy) or selection.strategy == "random"
+
+
+# --- pHash and near-duplicates ---------------------------------------------------------------
+
+
+def demo_image(label: str, index: int = 0) -> npt.NDArray[np.uint8]:
+    path = sorted((DEMO / label).glob("*.jpg"))[index]
+    return np.asarray(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), dtype=np.uint8)
+
+
+def test_phash_survives_reencoding_and_light_changes_but_tells_items_apart() -> None:
+    image = demo_image("glass")
+    original = phash(image)
+    assert len(original) == 16
+    assert int(original, 16) >= 0
+    _, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 40])
+    recoded = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+    brighter = np.clip(image.astype(np.int16) + 25, 0, 255).astype(np.uint8)
+    resized = cv2.resize(image, (80, 60), interpolation=cv2.INTER_AREA)
+    assert hamming(original, phash(recoded)) <= 4
+    assert hamming(original, phash(brighter)) <= 4
+    assert hamming(original, phash(resized)) <= 6
+    assert phash(image) == original
+    others = [phash(demo_image(label)) for label in ("cardboard", "metal", "paper", "trash")]
+    assert min(hamming(original, other) for other in others) > 12
+    assert phash(np.zeros((4, 3))) == phash(np.zeros((40, 30)))  # tiny images still hash
+    with pytest.raises(ValueError, match="expected an H x W"):
+        phash(np.zeros(10))
+
+
+def test_near_duplicates_are_dropped_before_they_cost_any_rate_limit() -> None:
+    hashes = {
+        frame_sha(1): "f0f0f0f0f0f0f0f0",
+        frame_sha(2): "f0f0f0f0f0f0f0f3",  # 2 bits from frame 1
+        frame_sha(3): "0f0f0f0f0f0f0f0f",
+        frame_sha(4): "not-a-hash",
+    }
+    sampler = build_sampler(
+        policy(
+            strategies={"least_confidence": {"threshold": 0.6}},
+            dedup={"max_hamming": 2, "per_bin": True},
+            rate_limits={"per_bin_per_hour": 4, "per_bin_per_day": 4},
+        ),
+        "sampler",
+        FakeClock(),
+        hash_source=lambda result: hashes.get(result.frame_sha256),
+    )
+    batch = [make_result(n, 0.3) for n in range(1, 6)]  # frame 5 has no hash at all
+    batch.append(make_result(2, 0.3, bin_id="bin-b"))  # other bin: not compared
+    outcome = sampler.select_batch(batch)
+    assert [(s.bin_id, s.frame_sha256) for s in outcome.selected] == [
+        ("bin-a", frame_sha(1)),
+        ("bin-a", frame_sha(3)),
+        ("bin-a", frame_sha(4)),
+        ("bin-a", frame_sha(5)),
+        ("bin-b", frame_sha(2)),
+    ]
+    assert outcome.near_duplicates == {"bin-a": 1}
+    assert outcome.rate_limited == {}  # the duplicate did not use bin-a's 4th slot
+
+
+def test_near_duplicate_filter_across_bins_and_its_memory_bound() -> None:
+    shared = NearDuplicateFilter(lambda r: None, max_hamming=0, remember=2, per_bin=False)
+    shared.add("bin-a", 1)
+    assert shared.duplicate_of("bin-b", 1) == (0, "0000000000000001")
+    shared.add("bin-a", 2)
+    shared.add("bin-a", 3)  # pushes 1 out
+    assert shared.duplicate_of("bin-a", 1) is None
+    assert shared.duplicate_of("bin-a", 3) == (0, "0000000000000003")
+
+
+# --- rate limits ----------------------------------------------------------------------------
+
+
+def test_rate_limits_per_hour_and_per_day_on_an_injected_clock() -> None:
+    clock = FakeClock()
+    limits = RateLimits.per_hour_and_day(per_hour=2, per_day=3, clock=clock)
+    hourly, daily = limits.limiters
+    assert limits.try_acquire("bin-a")
+    assert limits.try_acquire("bin-a")
+    assert not limits.try_acquire("bin-a")
+    assert limits.blocking("bin-a") is hourly
+    assert limits.try_acquire("bin-b")  # per bin
+
+    clock.now += HOUR_S
+    assert limits.try_acquire("bin-a")  # a new hour, the day's third
+    assert not limits.try_acquire("bin-a")
+    assert limits.blocking("bin-a") is daily  # the hour has room, the day has not
+
+    clock.now += HOUR_S
+    assert not limits.try_acquire("bin-a")  # refused by the day, and it did not use the hour
+    clock.now = 1000.0 + DAY_S  # the first two grants are a day old now
+    assert limits.try_acquire("bin-a")
+    assert limits.try_acquire("bin-a")
+    assert not limits.try_acquire("bin-a")
+
+
+def test_the_sampler_counts_day_limited_candidates() -> None:
+    clock = FakeClock()
+    sampler: Sampler = build_sampler(
+        policy(
+            strategies={"least_confidence": {"threshold": 0.6}},
+            rate_limits={"per_bin_per_hour": 2, "per_bin_per_day": 3},
+        ),
+        "sampler",
+        clock,
+    )
+    assert len(sampler.select_batch([make_result(n, 0.3) for n in range(3)]).selected) == 2
+    clock.now += HOUR_S
+    later = sampler.select_batch([make_result(n, 0.3) for n in range(10, 13)])
+    assert len(later.selected) == 1
+    assert later.rate_limited == {"bin-a": 2}
+
+
+# --- the YAML policy ------------------------------------------------------------------------
+
+
+def test_the_example_policy_file_documents_the_defaults() -> None:
+    example = REPO / "services" / "sampler" / "policy.example.yaml"
+    assert load_policy(example) == SamplingPolicy()
+    assert parse_policy("") == SamplingPolicy()
+    strategies = [w.strategy.name for w in build_strategies(SamplingPolicy())]
+    assert strategies == [
+        "least_confidence",
+        "threshold_band",
+        "class_balance",
+        "diversity",
+        "disagreement",
+    ]
+
+
+def test_policy_errors_name_every_bad_key() -> None:
+    text = (
+        "strategies:\n"
+        "  margin: {treshold: 0.2}\n"
+        "  least_confidence: {threshold: 1.5}\n"
+        "  class_balance: {quotas: {Trash: 2.0}}\n"
+        "dedup: {max_hamming: 65}\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, "policy.yaml")
+    message = str(caught.value)
+    assert message.startswith("policy.yaml: 4 errors\n")
+    assert "strategies.margin.treshold: Extra inputs are not permitted" in message
+    assert "strategies.least_confidence.threshold: Input should be less than or equal to 1" in (
+        message
+    )
+    assert "strategies.class_balance.quotas.Trash.[key]: String should match pattern" in message
+    assert "dedup.max_hamming: Input should be less than or equal to 64" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("- a\n- b\n", "expected a mapping at the top, got list"),
+        ("strategies: {margin: [1, 2\n", "not valid YAML"),
+        ("version: 2\n", "version: Input should be 1"),
+        (
+            "rate_limits: {per_bin_per_hour: 100, per_bin_per_day: 50}\n",
+            "per_bin_per_day (50) is below per_bin_per_hour (100)",
+        ),
+        ("strategies: {diversity: {weight: 0}}\n", "weight: Input should be greater than 0"),
+    ],
+)
+def test_policy_rejects_bad_files_with_a_clear_message(text: str, expected: str) -> None:
+    with pytest.raises(PolicyError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        parse_policy(text)
+
+
+def test_validate_config_exits_0_or_1_with_the_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("strategies: {margin: {enabled: true}}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rate_limits: {per_hour: 5}\n")
+    assert main(["--validate-config", str(good)]) == 0
+    assert capsys.readouterr().out == f"{good}: valid\n"
+    assert main(["--validate-config", str(bad)]) == 1
+    assert "rate_limits.per_hour: Extra inputs are not permitted" in capsys.readouterr().err
+    assert main(["--validate-config", str(tmp_path / "missing.yaml")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+# --- the edge inferencer's embedding --------------------------------------------------------
+
+
+class EmbeddingBackend:
+    """A backend whose model exposes an 'embedding' output of a chosen width."""
+
+    def __init__(self, dims: int) -> None:
+        self.dims = dims
+        self._card = make_card(LABELS)
+
+    @property
+    def card(self) -> ModelCard:
+        return self._card
+
+    def predict(self, batch: FloatArray) -> FloatArray:
+        probabilities = np.full((len(batch), len(LABELS)), 0.02, dtype=np.float32)
+        probabilities[:, 4] = 0.9
+        return probabilities
+
+    def embed(self, batch: FloatArray) -> FloatArray | None:
+        return np.arange(len(batch) * self.dims, dtype=np.float32).reshape(len(batch), self.dims)
+
+
+@pytest.mark.parametrize(("dims", "expected"), [(16, 16), (2048, None)])
+def test_edge_results_carry_the_model_embedding_when_it_fits_the_schema(
+    dims: int, expected: int | None
+) -> None:
+    backend = EmbeddingBackend(dims)
+    model = LoadedModel(backend.card, backend, Preprocessor.from_card(backend.card))
+    data = (sorted((DEMO / "plastic").glob("*.jpg"))[0]).read_bytes()
+    outcome = classify(lambda: data, model, DecisionPolicy(Taxonomy(), 0.5, 3))
+    sha = hashlib.sha256(data).hexdigest()
+    frame = FrameCaptured(
+        producer="frame-ingestor",
+        bin_id="bin-a",
+        frame_sha256=sha,
+        spool=BlobRef(key=f"spool/{sha}.jpg", uri=f"file:///spool/{sha}.jpg", sha256=sha, size=1),
+        captured_at=CAPTURED_AT,
+        width=160,
+        height=120,
+        source="test",
+        sequence=0,
+    )
+    result, _ = build_events(frame, model, outcome, "edge-inferencer")
+    if expected is None:
+        assert outcome.embedding is None  # too wide for InferenceResult: left off
+        assert result.embedding is None
+    else:
+        assert result.embedding == [float(v) for v in range(expected)]

@@ -1,0 +1,293 @@
+"""A hub and a bin's leaf node, two real nats-servers with their own JetStream domains: what the
+bin stores while the link is down reaches the hub's stream once the link returns, exactly once,
+and promotions published at the hub reach the bin."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+
+from binloop.bus import ensure_streams
+from binloop.natsserver import NatsServer
+from edge.streams import (
+    EDGE_STREAMS,
+    EDGE_SUBJECTS,
+    HUB_TO_BIN_SUBJECT,
+    source_bin_into_hub,
+    source_models_into_bin,
+)
+from schemas.base import BlobRef
+from schemas.events import FrameCaptured
+from schemas.routes import FRAMES_CAPTURED, MODELS_PROMOTED
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+LEAF_CONF = ROOT / "edge" / "nats" / "leaf.conf"
+BIN_ID = "bin-7"
+
+
+def _free_port() -> int:
+    # The hub must come back on the same ports for the leaf (and clients) to reconnect.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class LinkProxy:
+    """The network between bin and hub: a TCP relay the test cuts and restores."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = _free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def is_up(self) -> bool:
+        return self._server is not None
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(
+            self._relay, "127.0.0.1", self.port, reuse_address=True
+        )
+
+    async def down(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except ConnectionError:
+                pass  # the other direction was cut: the link is down, which is the point
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+
+@dataclass
+class Hub:
+    server: NatsServer
+    leaf_port: int
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    leaf_port = _free_port()
+    config = tmp_path / "hub.conf"
+    # edge/nats/hub.conf on loopback ports (the store folder comes from NatsServer's -sd).
+    config.write_text(
+        "server_name: binloop-hub\n"
+        "jetstream { domain: hub }\n"
+        f"leafnodes {{ listen: 127.0.0.1:{leaf_port} }}\n",
+        encoding="utf-8",
+    )
+    with NatsServer(tmp_path / "hub-js", extra_args=["-c", str(config)]) as server:
+        yield Hub(server, leaf_port)
+
+
+@pytest.fixture
+async def link(hub: Hub) -> AsyncIterator[LinkProxy]:
+    proxy = LinkProxy(hub.leaf_port)
+    await proxy.up()
+    yield proxy
+    if proxy.is_up:
+        await proxy.down()
+
+
+@pytest.fixture
+def leaf(link: LinkProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
+    """The shipped leaf.conf; only the site's auth include is empty on loopback."""
+    folder = tmp_path / "leaf-conf"
+    folder.mkdir()
+    shutil.copy(LEAF_CONF, folder / "leaf.conf")
+    (folder / "leaf-auth.conf").write_text("# loopback: no credentials\n", encoding="utf-8")
+    monkeypatch.setenv("BINLOOP_BIN_ID", BIN_ID)
+    monkeypatch.setenv("BINLOOP_HUB_LEAF_URL", f"nats-leaf://127.0.0.1:{link.port}")
+    # -m -1: the config's fixed monitoring port, moved to a free one.
+    config = ["-c", str(folder / "leaf.conf"), "-m", "-1"]
+    with NatsServer(tmp_path / "leaf-js", extra_args=config) as server:
+        yield server
+
+
+async def _connect(server: NatsServer) -> AsyncIterator[Client]:
+    client = await nats.connect(server.url)
+    yield client
+    await client.drain()
+
+
+@pytest.fixture
+async def leaf_js(leaf: NatsServer) -> AsyncIterator[JetStreamContext]:
+    async for client in _connect(leaf):
+        js = client.jetstream()
+        await ensure_streams(js)
+        await source_models_into_bin(js)
+        yield js
+
+
+def _frame(sequence: int) -> FrameCaptured:
+    digest = f"{sequence:064x}"
+    return FrameCaptured(
+        producer="frame-ingestor",
+        bin_id=BIN_ID,
+        frame_sha256=digest,
+        spool=BlobRef(
+            key=f"frames/{BIN_ID}/{digest}.jpg",
+            uri=f"file:///spool/{digest}.jpg",
+            sha256=digest,
+            size=1000,
+            content_type="image/jpeg",
+        ),
+        captured_at=datetime.now(UTC),
+        width=160,
+        height=120,
+        source="test",
+        sequence=sequence,
+    )
+
+
+async def _publish(js: JetStreamContext, event: FrameCaptured) -> int:
+    ack = await js.publish(
+        FRAMES_CAPTURED.subject(BIN_ID),
+        event.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": str(event.event_id)},
+    )
+    return ack.seq
+
+
+class StreamReader:
+    """An ordered consumer on the hub's FRAMES stream: what hub-side consumers would read."""
+
+    def __init__(self) -> None:
+        self.msg_ids: list[str] = []
+        self.sequences: list[int] = []
+
+    async def attach(self, js: JetStreamContext) -> StreamReader:
+        self._changed = asyncio.Event()
+
+        async def on_msg(msg: Msg) -> None:
+            self.msg_ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+            self.sequences.append(FrameCaptured.model_validate_json(msg.data).sequence)
+            self._changed.set()
+
+        await js.subscribe(FRAMES_CAPTURED.wildcard, cb=on_msg, ordered_consumer=True)
+        return self
+
+    async def wait_for_sequence(self, sequence: int, timeout: float = 30) -> None:
+        async def loop() -> None:
+            while sequence not in self.sequences:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(loop(), timeout)
+
+
+async def test_events_buffered_at_the_bin_reach_the_hub_exactly_once_after_an_outage(
+    hub: Hub, link: LinkProxy, leaf: NatsServer, leaf_js: JetStreamContext
+) -> None:
+    async for hub_client in _connect(hub.server):
+        hub_js = hub_client.jetstream()
+        await ensure_streams(hub_js)
+        assert await source_bin_into_hub(hub_js, BIN_ID) == list(EDGE_STREAMS)
+        assert await source_bin_into_hub(hub_js, BIN_ID) == []  # idempotent
+        reader = await StreamReader().attach(hub_js)
+
+        # Online: the first frame crosses (this also waits for the link to come up).
+        assert await _publish(leaf_js, _frame(0)) == 1
+        await reader.wait_for_sequence(0)
+
+        # Offline: the bin's own JetStream keeps acking, and deduplicating redeliveries.
+        await link.down()
+        offline = [_frame(sequence) for sequence in range(1, 21)]
+        for event in offline:
+            await _publish(leaf_js, event)
+        assert await _publish(leaf_js, offline[4]) == 6  # same Nats-Msg-Id: the stored seq
+        assert (await leaf_js.stream_info("FRAMES")).state.messages == 21
+        assert reader.sequences == [0]
+        assert (await hub_js.stream_info("FRAMES")).state.messages == 1
+
+        # Back online: the hub's source resumes where it stopped.
+        await link.up()
+        await _publish(leaf_js, _frame(99))
+        # Sourcing keeps order: once the last frame is in, everything before it is too.
+        # A source that stalled is retried with JetStream's own backoff (10 s, then 20 s).
+        await reader.wait_for_sequence(99, timeout=90)
+        expected = [0, *(e.sequence for e in offline), 99]
+        assert reader.sequences == expected
+        assert len(set(reader.msg_ids)) == len(expected)
+        info = await hub_js.stream_info("FRAMES")
+        assert info.state.messages == len(expected)
+        assert [source.name for source in info.config.sources or []] == ["FRAMES"]
+    # The outage was real: the bin's server saw its link to the hub close and come back.
+    log = "\n".join(leaf.log_tail)
+    assert log.count("Leafnode connection created") >= 2
+    assert "Leafnode connection closed" in log
+
+
+async def test_cloud_services_starting_keep_the_hubs_sources(hub: Hub) -> None:
+    async for hub_client in _connect(hub.server):
+        hub_js = hub_client.jetstream()
+        await ensure_streams(hub_js)
+        await source_bin_into_hub(hub_js, BIN_ID)
+        await ensure_streams(hub_js)  # what every cloud service does when it starts
+        info = await hub_js.stream_info("FRAMES")
+        assert [s.name for s in info.config.sources or []] == ["FRAMES"]
+
+
+async def test_promotions_published_at_the_hub_reach_the_bin(
+    hub: Hub, leaf_js: JetStreamContext
+) -> None:
+    arrived: asyncio.Queue[Msg] = asyncio.Queue()
+    await leaf_js.subscribe(MODELS_PROMOTED.wildcard, cb=arrived.put, ordered_consumer=True)
+    async for hub_client in _connect(hub.server):
+        hub_js = hub_client.jetstream()
+        await ensure_streams(hub_js)
+        msg_id = str(uuid.uuid4())
+        ack = await hub_js.publish(
+            MODELS_PROMOTED.subject(), b'{"probe": true}', headers={"Nats-Msg-Id": msg_id}
+        )
+        assert ack.stream == "ENGINE"
+        msg = await asyncio.wait_for(arrived.get(), 30)
+        assert msg.headers is not None
+        assert msg.headers["Nats-Msg-Id"] == msg_id
+        assert arrived.empty()
+        assert (await leaf_js.stream_info("ENGINE")).state.messages == 1
+
+
+def test_leaf_config_denies_what_sourcing_carries() -> None:
+    """Plain forwarding next to sourcing would store every edge event twice at the hub."""
+    text = LEAF_CONF.read_text(encoding="utf-8")
+    exports = re.search(r"deny_exports:\s*\[([^\]]*)\]", text)
+    imports = re.search(r"deny_imports:\s*\[([^\]]*)\]", text)
+    assert exports is not None
+    assert imports is not None
+    assert re.findall(r'"([^"]+)"', exports.group(1)) == list(EDGE_SUBJECTS)
+    assert re.findall(r'"([^"]+)"', imports.group(1)) == [*EDGE_SUBJECTS, HUB_TO_BIN_SUBJECT]
+    assert "domain: $BINLOOP_BIN_ID" in text
