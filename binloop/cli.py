@@ -73,6 +73,10 @@ def run(
         bool, typer.Option("--validate-config", help="Check settings and exit 0 or 1")
     ] = False,
     log_level: Annotated[str, typer.Option(help="Log level")] = "INFO",
+    until_idle: Annotated[
+        float | None,
+        typer.Option(help="Exit once nothing has been waiting for this many seconds (a Job)"),
+    ] = None,
 ) -> None:
     """Run one service as its own process (how compose and Kubernetes run them)."""
     if service not in SERVICES:
@@ -92,7 +96,18 @@ def run(
         return
     _setup_logging(log_level)
     service_app = factory(settings)
-    asyncio.run(service_app.faststream_app().run())
+    if until_idle is None:
+        asyncio.run(service_app.faststream_app().run())
+        return
+
+    async def run_until_idle(quiet_s: float) -> None:
+        await service_app.start()
+        try:
+            await service_app.wait_until_idle(quiet_s)
+        finally:
+            await service_app.stop()
+
+    asyncio.run(run_until_idle(until_idle))
 
 
 @app.command()

@@ -90,6 +90,35 @@ class ServiceApp:
             log.exception("%s: background task %s failed", self.name, task)
             raise
 
+    def durable_consumers(self) -> list[tuple[str, str]]:
+        """(stream, durable) of every JetStream consumer this service reads."""
+        found = []
+        for subscriber in self.broker.subscribers:
+            stream = getattr(getattr(subscriber, "stream", None), "name", None)
+            durable = getattr(subscriber, "extra_options", {}).get("durable")
+            if stream and durable:
+                found.append((stream, durable))
+        return sorted(found)
+
+    async def wait_until_idle(self, quiet_s: float, poll_s: float = 1.0) -> None:
+        """Returns once none of the service's consumers has had a message waiting or in
+        flight for `quiet_s` seconds: how a batch job (the trainer as a CronJob) ends."""
+        quiet_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            busy = False
+            for stream, durable in self.durable_consumers():
+                info = await self.js.consumer_info(stream, durable)
+                busy = busy or bool(info.num_pending) or bool(info.num_ack_pending)
+            now = loop.time()
+            if busy:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= quiet_s:
+                return
+            await asyncio.sleep(poll_s)
+
     def faststream_app(self) -> FastStream:
         """The app `binloop run <service>` serves (signals, graceful shutdown) and documents."""
         spec = AsyncAPI(

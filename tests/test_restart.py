@@ -3,6 +3,7 @@ nothing is lost and nothing is counted twice."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -68,3 +69,22 @@ async def test_actuator_restart_resumes_without_loss_or_duplicates(
     counts = Counter(d.frame_event_id for d in done.items)
     assert set(counts) == {f"frame-{i}" for i in range(60)}
     assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1]
+
+
+async def test_a_service_run_as_a_job_exits_once_its_consumers_are_drained(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    await _publish(js, 0, 5)
+    service = create_app(
+        ActuatorSettings(nats_url=nats_server.url, http_port=0, sim_actuation_ms=1)
+    )
+    await service.start()
+    try:
+        assert service.durable_consumers() == [("ACTUATION", "actuator-bin-1")]
+        await asyncio.wait_for(service.wait_until_idle(quiet_s=0.5, poll_s=0.1), 30)
+    finally:
+        await service.stop()
+    info = await js.consumer_info("ACTUATION", "actuator-bin-1")
+    assert info.num_pending == 0
+    assert info.num_ack_pending == 0
+    assert info.delivered.stream_seq >= 5
