@@ -18,7 +18,8 @@ from binloop.bus import Publisher, ensure_streams, make_broker
 from binloop.bus.consume import RetryPolicy
 from binloop.observability.http import HealthServer
 from binloop.settings import ServiceSettings
-from schemas.routes import DLQ, Route
+from schemas.events import FleetHeartbeat
+from schemas.routes import DLQ, FLEET_HEARTBEAT, Route
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class ServiceApp:
     background: list[BackgroundTask] = field(default_factory=list)
     on_start: list[Callable[[JetStreamContext], Awaitable[None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    heartbeat: Callable[[], FleetHeartbeat] | None = None
     health: HealthServer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _started: bool = False
@@ -57,6 +59,11 @@ class ServiceApp:
                 title=f"{self.name}:{route.name}",
                 description=f"{route.model.__doc__ or route.model.__name__}".strip(),
             )
+
+    def send_heartbeats(self, beat: Callable[[], FleetHeartbeat]) -> None:
+        """Publish `beat()` on fleet.heartbeat every heartbeat_interval_s while running."""
+        self.heartbeat = beat
+        self.declare_publishes(FLEET_HEARTBEAT, bin_id=beat().bin_id)
 
     def is_ready(self) -> bool:
         connected = bool(
@@ -139,10 +146,20 @@ class ServiceApp:
         for hook in self.on_start:
             await hook(self.js)
 
+    async def _send_heartbeats(self) -> None:
+        """Edge services tell the fleet view what they run, every heartbeat_interval_s."""
+        while self.heartbeat is not None:
+            beat = self.heartbeat()
+            await self.publisher.publish(FLEET_HEARTBEAT, beat, beat.bin_id)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
     async def _after_broker_started(self) -> None:
         self.health = HealthServer(self.settings.http_host, self.settings.http_port, self.is_ready)
         await self.health.start()
-        for task in self.background:
+        background = list(self.background)
+        if self.heartbeat is not None:
+            background.append(self._send_heartbeats)
+        for task in background:
             self._tasks.append(asyncio.create_task(self._supervise(task)))
         self._started = True
 

@@ -54,3 +54,6 @@ class ServiceSettings(BaseSettings):
     )
     retry_delay_s: float = Field(default=2.0, gt=0, le=3600, description="Delay before a retry")
     instance: str = Field(default="", description="Instance suffix for the producer name")
+    heartbeat_interval_s: float = Field(
+        default=15.0, gt=0, le=3600, description="How often a bin's services say they are alive"
+    )

@@ -34,7 +34,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
 RULES = ROOT / "deploy" / "prometheus" / "rules"
-UNITS = ("_total", "_seconds", "_bytes", "_frames", "_samples", "_ratio", "_version")
+UNITS = (
+    "_total",
+    "_seconds",
+    "_bytes",
+    "_frames",
+    "_samples",
+    "_ratio",
+    "_version",
+    "_bins",
+)
 # Labels that would give a series per frame or per event: unbounded cardinality.
 UNBOUNDED_LABELS = {"frame", "frame_id", "frame_sha256", "sha256", "event_id", "key", "uuid"}
 _LABEL_VALUES = re.compile(r"^label_values\((?P<metric>[A-Za-z_:][A-Za-z0-9_:]*)\s*,")

@@ -121,3 +121,9 @@ LABEL_STUDIO_RECONCILED = Counter(
     "binloop_label_studio_reconciled_total",
     "Annotations that reconciliation published because no webhook had brought them",
 )
+
+FLEET_SERVING_BINS = Gauge(
+    "binloop_fleet_serving_bins",
+    "Bins whose heartbeat says they serve this model version (fleet view)",
+    ["model", "version"],
+)

@@ -4,20 +4,23 @@ model, models.promoted out. Records live in a JetStream key-value bucket."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from nats.js.client import JetStreamContext
 
-from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.bus import Delivery, Outgoing, subscribe, subscribe_batch
 from binloop.errors import NotReadyError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
-from schemas.events import ModelPromoted, TrainingCompleted
+from schemas.events import FleetHeartbeat, ModelPromoted, TrainingCompleted
 from schemas.routes import (
+    FLEET_HEARTBEAT,
     MODELS_PROMOTED,
     MODELS_REGISTERED,
     MODELS_ROLLED_BACK,
     TRAINING_COMPLETED,
 )
+from services.model_registry.fleet import FleetView
 from services.model_registry.operations import record_training
 from services.model_registry.settings import RegistrySettings
 from services.model_registry.store import RegistryStore
@@ -62,6 +65,28 @@ def create_app(settings: RegistrySettings) -> ServiceApp:
             for event in events
         ]
 
+    fleet = FleetView()
+    published: set[tuple[str, int]] = set()
+
+    async def on_heartbeats(deliveries: list[Delivery[FleetHeartbeat]]) -> list[Outgoing]:
+        fleet.observe([d.event for d in deliveries])
+        serving = fleet.serving(datetime.now(UTC))
+        for model, version in published - set(serving):
+            metrics.FLEET_SERVING_BINS.labels(model, str(version)).set(0)
+        for (model, version), bins in serving.items():
+            metrics.FLEET_SERVING_BINS.labels(model, str(version)).set(bins)
+        published.update(serving)
+        return []
+
+    subscribe_batch(
+        service.broker,
+        service.publisher,
+        FLEET_HEARTBEAT,
+        on_heartbeats,
+        durable="model-registry-fleet",
+        policy=service.policy,
+        description="Counts the bins serving each model version (fleet view).",
+    )
     subscribe(
         service.broker,
         service.publisher,

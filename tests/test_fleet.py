@@ -1,0 +1,69 @@
+"""Heartbeats: services on a bin publish them; the registry's fleet view counts bins per
+model version."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from nats.js.client import JetStreamContext
+
+from binloop.natsserver import NatsServer
+from schemas import FleetHeartbeat
+from schemas.routes import FLEET_HEARTBEAT
+from services.actuator import ActuatorSettings, create_app
+from services.model_registry.fleet import FleetView
+from tests.helpers import Collector
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def _beat(bin_id: str, version: int | None, at: datetime) -> FleetHeartbeat:
+    return FleetHeartbeat(
+        producer="edge-inferencer",
+        bin_id=bin_id,
+        service="edge-inferencer",
+        model_name=None if version is None else "waste",
+        model_version=version,
+        frames_processed=1,
+        uptime_s=1,
+        occurred_at=at,
+    )
+
+
+def test_fleet_view_counts_live_bins_per_version_from_their_latest_beat() -> None:
+    view = FleetView(stale_after=timedelta(minutes=5))
+    view.observe(
+        [
+            _beat("bin-1", 1, NOW - timedelta(seconds=30)),
+            _beat("bin-1", 2, NOW - timedelta(seconds=10)),  # swapped to v2 since
+            _beat("bin-2", 2, NOW - timedelta(seconds=5)),
+            _beat("bin-3", 1, NOW - timedelta(minutes=10)),  # silent: left out
+            _beat("bin-4", None, NOW),  # no model yet
+        ]
+    )
+    view.observe([_beat("bin-2", 1, NOW - timedelta(minutes=1))])  # late, older: ignored
+    assert view.serving(NOW) == {("waste", 2): 2}
+
+
+@pytest.mark.integration
+async def test_a_service_publishes_heartbeats_on_the_fleet_stream(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    beats = await Collector(FleetHeartbeat).attach_stream(js, FLEET_HEARTBEAT.wildcard)
+    service = create_app(
+        ActuatorSettings(
+            nats_url=nats_server.url,
+            http_port=0,
+            heartbeat_interval_s=0.05,
+            bin_id="bin-9",
+        )
+    )
+    service.send_heartbeats(lambda: _beat("bin-9", 3, datetime.now(UTC)))
+    await service.start()
+    try:
+        received = await beats.wait_for(3)
+    finally:
+        await service.stop()
+    assert {b.bin_id for b in received} == {"bin-9"}
+    assert set(beats.subjects) == {FLEET_HEARTBEAT.subject("bin-9")}
