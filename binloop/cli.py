@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -102,8 +103,16 @@ def run(
 
     async def run_until_idle(quiet_s: float) -> None:
         await service_app.start()
+        idle = asyncio.create_task(service_app.wait_until_idle(quiet_s))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # Stop cleanly on eviction or deadline: in-flight messages are given back at once
+            # instead of after their ack wait.
+            loop.add_signal_handler(sig, idle.cancel)
         try:
-            await service_app.wait_until_idle(quiet_s)
+            await idle
+        except asyncio.CancelledError:
+            pass
         finally:
             await service_app.stop()
 
@@ -126,8 +135,6 @@ def record(
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        import signal
-
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         return await record_subjects(

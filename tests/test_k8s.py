@@ -2,8 +2,9 @@
 every object is validated offline against the Kubernetes OpenAPI schemas in strict mode
 (kubernetes-validate; Prometheus Operator objects against the subset of their CRDs used here),
 and the rendered cluster is checked for what the issue asks: restricted pods with limits,
-probes, disruption budgets, an HPA on the ingestion side, a GPU trainer, Secrets kept out of
-the manifests, and network policies that let through only DESIGN.md's flows."""
+probes, disruption budgets, an HPA on the ingestion side, the trainer as a GPU CronJob that
+exits when idle, Secrets kept out of the manifests, and network policies that let through only
+DESIGN.md's flows."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from binloop.cli import app as binloop_cli
 from services.registry import SERVICES
 from tools.deploy_checks import ROOT, settings_errors
 
@@ -27,6 +30,9 @@ OVERLAYS = ("dev", "prod")
 KUBERNETES_VERSIONS = ("1.29", "1.37")
 WORKLOADS = {"Deployment", "StatefulSet", "Job", "CronJob"}
 CLOUD_SERVICES = [name for name, spec in SERVICES.items() if spec.runs_on == "cloud"]
+# Services that run as batch jobs (`binloop run <name> --until-idle`); the others are Deployments.
+BATCH_SERVICES = {"trainer"}
+LONG_RUNNING_SERVICES = [name for name in CLOUD_SERVICES if name not in BATCH_SERVICES]
 SECRETS = {"minio-root", "binloop-s3", "label-studio-db", "label-studio-admin", "nats-leafnode"}
 RESTRICTED_VOLUME_TYPES = {
     "configMap",
@@ -90,17 +96,25 @@ def find(manifests: list[Manifest], kind: str, name: str) -> Manifest:
     return matches[0]
 
 
-def pod_spec(workload: Manifest) -> dict[str, Any]:
-    template = workload["spec"]["template"]
+def service_workload(manifests: list[Manifest], name: str) -> Manifest:
+    return find(manifests, "CronJob" if name in BATCH_SERVICES else "Deployment", name)
+
+
+def pod_template(workload: Manifest) -> dict[str, Any]:
+    spec = workload["spec"]
     if workload["kind"] == "CronJob":
-        template = workload["spec"]["jobTemplate"]["spec"]["template"]
-    spec: dict[str, Any] = template["spec"]
+        spec = spec["jobTemplate"]["spec"]
+    template: dict[str, Any] = spec["template"]
+    return template
+
+
+def pod_spec(workload: Manifest) -> dict[str, Any]:
+    spec: dict[str, Any] = pod_template(workload)["spec"]
     return spec
 
 
 def pod_labels(workload: Manifest) -> dict[str, str]:
-    template = workload["spec"]["template"]
-    labels: dict[str, str] = template["metadata"]["labels"]
+    labels: dict[str, str] = pod_template(workload)["metadata"]["labels"]
     return labels
 
 
@@ -248,7 +262,7 @@ def test_every_overlay_renders_the_whole_system(rendered: tuple[str, list[Manife
             assert manifest["metadata"]["namespace"] == namespace["metadata"]["name"]
         assert manifest["metadata"]["labels"]["app.kubernetes.io/part-of"] == "binloop"
     for name in CLOUD_SERVICES:
-        find(manifests, "Deployment", name)
+        service_workload(manifests, name)
     for name in ("nats", "minio", "label-studio-db"):
         find(manifests, "StatefulSet", name)
     find(manifests, "Deployment", "label-studio")
@@ -309,12 +323,15 @@ def test_binloop_services_have_probes_budgets_and_a_read_only_root(
             assert "readinessProbe" in container, container["name"]
             assert "livenessProbe" in container, container["name"]
     for name in CLOUD_SERVICES:
-        (container,) = containers(find(manifests, "Deployment", name))
-        assert container["args"] == [name]
+        (container,) = containers(service_workload(manifests, name))
+        assert container["args"][0] == name
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
         assert container["ports"] == [{"name": "http", "containerPort": 8000}]
+    for name in LONG_RUNNING_SERVICES:
+        (container,) = containers(find(manifests, "Deployment", name))
+        assert container["args"] == [name]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
 
 
 def _environment(manifests: list[Manifest], container: dict[str, Any]) -> dict[str, str]:
@@ -339,7 +356,7 @@ def _environment(manifests: list[Manifest], container: dict[str, Any]) -> dict[s
 def test_every_service_environment_is_made_of_real_settings(dev: list[Manifest]) -> None:
     errors: list[str] = []
     for name in CLOUD_SERVICES:
-        (container,) = containers(find(dev, "Deployment", name))
+        (container,) = containers(service_workload(dev, name))
         environment = _environment(dev, container)
         assert environment["BINLOOP_BLOB_BACKEND"] == "s3"
         assert environment["BINLOOP_HTTP_PORT"] == "8000"
@@ -384,7 +401,7 @@ def test_the_sampler_scales_horizontally_and_singletons_do_not(
     (hpa,) = autoscalers
     find(manifests, "Deployment", "sampler")
     assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"] >= 1
-    for singleton in ("labeling-bridge", "model-registry", "trainer"):
+    for singleton in ("labeling-bridge", "model-registry"):
         deployment = find(manifests, "Deployment", singleton)
         assert deployment["spec"]["replicas"] == 1
         assert deployment["spec"]["strategy"]["type"] == "Recreate", overlay
@@ -393,13 +410,68 @@ def test_the_sampler_scales_horizontally_and_singletons_do_not(
 def test_the_trainer_runs_on_a_gpu_node_in_prod_and_on_the_cpu_in_dev(
     dev: list[Manifest], prod: list[Manifest]
 ) -> None:
-    trainer = pod_spec(find(prod, "Deployment", "trainer"))
+    trainer = pod_spec(find(prod, "CronJob", "trainer"))
     assert trainer["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert trainer["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    (container,) = trainer["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {t["key"] for t in trainer["tolerations"]} == {"nvidia.com/gpu"}
-    dev_trainer = pod_spec(find(dev, "Deployment", "trainer"))
+    assert {"name": "BINLOOP_DEVICE", "value": "cuda"} in container["env"]
+    dev_trainer = pod_spec(find(dev, "CronJob", "trainer"))
     assert "nodeSelector" not in dev_trainer
-    assert "nvidia.com/gpu" not in dev_trainer["containers"][0]["resources"]["limits"]
+    assert "tolerations" not in dev_trainer
+    (dev_container,) = dev_trainer["containers"]
+    assert "nvidia.com/gpu" not in dev_container["resources"]["limits"]
+    assert {"name": "BINLOOP_DEVICE", "value": "cpu"} in dev_container["env"]
+    # Only the placement, the size and the device differ between the overlays (dev's Secrets
+    # are generated, so their names carry a hash).
+    for field in ("envFrom", "volumeMounts", "securityContext", "args", "ports"):
+        assert dev_container[field] == container[field], field
+    assert {v["name"] for v in dev_container["env"]} == {v["name"] for v in container["env"]}
+    assert dev_trainer["volumes"] == trainer["volumes"]
+    assert dev_trainer["securityContext"] == trainer["securityContext"]
+
+
+def _until_idle_seconds(args: list[str]) -> float:
+    assert "--until-idle" in args, f"the trainer never exits: {args}"
+    return float(args[args.index("--until-idle") + 1])
+
+
+def test_the_trainer_is_a_cron_job_that_drains_its_consumers_and_exits(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    overlay, manifests = rendered
+    assert not [
+        m for m in manifests if m["kind"] == "Deployment" and m["metadata"]["name"] == "trainer"
+    ]
+    cron_job = find(manifests, "CronJob", "trainer")
+    spec = cron_job["spec"]
+    # Two trainers would share a GPU and train the same snapshot twice.
+    assert spec["concurrencyPolicy"] == "Forbid", overlay
+    assert spec["successfulJobsHistoryLimit"] >= 1
+    assert spec["failedJobsHistoryLimit"] >= 1
+    job = spec["jobTemplate"]["spec"]
+    assert job["activeDeadlineSeconds"] >= 3600, "a GPU training run needs hours, not minutes"
+    assert job["backoffLimit"] >= 1
+    assert pod_spec(cron_job)["restartPolicy"] in {"OnFailure", "Never"}
+    (container,) = containers(cron_job)
+    assert _until_idle_seconds(container["args"]) > 0
+    assert "readinessProbe" not in container, "no Service sends a Job traffic"
+    # A disruption budget on a batch pod would only block node drains.
+    budgets = [m for m in manifests if m["kind"] == "PodDisruptionBudget"]
+    assert not [b for b in budgets if selects(b["spec"]["selector"], pod_labels(cron_job))]
+
+
+def test_the_trainer_arguments_are_accepted_by_the_cli(dev: list[Manifest]) -> None:
+    (container,) = containers(find(dev, "CronJob", "trainer"))
+    # The image's entrypoint is `binloop run`; --validate-config stops after parsing the
+    # arguments and the settings, where the pod would start the service.
+    result = CliRunner().invoke(
+        binloop_cli,
+        ["run", *container["args"], "--validate-config"],
+        env=_environment(dev, container),
+    )
+    assert result.exit_code == 0, result.output
+    assert "trainer: configuration is valid" in result.output
 
 
 def test_images_are_pinned_and_overlays_choose_the_binloop_tags(
@@ -414,7 +486,7 @@ def test_images_are_pinned_and_overlays_choose_the_binloop_tags(
                 assert tag != "latest"
                 if "binloop-" in repository:
                     assert tag == binloop_tag, image
-    assert {c["image"] for m in prod if m["kind"] == "Deployment" for c in containers(m)} >= {
+    assert {c["image"] for m in prod if m["kind"] in WORKLOADS for c in containers(m)} >= {
         "ghcr.io/binloop/binloop-cloud:0.1.0",
         "ghcr.io/binloop/binloop-trainer:0.1.0",
     }
@@ -543,10 +615,23 @@ def test_monitoring_scrapes_every_service_and_alerts_follow_the_rule_file(
     overlay, manifests = rendered
     monitors = [m for m in manifests if m["kind"] == "PodMonitor"]
     for name in CLOUD_SERVICES:
-        labels = pod_labels(find(manifests, "Deployment", name))
+        labels = pod_labels(service_workload(manifests, name))
         covering = [m for m in monitors if selects(m["spec"]["selector"], labels)]
         assert len(covering) == 1, f"{overlay}: {name}"
-        assert covering[0]["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+        (endpoint,) = covering[0]["spec"]["podMetricsEndpoints"]
+        assert endpoint["port"] == "http"
+        if name in BATCH_SERVICES:
+            # Finished Job pods are no targets (they would read as down), and the pod stays
+            # up long enough after its last message for the final counters to be scraped.
+            assert {
+                "action": "drop",
+                "sourceLabels": ["__meta_kubernetes_pod_phase"],
+                "regex": "(Failed|Succeeded)",
+            } in endpoint["relabelings"]
+            (container,) = containers(service_workload(manifests, name))
+            number, unit = endpoint["interval"][:-1], endpoint["interval"][-1]
+            interval_s = float(number) * (60 if unit == "m" else 1)
+            assert _until_idle_seconds(container["args"]) >= 2 * interval_s
     rule_file = yaml.safe_load((ROOT / "deploy/prometheus/rules/binloop.rules.yml").read_text())
     rule = find(manifests, "PrometheusRule", "binloop")
     assert rule["spec"]["groups"] == rule_file["groups"], (
