@@ -127,3 +127,22 @@ FLEET_SERVING_BINS = Gauge(
     "Bins whose heartbeat says they serve this model version (fleet view)",
     ["model", "version"],
 )
+UPLOADER_DROPPED = Counter(
+    "binloop_uploader_dropped_frames_total",
+    "Frames the uploader gave up before they reached the object store, by reason "
+    "(max_frames, max_bytes: the spool-full policy; unreadable_entry: a broken queue file)",
+    ["bin", "reason"],
+)
+UPLOADER_RETRIES = Counter(
+    "binloop_uploader_retries_total",
+    "Upload attempts that failed and wait for the next backoff step, by error type",
+    ["bin", "error_type"],
+)
+UPLOADER_BACKLOG_BYTES = Gauge(
+    "binloop_uploader_backlog_bytes", "Bytes of spooled frames waiting for the store", ["bin"]
+)
+UPLOADER_PRIORITIZED = Counter(
+    "binloop_uploader_prioritized_total",
+    "Frames moved to the front of the upload queue because the sampler selected them",
+    ["bin"],
+)

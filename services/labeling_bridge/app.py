@@ -1,23 +1,88 @@
-"""The labeling-bridge service: samples.selected in; labels.annotated and datasets.snapshot out."""
+"""The labeling-bridge service: samples.selected in; labels.annotated and datasets.snapshot out.
+
+With the label-studio backend it also runs an HTTP server for Label Studio (webhook, frames,
+ML backend), reconciles annotations periodically, and follows the champion model
+(models.promoted, models.rolled_back) for the ML backend's predictions.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from nats.js.api import DeliverPolicy
+from nats.js.client import JetStreamContext
 
 from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.errors import ConfigError, TransientError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
-from binloop.storage import BlobStore, LocalBlobStore
-from schemas.events import SampleSelected
-from schemas.routes import DATASETS_SNAPSHOT, LABELS_ANNOTATED, SAMPLES_SELECTED
+from binloop.storage import BlobStore, PresigningStore, open_store
+from schemas.base import BlobRef
+from schemas.events import DeadLetter, ModelPromoted, ModelRolledBack, SampleSelected
+from schemas.routes import (
+    DATASETS_SNAPSHOT,
+    DLQ,
+    LABELS_ANNOTATED,
+    MODELS_PROMOTED,
+    MODELS_ROLLED_BACK,
+    SAMPLES_SELECTED,
+)
+from services.edge_inferencer.models import ModelCache, ModelUpdate
 from services.labeling_bridge.backends import (
     LabelingBackend,
+    LabelStudioBackend,
     LabelStudioExportBackend,
     OracleBackend,
 )
+from services.labeling_bridge.client import LabelStudioClient, ProjectSpec
 from services.labeling_bridge.core import LabelingBridge
+from services.labeling_bridge.intake import preview
+from services.labeling_bridge.label_studio import label_config_xml
+from services.labeling_bridge.link import LabelStudioLink, ReconcilePass
+from services.labeling_bridge.ml_backend import Champion
 from services.labeling_bridge.settings import LabelingBridgeSettings
 from services.labeling_bridge.snapshots import DatasetBook
+from services.labeling_bridge.web import (
+    SECRET_HEADER,
+    WEBHOOK_PATH,
+    FrameSigner,
+    WebParts,
+    WebServer,
+    make_web_app,
+)
+
+SERVICE = "labeling-bridge"
+ML_BACKEND_TITLE = "binloop champion"
+MODEL_ACK_WAIT_S = 30.0
+"""Downloading and loading a model takes longer than the bus's default ack wait."""
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelStudioParts:
+    """What create_app built for the label-studio backend, for callers that watch it."""
+
+    web: WebServer | None = None
+    client: LabelStudioClient | None = None
+    backend: LabelStudioBackend | None = None
+    signer: FrameSigner | None = None
+    public_url: Callable[[], str] | None = None
+    link: LabelStudioLink | None = None
+    champion: Champion | None = None
+    reconcile_once: Callable[[], Awaitable[ReconcilePass]] | None = None
+    remote_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the project, its webhook and its ML backend are in place."""
+
+    @property
+    def url(self) -> str:
+        """The bridge's web server as Label Studio reaches it."""
+        if self.public_url is None or self.web is None or self.web.port is None:
+            raise RuntimeError("the bridge's web server is not running")
+        return self.public_url()
 
 
 def make_backend(settings: LabelingBridgeSettings) -> LabelingBackend:
@@ -30,18 +95,32 @@ def create_app(
     settings: LabelingBridgeSettings,
     store: BlobStore | None = None,
     backend: LabelingBackend | None = None,
+    parts: LabelStudioParts | None = None,
 ) -> ServiceApp:
-    service = new_service("labeling-bridge", settings)
-    blob_store = store or LocalBlobStore(settings.blob_root)
-    active_backend = backend or make_backend(settings)
+    """`parts` (label-studio backend) is filled with what was built, e.g. for tests."""
+    service = new_service(SERVICE, settings)
+    blob_store = store or open_store(settings)
     book = DatasetBook(
-        blob_store, settings.dataset_name, settings.taxonomy, settings.snapshot_every
+        blob_store,
+        settings.dataset_name,
+        settings.taxonomy,
+        settings.snapshot_every,
+        migrations=settings.taxonomy_migrations,
     )
+    # The sample handler, webhooks and reconciliation all change label records and the book.
+    lock = asyncio.Lock()
+    label_studio = parts if parts is not None else LabelStudioParts()
+    if backend is None and settings.backend == "label-studio":
+        backend = _label_studio_backend(settings, blob_store, label_studio)
+    active_backend = backend or make_backend(settings)
     bridge = LabelingBridge(blob_store, active_backend, book, settings.taxonomy, service.producer)
+    if label_studio.client is not None:
+        _attach_label_studio(service, settings, blob_store, bridge, lock, label_studio)
 
     async def on_sample(delivery: Delivery[SampleSelected]) -> list[Outgoing]:
-        # Store reads and writes block; one sample at a time, so the bridge needs no lock.
-        outcome = await asyncio.to_thread(bridge.handle, delivery.event, delivery.attempt)
+        # Store reads and writes block: run them in a thread, one at a time.
+        async with lock:
+            outcome = await asyncio.to_thread(bridge.handle, delivery.event, delivery.attempt)
         outgoing = []
         if outcome.new_label:
             metrics.LABELS.labels(active_backend.name).inc()
@@ -60,6 +139,162 @@ def create_app(
         on_sample,
         durable="labeling-bridge",
         policy=service.policy,
-        description="Labels selected samples and cuts dataset versions from the labels.",
+        description="Labels selected samples (or hands them to Label Studio) and cuts dataset "
+        "versions from the labels.",
     )
     return service
+
+
+def _label_studio_backend(
+    settings: LabelingBridgeSettings, store: BlobStore, parts: LabelStudioParts
+) -> LabelStudioBackend:
+    """The Label Studio client and the backend that makes tasks; frame URLs point at the web
+    server `_attach_label_studio` runs."""
+    web_server = WebServer(settings.web_host, settings.web_port)
+
+    def public_url() -> str:
+        return settings.public_url.rstrip("/") or f"http://127.0.0.1:{web_server.port}"
+
+    spec = ProjectSpec(
+        title=settings.label_studio_project,
+        label_config=label_config_xml(settings.taxonomy, settings.objects, settings.conditions),
+        description=f"binloop dataset {settings.dataset_name}: frames picked by the sampler, "
+        f"pre-annotated by the edge model (taxonomy {settings.taxonomy.version})",
+    )
+    client = LabelStudioClient(
+        settings.label_studio_url,
+        settings.label_studio_token.get_secret_value(),
+        spec,
+        settings.label_studio_timeout_s,
+    )
+    signer = FrameSigner(settings.webhook_secret.get_secret_value(), public_url)
+
+    if settings.frame_urls == "presigned" and not isinstance(store, PresigningStore):
+        raise ConfigError(f"frame_urls=presigned needs a store that presigns, not {store!r}")
+
+    def image_url(frame: BlobRef) -> str:
+        if settings.frame_urls == "served":
+            return signer.url(frame)
+        if isinstance(store, PresigningStore) and settings.frame_urls == "presigned":
+            return store.presigned_get_url(frame.key)
+        return frame.uri
+
+    parts.web, parts.client, parts.signer, parts.public_url = web_server, client, signer, public_url
+    parts.backend = LabelStudioBackend(client, image_url)
+    return parts.backend
+
+
+def _attach_label_studio(
+    service: ServiceApp,
+    settings: LabelingBridgeSettings,
+    store: BlobStore,
+    bridge: LabelingBridge,
+    lock: asyncio.Lock,
+    parts: LabelStudioParts,
+) -> None:
+    """Registers the web server, reconciliation and the champion consumers."""
+    assert parts.web is not None
+    assert parts.client is not None
+    assert parts.signer is not None
+    web_server, client, signer = parts.web, parts.client, parts.signer
+
+    def public_url() -> str:
+        return parts.url
+
+    secret = settings.webhook_secret.get_secret_value()
+    champion = Champion(ModelCache(settings.model_cache))
+    link = LabelStudioLink(bridge, client, service.publisher, lock, settings.reconcile_overlap_s)
+    parts.link, parts.champion = link, champion
+
+    async def dead_letter(origin: str, payload: bytes, error: Exception) -> None:
+        error_type = type(error).__name__
+        entry = DeadLetter(
+            producer=service.producer,
+            service=service.publisher.service,
+            original_subject=origin,
+            error_type=error_type,
+            error=str(error)[:4096],
+            payload_preview=preview(payload),
+            payload_size=len(payload),
+        )
+        await service.publisher.publish(DLQ, entry, service.publisher.service)
+        metrics.DEAD_LETTERS.labels(service.publisher.service, "label-studio", error_type).inc()
+        log.warning("dead-lettered a Label Studio annotation from %s: %s", origin, error)
+
+    async def reconcile_once() -> ReconcilePass:
+        return await link.reconcile(dead_letter)
+
+    parts.reconcile_once = reconcile_once
+    web_parts = WebParts(secret, link, store, signer, champion, dead_letter)
+
+    def ensure_remote() -> None:
+        client.project_id()
+        client.ensure_webhook(public_url() + WEBHOOK_PATH, {SECRET_HEADER: secret}, WEBHOOK_PATH)
+        if settings.register_ml_backend:
+            client.ensure_ml_backend(public_url(), ML_BACKEND_TITLE)
+
+    async def start_web(_: JetStreamContext) -> None:
+        await web_server.start(make_web_app(web_parts))
+
+    async def keep_in_step() -> None:
+        """Sets up the project (once Label Studio answers), then reconciles periodically."""
+        while True:
+            try:
+                if not parts.remote_ready.is_set():
+                    await asyncio.to_thread(ensure_remote)
+                    parts.remote_ready.set()
+                await reconcile_once()
+            except TransientError as exc:  # Label Studio down or slow: the next pass catches up
+                log.warning(
+                    "Label Studio not in step, next try in %.0fs: %s",
+                    settings.reconcile_every_s,
+                    exc,
+                )
+            await asyncio.sleep(settings.reconcile_every_s)
+
+    async def stop() -> None:
+        await web_server.stop()
+        client.close()
+
+    async def install(update: ModelUpdate, artifact: BlobRef, card: BlobRef) -> None:
+        skipped = await asyncio.to_thread(champion.install, update, artifact, card)
+        if skipped is not None:
+            log.info("ML backend ignored %s v%d (%s)", update.name, update.version, skipped)
+
+    async def on_promoted(delivery: Delivery[ModelPromoted]) -> list[Outgoing]:
+        event = delivery.event
+        update = ModelUpdate(event.model_name, event.model_version, event.occurred_at)
+        await install(update, event.artifact, event.card)
+        return []
+
+    async def on_rolled_back(delivery: Delivery[ModelRolledBack]) -> list[Outgoing]:
+        event = delivery.event
+        update = ModelUpdate(event.model_name, event.to_version, event.occurred_at, rollback=True)
+        await install(update, event.artifact, event.card)
+        return []
+
+    service.on_start.append(start_web)
+    service.on_stop.append(stop)
+    service.background.append(keep_in_step)
+    subscribe(
+        service.broker,
+        service.publisher,
+        MODELS_PROMOTED,
+        on_promoted,
+        durable=f"{SERVICE}-champion-promoted",
+        policy=service.policy,
+        ack_wait_s=MODEL_ACK_WAIT_S,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,  # today's champion, then each change
+        description="Follows the champion model for the Label Studio ML backend.",
+    )
+    subscribe(
+        service.broker,
+        service.publisher,
+        MODELS_ROLLED_BACK,
+        on_rolled_back,
+        durable=f"{SERVICE}-champion-rolledback",
+        policy=service.policy,
+        ack_wait_s=MODEL_ACK_WAIT_S,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        description="Goes back to the model version the registry rolled back to.",
+    )

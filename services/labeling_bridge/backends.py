@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -13,6 +14,7 @@ from binloop.errors import PermanentError
 from schemas.base import BlobRef
 from schemas.events import SampleSelected
 from schemas.taxonomy import Taxonomy
+from services.labeling_bridge.client import LabelStudioClient
 from services.labeling_bridge.label_studio import import_task, label_config_xml
 
 
@@ -87,4 +89,29 @@ class LabelStudioExportBackend:
             self._write_config()
         task = import_task(sample, frame)
         write_atomically(self.task_path(sample.frame_sha256), json.dumps(task, indent=1))
+        return None
+
+
+class LabelStudioBackend:
+    """Makes one Label Studio task per sample (the model's prediction as a pre-annotation).
+    A redelivered sample finds its task instead of making a second one. Annotations come
+    back by webhook and reconciliation, not from here."""
+
+    name = "label-studio"
+
+    def __init__(self, client: LabelStudioClient, image_url: Callable[[BlobRef], str]) -> None:
+        self.client = client
+        self.image_url = image_url
+        self._listeners: list[Callable[[str, int], None]] = []
+
+    def add_listener(self, listener: Callable[[str, int], None]) -> None:
+        """Called (in the worker thread) with (frame sha256, task id) after each sample."""
+        self._listeners.append(listener)
+
+    def submit(self, sample: SampleSelected, frame: BlobRef) -> Annotation | None:
+        task_id = self.client.find_task(sample.frame_sha256)
+        if task_id is None:
+            task_id = self.client.import_task(import_task(sample, frame, self.image_url(frame)))
+        for listener in self._listeners:
+            listener(sample.frame_sha256, task_id)
         return None

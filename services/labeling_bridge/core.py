@@ -1,4 +1,5 @@
-"""The labeling bridge's work for one selected sample. No bus here.
+"""The labeling bridge's work for one selected sample, and for one annotation that comes back
+from Label Studio. No bus here.
 
 frame in the store? -> backend -> label record -> labels.annotated, and a dataset snapshot
 whenever enough new labels have gathered.
@@ -9,22 +10,29 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from binloop.errors import ChecksumMismatchError, PermanentError, TransientError
 from binloop.storage import BlobStore, sha256_hex
 from schemas.base import BlobRef
 from schemas.events import DatasetSnapshot, LabelAnnotated, SampleSelected
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge.backends import Annotation, LabelingBackend
-from services.labeling_bridge.records import LabelRecord, save_label
+from services.labeling_bridge.intake import SeenAnnotation
+from services.labeling_bridge.records import LabelRecord, save_label, stored_label
 from services.labeling_bridge.snapshots import DatasetBook, Snapshot
 
 LABEL_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:labels.annotated")
 SNAPSHOT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:datasets.snapshot")
 
 
-def annotation_event_id(dataset: str, frame_sha256: str) -> uuid.UUID:
-    """One per (dataset, frame): labeling a frame again is dropped by JetStream's dedup."""
-    return uuid.uuid5(LABEL_NAMESPACE, f"{dataset}:{frame_sha256}")
+def annotation_event_id(
+    dataset: str, frame_sha256: str, annotation_id: str, label: str
+) -> uuid.UUID:
+    """One per (frame, annotation, label): the same annotation seen again (a redelivery, its
+    webhook and then reconciliation) is the same event, which JetStream drops; a corrected
+    label is a new one."""
+    return uuid.uuid5(LABEL_NAMESPACE, f"{dataset}:{frame_sha256}:{annotation_id}:{label}")
 
 
 def snapshot_event_id(dataset: str, version: int) -> uuid.UUID:
@@ -39,6 +47,16 @@ class BridgeOutcome:
     snapshot: DatasetSnapshot | None = None
     snapshot_written: bool = False
     """False when `snapshot` announces again a version written for an earlier delivery."""
+
+
+@dataclass(frozen=True)
+class PreparedLabel:
+    """An annotation from Label Studio, checked, not stored yet. Publish `annotated` first,
+    then `commit` the record: a stored record means its event went out."""
+
+    record: LabelRecord
+    annotated: LabelAnnotated | None
+    """None when only object or condition changed: the label event would say the same."""
 
 
 class LabelingBridge:
@@ -57,14 +75,16 @@ class LabelingBridge:
         self.producer = producer
 
     def frame_ref(self, sample: SampleSelected) -> BlobRef:
-        key = sample.frame_key
+        return self._frame(sample.frame_key, sample.frame_sha256)
+
+    def _frame(self, key: str, frame_sha256: str) -> BlobRef:
         if not self.store.exists(key):
             # The uploader stores frames on its own schedule (and later when a bin is offline).
             raise TransientError(f"frame {key} is not in the object store yet")
         data = self.store.get(key)
         digest = sha256_hex(data)
-        if digest != sample.frame_sha256:
-            raise ChecksumMismatchError(self.store.uri(key), sample.frame_sha256, digest)
+        if digest != frame_sha256:
+            raise ChecksumMismatchError(self.store.uri(key), frame_sha256, digest)
         uri = self.store.uri(key)
         return BlobRef(key=key, uri=uri, sha256=digest, size=len(data), content_type="image/jpeg")
 
@@ -85,14 +105,56 @@ class LabelingBridge:
             return BridgeOutcome(annotated, new_label, self._announce(latest))
         return BridgeOutcome(annotated, new_label)
 
+    def prepare(self, annotation: SeenAnnotation) -> PreparedLabel | None:
+        """An annotation from Label Studio -> its label record and event; None when the stored
+        record already says exactly this (the webhook and reconciliation both saw it)."""
+        task = annotation.task
+        self._check_label(annotation.answers.material)
+        try:
+            record = LabelRecord(
+                dataset=self.book.name,
+                frame_sha256=task.frame_sha256,
+                bin_id=task.bin_id,
+                frame=self._frame(task.frame_key, task.frame_sha256),
+                label=annotation.answers.material,
+                compartment=self.taxonomy.compartment_for(annotation.answers.material),
+                backend=self.backend.name,
+                annotator=annotation.annotator,
+                annotation_id=annotation.key,
+                taxonomy_version=self.taxonomy.version,
+                # Label Studio's time, not ours: the same annotation is the same record.
+                labeled_at=annotation.updated_at,
+                object_type=annotation.answers.object_type,
+                conditions=list(annotation.answers.conditions),
+            )
+        except ValidationError as exc:
+            raise PermanentError(f"annotation {annotation.key}: {exc}") from exc
+        stored = stored_label(self.store, self.book.name, task.frame_sha256)
+        if stored is not None and stored.same_annotation(record):
+            return None
+        same_label = stored is not None and (stored.label, stored.annotation_id) == (
+            record.label,
+            record.annotation_id,
+        )
+        return PreparedLabel(record, None if same_label else self._annotated(record))
+
+    def commit(self, record: LabelRecord) -> DatasetSnapshot | None:
+        """Stores a prepared record; announces the dataset version it completed, if any."""
+        saved, _ = save_label(self.store, record)
+        written = self.book.add(saved)
+        return self._announce(written) if written is not None else None
+
+    def _check_label(self, label: str) -> None:
+        if label not in self.taxonomy.label_to_compartment:
+            raise PermanentError(
+                f"label {label!r} is not in taxonomy {self.taxonomy.version} "
+                f"({', '.join(self.taxonomy.labels)})"
+            )
+
     def _record(
         self, sample: SampleSelected, frame: BlobRef, annotation: Annotation
     ) -> LabelRecord:
-        if annotation.label not in self.taxonomy.label_to_compartment:
-            raise PermanentError(
-                f"label {annotation.label!r} is not in taxonomy {self.taxonomy.version} "
-                f"({', '.join(self.taxonomy.labels)})"
-            )
+        self._check_label(annotation.label)
         return LabelRecord(
             dataset=self.book.name,
             frame_sha256=sample.frame_sha256,
@@ -109,7 +171,9 @@ class LabelingBridge:
 
     def _annotated(self, record: LabelRecord) -> LabelAnnotated:
         return LabelAnnotated(
-            event_id=annotation_event_id(record.dataset, record.frame_sha256),
+            event_id=annotation_event_id(
+                record.dataset, record.frame_sha256, record.annotation_id, record.label
+            ),
             occurred_at=record.labeled_at,
             producer=self.producer,
             frame_sha256=record.frame_sha256,

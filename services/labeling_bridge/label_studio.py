@@ -1,58 +1,142 @@
-"""The Label Studio import format: a labeling config listing the taxonomy, and one task per
-sample with the model's prediction as a pre-annotation."""
+"""The Label Studio formats: a labeling config for the taxonomy (material, object, condition,
+with the compartment each material goes to), one task per sample with the model's prediction
+as a pre-annotation, and reading an annotation's answers back."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from binloop.errors import PermanentError
 from schemas.base import BlobRef
 from schemas.events import SampleSelected
 from schemas.taxonomy import Taxonomy
 
-FROM_NAME = "label"
+FROM_NAME = "material"
+"""The control annotators answer with the material: a taxonomy label."""
+OBJECT_NAME = "object"
+CONDITION_NAME = "condition"
 TO_NAME = "image"
 
 
-def label_config_xml(taxonomy: Taxonomy) -> str:
-    choices = "\n".join(f"    <Choice value={quoteattr(label)}/>" for label in taxonomy.labels)
-    return (
-        f"<View>\n"
-        f'  <Image name="{TO_NAME}" value="$image"/>\n'
+def _choices(values: Sequence[str], hints: dict[str, str] | None = None) -> str:
+    lines = []
+    for value in values:
+        hint = f" hint={quoteattr(hints[value])}" if hints and value in hints else ""
+        lines.append(f"    <Choice value={quoteattr(value)}{hint}/>")
+    return "\n".join(lines)
+
+
+def label_config_xml(
+    taxonomy: Taxonomy, objects: Sequence[str] = (), conditions: Sequence[str] = ()
+) -> str:
+    """Material is required (single choice); object and condition are optional."""
+    hints = {label: f"goes to {taxonomy.compartment_for(label).value}" for label in taxonomy.labels}
+    parts = [
+        "<View>",
+        f'  <Image name="{TO_NAME}" value="$image"/>',
+        f'  <Header value="Material (taxonomy {taxonomy.version})"/>',
         f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single-radio" '
-        f'showInline="true">\n'
-        f"{choices}\n"
-        f"  </Choices>\n"
-        f"</View>\n"
-    )
+        f'showInline="true" required="true">',
+        _choices(taxonomy.labels, hints),
+        "  </Choices>",
+    ]
+    if objects:
+        parts += [
+            '  <Header value="Object"/>',
+            f'  <Choices name="{OBJECT_NAME}" toName="{TO_NAME}" choice="single" '
+            f'showInline="true">',
+            _choices(objects),
+            "  </Choices>",
+        ]
+    if conditions:
+        parts += [
+            '  <Header value="Condition"/>',
+            f'  <Choices name="{CONDITION_NAME}" toName="{TO_NAME}" choice="multiple" '
+            f'showInline="true">',
+            _choices(conditions),
+            "  </Choices>",
+        ]
+    parts.append("</View>")
+    return "\n".join(parts) + "\n"
 
 
-def import_task(sample: SampleSelected, frame: BlobRef) -> dict[str, Any]:
-    """One task; `data` also carries what the annotation needs on its way back."""
+def model_version_of(model_name: str, model_version: int) -> str:
+    return f"{model_name}:v{model_version}"
+
+
+def choice_result(label: str) -> list[dict[str, Any]]:
+    """A prediction's `result`: the material choice."""
+    return [
+        {
+            "from_name": FROM_NAME,
+            "to_name": TO_NAME,
+            "type": "choices",
+            "value": {"choices": [label]},
+        }
+    ]
+
+
+def import_task(
+    sample: SampleSelected, frame: BlobRef, image_url: str | None = None
+) -> dict[str, Any]:
+    """One task; `data` also carries what the annotation needs on its way back.
+
+    `image_url` is what annotators' browsers load; by default the frame's store URI (which
+    Label Studio resolves itself when the project has a storage connection for it)."""
     top = max(sample.predicted, key=lambda score: score.probability)
     return {
         "data": {
-            "image": frame.uri,
+            "image": image_url or frame.uri,
             "frame_sha256": sample.frame_sha256,
             "frame_key": frame.key,
+            "frame_uri": frame.uri,
             "bin_id": sample.bin_id,
             "captured_at": sample.captured_at.isoformat(),
+            "selected_at": sample.occurred_at.isoformat(),
             "strategy": sample.strategy,
             "sampling_score": sample.score,
             "reason": sample.reason,
         },
         "predictions": [
             {
-                "model_version": f"{sample.model_name}:v{sample.model_version}",
+                "model_version": model_version_of(sample.model_name, sample.model_version),
                 "score": top.probability,
-                "result": [
-                    {
-                        "from_name": FROM_NAME,
-                        "to_name": TO_NAME,
-                        "type": "choices",
-                        "value": {"choices": [top.label]},
-                    }
-                ],
+                "result": choice_result(top.label),
             }
         ],
     }
+
+
+@dataclass(frozen=True)
+class Answers:
+    """What an annotator chose: the material (a taxonomy label), and optionally more."""
+
+    material: str
+    object_type: str | None = None
+    conditions: tuple[str, ...] = ()
+
+
+def read_answers(result: Sequence[Any]) -> Answers:
+    """An annotation's `result` -> its answers. PermanentError when it names no material."""
+    chosen: dict[str, list[str]] = {}
+    for region in result:
+        if not isinstance(region, dict) or region.get("type") != "choices":
+            continue
+        value = region.get("value")
+        choices = value.get("choices") if isinstance(value, dict) else None
+        if isinstance(choices, list) and all(isinstance(c, str) for c in choices):
+            chosen[str(region.get("from_name"))] = choices
+    materials = chosen.get(FROM_NAME, [])
+    if len(materials) != 1:
+        raise PermanentError(
+            f"an annotation must choose exactly one {FROM_NAME!r}, this one chose {materials}"
+        )
+    objects = chosen.get(OBJECT_NAME, [])
+    return Answers(
+        material=materials[0],
+        object_type=objects[0] if objects else None,
+        conditions=tuple(sorted(chosen.get(CONDITION_NAME, []))),
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 
-from pydantic import AwareDatetime
+from pydantic import AwareDatetime, Field
 
 from binloop.storage import BlobStore, label_key
 from schemas.base import BinId, BlobRef, Frozen, Name, Sha256
@@ -24,11 +24,33 @@ class LabelRecord(Frozen):
     annotation_id: Name
     taxonomy_version: Name
     labeled_at: AwareDatetime
+    object_type: Label | None = Field(
+        default=None, description="What the item is (cup, bottle, ...), when the annotator said"
+    )
+    conditions: list[Label] = Field(
+        default_factory=list, description="The item's condition (soiled, crushed, ...)"
+    )
+
+    def same_annotation(self, other: LabelRecord) -> bool:
+        """Whether `other` says the same as this record (who, and every answer)."""
+        return (self.label, self.annotation_id, self.object_type, self.conditions) == (
+            other.label,
+            other.annotation_id,
+            other.object_type,
+            other.conditions,
+        )
 
 
 def label_prefix(dataset: str) -> str:
     """The folder of a dataset's label records, derived so the layout stays in keys.py."""
     return posixpath.dirname(label_key(dataset, "0" * 64)) + "/"
+
+
+def stored_label(store: BlobStore, dataset: str, frame_sha256: str) -> LabelRecord | None:
+    key = label_key(dataset, frame_sha256)
+    if not store.exists(key):
+        return None
+    return LabelRecord.model_validate_json(store.get(key))
 
 
 def save_label(store: BlobStore, record: LabelRecord) -> tuple[LabelRecord, bool]:
@@ -38,11 +60,10 @@ def save_label(store: BlobStore, record: LabelRecord) -> tuple[LabelRecord, bool
     Keeping the stored record (and its labeled_at) makes a redelivered sample produce exactly
     the same record and event as the first time.
     """
+    stored = stored_label(store, record.dataset, record.frame_sha256)
+    if stored is not None and stored.same_annotation(record):
+        return stored, False
     key = label_key(record.dataset, record.frame_sha256)
-    if store.exists(key):
-        stored = LabelRecord.model_validate_json(store.get(key))
-        if (stored.label, stored.annotation_id) == (record.label, record.annotation_id):
-            return stored, False
     store.put(key, record.model_dump_json(indent=1).encode(), "application/json")
     return record, True
 

@@ -5,17 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 
 from binloop.settings import ServiceSettings
 from schemas.taxonomy import Taxonomy
+from services.labeling_bridge.snapshots import TaxonomyMigration
+
+DEFAULT_OBJECTS = ["bottle", "can", "cup", "box", "bag", "napkin", "jar", "wrapper", "other"]
+DEFAULT_CONDITIONS = ["clean", "soiled", "crushed", "wet"]
 
 
 class LabelingBridgeSettings(ServiceSettings):
-    backend: Literal["oracle", "label-studio-export"] = Field(
+    backend: Literal["oracle", "label-studio-export", "label-studio"] = Field(
         default="oracle",
         description="oracle: the sample's ground truth is the label (simulation); "
-        "label-studio-export: write Label Studio import tasks with pre-annotations",
+        "label-studio-export: write Label Studio import tasks with pre-annotations; "
+        "label-studio: a Label Studio server (tasks in, annotations back by webhook and "
+        "reconciliation)",
     )
     export_dir: Path = Field(
         default=Path(".binloop/label-studio/import"),
@@ -35,3 +41,98 @@ class LabelingBridgeSettings(ServiceSettings):
     taxonomy: Taxonomy = Field(
         default_factory=Taxonomy, description="Labels annotators may choose, and compartments"
     )
+    taxonomy_migrations: list[TaxonomyMigration] = Field(
+        default_factory=list,
+        description="How labels of an older taxonomy version map onto newer ones (merges and "
+        "splits); applied when a dataset version is cut from items of an older taxonomy",
+    )
+    objects: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_OBJECTS),
+        max_length=64,
+        description="What the item is (cup, bottle, napkin, ...): an optional choice for "
+        "annotators, kept in the label record",
+    )
+    conditions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CONDITIONS),
+        max_length=64,
+        description="The item's condition (soiled, crushed, ...): optional, several allowed",
+    )
+
+    label_studio_url: str = Field(
+        default="http://127.0.0.1:8080", description="Base URL of the Label Studio server"
+    )
+    label_studio_token: SecretStr = Field(
+        default=SecretStr(""),
+        description="Label Studio API token (legacy token: Account & Settings > Access Token)",
+    )
+    label_studio_project: str = Field(
+        default="binloop",
+        min_length=1,
+        max_length=50,
+        description="Title of the Label Studio project; created when missing, reused otherwise",
+    )
+    label_studio_timeout_s: float = Field(
+        default=15.0, gt=0, le=600, description="Timeout of one call to Label Studio"
+    )
+    webhook_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="Shared secret Label Studio sends in the webhook header; also signs the "
+        "frame URLs tasks carry. Required for the label-studio backend",
+    )
+    web_host: str = Field(
+        default="0.0.0.0", description="Interface of the webhook, frame and ML-backend server"
+    )
+    web_port: int = Field(
+        default=8090,
+        ge=0,
+        le=65535,
+        description="Port of the webhook, frame and ML-backend server; 0 picks a free one",
+    )
+    public_url: str = Field(
+        default="",
+        description="The bridge's web server as Label Studio and annotators' browsers reach it "
+        "(webhook, frame URLs, ML backend); empty: http://127.0.0.1:<web port>",
+    )
+    frame_urls: Literal["served", "presigned", "uri"] = Field(
+        default="served",
+        description="served: tasks point at signed frame URLs this bridge serves; presigned: "
+        "presigned GET URLs of the S3 store (they expire); uri: the store URI (s3://...), "
+        "which a Label Studio S3 storage connection resolves to presigned URLs itself",
+    )
+    register_ml_backend: bool = Field(
+        default=True,
+        description="Connect this bridge to the project as its ML backend (live predictions "
+        "from the champion model)",
+    )
+    reconcile_every_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="How often to list annotated tasks, catching what webhooks missed",
+    )
+    reconcile_overlap_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=86_400,
+        description="Each reconciliation looks this far before the newest change it saw, "
+        "for changes committed out of order",
+    )
+    model_cache: Path = Field(
+        default=Path(".binloop/labeling-bridge/models"),
+        description="Where the champion model is cached for the ML backend",
+    )
+
+    @model_validator(mode="after")
+    def _label_studio_needs_credentials(self) -> LabelingBridgeSettings:
+        if self.backend == "label-studio":
+            missing = [
+                name
+                for name, value in (
+                    ("label_studio_token", self.label_studio_token),
+                    ("webhook_secret", self.webhook_secret),
+                )
+                if not value.get_secret_value()
+            ]
+            if missing:
+                raise ValueError(f"the label-studio backend needs {' and '.join(missing)}")
+        return self

@@ -1,4 +1,5 @@
-"""When and how a new dataset version is cut from the label records.
+"""When and how a new dataset version is cut from the label records, and how a version made
+under an older taxonomy is carried into a newer one (classes merged or split).
 
 Everything is derived from the store (the latest manifest and the label records), so a restart
 picks up exactly where the last process stopped. A version may also have been written by
@@ -7,9 +8,11 @@ someone else (a seed import): the next one builds on whatever the latest is.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+
+from pydantic import Field, model_validator
 
 from binloop.datasets import (
     DatasetManifest,
@@ -18,8 +21,9 @@ from binloop.datasets import (
     split_for,
     write_manifest,
 )
+from binloop.errors import PermanentError
 from binloop.storage import BlobStore, dataset_key, sha256_hex
-from schemas.base import BlobRef, utc_now
+from schemas.base import BlobRef, Frozen, utc_now
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge.records import LabelRecord, load_labels
 
@@ -32,6 +36,89 @@ class Snapshot:
     ref: BlobRef
 
 
+class TaxonomyMigration(Frozen):
+    """How the labels of taxonomy version `source` become labels of version `target`.
+
+    A label in neither map keeps its name. `renames` also expresses merges (several old labels
+    to one new). A split class cannot be decided from the old label alone: its items leave the
+    dataset until someone labels them again under the new taxonomy.
+    """
+
+    source: str = Field(min_length=1, description="Taxonomy version the labels come from")
+    target: str = Field(min_length=1, description="Taxonomy version they are carried into")
+    renames: dict[str, str] = Field(
+        default_factory=dict, description="old label -> new label (a rename or a merge)"
+    )
+    splits: dict[str, list[str]] = Field(
+        default_factory=dict, description="old label -> the new labels it was split into"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaxonomyMigration:
+        if self.source == self.target:
+            raise ValueError(f"a migration needs two versions, got {self.source!r} twice")
+        both = sorted(set(self.renames) & set(self.splits))
+        if both:
+            raise ValueError(f"labels both renamed and split: {both}")
+        narrow = sorted(old for old, new in self.splits.items() if len(new) < 2)
+        if narrow:
+            raise ValueError(f"a split needs at least two new labels: {narrow}")
+        return self
+
+    def map_label(self, label: str) -> str | None:
+        """The label under `target`, or None when the item must be labeled again."""
+        if label in self.splits:
+            return None
+        return self.renames.get(label, label)
+
+
+@dataclass(frozen=True)
+class Migrated:
+    items: list[ManifestItem]
+    needs_relabel: list[ManifestItem]
+    """Items of split classes, or whose label the target taxonomy lacks (old labels kept)."""
+
+
+def migration_path(
+    migrations: Sequence[TaxonomyMigration], source: str, target: str
+) -> list[TaxonomyMigration]:
+    """The chain of migrations from `source` to `target` (empty when they are equal)."""
+    by_source = {m.source: m for m in migrations}
+    path: list[TaxonomyMigration] = []
+    version = source
+    while version != target:
+        step = by_source.get(version)
+        if step is None or step in path:
+            raise PermanentError(
+                f"no taxonomy migration leads from {source!r} to {target!r} "
+                f"(configured: {', '.join(f'{m.source}->{m.target}' for m in migrations)})"
+            )
+        path.append(step)
+        version = step.target
+    return path
+
+
+def migrate_items(
+    items: Sequence[ManifestItem],
+    source: str,
+    taxonomy: Taxonomy,
+    migrations: Sequence[TaxonomyMigration],
+) -> Migrated:
+    """Carries items labeled under taxonomy `source` into `taxonomy`."""
+    path = migration_path(migrations, source, taxonomy.version)
+    kept: list[ManifestItem] = []
+    relabel: list[ManifestItem] = []
+    for item in items:
+        label: str | None = item.label
+        for step in path:
+            label = step.map_label(label) if label is not None else None
+        if label is None or label not in taxonomy.label_to_compartment:
+            relabel.append(item)
+        else:
+            kept.append(item if label == item.label else item.model_copy(update={"label": label}))
+    return Migrated(kept, relabel)
+
+
 class DatasetBook:
     """The latest manifest of one dataset and the label records that are not in it yet."""
 
@@ -42,12 +129,16 @@ class DatasetBook:
         taxonomy: Taxonomy,
         snapshot_every: int,
         now: Callable[[], datetime] = utc_now,
+        migrations: Sequence[TaxonomyMigration] = (),
     ) -> None:
         self.store = store
         self.name = name
         self.taxonomy = taxonomy
         self.snapshot_every = snapshot_every
         self.now = now
+        self.migrations = list(migrations)
+        self.needs_relabel: list[ManifestItem] = []
+        """Items the last version written left out: their class was split (label them again)."""
         self._latest: Snapshot | None = None
         self._in_latest: dict[str, str] = {}
         self._pending: dict[str, LabelRecord] = {}
@@ -120,21 +211,40 @@ class DatasetBook:
                 return None
         return self._write_next()
 
+    def migrate(self) -> Snapshot | None:
+        """Writes a version in the current taxonomy now if the latest one is in another."""
+        latest = self.latest
+        if latest is None or latest.manifest.taxonomy_version == self.taxonomy.version:
+            return None
+        return self._write_next()
+
     def _write_next(self) -> Snapshot:
         fresh = self.pending
         fresh_shas = {record.frame_sha256 for record in fresh}
-        previous = self._latest.manifest.items if self._latest else []
+        previous = self._latest.manifest if self._latest else None
         # A frame labeled again replaces its old item instead of appearing twice.
-        items = [item for item in previous if item.sha256 not in fresh_shas]
-        items += [
-            ManifestItem(
+        kept = (
+            [item for item in previous.items if item.sha256 not in fresh_shas] if previous else []
+        )
+        carried = migrate_items(
+            kept,
+            previous.taxonomy_version if previous else self.taxonomy.version,
+            self.taxonomy,
+            self.migrations,
+        )
+        items = list(carried.items)
+        relabel = list(carried.needs_relabel)
+        for record in fresh:
+            item = ManifestItem(
                 key=record.frame.key,
                 sha256=record.frame_sha256,
                 label=record.label,
                 split=split_for(record.frame_sha256),
             )
-            for record in fresh
-        ]
+            # Labels given under an older taxonomy (before a restart with a new one) move too.
+            moved = migrate_items([item], record.taxonomy_version, self.taxonomy, self.migrations)
+            items += moved.items
+            relabel += moved.needs_relabel
         manifest = DatasetManifest(
             name=self.name,
             version=self.version + 1,
@@ -147,4 +257,5 @@ class DatasetBook:
         self._latest = Snapshot(manifest, ref)
         self._in_latest = {item.sha256: item.label for item in items}
         self._pending = {}
+        self.needs_relabel = relabel
         return self._latest

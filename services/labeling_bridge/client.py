@@ -1,0 +1,274 @@
+"""The Label Studio server behind `label-studio-sdk` (2.x): the project, its webhook and ML
+backend, tasks in, annotated tasks out. Blocking calls: run them in a worker thread.
+
+Errors are translated to binloop's tree, so the bus does the right thing with a sample:
+- Label Studio unreachable, timing out, answering 5xx, 401, 403 or 429 -> NotReadyError: the
+  sample waits in JetStream (the backlog), retried after a delay without limit, until Label
+  Studio is back; none is dropped or dead-lettered for it;
+- another 4xx -> PermanentError (a request Label Studio will never accept): dead-lettered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import httpx
+from label_studio_sdk import ImportApiRequest, LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+
+from binloop.errors import NotReadyError, PermanentError, TransientError
+from binloop.observability import metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WAIT_STATUSES = frozenset({401, 403, 429})
+"""4xx that a person fixes (a token, a permission) or that pass (rate limit): samples wait."""
+WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]
+PAGE_SIZE = 100
+LS_DATETIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+"""The only datetime format Label Studio's task filters accept (UTC, 'Z')."""
+
+
+@dataclass(frozen=True)
+class ProjectSpec:
+    title: str
+    label_config: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ProjectCounts:
+    tasks: int
+    annotated: int
+
+
+@contextmanager
+def translated_errors(operation: str) -> Iterator[None]:
+    """Maps SDK and transport errors to Permanent/Transient/NotReady, counting each."""
+    try:
+        yield
+    except ApiError as exc:
+        status = exc.status_code or 0
+        metrics.LABEL_STUDIO_ERRORS.labels(operation, str(status)).inc()
+        detail = f"Label Studio {operation}: HTTP {status}: {str(exc.body)[:500]}"
+        if 400 <= status < 500 and status not in WAIT_STATUSES:
+            raise PermanentError(detail) from exc
+        raise NotReadyError(detail) from exc
+    except httpx.TransportError as exc:
+        metrics.LABEL_STUDIO_ERRORS.labels(operation, type(exc).__name__).inc()
+        raise NotReadyError(f"Label Studio {operation}: {type(exc).__name__}: {exc}") from exc
+
+
+class LabelStudioClient:
+    """One project on one Label Studio server, found by title (created when missing)."""
+
+    def __init__(self, url: str, token: str, spec: ProjectSpec, timeout_s: float) -> None:
+        self.url = url.rstrip("/")
+        self.spec = spec
+        self._http = httpx.Client(timeout=timeout_s, follow_redirects=True)
+        # The SDK's LabelStudio subclass does not annotate its __init__. Its own retries
+        # (sleeping in our worker thread) are off: the bus retries, with its delay and counts.
+        self._sdk = LabelStudio(  # type: ignore[no-untyped-call]
+            base_url=self.url, api_key=token, httpx_client=self._http, max_retries=0
+        )
+        self._project_id: int | None = None
+        # The sample handler, the webhook and reconciliation all call in from worker threads.
+        self._project_lock = threading.Lock()
+
+    @property
+    def sdk(self) -> LabelStudio:
+        return self._sdk
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, operation: str, call: Callable[[], T]) -> T:
+        with translated_errors(operation):
+            return call()
+
+    def project_id(self) -> int:
+        """The project's id, creating the project (or updating its config) the first time."""
+        with self._project_lock:
+            if self._project_id is None:
+                self._project_id = self._call("ensure_project", self._ensure_project)
+            return self._project_id
+
+    def _ensure_project(self) -> int:
+        spec = self.spec
+        # `title` filters by "contains": keep exact matches, the oldest if there are several.
+        listed: Iterable[Any] = self._sdk.projects.list(title=spec.title, page_size=PAGE_SIZE)
+        ids = sorted(int(p.id) for p in listed if p.title == spec.title and p.id is not None)
+        if ids:
+            project = self._sdk.projects.get(id=ids[0])
+            # Label Studio strips the config it stores.
+            if (project.label_config or "").strip() != spec.label_config.strip():
+                # The taxonomy or vocabularies changed: annotators see the new choices.
+                self._sdk.projects.update(id=ids[0], label_config=spec.label_config)
+                log.info("updated the label config of Label Studio project %d", ids[0])
+            return ids[0]
+        created = self._sdk.projects.create(
+            title=spec.title, label_config=spec.label_config, description=spec.description
+        )
+        if created.id is None:
+            raise TransientError("Label Studio created a project without an id")
+        log.info("created Label Studio project %r (id %d)", spec.title, created.id)
+        return created.id
+
+    def ensure_webhook(self, url: str, headers: dict[str, str], path: str) -> int:
+        """The project's webhook to `url` with `headers`; returns its id. A webhook of ours
+        from an earlier run (same `path`, another host or port) is moved instead of kept."""
+        project = self.project_id()
+        wanted: dict[str, Any] = {
+            "url": url,
+            "headers": headers,
+            "is_active": True,
+            "send_payload": True,
+            "send_for_all_actions": False,
+            "actions": WEBHOOK_ACTIONS,
+        }
+
+        def ensure() -> int:
+            hooks = [
+                h
+                for h in self._sdk.webhooks.list(project=str(project))
+                if h.url.endswith(path) and h.id is not None
+            ]
+            hooks.sort(key=lambda h: (h.url != url, h.id or 0))
+            if hooks and hooks[0].id is not None:
+                hook = hooks[0]
+                current = (hook.url, hook.headers, hook.is_active, hook.send_payload)
+                if current != (url, headers, True, True):
+                    self._sdk.webhooks.update(id=hooks[0].id, **wanted)
+                return int(hooks[0].id)
+            created = self._sdk.webhooks.create(project=project, **wanted)
+            if created.id is None:
+                raise TransientError("Label Studio created a webhook without an id")
+            return int(created.id)
+
+        return self._call("ensure_webhook", ensure)
+
+    def ensure_ml_backend(self, url: str, title: str) -> int:
+        """Connects `url` as the project's ML backend `title` (Label Studio checks its /health
+        and /setup before it accepts it)."""
+        project = self.project_id()
+
+        def ensure() -> int:
+            for backend in self._sdk.ml.list(project=project):
+                if backend.title == title and backend.id is not None:
+                    if backend.url != url:
+                        # Label Studio 1.23 re-validates the backend and fails without project.
+                        self._sdk.ml.update(id=backend.id, url=url, project=project)
+                    return int(backend.id)
+            created = self._sdk.ml.create(project=project, url=url, title=title)
+            if created.id is None:
+                raise TransientError("Label Studio created an ML backend without an id")
+            return int(created.id)
+
+        return self._call("ensure_ml_backend", ensure)
+
+    def find_task(self, frame_sha256: str) -> int | None:
+        """The task already made for this frame (a redelivered sample), if any."""
+        project = self.project_id()
+        query = _filters(
+            [
+                {
+                    "filter": "filter:tasks:data.frame_sha256",
+                    "operator": "equal",
+                    "type": "String",
+                    "value": frame_sha256,
+                }
+            ]
+        )
+
+        def find() -> int | None:
+            pager: Iterable[Any] = self._sdk.tasks.list(
+                project=project, query=query, page_size=2, fields="task_only"
+            )
+            for task in pager:
+                if task.data.get("frame_sha256") == frame_sha256:
+                    return int(task.id)
+            return None
+
+        return self._call("find_task", find)
+
+    def import_task(self, task: dict[str, Any]) -> int:
+        project = self.project_id()
+
+        def create() -> int:
+            response = self._sdk.projects.import_tasks(
+                id=project,
+                # Not validated: the SDK's PredictionRequest wants a task id, which a task's
+                # own predictions get from Label Studio on import.
+                request=[ImportApiRequest.model_construct(**task)],
+                return_task_ids=True,
+                commit_to_project=True,
+            )
+            # Community edition imports synchronously and lists the new ids (not in the SDK type).
+            ids = getattr(response, "task_ids", None) or []
+            if len(ids) != 1:
+                raise TransientError(f"Label Studio imported {len(ids)} tasks, expected 1")
+            return int(ids[0])
+
+        return self._call("import_task", create)
+
+    def annotated_tasks(self, changed_after: datetime | None) -> list[dict[str, Any]]:
+        """Every annotated task, or those changed after `changed_after` (Label Studio's clock),
+        oldest change first, as plain dicts: id, updated_at, data, annotations."""
+        project = self.project_id()
+        items = []
+        if changed_after is not None:
+            items.append(
+                {
+                    "filter": "filter:tasks:updated_at",
+                    "operator": "greater",
+                    "type": "Datetime",
+                    "value": changed_after.strftime(LS_DATETIME),
+                }
+            )
+        query = _filters(items, ordering=["tasks:updated_at"])
+
+        def listed() -> list[dict[str, Any]]:
+            pager: Iterable[Any] = self._sdk.tasks.list(
+                project=project,
+                query=query,
+                only_annotated=True,
+                page_size=PAGE_SIZE,
+                fields="all",
+            )
+            return [
+                {
+                    "id": task.id,
+                    "updated_at": task.updated_at,
+                    "data": task.data,
+                    "annotations": task.annotations or [],
+                }
+                for task in pager
+            ]
+
+        return self._call("list_tasks", listed)
+
+    def counts(self) -> ProjectCounts:
+        project = self.project_id()
+
+        def read() -> ProjectCounts:
+            found = self._sdk.projects.get(id=project)
+            return ProjectCounts(
+                tasks=found.task_number or 0, annotated=found.num_tasks_with_annotations or 0
+            )
+
+        return self._call("project_counts", read)
+
+
+def _filters(items: list[dict[str, Any]], ordering: list[str] | None = None) -> str:
+    query: dict[str, Any] = {"filters": {"conjunction": "and", "items": items}}
+    if ordering:
+        query["ordering"] = ordering
+    return json.dumps(query)

@@ -1,0 +1,160 @@
+"""Annotations from Label Studio into labels.annotated, whichever way they arrive.
+
+A webhook brings an annotation as it is made; reconciliation lists the tasks changed since the
+last pass, so annotations made while the bridge was down (or whose webhook failed) arrive too.
+Both go through `take`, under one lock with the sample handler, and publish before storing: a
+stored label record means its event went out, so the other path finds it and stays quiet.
+The event id is derived from (frame, annotation, label), so a retry that publishes again is
+dropped by JetStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from binloop.bus import Publisher
+from binloop.errors import PermanentError
+from binloop.observability import metrics
+from schemas.events import DatasetSnapshot
+from schemas.routes import DATASETS_SNAPSHOT, LABELS_ANNOTATED
+from services.labeling_bridge.client import LabelStudioClient
+from services.labeling_bridge.core import LabelingBridge
+from services.labeling_bridge.intake import SeenAnnotation, parse_tasks
+
+log = logging.getLogger(__name__)
+
+Source = Literal["webhook", "reconcile"]
+DeadLetterSink = Callable[[str, bytes, Exception], Awaitable[None]]
+"""(where it came from, the payload, why) -> a dlq.v1.labeling-bridge entry."""
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What became of one annotation."""
+
+    source: Source
+    annotation_key: str
+    published: bool
+    """A labels.annotated went out now (False: it had gone out before, or only object or
+    condition changed)."""
+
+
+@dataclass(frozen=True)
+class ReconcilePass:
+    listed: int
+    published: int
+    rejected: list[str]
+
+
+class LabelStudioLink:
+    def __init__(
+        self,
+        bridge: LabelingBridge,
+        client: LabelStudioClient,
+        publisher: Publisher,
+        lock: asyncio.Lock,
+        overlap_s: float,
+    ) -> None:
+        self.bridge = bridge
+        self.client = client
+        self.publisher = publisher
+        self.lock = lock
+        self.overlap = timedelta(seconds=overlap_s)
+        self.cursor: datetime | None = None
+        """Newest task change seen by reconciliation (Label Studio's clock); None: none yet,
+        so the first pass after a start lists every annotated task."""
+        self._unannounced: DatasetSnapshot | None = None
+        self._listeners: list[Callable[[Taken], None]] = []
+
+    def add_listener(self, listener: Callable[[Taken], None]) -> None:
+        """Called on the event loop after each annotation is taken."""
+        self._listeners.append(listener)
+
+    async def take(self, annotation: SeenAnnotation, source: Source) -> Taken:
+        """PermanentError for an annotation that can never become a label (unknown material,
+        a task whose frame does not match); TransientError when the store is not reachable."""
+        async with self.lock:
+            prepared = await asyncio.to_thread(self.bridge.prepare, annotation)
+            published = False
+            if prepared is not None:
+                if prepared.annotated is not None:
+                    await self.publisher.publish(LABELS_ANNOTATED, prepared.annotated)
+                    published = True
+                snapshot = await asyncio.to_thread(self.bridge.commit, prepared.record)
+                self._observe(annotation, published)
+                if snapshot is not None:
+                    metrics.DATASET_SNAPSHOTS.inc()
+                    await self._announce(snapshot)
+        taken = Taken(source, annotation.key, published)
+        for listener in self._listeners:
+            listener(taken)
+        return taken
+
+    def _observe(self, annotation: SeenAnnotation, published: bool) -> None:
+        if not published:
+            return
+        metrics.LABELS.labels(self.bridge.backend.name).inc()
+        selected_at = annotation.task.selected_at
+        if selected_at is not None:
+            lead_time = (annotation.updated_at - selected_at).total_seconds()
+            metrics.LABELING_LEAD_TIME.labels(self.bridge.backend.name).observe(max(lead_time, 0))
+
+    async def _announce(self, snapshot: DatasetSnapshot) -> None:
+        # Kept until it is out: the label that completed the version is stored already, so
+        # nothing else would announce it again.
+        self._unannounced = snapshot
+        await self.publisher.publish(DATASETS_SNAPSHOT, snapshot)
+        self._unannounced = None
+
+    async def reconcile(self, dead_letter: DeadLetterSink) -> ReconcilePass:
+        """One pass: every task changed since the cursor (minus the overlap), oldest first.
+        An annotation that can never become a label is dead-lettered and the pass goes on;
+        a transient failure ends the pass without moving the cursor."""
+        if self._unannounced is not None:
+            await self._announce(self._unannounced)
+        since = self.cursor - self.overlap if self.cursor is not None else None
+        tasks = await asyncio.to_thread(self.client.annotated_tasks, since)
+        project_id = await asyncio.to_thread(self.client.project_id)
+        listed = parse_tasks(project_id, tasks)
+        published = 0
+        for annotation in listed.found:
+            try:
+                taken = await self.take(annotation, "reconcile")
+            except PermanentError as exc:
+                await dead_letter(f"task {annotation.task_id}", b"", exc)
+                continue
+            if taken.published:
+                metrics.LABEL_STUDIO_RECONCILED.inc()
+                published += 1
+        if listed.rejected:
+            log.warning(
+                "reconciliation left out %d tasks the bridge cannot read, e.g. %s",
+                len(listed.rejected),
+                listed.rejected[0],
+            )
+        changes = [_changed_at(task) for task in tasks]
+        newest = max((c for c in changes if c is not None), default=None)
+        if newest is not None and (self.cursor is None or newest > self.cursor):
+            self.cursor = newest
+        counts = await asyncio.to_thread(self.client.counts)
+        metrics.LABELING_BACKLOG.labels(self.bridge.backend.name).set(
+            max(counts.tasks - counts.annotated, 0)
+        )
+        return ReconcilePass(len(tasks), published, listed.rejected)
+
+
+def _changed_at(task: dict[str, Any]) -> datetime | None:
+    value = task.get("updated_at")
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,116 @@
+"""The Label Studio ML backend: predictions from the current champion model, so annotators see
+live pre-annotations. Which model is the champion follows models.promoted and
+models.rolled_back (see app.py). No bus and no HTTP here.
+
+Label Studio's protocol: POST /setup answers {"model_version"}; POST /predict gets
+{"tasks": [...]} and answers {"results": [...]}, one prediction per task, in order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from binloop.errors import CorruptFrameError, NotReadyError
+from binloop.ml.preprocess import decode_rgb
+from binloop.storage import BlobStore, sha256_hex
+from schemas.base import BlobRef
+from services.edge_inferencer.models import LoadedModel, ModelCache, ModelUpdate, update_verdict
+from services.labeling_bridge.intake import TaskData
+from services.labeling_bridge.label_studio import choice_result, model_version_of
+
+NO_MODEL = "none"
+
+
+class Champion:
+    """The model the ML backend predicts with: the latest promotion (or rollback) wins."""
+
+    def __init__(self, cache: ModelCache) -> None:
+        self.cache = cache
+        self._current: LoadedModel | None = None
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[LoadedModel], None]] = []
+
+    def add_listener(self, listener: Callable[[LoadedModel], None]) -> None:
+        """Called (in the worker thread) with each model installed."""
+        self._listeners.append(listener)
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    @property
+    def model_version(self) -> str:
+        current = self._current
+        if current is None:
+            return NO_MODEL
+        return model_version_of(current.card.name, current.card.version)
+
+    def install(self, update: ModelUpdate, artifact: BlobRef, card: BlobRef) -> str | None:
+        """Downloads and loads the model unless it is stale or already served. Blocking.
+        Returns why it was skipped, or None."""
+        skipped = update_verdict(self._current, update)
+        if skipped is not None:
+            return skipped
+        model = self.cache.fetch(update, artifact, card)
+        with self._lock:
+            # Another update may have landed while this one downloaded.
+            skipped = update_verdict(self._current, update)
+            if skipped is None:
+                self._current = model
+        if skipped is None:
+            for listener in self._listeners:
+                listener(model)
+        return skipped
+
+    def predict(self, store: BlobStore, tasks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One Label Studio prediction per task, in order. Blocking (store reads, inference).
+
+        A task that is not one of ours (no frame reference) or whose frame is gone gets an
+        empty prediction, so the others still get theirs."""
+        model = self._current
+        if model is None:
+            raise NotReadyError("no champion model yet: waiting for models.promoted")
+        version = model_version_of(model.card.name, model.card.version)
+        images = []
+        positions = []
+        for position, task in enumerate(tasks):
+            frame = _frame_bytes(store, task)
+            if frame is None:
+                continue
+            try:
+                rgb = decode_rgb(frame)
+            except CorruptFrameError:
+                continue
+            images.append(model.preprocessor(rgb))
+            positions.append(position)
+        results: list[dict[str, Any]] = [
+            {"result": [], "score": 0.0, "model_version": version} for _ in tasks
+        ]
+        if images:
+            probabilities = model.backend.predict(np.stack(images))
+            for position, row in zip(positions, probabilities, strict=True):
+                best = int(np.argmax(row))
+                results[position] = {
+                    "result": choice_result(model.card.classes[best]),
+                    "score": float(row[best]),
+                    "model_version": version,
+                }
+        return results
+
+
+def _frame_bytes(store: BlobStore, task: dict[str, Any]) -> bytes | None:
+    data = task.get("data")
+    if not isinstance(data, dict):
+        return None
+    try:
+        ref = TaskData.model_validate(data)
+    except ValueError:
+        return None
+    if not store.exists(ref.frame_key):
+        return None
+    frame = store.get(ref.frame_key)
+    return frame if sha256_hex(frame) == ref.frame_sha256 else None
