@@ -4,8 +4,12 @@ service storing every frame once, dead-lettering corrupt spool entries and carry
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,12 +26,16 @@ from binloop.errors import (
     TransientError,
 )
 from binloop.natsserver import NatsServer
-from binloop.storage import LocalBlobStore, frame_key, sha256_hex, spool_key
+from binloop.storage import BlobStore, LocalBlobStore, frame_key, sha256_hex, spool_key
 from schemas.base import BlobRef
 from schemas.events import DeadLetter, FrameCaptured, FrameStored
 from schemas.routes import DLQ, FRAMES_CAPTURED, FRAMES_STORED
 from services.uploader import UploaderSettings, create_app
+from services.uploader.backoff import Backoff
 from services.uploader.core import FrameUploader, stored_event
+from services.uploader.forwarder import Announce, DeadLetterSink, Forwarder, ProgressHook
+from services.uploader.limits import SpoolLimits, plan_drops
+from services.uploader.queue import QueuedFrame, UploadQueue
 from services.uploader.spool import UPLOADED_SUFFIX, Spool
 from tests.helpers import Collector
 
@@ -253,8 +261,8 @@ async def test_uploader_stores_each_frame_once_and_dead_letters_corrupt_ones(
 
 
 @pytest.mark.integration
-async def test_sweep_task_reports_the_backlog(
-    js: JetStreamContext, nats_server: NatsServer, tmp_path: Path
+async def test_the_sweep_task_reclaims_uploaded_frames(
+    js: JetStreamContext, nats_client: Client, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     settings = UploaderSettings(
         nats_url=nats_server.url,
@@ -262,22 +270,337 @@ async def test_sweep_task_reports_the_backlog(
         http_host="127.0.0.1",
         blob_root=tmp_path / "blobs",
         spool_root=tmp_path / "spool",
+        spool_retention_s=0,
         sweep_interval_s=0.05,
     )
-    for i, jpeg in enumerate(_demo_jpegs(3)):
-        _spool_and_describe(settings.spool_root, jpeg, i)
-    swept = asyncio.Event()
+    events = [
+        _spool_and_describe(settings.spool_root, jpeg, i) for i, jpeg in enumerate(_demo_jpegs(3))
+    ]
+    unannounced = _spool_and_describe(settings.spool_root, _demo_jpegs(4)[3], 3)
+    stored = await Collector(FrameStored).attach(nats_client, FRAMES_STORED.wildcard)
+    clock_read = asyncio.Event()
 
     def clock() -> float:
-        swept.set()  # the sweep reads the clock, then sets the gauge right after
+        clock_read.set()  # once the uploads are done, only the sweep reads the clock
         return time.time()
 
     service = create_app(settings, clock=clock)
     await service.start()
     try:
-        await asyncio.wait_for(swept.wait(), 10)
-        swept.clear()
-        await asyncio.wait_for(swept.wait(), 10)  # a whole sweep has run since
-        assert _metric("binloop_uploader_backlog_frames") == 3
+        for event in events:
+            await js.publish(
+                FRAMES_CAPTURED.subject(BIN),
+                event.model_dump_json().encode(),
+                headers={"Nats-Msg-Id": str(event.event_id)},
+            )
+        await stored.wait_for(len(events))
+        for _ in range(2):  # the second read starts a sweep after a whole one has run
+            clock_read.clear()
+            await asyncio.wait_for(clock_read.wait(), 10)
     finally:
         await service.stop()
+
+    spool = Spool(settings.spool_root, BIN)
+    for event in events:
+        assert not spool.store.exists(event.spool.key)
+        assert not spool.store.exists(event.spool.key + UPLOADED_SUFFIX)
+    assert spool.store.exists(unannounced.spool.key)  # never uploaded: never deleted
+    assert _metric("binloop_uploader_backlog_frames") == 0
+
+
+# --- store-and-forward pieces, without sockets ---------------------------------------------
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter_taken_off() -> None:
+    now = [100.0]
+    draws = iter([0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 0.2])
+    backoff = Backoff(1.0, 8.0, 0.5, clock=lambda: now[0], rand=lambda: next(draws))
+    assert backoff.wait_s() == 0.0
+
+    delays = [backoff.failed() for _ in range(6)]
+    # 1, 2, 4, 8, then capped at 8: minus 50 % of it times the draw (0.5 -> 25 %, 1.0 -> 50 %).
+    assert delays == [1.0, 2.0, 4.0, 8.0, 6.0, 4.0]
+    assert backoff.failures == 6
+    assert backoff.wait_s() == 4.0
+    now[0] += 1.5
+    assert backoff.wait_s() == 2.5
+    now[0] += 10
+    assert backoff.wait_s() == 0.0
+
+    backoff.succeeded()
+    assert (backoff.failures, backoff.wait_s()) == (0, 0.0)
+    assert backoff.failed() == pytest.approx(0.9)  # back to the start: 1 s minus 0.5 * 0.2
+
+
+def test_backoff_without_jitter_is_the_plain_schedule_and_bad_bounds_are_refused() -> None:
+    backoff = Backoff(0.5, 60.0, 0.0, rand=lambda: 0.99)
+    assert [backoff.delay_s(n) for n in range(0, 10)] == [
+        0.0,
+        0.5,
+        1.0,
+        2.0,
+        4.0,
+        8.0,
+        16.0,
+        32.0,
+        60.0,
+        60.0,
+    ]
+    assert backoff.delay_s(5000) == 60.0  # no overflow far past the cap
+    with pytest.raises(ValueError, match="max_s"):
+        Backoff(2.0, 1.0, 0.5)
+    with pytest.raises(ValueError, match="jitter"):
+        Backoff(1.0, 2.0, 1.5)
+
+
+def _queued(events: list[FrameCaptured], times: list[float]) -> list[QueuedFrame]:
+    return [QueuedFrame(e, t) for e, t in zip(events, times, strict=True)]
+
+
+def test_plan_drops_spares_selected_young_and_busy_frames(tmp_path: Path) -> None:
+    events = [_spool_and_describe(tmp_path, jpeg, i) for i, jpeg in enumerate(_demo_jpegs(6))]
+    queued = _queued(events, [0, 1, 2, 3, 4, 5])
+    wanted = {events[0].frame_sha256}
+    limits = SpoolLimits(max_frames=3, max_bytes=10**9, policy="drop_oldest", min_age_s=2)
+
+    plan = plan_drops(queued, wanted, limits, now=5.5)
+    # Over by 3: frame 0 is selected, 4 and 5 are younger than 2 s: 1, 2, 3 go.
+    assert [d.frame.event.sequence for d in plan.drops] == [1, 2, 3]
+    assert {d.reason for d in plan.drops} == {"max_frames"}
+    assert not plan.still_over
+
+    busy = plan_drops(queued, wanted, limits, now=5.5, busy={str(events[1].event_id)})
+    assert [d.frame.event.sequence for d in busy.drops] == [2, 3]
+    assert busy.still_over  # 0 (selected), 1 (uploading), 4, 5 (young) are all protected
+
+    newest = plan_drops(queued, wanted, replace(limits, policy="drop_newest"), now=5.5)
+    assert [d.frame.event.sequence for d in newest.drops] == [3, 2, 1]
+
+
+def test_plan_drops_counts_bytes_once_per_spooled_file(tmp_path: Path) -> None:
+    events = [_spool_and_describe(tmp_path, jpeg, i) for i, jpeg in enumerate(_demo_jpegs(3))]
+    again = events[0].model_copy(update={"event_id": uuid.uuid4(), "sequence": 3})
+    queued = _queued([*events, again], [0, 1, 2, 3])
+    sizes = [e.spool.size for e in events]
+    limits = SpoolLimits(max_frames=100, max_bytes=sum(sizes) - 1)
+
+    plan = plan_drops(queued, set(), limits, now=10)
+    # Dropping the first capture of frame 0 frees nothing (a later capture still needs the
+    # file), so the oldest capture of frame 1 goes too.
+    assert [d.frame.event.sequence for d in plan.drops] == [0, 1]
+    assert [d.reason for d in plan.drops] == ["max_bytes", "max_bytes"]
+    assert not plan.still_over
+
+
+ROOMY = SpoolLimits(max_frames=1000, max_bytes=10**9)
+
+
+async def _forward_nothing(stored: FrameStored) -> None:
+    raise AssertionError(f"nothing should be announced, got {stored.frame_sha256}")
+
+
+async def _no_dead_letters(frame: QueuedFrame, error: PermanentError) -> None:
+    raise AssertionError(f"nothing should be dead-lettered, got {error}")
+
+
+def _forwarder(
+    tmp_path: Path,
+    store: BlobStore,
+    *,
+    limits: SpoolLimits = ROOMY,
+    clock: Callable[[], float] = time.time,
+    announce: Announce = _forward_nothing,
+    dead_letter: DeadLetterSink = _no_dead_letters,
+    on_progress: ProgressHook | None = None,
+) -> Forwarder:
+    spool = Spool(tmp_path / "spool", BIN)
+    return Forwarder(
+        spool=spool,
+        queue=UploadQueue(tmp_path / "spool", BIN),
+        uploader=FrameUploader(spool, store, clock),
+        limits=limits,
+        backoff=Backoff(0.001, 0.005, 0.5),
+        announce=announce,
+        dead_letter=dead_letter,
+        producer="uploader",
+        clock=clock,
+        on_progress=on_progress,
+    )
+
+
+def _dropped(reason: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "binloop_uploader_dropped_frames_total", {"bin": BIN, "reason": reason}
+        )
+        or 0.0
+    )
+
+
+async def test_a_full_spool_drops_the_oldest_unselected_frames_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    limits = SpoolLimits(max_frames=3, max_bytes=10**9, policy="drop_oldest", min_age_s=1.5)
+    forwarder = _forwarder(
+        tmp_path, LocalBlobStore(tmp_path / "blobs"), limits=limits, clock=lambda: now[0]
+    )
+    events = [_spool_and_describe(tmp_path / "spool", j, i) for i, j in enumerate(_demo_jpegs(5))]
+    before = _dropped("max_frames")
+
+    with caplog.at_level(logging.WARNING, logger="services.uploader.forwarder"):
+        for second, event in enumerate(events):
+            now[0] = float(second)
+            plan = await forwarder.accept(event)
+            if second == 0:
+                assert await forwarder.prioritize(event.frame_sha256)  # the sampler wants it
+        # t=3: four waiting, frame 1 is the oldest unselected one past 1.5 s; t=4: frame 2.
+        assert [d.frame.event.sequence for d in plan.drops] == [2]
+
+    kept = [f.event.sequence for f in forwarder.queue.snapshot()]
+    assert kept == [0, 3, 4]
+    assert _dropped("max_frames") - before == 2
+    spool = forwarder.spool
+    for event in events:
+        assert spool.store.exists(event.spool.key) == (event.sequence in kept)
+    assert _metric("binloop_uploader_backlog_frames") == 3
+    assert _metric("binloop_uploader_backlog_bytes") == sum(
+        e.spool.size for e in events if e.sequence in kept
+    )
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1  # the first drop at once; the next is summed up later
+    assert "dropped 1 frames" in warnings[0]
+    assert "drop_oldest" in warnings[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="services.uploader.forwarder"):
+        now[0] = 70.0
+        forwarder.report_drops()
+    assert ["dropped 1 frames" in r.getMessage() for r in caplog.records] == [True]
+
+    # Restarted: the queue and the selection come back from disk, in the same order.
+    reloaded = UploadQueue(tmp_path / "spool", BIN)
+    assert [f.event.sequence for f in reloaded.snapshot()] == [0, 3, 4]
+    assert reloaded.wanted() == {events[0].frame_sha256}
+    assert reloaded.peek() is not None
+    assert reloaded.peek() == forwarder.queue.peek()
+
+
+async def test_when_only_protected_frames_are_left_the_spool_stays_over_and_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = SpoolLimits(max_frames=1, max_bytes=10**9, min_age_s=3600)
+    forwarder = _forwarder(tmp_path, LocalBlobStore(tmp_path / "blobs"), limits=limits)
+    events = [_spool_and_describe(tmp_path / "spool", j, i) for i, j in enumerate(_demo_jpegs(3))]
+    with caplog.at_level(logging.WARNING, logger="services.uploader.forwarder"):
+        plans = [await forwarder.accept(event) for event in events]
+    assert [p.drops for p in plans] == [[], [], []]
+    assert [p.still_over for p in plans] == [False, True, True]
+    assert forwarder.queue.pending_frames == 3
+    assert len(caplog.records) == 1
+    assert "over its limits" in caplog.records[0].getMessage()
+
+
+def test_unreadable_queue_entries_are_set_aside_and_counted(tmp_path: Path) -> None:
+    event = _spool_and_describe(tmp_path / "spool", _demo_jpegs(1)[0], 0)
+    queue = UploadQueue(tmp_path / "spool", BIN)
+    assert queue.add(QueuedFrame(event, 1.0))
+    assert not queue.add(QueuedFrame(event, 2.0))  # the same event twice: queued once
+    broken = queue.root / "queue" / f"{uuid.uuid4()}.json"
+    broken.write_bytes(b'{"queued_at": 1, "event": {"bin_id": "bin-1"}}')
+    before = _dropped("unreadable_entry")
+
+    forwarder = _forwarder(tmp_path, LocalBlobStore(tmp_path / "blobs"))
+    assert [f.event.event_id for f in forwarder.queue.snapshot()] == [event.event_id]
+    assert forwarder.queue.unreadable == [broken.with_name(broken.name + ".unreadable")]
+    assert forwarder.queue.unreadable[0].exists()
+    assert _dropped("unreadable_entry") - before == 1
+
+
+class FlakyStore(LocalBlobStore):
+    """A store that refuses writes while `down` is set, like an unreachable endpoint."""
+
+    down = True
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> BlobRef:
+        if self.down:
+            raise OSError(111, "Connection refused")
+        return super().put(key, data, content_type)
+
+
+async def test_the_forwarder_retries_until_the_store_answers_selected_frame_first(
+    tmp_path: Path,
+) -> None:
+    store = FlakyStore(tmp_path / "blobs")
+    announced: list[FrameStored] = []
+    steps: list[str] = []
+    changed = asyncio.Event()
+
+    async def announce(stored: FrameStored) -> None:
+        announced.append(stored)
+
+    def on_progress(kind: str, sha256: str) -> None:
+        steps.append(kind)
+        changed.set()
+
+    async def until(condition: Callable[[], bool]) -> None:
+        while not condition():
+            changed.clear()
+            await asyncio.wait_for(changed.wait(), 10)
+
+    forwarder = _forwarder(tmp_path, store, announce=announce, on_progress=on_progress)
+    events = [_spool_and_describe(tmp_path / "spool", j, i) for i, j in enumerate(_demo_jpegs(3))]
+    running = asyncio.create_task(forwarder.run())
+    try:
+        for event in events:
+            await forwarder.accept(event)
+        assert await forwarder.prioritize(events[2].frame_sha256)
+        await until(lambda: steps.count("retry") >= 4)
+        assert announced == []
+        assert forwarder.backoff.failures >= 4
+        store.down = False
+        await until(lambda: steps.count("stored") == 3)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    assert [s.frame_sha256 for s in announced] == [events[i].frame_sha256 for i in (2, 0, 1)]
+    assert [s.frame_event_id for s in announced] == [str(events[i].event_id) for i in (2, 0, 1)]
+    assert forwarder.backoff.failures == 0
+    assert forwarder.queue.pending_frames == 0
+    assert forwarder.queue.wanted() == frozenset()
+    for event in events:
+        key = frame_key(BIN, event.captured_at, event.frame_sha256)
+        assert sha256_hex(store.get(key)) == event.frame_sha256
+        assert forwarder.spool.uploaded_at(event.spool.key) is not None
+    assert not await forwarder.prioritize(events[0].frame_sha256)  # stored: nothing to hurry
+
+
+async def test_a_frame_corrupted_after_it_was_queued_is_dead_lettered_not_retried(
+    tmp_path: Path,
+) -> None:
+    letters: list[tuple[str, str]] = []
+    done = asyncio.Event()
+
+    async def dead_letter(frame: QueuedFrame, error: PermanentError) -> None:
+        letters.append((frame.sha256, type(error).__name__))
+
+    forwarder = _forwarder(
+        tmp_path,
+        LocalBlobStore(tmp_path / "blobs"),
+        dead_letter=dead_letter,
+        on_progress=lambda kind, sha: done.set() if kind == "dead_lettered" else None,
+    )
+    first, second = _demo_jpegs(2)
+    event = _spool_and_describe(tmp_path / "spool", first, 0)
+    await forwarder.accept(event)
+    (forwarder.spool.store.root / event.spool.key).write_bytes(second)  # bit rot on the edge
+    running = asyncio.create_task(forwarder.run())
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    assert letters == [(event.frame_sha256, "ChecksumMismatchError")]
+    assert forwarder.queue.pending_frames == 0
+    assert forwarder.spool.store.exists(event.spool.key)  # kept for a look, never uploaded

@@ -1,22 +1,49 @@
-"""The uploader service: frames.captured in, frame into object storage, frames.stored out."""
+"""The uploader service: store-and-forward from the edge spool to object storage.
+
+frames.captured is acked once the frame is durably queued next to the spool; a background
+forwarder drains that queue into the store (selected frames first, exponential backoff with
+jitter while the store is down) and publishes frames.stored after each confirmed write.
+samples.selected for this bin moves a frame to the front. See docs/uploader.md for why.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
+from functools import partial
+
+import nats.errors
+from faststream.nats import DeliverPolicy
 
 from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.errors import PermanentError, TransientError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
-from binloop.storage import BlobStore, open_store
-from schemas.events import FrameCaptured
-from schemas.routes import FRAMES_CAPTURED, FRAMES_STORED
-from services.uploader.core import FrameUploader, stored_event
+from binloop.storage import BlobStore, S3BlobStore, open_store
+from schemas.base import Event
+from schemas.events import DeadLetter, FrameCaptured, FrameStored, SampleSelected
+from schemas.routes import DLQ, FRAMES_CAPTURED, FRAMES_STORED, SAMPLES_SELECTED, Route
+from services.uploader.backoff import Backoff
+from services.uploader.core import FrameUploader
+from services.uploader.forwarder import Forwarder, ProgressHook
+from services.uploader.limits import SpoolLimits
+from services.uploader.queue import QueuedFrame, UploadQueue
 from services.uploader.settings import UploaderSettings
 from services.uploader.spool import Spool
 
 SERVICE = "uploader"
+PREVIEW_CHARS = 4096
+_DEAD_LETTER_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:uploader.dead-letter")
+
+
+def _open_store(settings: UploaderSettings) -> BlobStore:
+    if settings.blob_backend == "s3":
+        # The forwarder's backoff is the retry layer: the HTTP client's own retries would only
+        # delay noticing that the store is down.
+        return S3BlobStore.from_settings(settings, timeout_s=settings.store_timeout_s, retries=0)
+    return open_store(settings)
 
 
 def create_app(
@@ -24,25 +51,70 @@ def create_app(
     *,
     store: BlobStore | None = None,
     clock: Callable[[], float] = time.time,
+    on_progress: ProgressHook | None = None,
 ) -> ServiceApp:
     service = new_service(SERVICE, settings)
     service.declare_publishes(FRAMES_STORED, bin_id=settings.bin_id)
     bin_id = settings.bin_id
     spool = Spool(settings.spool_root, bin_id)
-    uploader = FrameUploader(spool, store or open_store(settings), clock)
-    uploaded_bytes = metrics.UPLOADED_BYTES.labels(bin_id)
-    backlog = metrics.UPLOADER_BACKLOG.labels(bin_id)
+
+    async def publish(route: Route, event: Event, subject_bin: str) -> None:
+        try:
+            await service.publisher.publish(route, event, subject_bin)
+        except (nats.errors.Error, TimeoutError, ConnectionError) as exc:
+            raise TransientError(f"publishing {route.name}: {type(exc).__name__}: {exc}") from exc
+
+    async def announce(stored: FrameStored) -> None:
+        await publish(FRAMES_STORED, stored, bin_id)
+
+    async def dead_letter(frame: QueuedFrame, error: PermanentError) -> None:
+        """What the bus consumer does for a failed message, for a frame already acked."""
+        payload = frame.event.model_dump_json()
+        letter = DeadLetter(
+            event_id=uuid.uuid5(_DEAD_LETTER_NAMESPACE, frame.event_id),
+            producer=service.producer,
+            service=service.producer,
+            original_subject=FRAMES_CAPTURED.subject(bin_id),
+            error_type=type(error).__name__,
+            error=str(error)[:4096],
+            payload_preview=payload[:PREVIEW_CHARS],
+            payload_size=len(payload.encode()),
+        )
+        await publish(DLQ, letter, service.producer)
+        metrics.DEAD_LETTERS.labels(SERVICE, FRAMES_CAPTURED.name, letter.error_type).inc()
+
+    forwarder = Forwarder(
+        spool=spool,
+        queue=UploadQueue(settings.spool_root, bin_id),
+        uploader=FrameUploader(spool, store or _open_store(settings), clock),
+        limits=SpoolLimits(
+            max_frames=settings.spool_max_pending_frames,
+            max_bytes=settings.spool_max_pending_bytes,
+            policy=settings.spool_full_policy,
+            min_age_s=settings.spool_drop_min_age_s,
+        ),
+        backoff=Backoff(settings.retry_initial_s, settings.retry_max_s, settings.retry_jitter),
+        announce=announce,
+        dead_letter=dead_letter,
+        producer=service.producer,
+        clock=clock,
+        on_progress=on_progress,
+    )
 
     async def on_frame(delivery: Delivery[FrameCaptured]) -> list[Outgoing]:
-        upload = await asyncio.to_thread(uploader.upload, delivery.event)
-        uploaded_bytes.inc(upload.written_bytes)
-        stored = stored_event(delivery.event, upload.blob, service.producer)
-        return [Outgoing(FRAMES_STORED, stored, bin_id)]
+        await forwarder.accept(delivery.event)
+        return []  # frames.stored comes from the forwarder, once the store has the frame
+
+    async def on_selected(delivery: Delivery[SampleSelected]) -> list[Outgoing]:
+        if delivery.event.bin_id == bin_id:
+            await forwarder.prioritize(delivery.event.frame_sha256)
+        return []
 
     async def sweep_spool() -> None:
         while True:
-            scan = await asyncio.to_thread(spool.sweep, clock(), settings.spool_retention_s)
-            backlog.set(scan.pending)
+            await asyncio.to_thread(spool.sweep, clock(), settings.spool_retention_s)
+            await asyncio.to_thread(forwarder.prune_wanted)
+            forwarder.report_drops()
             await asyncio.sleep(settings.sweep_interval_s)
 
     subscribe(
@@ -53,7 +125,22 @@ def create_app(
         durable=f"uploader-{bin_id}",
         bin_id=bin_id,
         policy=service.policy,
-        description="Copies each spooled frame into object storage, verified by sha256.",
+        description="Queues each spooled frame for the object store (acked once queued on "
+        "disk); a forwarder uploads it, verified by sha256, and announces frames.stored.",
     )
-    service.background.append(sweep_spool)
+    subscribe(
+        service.broker,
+        service.publisher,
+        SAMPLES_SELECTED,
+        on_selected,
+        durable=f"uploader-{bin_id}-selected",
+        policy=service.policy,
+        # Only selections made while this bin's uploader exists can concern its spool.
+        deliver_policy=DeliverPolicy.NEW,
+        description="Moves frames the sampler selected (for this bin) to the front of the "
+        "upload queue.",
+    )
+    service.background.extend([forwarder.run, sweep_spool])
+    service.ready_checks.append(lambda: forwarder.running)
+    service.on_stop.append(partial(forwarder.drain, settings.store_timeout_s + 1.0))
     return service

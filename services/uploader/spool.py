@@ -2,7 +2,8 @@
 reclaims those older than the retention. State lives in files, so it survives a restart.
 
 A frame `<bin>/<xx>/<sha>.jpg` is marked uploaded by a sibling `<sha>.jpg.uploaded` holding the
-upload time and the object key. Nothing unmarked is ever deleted.
+upload time and the object key. The sweep never deletes an unmarked frame; only the spool-full
+policy gives one up (see limits.py), and never silently.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ class Spool:
     def mark_uploaded(self, key: str, object_key: str, uploaded_at: float) -> None:
         marker = json.dumps({"uploaded_at": uploaded_at, "object_key": object_key})
         self.store.put(key + UPLOADED_SUFFIX, marker.encode(), "application/json")
+
+    def is_pending(self, key: str) -> bool:
+        """The frame is in the spool and not (yet) confirmed by the object store."""
+        return self.store.exists(key) and self.uploaded_at(key) is None
+
+    def discard(self, key: str) -> None:
+        """Give a frame up (the spool-full policy decided so): the frame and any marker."""
+        self.store.delete(key)
+        self.store.delete(key + UPLOADED_SUFFIX)
 
     def uploaded_at(self, key: str) -> float | None:
         """When the frame was uploaded, or None when it is not marked (or the mark is unreadable:

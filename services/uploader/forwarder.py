@@ -1,0 +1,310 @@
+"""Store-and-forward on the edge: frames enter a durable queue as they are captured, and one
+forwarder drains it into the object store, selected frames first, backing off while the store
+does not answer. No bus here: announcing and dead-lettering are callables the app passes in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from binloop.errors import MissingBlobError, PermanentError, TransientError
+from binloop.observability import metrics
+from binloop.storage import spool_key
+from schemas.events import FrameCaptured, FrameStored
+from services.uploader.backoff import Backoff
+from services.uploader.core import FrameUploader, stored_event
+from services.uploader.limits import Drop, DropPlan, SpoolLimits, plan_drops
+from services.uploader.queue import QueuedFrame, UploadQueue
+from services.uploader.spool import Spool
+
+log = logging.getLogger(__name__)
+
+Progress = Literal["queued", "prioritized", "stored", "retry", "dropped", "dead_lettered"]
+ProgressHook = Callable[[Progress, str], None]
+"""Told (kind, frame sha256) after each step, on the event loop; tests wait on it."""
+Announce = Callable[[FrameStored], Awaitable[None]]
+DeadLetterSink = Callable[[QueuedFrame, PermanentError], Awaitable[None]]
+
+# While the spool stays full every new frame drops one: the metric counts each, the log sums up.
+DROP_WARNING_INTERVAL_S = 60.0
+
+
+class Forwarder:
+    """Intake (bus handlers call accept/prioritize) and the one loop that drains the queue."""
+
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        queue: UploadQueue,
+        uploader: FrameUploader,
+        limits: SpoolLimits,
+        backoff: Backoff,
+        announce: Announce,
+        dead_letter: DeadLetterSink,
+        producer: str,
+        clock: Callable[[], float] = time.time,
+        on_progress: ProgressHook | None = None,
+    ) -> None:
+        self.spool = spool
+        self.queue = queue
+        self.uploader = uploader
+        self.limits = limits
+        self.backoff = backoff
+        self.announce = announce
+        self.dead_letter = dead_letter
+        self.producer = producer
+        self.clock = clock
+        self.on_progress = on_progress
+        self.bin_id = spool.bin_id
+        self.running = False
+        self._wake = asyncio.Event()
+        self._report_lock = threading.Lock()  # intake threads and the sweep both report
+        self._drops_unreported = 0
+        self._last_drop_warning: float | None = None
+        self._over_limit_warned = False
+        # The frame being uploaded right now is not the spool-full policy's to drop.
+        self._claim_lock = threading.Lock()
+        self._in_flight: str | None = None
+        self._attempt_task: asyncio.Task[None] | None = None
+        self._uploaded_bytes = metrics.UPLOADED_BYTES.labels(self.bin_id)
+        self._backlog_frames = metrics.UPLOADER_BACKLOG.labels(self.bin_id)
+        self._backlog_bytes = metrics.UPLOADER_BACKLOG_BYTES.labels(self.bin_id)
+        for _ in queue.unreadable:
+            metrics.UPLOADER_DROPPED.labels(self.bin_id, "unreadable_entry").inc()
+        self.measure()
+
+    # -- intake ----------------------------------------------------------------------------
+
+    async def accept(self, event: FrameCaptured) -> DropPlan:
+        """Queue a captured frame durably (the bus acks it afterwards), then hold the backlog
+        to its limits. A spooled frame that does not match its event's sha256 raises
+        ChecksumMismatchError, a permanent error the bus dead-letters."""
+        plan = await asyncio.to_thread(self._accept, event)
+        self._notify("queued", event.frame_sha256)
+        for drop in plan.drops:
+            self._notify("dropped", drop.frame.sha256)
+        self.wake()
+        return plan
+
+    def _accept(self, event: FrameCaptured) -> DropPlan:
+        # Gone from the spool is no error yet: a redelivery after the sweep, when the store
+        # may well hold the frame. The forwarder asks the store (or dead-letters) once it can.
+        with contextlib.suppress(MissingBlobError):
+            self.spool.read(event.spool.key, event.frame_sha256)
+        self.queue.add(QueuedFrame(event, self.clock()))
+        plan = self.enforce_limits()
+        self.measure()
+        return plan
+
+    def enforce_limits(self) -> DropPlan:
+        with self._claim_lock:
+            if (
+                self.queue.pending_frames <= self.limits.max_frames
+                and self.queue.pending_bytes <= self.limits.max_bytes
+            ):
+                plan = DropPlan([], still_over=False)
+            else:
+                plan = plan_drops(
+                    self.queue.snapshot(),
+                    self.queue.wanted(),
+                    self.limits,
+                    self.clock(),
+                    busy={self._in_flight} if self._in_flight else set(),
+                )
+            for drop in plan.drops:
+                self._drop(drop)
+        self._report(plan)
+        return plan
+
+    def _drop(self, drop: Drop) -> None:
+        if self.queue.remove(drop.frame):
+            self.spool.discard(drop.frame.event.spool.key)
+        metrics.UPLOADER_DROPPED.labels(self.bin_id, drop.reason).inc()
+        with self._report_lock:
+            self._drops_unreported += 1
+
+    def _report(self, plan: DropPlan) -> None:
+        self.report_drops()
+        if plan.still_over and not self._over_limit_warned:
+            log.warning(
+                "uploader %s: spool over its limits (%d frames, %d bytes waiting; limits %d, "
+                "%d) and only frames selected for labeling or younger than %.0f s are left: "
+                "none of those is dropped",
+                self.bin_id,
+                self.queue.pending_frames,
+                self.queue.pending_bytes,
+                self.limits.max_frames,
+                self.limits.max_bytes,
+                self.limits.min_age_s,
+            )
+        self._over_limit_warned = plan.still_over
+
+    def report_drops(self) -> None:
+        """Warn about drops not reported yet: the first at once, then at most once a minute."""
+        with self._report_lock:
+            now = self.clock()
+            last = self._last_drop_warning
+            if not self._drops_unreported or (
+                last is not None and now - last < DROP_WARNING_INTERVAL_S
+            ):
+                return
+            dropped = self._drops_unreported
+            self._drops_unreported = 0
+            self._last_drop_warning = now
+        log.warning(
+            "uploader %s: spool full, dropped %d frames not selected for labeling (policy %s; "
+            "limits %d frames, %d bytes; %d frames, %d bytes waiting)",
+            self.bin_id,
+            dropped,
+            self.limits.policy,
+            self.limits.max_frames,
+            self.limits.max_bytes,
+            self.queue.pending_frames,
+            self.queue.pending_bytes,
+        )
+
+    async def prioritize(self, sha256: str) -> bool:
+        """The sampler wants this frame: upload it before the others. False when this bin has
+        nothing left to upload for it (stored already, or never spooled here)."""
+        wanted = await asyncio.to_thread(self._prioritize, sha256)
+        if wanted:
+            self._notify("prioritized", sha256)
+        return wanted
+
+    def _prioritize(self, sha256: str) -> bool:
+        key = spool_key(self.bin_id, sha256)
+        if not (self.queue.is_queued(sha256) or self.spool.is_pending(key)):
+            return False
+        if self.queue.want(sha256):
+            metrics.UPLOADER_PRIORITIZED.labels(self.bin_id).inc()
+        return True
+
+    def prune_wanted(self) -> None:
+        """Forget requests for frames that are neither queued nor waiting in the spool."""
+        for sha256 in self.queue.wanted():
+            if not self.queue.is_queued(sha256) and not self.spool.is_pending(
+                spool_key(self.bin_id, sha256)
+            ):
+                self.queue.unwant(sha256)
+
+    def measure(self) -> None:
+        self._backlog_frames.set(self.queue.pending_frames)
+        self._backlog_bytes.set(self.queue.pending_bytes)
+
+    # -- the forwarding loop ---------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New work; call from the event loop."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        self.running = True
+        try:
+            while True:
+                if self.queue.peek() is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                wait_s = self.backoff.wait_s()
+                if wait_s > 0:
+                    # The store is known to be down: new frames wait too, rather than hammer it.
+                    await asyncio.sleep(wait_s)
+                    continue  # pick again: a selected frame may have come in meanwhile
+                frame = self._claim_next()
+                if frame is None:
+                    continue
+                self._attempt_task = asyncio.create_task(self._attempt(frame))
+                # Shielded: a service that stops lets the frame in flight finish (see drain),
+                # rather than leave it stored but not yet announced or dequeued.
+                await asyncio.shield(self._attempt_task)
+        finally:
+            self.running = False
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait for the attempt in flight, if any (the service is stopping)."""
+        task = self._attempt_task
+        if task is None or task.done():
+            return
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _claim_next(self) -> QueuedFrame | None:
+        with self._claim_lock:
+            frame = self.queue.peek()
+            self._in_flight = frame.event_id if frame else None
+            return frame
+
+    def _release(self) -> None:
+        with self._claim_lock:
+            self._in_flight = None
+
+    async def _attempt(self, frame: QueuedFrame) -> None:
+        try:
+            await self._attempt_claimed(frame)
+        finally:
+            self._release()  # only now may the spool-full policy consider this frame again
+
+    async def _attempt_claimed(self, frame: QueuedFrame) -> None:
+        try:
+            outcome = await self._forward(frame)
+        except TransientError as exc:
+            self._retry_later(frame, exc)
+            return
+        if outcome == "stored":
+            if self.backoff.failures:
+                log.warning(
+                    "uploader %s: object store answers again after %d failed attempts; "
+                    "%d frames waiting",
+                    self.bin_id,
+                    self.backoff.failures,
+                    self.queue.pending_frames,
+                )
+            self.backoff.succeeded()
+        self._finish(frame)
+        self._notify(outcome, frame.sha256)
+
+    async def _forward(self, frame: QueuedFrame) -> Progress:
+        """Store, then announce; a TransientError leaves the frame queued for the next try."""
+        try:
+            upload = await asyncio.to_thread(self.uploader.upload, frame.event)
+        except PermanentError as exc:
+            await self.dead_letter(frame, exc)
+            return "dead_lettered"
+        await self.announce(stored_event(frame.event, upload.blob, self.producer))
+        self._uploaded_bytes.inc(upload.written_bytes)
+        return "stored"
+
+    def _retry_later(self, frame: QueuedFrame, error: TransientError) -> None:
+        delay_s = self.backoff.failed()
+        metrics.UPLOADER_RETRIES.labels(self.bin_id, type(error).__name__).inc()
+        if self.backoff.failures == 1:
+            log.warning(
+                "uploader %s: upload failed (%s); frames stay in the spool, retrying with "
+                "backoff (next in %.2f s)",
+                self.bin_id,
+                error,
+                delay_s,
+            )
+        else:
+            log.debug(
+                "uploader %s: attempt %d failed: %s", self.bin_id, self.backoff.failures, error
+            )
+        self._notify("retry", frame.sha256)
+
+    def _finish(self, frame: QueuedFrame) -> None:
+        if self.queue.remove(frame):
+            self.queue.unwant(frame.sha256)
+        self.measure()
+
+    def _notify(self, kind: Progress, sha256: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(kind, sha256)

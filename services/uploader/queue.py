@@ -1,0 +1,195 @@
+"""The uploader's durable queue: frames waiting for the object store, and the frames the sampler
+asked for first. Kept as files next to the spool, so a restart resumes where it stopped.
+
+Layout under `<spool_root>/.uploader/<bin>/` (a bin id cannot start with a dot, so this never
+meets a bin's spool folder):
+- `queue/<event_id>.json`: one frames.captured event waiting for the store, with when it came;
+- `wanted/<sha256>`: an empty file per frame a samples.selected event asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from schemas.events import FrameCaptured
+
+log = logging.getLogger(__name__)
+
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+@dataclass(frozen=True)
+class QueuedFrame:
+    event: FrameCaptured
+    queued_at: float
+    """The uploader's clock when the frame entered the queue."""
+
+    @property
+    def event_id(self) -> str:
+        return str(self.event.event_id)
+
+    @property
+    def sha256(self) -> str:
+        return self.event.frame_sha256
+
+    @property
+    def size(self) -> int:
+        return self.event.spool.size
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file, fsync, rename, fsync of the folder: after a power cut the entry is
+    either there whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class UploadQueue:
+    """Frames in arrival order, wanted ones first. Safe to call from several threads."""
+
+    def __init__(self, spool_root: Path, bin_id: str) -> None:
+        self.root = spool_root.resolve() / ".uploader" / bin_id
+        self._entries_dir = self.root / "queue"
+        self._wanted_dir = self.root / "wanted"
+        self._entries_dir.mkdir(parents=True, exist_ok=True)
+        self._wanted_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._entries: dict[str, QueuedFrame] = {}
+        self._by_sha: dict[str, dict[str, None]] = {}
+        self._wanted: dict[str, None] = {}
+        self._pending_bytes = 0
+        self.unreadable: list[Path] = []
+        """Entries found unreadable when the queue was loaded; set aside, never uploaded."""
+        self._load()
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        loaded = []
+        for path in self._entries_dir.glob("*.json"):
+            try:
+                record = json.loads(path.read_bytes())
+                frame = QueuedFrame(
+                    event=FrameCaptured.model_validate(record["event"]),
+                    queued_at=float(record["queued_at"]),
+                )
+            except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
+                # Kept for an operator to look at; its frame stays in the spool, unmarked.
+                aside = path.with_name(path.name + UNREADABLE_SUFFIX)
+                path.replace(aside)
+                self.unreadable.append(aside)
+                log.warning("upload queue entry %s is unreadable (%s); set aside", path, exc)
+                continue
+            loaded.append(frame)
+        loaded.sort(key=lambda f: (f.queued_at, f.event.sequence, f.event_id))
+        for frame in loaded:
+            self._index(frame)
+        for marker in sorted(self._wanted_dir.iterdir(), key=lambda p: p.stat().st_mtime):
+            if not marker.name.startswith(".tmp-"):
+                self._wanted[marker.name] = None
+
+    def _index(self, frame: QueuedFrame) -> None:
+        self._entries[frame.event_id] = frame
+        same_frame = self._by_sha.setdefault(frame.sha256, {})
+        if not same_frame:
+            self._pending_bytes += frame.size
+        same_frame[frame.event_id] = None
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def add(self, frame: QueuedFrame) -> bool:
+        """Persist and queue a frame; False when that event is queued already."""
+        with self._lock:
+            if frame.event_id in self._entries:
+                return False
+            record = {"queued_at": frame.queued_at, "event": frame.event.model_dump(mode="json")}
+            _write_atomic(self._entry_path(frame.event_id), json.dumps(record).encode())
+            self._index(frame)
+            return True
+
+    def remove(self, frame: QueuedFrame) -> bool:
+        """Take a frame off the queue (disk first). True when no other queued event refers to
+        the same spooled file."""
+        with self._lock:
+            self._entry_path(frame.event_id).unlink(missing_ok=True)
+            if self._entries.pop(frame.event_id, None) is None:
+                return frame.sha256 not in self._by_sha
+            same_frame = self._by_sha[frame.sha256]
+            del same_frame[frame.event_id]
+            if same_frame:
+                return False
+            del self._by_sha[frame.sha256]
+            self._pending_bytes -= frame.size
+            return True
+
+    def want(self, sha256: str) -> bool:
+        """Mark a frame as wanted first; False when it already was."""
+        with self._lock:
+            if sha256 in self._wanted:
+                return False
+            _write_atomic(self._wanted_dir / sha256, b"")
+            self._wanted[sha256] = None
+            return True
+
+    def unwant(self, sha256: str) -> None:
+        with self._lock:
+            (self._wanted_dir / sha256).unlink(missing_ok=True)
+            self._wanted.pop(sha256, None)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def peek(self) -> QueuedFrame | None:
+        """The frame to upload next: the earliest wanted one, else the oldest."""
+        with self._lock:
+            for sha256 in self._wanted:
+                same_frame = self._by_sha.get(sha256)
+                if same_frame:
+                    return self._entries[next(iter(same_frame))]
+            return next(iter(self._entries.values()), None)
+
+    def snapshot(self) -> list[QueuedFrame]:
+        """Every queued frame, oldest first."""
+        with self._lock:
+            return list(self._entries.values())
+
+    def wanted(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._wanted)
+
+    def is_queued(self, sha256: str) -> bool:
+        with self._lock:
+            return sha256 in self._by_sha
+
+    @property
+    def pending_frames(self) -> int:
+        return len(self._entries)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of distinct spooled files the queue waits on."""
+        return self._pending_bytes
+
+    def _entry_path(self, event_id: str) -> Path:
+        return self._entries_dir / f"{event_id}.json"
