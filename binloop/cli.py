@@ -50,7 +50,7 @@ def up(
 
     async def main() -> int:
         with (
-            Live(console=console, refresh_per_second=4, transient=False)
+            Live(console=console, refresh_per_second=4, transient=True)
             if live
             else (contextlib.nullcontext()) as view
         ):
