@@ -62,6 +62,12 @@ class InferenceResult(Event):
     latency: StageLatency
     embedding: list[float] | None = Field(default=None, max_length=1024)
     ground_truth: Label | None = None
+    phash: str | None = Field(
+        default=None,
+        pattern="^[0-9a-f]{16}$",
+        description="64-bit perceptual hash of the frame (16 hex digits), computed on the edge "
+        "from the decoded image; the sampler drops near-duplicates by Hamming distance.",
+    )
 
 
 class ActuationCommand(Event):

@@ -13,8 +13,10 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
+from pydantic import ValidationError
 
 from binloop.ml.card import ModelCard
+from binloop.ml.phash import hamming, phash
 from binloop.ml.preprocess import FloatArray, Preprocessor
 from schemas.base import BlobRef
 from schemas.events import ClassScore, FrameCaptured, InferenceResult, StageLatency
@@ -22,7 +24,7 @@ from schemas.taxonomy import Compartment, Taxonomy
 from services.edge_inferencer.core import DecisionPolicy, build_events, classify
 from services.edge_inferencer.models import LoadedModel
 from services.sampler.core import Candidate, Sampler, build_sampler, build_strategies, combine
-from services.sampler.phash import NearDuplicateFilter, hamming, phash
+from services.sampler.dedup import NearDuplicateFilter
 from services.sampler.policy import PolicyError, SamplingPolicy, load_policy, main, parse_policy
 from services.sampler.ratelimit import DAY_S, HOUR_S, RateLimits
 from services.sampler.strategies import (
@@ -502,6 +504,7 @@ class EmbeddingBackend:
     def __init__(self, dims: int) -> None:
         self.dims = dims
         self._card = make_card(LABELS)
+        self.passes = 0
 
     @property
     def card(self) -> ModelCard:
@@ -514,6 +517,10 @@ class EmbeddingBackend:
 
     def embed(self, batch: FloatArray) -> FloatArray | None:
         return np.arange(len(batch) * self.dims, dtype=np.float32).reshape(len(batch), self.dims)
+
+    def predict_with_embedding(self, batch: FloatArray) -> tuple[FloatArray, FloatArray | None]:
+        self.passes += 1
+        return self.predict(batch), self.embed(batch)
 
 
 @pytest.mark.parametrize(("dims", "expected"), [(16, 16), (2048, None)])
@@ -537,8 +544,61 @@ def test_edge_results_carry_the_model_embedding_when_it_fits_the_schema(
         sequence=0,
     )
     result, _ = build_events(frame, model, outcome, "edge-inferencer")
+    assert backend.passes == 1  # probabilities and embedding from one pass
     if expected is None:
         assert outcome.embedding is None  # too wide for InferenceResult: left off
         assert result.embedding is None
     else:
         assert result.embedding == [float(v) for v in range(expected)]
+
+
+def _edge_result(model: LoadedModel, data: bytes, bin_id: str = "bin-a") -> InferenceResult:
+    """What the edge inferencer publishes for these JPEG bytes."""
+    sha = hashlib.sha256(data).hexdigest()
+    frame = FrameCaptured(
+        producer="frame-ingestor",
+        bin_id=bin_id,
+        frame_sha256=sha,
+        spool=BlobRef(key=f"spool/{sha}.jpg", uri=f"file:///spool/{sha}.jpg", sha256=sha, size=1),
+        captured_at=CAPTURED_AT,
+        width=160,
+        height=120,
+        source="test",
+        sequence=0,
+    )
+    outcome = classify(lambda: data, model, DecisionPolicy(Taxonomy(), 0.5, 3))
+    return build_events(frame, model, outcome, "edge-inferencer")[0]
+
+
+def test_the_sampler_drops_near_duplicates_by_the_phash_the_edge_computed() -> None:
+    backend = EmbeddingBackend(8)
+    model = LoadedModel(backend.card, backend, Preprocessor.from_card(backend.card))
+    glass = (sorted((DEMO / "glass").glob("*.jpg"))[0]).read_bytes()
+    # The same item again, re-encoded: other bytes (another sha256), nearly the same pixels.
+    decoded = cv2.imdecode(np.frombuffer(glass, np.uint8), cv2.IMREAD_COLOR)
+    recoded = cv2.imencode(".jpg", decoded, [cv2.IMWRITE_JPEG_QUALITY, 50])[1].tobytes()
+    metal = (sorted((DEMO / "metal").glob("*.jpg"))[0]).read_bytes()
+    batch = [_edge_result(model, data) for data in (glass, recoded, metal)]
+    assert all(result.phash is not None for result in batch)
+    assert batch[0].frame_sha256 != batch[1].frame_sha256
+
+    sampler = build_sampler(  # the default hash source: InferenceResult.phash
+        policy(strategies={"least_confidence": {"threshold": 1.0}}, dedup={"max_hamming": 6}),
+        "sampler",
+        FakeClock(),
+    )
+    outcome = sampler.select_batch(batch)
+
+    assert [s.frame_sha256 for s in outcome.selected] == [
+        batch[0].frame_sha256,
+        batch[2].frame_sha256,
+    ]
+    assert outcome.near_duplicates == {"bin-a": 1}
+
+
+def test_a_phash_that_is_not_16_hex_digits_is_rejected_by_the_schema() -> None:
+    fields = make_result(1, 0.5).model_dump()
+    assert InferenceResult.model_validate({**fields, "phash": "0123456789abcdef"}).phash
+    for bad in ("0123456789ABCDEF", "0123", "0123456789abcdefg", "xyz"):
+        with pytest.raises(ValidationError, match="phash"):
+            InferenceResult.model_validate({**fields, "phash": bad})

@@ -26,6 +26,8 @@ from binloop.errors import (
     NotReadyError,
     UnknownUriError,
 )
+from binloop.ml.phash import phash
+from binloop.ml.preprocess import decode_rgb
 from binloop.natsserver import NatsServer
 from binloop.runtime import ServiceApp
 from binloop.storage import LocalBlobStore, model_key, sha256_hex, spool_key
@@ -321,6 +323,8 @@ def test_classify_times_every_stage_and_builds_matching_events(
     assert result.compartment == Taxonomy().compartment_for(result.label)
     assert (result.ground_truth, result.frame_event_id) == ("metal", str(frame.event_id))
     assert (command.compartment, command.model_version) == (result.compartment, 1)
+    # The pHash of the decoded frame rides along for the sampler's near-duplicate filter.
+    assert result.phash == phash(decode_rgb(data))
     # A redelivered frame republishes the same ids, which JetStream deduplicates.
     assert again.event_id == result.event_id
     assert command.event_id != result.event_id
@@ -436,11 +440,16 @@ async def test_every_frame_gets_one_result_and_one_command(
     assert Counter(r.frame_event_id for r in results.items) == Counter(sent.keys())
     assert Counter(c.frame_event_id for c in commands.items) == Counter(sent.keys())
     by_frame = {c.frame_event_id: c for c in commands.items}
+    phashes = {
+        sha256_hex(data): phash(decode_rgb(data))
+        for data in (path.read_bytes() for path in _demo_frames(2))
+    }
     for result in results.items:
         frame = sent[result.frame_event_id]
         assert (result.model_name, result.model_version) == ("tiny-cnn", 1)
         assert result.ground_truth == frame.ground_truth
         assert result.frame_sha256 == frame.frame_sha256
+        assert result.phash == phashes[frame.frame_sha256]
         assert result.abstained == (result.confidence < 0.3)
         expected = (
             Taxonomy().fallback if result.abstained else Taxonomy().compartment_for(result.label)

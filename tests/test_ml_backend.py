@@ -12,7 +12,9 @@ from binloop.errors import ModelLoadError, PermanentError
 from binloop.ml.backend import InferenceBackend, OnnxBackend
 from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import Preprocessor, decode_rgb
-from tests.modelfactory import build_torch_model, make_onnx_model
+from services.trainer.export import export_onnx
+from services.trainer.nets import CompactCNN, build_model
+from tests.modelfactory import build_torch_model, make_card, make_onnx_model
 
 CLASSES = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "eval"
@@ -55,6 +57,9 @@ def test_onnx_probabilities_match_torch_on_real_frames(model_files: tuple[Path, 
     np.testing.assert_allclose(probs, expected, atol=1e-4)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert backend.embed(batch) is None
+    together, embedding = backend.predict_with_embedding(batch)
+    np.testing.assert_array_equal(together, probs)
+    assert embedding is None  # this graph has logits only
 
 
 def test_random_batch_matches_torch_and_batch_size_is_dynamic(
@@ -114,3 +119,23 @@ def test_wrong_input_dtype_is_refused(model_files: tuple[Path, Path]) -> None:
 
     with pytest.raises(ValueError, match="NCHW float32"):
         backend.predict(np.zeros((1, 3, 64, 64), dtype=np.float64))  # type: ignore[arg-type]
+
+
+def test_an_embedding_output_comes_with_the_probabilities_from_one_run(tmp_path: Path) -> None:
+    model = build_model("compact-cnn", len(CLASSES)).eval()
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(export_onnx(model, (64, 64)))
+    card = make_card(CLASSES)
+    backend = OnnxBackend(onnx_path, card)
+    batch = _demo_batch(card, per_class=1)
+
+    probabilities, embedding = backend.predict_with_embedding(batch)
+
+    assert isinstance(model, CompactCNN)
+    with torch.no_grad():
+        logits, features = model.logits_and_embedding(torch.from_numpy(batch))
+    np.testing.assert_allclose(probabilities, torch.softmax(logits, -1).numpy(), atol=1e-5)
+    assert embedding is not None
+    assert embedding.shape == (len(CLASSES), 128)
+    np.testing.assert_allclose(embedding, features.numpy(), atol=1e-4)
+    np.testing.assert_allclose(probabilities, backend.predict(batch), atol=1e-6)

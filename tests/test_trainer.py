@@ -15,6 +15,7 @@ from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
 from binloop.datasets import DatasetManifest, ManifestItem, import_image_folder, write_manifest
+from binloop.ml.backend import OnnxBackend
 from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import Preprocessor, decode_rgb
 from binloop.natsserver import NatsServer
@@ -59,12 +60,14 @@ from services.trainer.evaluate import confusion_matrix, evaluate
 from services.trainer.export import (
     ParityError,
     check_parity,
+    embedding_parity_max_abs_diff,
     export_onnx,
+    onnx_embeddings,
     onnx_logits,
     onnx_session,
     parity_max_abs_diff,
 )
-from services.trainer.nets import build_model
+from services.trainer.nets import CompactCNN, build_model
 from services.trainer.train import (
     Augmenter,
     TrainConfig,
@@ -241,10 +244,70 @@ def test_onnx_export_matches_torch_for_any_batch_size(
     assert parity_max_abs_diff(model, session, inputs) <= 1e-3
 
 
+def test_the_exported_model_gives_the_edge_probabilities_and_embedding_in_one_pass(
+    trained: TrainingOutcome, world: TinyWorld, tmp_path: Path
+) -> None:
+    onnx_bytes = read_verified(trained.artifact)
+    outputs = onnx.load_model_from_string(onnx_bytes).graph.output
+    assert [output.name for output in outputs] == ["logits", "embedding"]
+    assert trained.embedding_parity_max_abs_diff is not None
+    assert trained.embedding_parity_max_abs_diff <= 1e-3
+
+    model = build_model("compact-cnn", 3)
+    model.load_state_dict(
+        torch.load(
+            world.store.root / model_key("binloop-waste", trained.version, "model.pt"),
+            weights_only=True,
+        )
+    )
+    assert isinstance(model, CompactCNN)
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(onnx_bytes)
+    backend = OnnxBackend(onnx_path, ModelCard.model_validate_json(read_verified(trained.card_ref)))
+    inputs = world.eval_set.loaded.inputs
+    probabilities, embedding = backend.predict_with_embedding(inputs)
+
+    with torch.no_grad():
+        logits, expected = model.eval().logits_and_embedding(torch.from_numpy(inputs))
+    assert embedding is not None
+    assert embedding.shape == (len(inputs), 128)  # the pooled features of the last stage
+    np.testing.assert_allclose(embedding, expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(probabilities, torch.softmax(logits, 1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(probabilities, backend.predict(inputs), atol=1e-6)
+    embedded = backend.embed(inputs)
+    assert embedded is not None
+    np.testing.assert_allclose(embedding, embedded, atol=1e-6)
+
+
+def test_a_network_without_an_embedding_exports_logits_only(world: TinyWorld) -> None:
+    logits_only = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=4),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )
+    session = onnx_session(export_onnx(logits_only, world.settings.input_size))
+    inputs = world.eval_set.loaded.inputs[:4]
+    assert [output.name for output in session.get_outputs()] == ["logits"]
+    assert onnx_embeddings(session, inputs) is None
+    assert embedding_parity_max_abs_diff(logits_only, session, inputs) is None
+    assert parity_max_abs_diff(logits_only, session, inputs) <= 1e-4
+
+
+def test_a_graph_that_lost_the_embedding_fails_parity(world: TinyWorld) -> None:
+    model = build_model("compact-cnn", 3)
+    inputs = world.eval_set.loaded.inputs[:4]
+    logits_only = onnx_session(export_onnx(torch.nn.Sequential(model), world.settings.input_size))
+    with pytest.raises(ParityError, match="no 'embedding'"):
+        embedding_parity_max_abs_diff(model, logits_only, inputs)
+
+
 def test_parity_beyond_tolerance_or_nan_fails_the_run() -> None:
     check_parity(5e-4, 1e-3)
-    with pytest.raises(ParityError, match=r"disagree by 0\.01"):
+    with pytest.raises(ParityError, match=r"disagree by 0\.01 on the logits"):
         check_parity(0.01, 1e-3)
+    with pytest.raises(ParityError, match=r"disagree by 0\.01 on the embedding"):
+        check_parity(0.01, 1e-3, "embedding")
     with pytest.raises(ParityError):
         check_parity(float("nan"), 1e-3)
 

@@ -1,13 +1,14 @@
 """Active-learning benchmark: simulates the label loop on TrashNet with an oracle annotator and
 compares each sampling strategy of services/sampler with random sampling.
 
-Per strategy and seed: a small random labeled seed; then rounds of train -> score the unlabeled
-pool (as InferenceResults, through the real `Sampler` with its rate limit as the per-round
-budget) -> the oracle labels the selections -> retrain; accuracy on a fixed test split (by a
-hash of each file name) after every round. Features are computed once and cached: a
-Coates-Ng single-layer network (k-means on whitened 6x6 colour patches learnt from the pool,
-triangle activation, quadrant pooling) plus an HSV colour histogram, PCA-reduced; the model is
-a softmax regression trained with L-BFGS, so a round takes well under a second.
+TrashNet is split by a hash of each file name into three disjoint parts: a fixed test split, a
+feature split and the unlabeled pool. The trainer's CompactCNN is trained from scratch on the
+feature split once (seeded, cached) and frozen; its pooled penultimate features are the
+embeddings of the pool and the test split, which never touch its training. Per strategy and
+seed: a small random labeled seed; then rounds of train a softmax head (L-BFGS) -> score the
+pool (as InferenceResults, through the real `Sampler`, its rate limit as the per-round budget,
+pHash dedup on InferenceResult.phash) -> the oracle labels the selections; accuracy on the test
+split after every round.
 
     .venv/bin/python tools/al_benchmark.py            # the full run (docs/active-learning.md)
     .venv/bin/python tools/al_benchmark.py --seeds 1 --rounds 3 --strategies random margin
@@ -37,18 +38,23 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from binloop.ml.phash import phash  # noqa: E402
+from binloop.ml.preprocess import decode_rgb  # noqa: E402
 from schemas.events import ClassScore, InferenceResult, StageLatency  # noqa: E402
 from schemas.taxonomy import TRASHNET_TO_COMPARTMENT  # noqa: E402
 from services.sampler.core import Sampler, build_sampler  # noqa: E402
-from services.sampler.phash import phash  # noqa: E402
 from services.sampler.policy import SamplingPolicy  # noqa: E402
 from services.sampler.ratelimit import DAY_S  # noqa: E402
+from services.trainer.nets import CompactCNN  # noqa: E402
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-FEATURE_VERSION = "coates-ng-k256-hsv-pca128-v1"
-PATCH, IMAGE_SIDE, CENTROIDS, PCA_DIMS = 6, 64, 256, 128
+FEATURE_VERSION = "compact-cnn-24-192-72x96-e40-v1"
+IMAGE_SIZE = (72, 96)
+"""Height, width the feature network sees (TrashNet's 4:3 photos, shrunk)."""
+FEATURE_WIDTHS = (24, 48, 96, 192)
+FEATURE_EPOCHS = 40
 L2 = 0.02
 CAPTURED_AT = datetime(2025, 1, 1, tzinfo=UTC)
 LATENCY = StageLatency(read_ms=0, decode_ms=0, preprocess_ms=0, infer_ms=0, postprocess_ms=0)
@@ -65,8 +71,10 @@ class Dataset:
     files: list[Path]
     labels: IntArray
     is_test: npt.NDArray[np.bool_]
+    is_pool: npt.NDArray[np.bool_]
+    """The unlabeled pool; images in neither split trained the feature network."""
     features: FloatArray
-    """N x PCA_DIMS, standardised."""
+    """N x D frozen embeddings, standardised with pool statistics."""
     sha256: list[str]
     phash: list[str]
 
@@ -84,85 +92,123 @@ def list_images(root: Path, limit_per_class: int | None) -> tuple[list[str], lis
     return classes, files, np.asarray(labels, dtype=np.int64)
 
 
-def test_split(files: Sequence[Path], test_percent: int) -> npt.NDArray[np.bool_]:
-    """Fixed by the file name alone: the same file is always on the same side."""
+def name_buckets(files: Sequence[Path]) -> IntArray:
+    """0-99 from sha256(file name) alone: the same file always lands in the same split."""
     return np.asarray(
-        [
-            int(hashlib.sha256(f.name.encode()).hexdigest()[:8], 16) % 100 < test_percent
-            for f in files
-        ]
+        [int(hashlib.sha256(f.name.encode()).hexdigest()[:8], 16) % 100 for f in files],
+        dtype=np.int64,
     )
 
 
-def _normalise_patches(patches: torch.Tensor) -> torch.Tensor:
-    centred = patches - patches.mean(-1, keepdim=True)
-    return centred / torch.sqrt(centred.var(-1, keepdim=True) + 0.01)
+def load_images(files: Sequence[Path]) -> tuple[npt.NDArray[np.uint8], list[str], list[str]]:
+    """N x H x W x 3 RGB at IMAGE_SIZE, the sha256 of each file and the edge's pHash of it."""
+    small, shas, hashes = [], [], []
+    height, width = IMAGE_SIZE
+    for path in files:
+        data = path.read_bytes()
+        rgb = decode_rgb(data)
+        shas.append(hashlib.sha256(data).hexdigest())
+        hashes.append(phash(rgb))  # what the edge inferencer puts on InferenceResult.phash
+        small.append(cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA))
+    return np.stack(small), shas, hashes
 
 
-def coates_ng_features(images: npt.NDArray[np.uint8], fit_on: IntArray) -> FloatArray:
-    """Single-layer k-means features (Coates, Lee, Ng 2011), learnt without labels."""
+def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flips, a random shift (reflect-padded crop) and per-channel colour jitter."""
+    n, _, height, width = batch.shape
+    for axis in (-1, -2):  # items photographed from above: upside down is still the item
+        flip = torch.rand(n, generator=generator) < 0.5
+        batch = torch.where(flip.view(n, 1, 1, 1), batch.flip(axis), batch)
+    pad_y, pad_x = height // 12, width // 12
+    padded = torch.nn.functional.pad(batch, (pad_x, pad_x, pad_y, pad_y), mode="reflect")
+    dy = int(torch.randint(0, 2 * pad_y + 1, (1,), generator=generator))
+    dx = int(torch.randint(0, 2 * pad_x + 1, (1,), generator=generator))
+    batch = padded[:, :, dy : dy + height, dx : dx + width]
+    contrast = 1 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.4
+    shift = (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * 0.4
+    return batch * contrast + shift
+
+
+def train_feature_net(inputs: torch.Tensor, targets: torch.Tensor, classes: int) -> CompactCNN:
+    """The trainer's CompactCNN, from scratch, on the feature split only (seeded)."""
+    torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    x = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
-    patches = torch.nn.functional.unfold(x, PATCH, stride=2).permute(0, 2, 1)  # N, L, D
-    dims = patches.shape[-1]
-    sample = _normalise_patches(patches[torch.as_tensor(fit_on)].reshape(-1, dims))
-    sample = sample[torch.randperm(len(sample), generator=generator)[:100_000]]
-    mean = sample.mean(0)
-    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov((sample - mean).T))
-    whiten = eigenvectors @ torch.diag(1.0 / torch.sqrt(eigenvalues + 0.1)) @ eigenvectors.T
-    white = (sample - mean) @ whiten
-    centroids = white[torch.randperm(len(white), generator=generator)[:CENTROIDS]].clone()
-    for _ in range(10):
-        assignment = torch.cdist(white, centroids).argmin(1)
-        for k in range(CENTROIDS):
-            members = white[assignment == k]
-            if len(members):
-                centroids[k] = members.mean(0)
-    side = math.isqrt(patches.shape[1])
-    pooled = []
-    for start in range(0, len(patches), 128):
-        z = (_normalise_patches(patches[start : start + 128]) - mean) @ whiten
-        distances = torch.cdist(z, centroids.expand(len(z), CENTROIDS, dims))
-        active = torch.relu(distances.mean(-1, keepdim=True) - distances)  # triangle k-means
-        maps = active.reshape(-1, side, side, CENTROIDS).permute(0, 3, 1, 2)
-        pooled.append(torch.nn.functional.adaptive_avg_pool2d(maps, 2).flatten(1))
-    return torch.cat(pooled).double().numpy()
-
-
-def colour_histogram(bgr: npt.NDArray[np.uint8]) -> FloatArray:
-    hsv = cv2.cvtColor(cv2.resize(bgr, (80, 60), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2HSV)
-    hist = cv2.calcHist([hsv], [0, 1, 2], None, [12, 4, 4], [0, 180, 0, 256, 0, 256]).ravel()
-    return np.sqrt(hist / hist.sum()).astype(np.float64)
+    model = CompactCNN(classes, widths=FEATURE_WIDTHS, dropout=0.3)
+    batch_size = 32
+    steps = FEATURE_EPOCHS * math.ceil(len(inputs) / batch_size)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
+    model.train()
+    for _ in range(FEATURE_EPOCHS):
+        order = torch.randperm(len(inputs), generator=generator)
+        for start in range(0, len(inputs), batch_size):
+            chosen = order[start : start + batch_size]
+            logits = model(_augment(inputs[chosen], generator))
+            loss = torch.nn.functional.cross_entropy(logits, targets[chosen], label_smoothing=0.1)
+            optimiser.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimiser.step()
+            schedule.step()
+    return model.eval()
 
 
 def compute_features(
-    files: Sequence[Path], is_test: npt.NDArray[np.bool_]
-) -> tuple[FloatArray, list[str], list[str]]:
-    small, histograms, shas, hashes = [], [], [], []
-    for path in files:
-        data = path.read_bytes()
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        shas.append(hashlib.sha256(data).hexdigest())
-        hashes.append(phash(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)))
-        small.append(cv2.resize(bgr, (IMAGE_SIDE, IMAGE_SIDE), interpolation=cv2.INTER_AREA))
-        histograms.append(colour_histogram(bgr))
-    pool = np.flatnonzero(~is_test)
-    raw = np.concatenate([coates_ng_features(np.stack(small), pool), np.stack(histograms)], axis=1)
-    # Standardise and project with statistics of the pool only: the test split stays unseen.
-    mean, std = raw[pool].mean(0), raw[pool].std(0) + 1e-6
-    standard = (raw - mean) / std
-    _, _, components = np.linalg.svd(standard[pool], full_matrices=False)
-    projected = standard @ components[:PCA_DIMS].T
-    projected /= projected[pool].std(0)
-    return projected, shas, hashes
+    images: npt.NDArray[np.uint8],
+    labels: IntArray,
+    is_feature: npt.NDArray[np.bool_],
+    is_pool: npt.NDArray[np.bool_],
+    weights: Path,
+    console: Console,
+) -> FloatArray:
+    """Frozen penultimate embeddings of a CNN trained on the feature split, which neither the
+    pool nor the test split touches; standardised with pool statistics only."""
+    pixels = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
+    feature_set = torch.as_tensor(is_feature)
+    mean = pixels[feature_set].mean((0, 2, 3), keepdim=True)
+    std = pixels[feature_set].std((0, 2, 3), keepdim=True)
+    inputs = (pixels - mean) / std
+    classes = int(labels.max()) + 1
+    if weights.exists():
+        model = CompactCNN(classes, widths=FEATURE_WIDTHS, dropout=0.3)
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.eval()
+    else:
+        started = time.perf_counter()
+        model = train_feature_net(
+            inputs[feature_set], torch.from_numpy(labels[is_feature]), classes
+        )
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), weights)
+        console.print(
+            f"feature network trained on {int(is_feature.sum())} images "
+            f"in {time.perf_counter() - started:.0f} s"
+        )
+    with torch.no_grad():
+        embedded = torch.cat(
+            [model.logits_and_embedding(inputs[i : i + 256])[1] for i in range(0, len(inputs), 256)]
+        ).double()
+    raw: FloatArray = embedded.numpy()
+    pool = np.flatnonzero(is_pool)
+    features: FloatArray = (raw - raw[pool].mean(0)) / (raw[pool].std(0) + 1e-6)
+    return features
 
 
-def load_dataset(root: Path, cache: Path, test_percent: int, limit: int | None) -> Dataset:
+def load_dataset(
+    root: Path,
+    cache: Path,
+    test_percent: int,
+    feature_percent: int,
+    limit: int | None,
+    console: Console,
+) -> Dataset:
     classes, files, labels = list_images(root, limit)
-    is_test = test_split(files, test_percent)
+    buckets = name_buckets(files)
+    is_test = buckets < test_percent
+    is_feature = (buckets >= test_percent) & (buckets < test_percent + feature_percent)
+    is_pool = ~is_test & ~is_feature
     fingerprint = hashlib.sha256(
         "\n".join(
-            [FEATURE_VERSION, str(test_percent)]
+            [FEATURE_VERSION, str(test_percent), str(feature_percent)]
             + [f"{f.relative_to(root)}:{f.stat().st_size}" for f in files]
         ).encode()
     ).hexdigest()[:16]
@@ -171,10 +217,12 @@ def load_dataset(root: Path, cache: Path, test_percent: int, limit: int | None) 
         stored = np.load(path)
         features, shas, hashes = stored["features"], list(stored["sha"]), list(stored["phash"])
     else:
-        features, shas, hashes = compute_features(files, is_test)
+        images, shas, hashes = load_images(files)
+        weights = cache / f"feature-net-{fingerprint}.pt"
+        features = compute_features(images, labels, is_feature, is_pool, weights, console)
         cache.mkdir(parents=True, exist_ok=True)
         np.savez(path, features=features, sha=np.asarray(shas), phash=np.asarray(hashes))
-    return Dataset(classes, files, labels, is_test, features, shas, hashes)
+    return Dataset(classes, files, labels, is_test, is_pool, features, shas, hashes)
 
 
 # --------------------------------------------------------------------------- the model
@@ -294,6 +342,7 @@ def inference_results(
             latency=LATENCY,
             embedding=data.features[index].tolist(),
             ground_truth=data.classes[int(data.labels[index])],
+            phash=data.phash[index],
         )
 
 
@@ -316,17 +365,14 @@ def simulate(
     data: Dataset, strategy: str, seed: int, seed_size: int, budget: int, rounds: int
 ) -> RunResult:
     rng = np.random.default_rng(seed)
-    pool = np.flatnonzero(~data.is_test)
+    pool = np.flatnonzero(data.is_pool)
     test = np.flatnonzero(data.is_test)
     labeled = set(rng.choice(pool, seed_size, replace=False).tolist())
     by_sha = {data.sha256[i]: i for i in pool}
     clock = SimulatedClock()
-    hashes = {data.sha256[i]: data.phash[i] for i in pool}
+    # Dedup reads InferenceResult.phash, as in the running loop.
     sampler: Sampler = build_sampler(
-        benchmark_policy(strategy, budget, seed),
-        "al-benchmark",
-        clock,
-        hash_source=lambda result: hashes.get(result.frame_sha256),
+        benchmark_policy(strategy, budget, seed), "al-benchmark", clock
     )
     num_classes = len(data.classes)
     curve = RunResult([], [], 0)
@@ -449,11 +495,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/datasets/trashnet")
     parser.add_argument("--cache", type=Path, default=REPO / ".binloop/cache/al_benchmark")
     parser.add_argument("--plot", type=Path, default=REPO / "docs/img/al_learning_curves.png")
-    parser.add_argument("--seeds", type=int, default=3, help="Seeds per strategy")
-    parser.add_argument("--seed-size", type=int, default=30, help="Labeled images to start with")
-    parser.add_argument("--budget", type=int, default=30, help="Labels added per round")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--test-percent", type=int, default=25)
+    parser.add_argument("--seeds", type=int, default=5, help="Seeds per strategy")
+    parser.add_argument("--seed-size", type=int, default=20, help="Labeled images to start with")
+    parser.add_argument("--budget", type=int, default=20, help="Labels added per round")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--test-percent", type=int, default=25, help="Fixed test split")
+    parser.add_argument(
+        "--feature-percent",
+        type=int,
+        default=35,
+        help="Split that trains the frozen feature network; the rest is the unlabeled pool",
+    )
     parser.add_argument("--limit-per-class", type=int, default=None, help="For a quick try")
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -461,10 +513,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     console = Console(width=130)  # the table stays whole when the output goes to a file
     started = time.perf_counter()
-    data = load_dataset(args.data, args.cache, args.test_percent, args.limit_per_class)
+    if args.test_percent + args.feature_percent >= 100:
+        parser.error("--test-percent plus --feature-percent must leave a pool (< 100)")
+    data = load_dataset(
+        args.data,
+        args.cache,
+        args.test_percent,
+        args.feature_percent,
+        args.limit_per_class,
+        console,
+    )
     console.print(
-        f"{len(data.files)} images, {int(data.is_test.sum())} in the test split, "
+        f"{len(data.files)} images: {int(data.is_test.sum())} test, {int(data.is_pool.sum())} "
+        f"pool, {int((~data.is_test & ~data.is_pool).sum())} trained the feature network; "
         f"features {data.features.shape[1]}-d ready in {time.perf_counter() - started:.0f} s"
+    )
+    pool, test = np.flatnonzero(data.is_pool), np.flatnonzero(data.is_test)
+    ceiling = SoftmaxRegression(len(data.classes)).fit(data.features[pool], data.labels[pool])
+    console.print(
+        "the head trained on the whole labeled pool: test accuracy "
+        f"{(ceiling.predict_proba(data.features[test]).argmax(1) == data.labels[test]).mean():.3f}"
     )
     strategies = ["random", *(s for s in args.strategies if s != "random")]
     summaries: dict[str, Summary] = {}

@@ -31,6 +31,10 @@ class InferenceBackend(Protocol):
         """N x D features for diversity sampling, or None when the model exposes none."""
         ...
 
+    def predict_with_embedding(self, batch: FloatArray) -> tuple[FloatArray, FloatArray | None]:
+        """`predict` and `embed` from one pass through the model: what the edge calls per frame."""
+        ...
+
 
 def _providers() -> list[str]:
     # CUDA first where this onnxruntime build has it (a GPU node, a Jetson); CPU always last.
@@ -70,10 +74,14 @@ class OnnxBackend:
             raise ModelLoadError(f"{onnx_path}: expected 1 input, the model has {len(inputs)}")
         self._input_name: str = inputs[0].name
         outputs = self._session.get_outputs()
-        self._output_name: str = outputs[0].name
+        scores = [o for o in outputs if o.name != EMBEDDING_OUTPUT]
+        if not scores:
+            raise ModelLoadError(f"{onnx_path}: the model has no output besides the embedding")
+        # The class scores are the first other output, wherever the exporter put the embedding.
+        self._output_name: str = scores[0].name
         names = {o.name for o in outputs}
         self._embedding_name: str | None = EMBEDDING_OUTPUT if EMBEDDING_OUTPUT in names else None
-        self._check_against_card(list(inputs[0].shape), list(outputs[0].shape))
+        self._check_against_card(list(inputs[0].shape), list(scores[0].shape))
 
     def _check_against_card(self, input_shape: list[Any], output_shape: list[Any]) -> None:
         card = self._card
@@ -98,20 +106,31 @@ class OnnxBackend:
     def card(self) -> ModelCard:
         return self._card
 
-    def _run(self, output: str, batch: FloatArray) -> FloatArray:
+    def _run(self, outputs: list[str], batch: FloatArray) -> list[FloatArray]:
         if batch.dtype != np.float32 or batch.ndim != 4:
             raise ValueError(f"expected an NCHW float32 batch, got {batch.dtype} {batch.shape}")
-        (result,) = self._session.run([output], {self._input_name: batch})
-        array: FloatArray = np.asarray(result, dtype=np.float32)
-        return array
+        results = self._session.run(outputs, {self._input_name: batch})
+        return [np.asarray(result, dtype=np.float32) for result in results]
 
-    def predict(self, batch: FloatArray) -> FloatArray:
-        scores = self._run(self._output_name, batch)
+    def _probabilities(self, scores: FloatArray) -> FloatArray:
         if self._card.output == "logits":
             return softmax(scores)
         return scores
 
+    def predict(self, batch: FloatArray) -> FloatArray:
+        (scores,) = self._run([self._output_name], batch)
+        return self._probabilities(scores)
+
     def embed(self, batch: FloatArray) -> FloatArray | None:
         if self._embedding_name is None:
             return None
-        return self._run(self._embedding_name, batch)
+        (features,) = self._run([self._embedding_name], batch)
+        return features
+
+    def predict_with_embedding(self, batch: FloatArray) -> tuple[FloatArray, FloatArray | None]:
+        if self._embedding_name is None:
+            return self.predict(batch), None
+        # One session.run for both outputs: the embedding is an intermediate of the same pass,
+        # so asking for it separately would run the whole network twice per frame.
+        scores, features = self._run([self._output_name, self._embedding_name], batch)
+        return self._probabilities(scores), features

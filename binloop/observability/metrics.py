@@ -57,7 +57,9 @@ MODEL_VERSION_SERVED = Gauge(
     "binloop_model_served_version", "Model version the edge inferencer serves", ["bin", "model"]
 )
 MODEL_SWAPS = Counter("binloop_model_swaps_total", "Live model swaps", ["bin"])
-UPLOADER_BACKLOG = Gauge("binloop_uploader_backlog_frames", "Frames waiting for the object store", ["bin"])
+UPLOADER_BACKLOG = Gauge(
+    "binloop_uploader_backlog_frames", "Frames waiting for the object store", ["bin"]
+)
 UPLOADED_BYTES = Counter("binloop_uploaded_bytes_total", "Bytes written to the store", ["bin"])
 SAMPLER_SELECTIONS = Counter(
     "binloop_sampler_selections_total", "Frames picked for labeling", ["strategy"]

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from binloop.ml.phash import phash
 from binloop.ml.preprocess import FloatArray, decode_rgb
 from binloop.storage.blobstore import LocalBlobStore, read_verified
 from schemas.base import BlobRef
@@ -97,6 +98,8 @@ class Classification:
     latency: StageLatency
     embedding: list[float] | None = None
     """The model's feature vector for the sampler's diversity strategy, when it exposes one."""
+    phash: str | None = None
+    """Perceptual hash of the decoded frame, for the sampler's near-duplicate filter."""
 
 
 def classify(
@@ -107,11 +110,13 @@ def classify(
     data = read()
     marks.append(time.perf_counter())
     rgb = decode_rgb(data)
+    # Hashed here, where the pixels are already decoded; the sampler never sees them.
+    frame_hash = phash(rgb)
     marks.append(time.perf_counter())
     batch = model.preprocessor(rgb)[np.newaxis]
     marks.append(time.perf_counter())
-    probs = model.backend.predict(batch)[0]
-    features = model.backend.embed(batch)
+    probabilities, features = model.backend.predict_with_embedding(batch)
+    probs = probabilities[0]
     marks.append(time.perf_counter())
     stats = probability_stats(probs, model.card.classes, policy.top_k)
     decision = decide(stats, policy.taxonomy, policy.confidence_threshold)
@@ -129,7 +134,7 @@ def classify(
     embedding = None
     if features is not None and features[0].size <= EMBEDDING_MAX_DIMS:
         embedding = [float(value) for value in features[0].ravel()]
-    return Classification(stats, decision, latency, embedding)
+    return Classification(stats, decision, latency, embedding, frame_hash)
 
 
 def build_events(
@@ -156,6 +161,7 @@ def build_events(
         latency=outcome.latency,
         embedding=outcome.embedding,
         ground_truth=frame.ground_truth,
+        phash=outcome.phash,
     )
     command = ActuationCommand(
         event_id=uuid.uuid5(_COMMAND_NAMESPACE, frame_event_id),

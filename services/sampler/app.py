@@ -11,7 +11,7 @@ from binloop.runtime import ServiceApp, new_service
 from schemas.events import InferenceResult
 from schemas.routes import INFERENCE_RESULT, SAMPLES_SELECTED
 from services.sampler.core import build_sampler
-from services.sampler.phash import HashSource, event_phash
+from services.sampler.dedup import HashSource, event_phash
 from services.sampler.policy import SamplingPolicy, load_policy
 from services.sampler.settings import SamplerSettings
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from binloop.storage.keys import frame_key
 from schemas.events import InferenceResult, SampleSelected, SamplingStrategy
-from services.sampler.phash import HashSource, NearDuplicateFilter, event_phash
+from services.sampler.dedup import HashSource, NearDuplicateFilter, event_phash
 from services.sampler.policy import SamplingPolicy
 from services.sampler.ratelimit import RateLimits
 from services.sampler.strategies import (

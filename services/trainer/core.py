@@ -33,7 +33,9 @@ from services.trainer.data import (
 )
 from services.trainer.evaluate import EvalReport, evaluate
 from services.trainer.export import (
+    EMBEDDING_NAME,
     check_parity,
+    embedding_parity_max_abs_diff,
     export_onnx,
     onnx_logits,
     onnx_session,
@@ -81,6 +83,8 @@ class TrainingOutcome:
     parity_max_abs_diff: float
     train_seconds: float
     skipped: dict[str, str]
+    embedding_parity_max_abs_diff: float | None = None
+    """Same check on the "embedding" output; None when the network exports none."""
 
     def completed_event(self, producer: str) -> TrainingCompleted:
         return TrainingCompleted(
@@ -226,8 +230,12 @@ def run_training(
     )
     onnx_bytes = export_onnx(result.model, settings.input_size)
     session = onnx_session(onnx_bytes, settings.torch_threads)
-    parity = parity_max_abs_diff(result.model, session, _parity_batch(eval_set, train_items))
+    parity_batch = _parity_batch(eval_set, train_items)
+    parity = parity_max_abs_diff(result.model, session, parity_batch)
     check_parity(parity, settings.parity_tolerance)
+    embedding_parity = embedding_parity_max_abs_diff(result.model, session, parity_batch)
+    if embedding_parity is not None:
+        check_parity(embedding_parity, settings.parity_tolerance, EMBEDDING_NAME)
 
     predicted = onnx_logits(session, eval_set.loaded.inputs).argmax(axis=1)
     report = evaluate(
@@ -283,6 +291,7 @@ def run_training(
         parity_max_abs_diff=parity,
         train_seconds=time.perf_counter() - started,
         skipped=skipped,
+        embedding_parity_max_abs_diff=embedding_parity,
     )
 
 

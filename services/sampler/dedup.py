@@ -1,84 +1,26 @@
-"""Perceptual hashes (64-bit DCT pHash) and the near-duplicate filter built on them.
+"""The sampler's near-duplicate filter: pHashes (binloop.ml.phash) of earlier selections.
 
 A bin sees the same item for several frames, and a stuck item for hundreds: labeling each copy
-buys nothing. The sampler never sees pixels, so the hash comes from a `HashSource` (the edge
-inferencer, which decodes every frame, is the natural place to compute it; see
-docs/active-learning.md); `phash` here is the one function both sides use.
+buys nothing. The sampler never sees pixels: the edge inferencer, which decodes every frame,
+puts the hash on `InferenceResult.phash`, and `event_phash` (the default `HashSource`) reads it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
+from binloop.ml.phash import HEX_DIGITS
 from schemas.events import InferenceResult
-
-HASH_SIDE = 8
-"""The hash keeps the lowest HASH_SIDE x HASH_SIDE DCT frequencies: 64 bits."""
-DCT_SIDE = 32
 
 HashSource = Callable[[InferenceResult], str | None]
 """Where the sampler gets a frame's pHash (16 hex digits), or None when it has none."""
 
 
-@cache
-def _dct_matrix(n: int) -> npt.NDArray[np.float64]:
-    """Orthonormal DCT-II matrix: C @ x is the DCT of a column x."""
-    k = np.arange(n)[:, np.newaxis]
-    i = np.arange(n)[np.newaxis, :]
-    matrix: npt.NDArray[np.float64] = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
-    matrix[0] /= np.sqrt(2.0)
-    return matrix
-
-
-def _area_resize(gray: npt.NDArray[np.float64], side: int) -> npt.NDArray[np.float64]:
-    """Mean of each cell of a side x side grid over the image (box filter, no dependencies)."""
-    # Smaller than the grid: repeat pixels first so every cell covers at least one.
-    gray = np.repeat(gray, -(-side // gray.shape[0]), axis=0)
-    gray = np.repeat(gray, -(-side // gray.shape[1]), axis=1)
-    rows = np.linspace(0, gray.shape[0], side + 1).astype(int)
-    cols = np.linspace(0, gray.shape[1], side + 1).astype(int)
-    summed = np.add.reduceat(np.add.reduceat(gray, rows[:-1], axis=0), cols[:-1], axis=1)
-    counts = np.outer(np.diff(rows), np.diff(cols))
-    resized: npt.NDArray[np.float64] = summed / counts
-    return resized
-
-
-def phash(image: npt.NDArray[Any]) -> str:
-    """64-bit perceptual hash of an H x W (grey) or H x W x C image, as 16 hex digits.
-
-    Grey, shrink to 32 x 32, 2-D DCT, keep the 8 x 8 lowest frequencies, one bit per
-    coefficient: above the median of the 63 AC terms or not. Robust to re-encoding, small
-    shifts and brightness changes; different items differ in about half the bits.
-    """
-    if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"expected an H x W or H x W x C image, got shape {image.shape}")
-    gray = image.astype(np.float64)
-    if gray.ndim == 3:
-        gray = gray.mean(axis=2)
-    small = _area_resize(gray, DCT_SIDE)
-    dct = _dct_matrix(DCT_SIDE)
-    low = (dct @ small @ dct.T)[:HASH_SIDE, :HASH_SIDE].ravel()
-    # The DC term is the mean brightness: it says nothing about structure and skews the median.
-    bits = low > np.median(low[1:])
-    value = 0
-    for bit in bits:
-        value = (value << 1) | int(bit)
-    return f"{value:016x}"
-
-
-def hamming(first: str, second: str) -> int:
-    return (int(first, 16) ^ int(second, 16)).bit_count()
-
-
 def event_phash(result: InferenceResult) -> str | None:
-    """The hash the edge put on the result, once InferenceResult carries an optional `phash`."""
-    value = getattr(result, "phash", None)
-    return value if isinstance(value, str) else None
+    """The hash the edge inferencer put on the result (None from an edge that sends none)."""
+    return result.phash
 
 
 _POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
@@ -141,7 +83,7 @@ class NearDuplicateFilter:
         except ValueError:
             return None
         # Anything that is not 64 bits is not a pHash of ours: do not compare it.
-        return number if len(value) == 16 else None
+        return number if len(value) == HEX_DIGITS else None
 
     def duplicate_of(self, bin_id: str, value: int) -> tuple[int, str] | None:
         """(distance, earlier hash) when `value` is a near-duplicate of a kept selection."""
