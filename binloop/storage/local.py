@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from binloop.errors import MissingBlobError, UnknownUriError
 from binloop.observability import metrics
+from binloop.storage.files import write_atomically
 from binloop.storage.protocol import sha256_hex
 from schemas.base import BlobRef
 
@@ -36,17 +35,7 @@ class LocalBlobStore:
             and sha256_hex(path.read_bytes()) == digest
         )
         if not already_there:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomically(path, data)
         outcome = "unchanged" if already_there else "written"
         metrics.BLOB_PUTS.labels(self.backend, outcome).inc()
         return BlobRef(

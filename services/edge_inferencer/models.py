@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import Preprocessor
 from binloop.observability import metrics
 from binloop.storage.blobstore import read_verified
+from binloop.storage.files import write_atomically
 from schemas.base import BlobRef
 
 log = logging.getLogger(__name__)
@@ -85,17 +84,6 @@ def load_model(
     return LoadedModel(card, backend, Preprocessor.from_card(card), installed_by)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ModelCache:
     """Promoted models on local disk, as <root>/<name>/v<version>/model.onnx + model.card.json,
     so a restarted bin can point default_model at the last one without the network."""
@@ -119,8 +107,8 @@ class ModelCache:
         folder = self.root / update.name / f"v{update.version}"
         folder.mkdir(parents=True, exist_ok=True)
         onnx_path = folder / ONNX_FILE
-        _write_atomically(onnx_path, onnx_bytes)
-        _write_atomically(folder / f"{onnx_path.stem}.card.json", card_bytes)
+        write_atomically(onnx_path, onnx_bytes)
+        write_atomically(folder / f"{onnx_path.stem}.card.json", card_bytes)
         return load_model(
             onnx_path,
             card_path_for(onnx_path),

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from binloop.errors import PermanentError
+from binloop.storage.files import write_atomically
 from schemas.base import BlobRef
 from schemas.events import SampleSelected
 from schemas.taxonomy import Taxonomy
@@ -49,17 +48,9 @@ class OracleBackend:
         )
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
     """Label Studio may import the folder at any time: it must never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text.encode("utf-8"), durable=False)
 
 
 class LabelStudioExportBackend:
@@ -81,14 +72,14 @@ class LabelStudioExportBackend:
         config = label_config_xml(self.taxonomy)
         path = self.export_dir / self.CONFIG_FILE
         if not (path.is_file() and path.read_text(encoding="utf-8") == config):
-            write_atomically(path, config)
+            write_text_atomically(path, config)
         self._config_written = True
 
     def submit(self, sample: SampleSelected, frame: BlobRef) -> Annotation | None:
         if not self._config_written:
             self._write_config()
         task = import_task(sample, frame)
-        write_atomically(self.task_path(sample.frame_sha256), json.dumps(task, indent=1))
+        write_text_atomically(self.task_path(sample.frame_sha256), json.dumps(task, indent=1))
         return None
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from binloop.storage.files import write_atomically
 from schemas.events import FrameCaptured
 
 log = logging.getLogger(__name__)
@@ -43,27 +42,6 @@ class QueuedFrame:
     @property
     def size(self) -> int:
         return self.event.spool.size
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file, fsync, rename, fsync of the folder: after a power cut the entry is
-    either there whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 class UploadQueue:
@@ -125,7 +103,7 @@ class UploadQueue:
             if frame.event_id in self._entries:
                 return False
             record = {"queued_at": frame.queued_at, "event": frame.event.model_dump(mode="json")}
-            _write_atomic(self._entry_path(frame.event_id), json.dumps(record).encode())
+            write_atomically(self._entry_path(frame.event_id), json.dumps(record).encode())
             self._index(frame)
             return True
 
@@ -149,7 +127,7 @@ class UploadQueue:
         with self._lock:
             if sha256 in self._wanted:
                 return False
-            _write_atomic(self._wanted_dir / sha256, b"")
+            write_atomically(self._wanted_dir / sha256, b"")
             self._wanted[sha256] = None
             return True
 
