@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from functools import partial
 
 from nats.js.api import DeliverPolicy
@@ -16,7 +17,7 @@ from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from binloop.storage import open_store
 from schemas.base import BlobRef
-from schemas.events import FrameCaptured, ModelPromoted, ModelRolledBack
+from schemas.events import FleetHeartbeat, FrameCaptured, ModelPromoted, ModelRolledBack
 from schemas.routes import (
     ACTUATION_COMMAND,
     FRAMES_CAPTURED,
@@ -78,6 +79,22 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
     durable = f"{SERVICE}-{bin_id}"
     promoted_durable = f"{durable}-promoted"
     rolled_back_durable = f"{durable}-rolledback"
+    started = time.monotonic()
+    frames_done = 0
+
+    def heartbeat() -> FleetHeartbeat:
+        served = model_slot.served
+        return FleetHeartbeat(
+            producer=service.producer,
+            bin_id=bin_id,
+            service=SERVICE,
+            model_name=served[0] if served else None,
+            model_version=served[1] if served else None,
+            frames_processed=frames_done,
+            uptime_s=time.monotonic() - started,
+        )
+
+    service.send_heartbeats(heartbeat)
 
     async def on_frame(delivery: Delivery[FrameCaptured]) -> list[Outgoing]:
         frame = delivery.event
@@ -87,6 +104,8 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
             )
         result, command = build_events(frame, model, outcome, service.producer)
         _observe(frame.bin_id, outcome)
+        nonlocal frames_done
+        frames_done += 1
         return [
             Outgoing(INFERENCE_RESULT, result, frame.bin_id),
             Outgoing(ACTUATION_COMMAND, command, frame.bin_id),

@@ -85,6 +85,9 @@ def _outcome_of(error: BaseException) -> str:
 def create_app(settings: TrainerSettings, store: BlobStore | None = None) -> ServiceApp:
     service = new_service("trainer", settings)
     service.declare_publishes(TRAINING_COMPLETED)
+    for outcome in ("completed", "failed", "insufficient_data"):
+        # Every outcome exists from the start, so increase() sees a Job's first failure.
+        metrics.TRAINING_RUNS.labels(outcome)
     blob_store = store or open_store(settings)
     state = TrainerState()
 
