@@ -54,7 +54,7 @@ def render(stats: LoopStats, title: str = "binloop: the data engine loop") -> Ta
     )
     served = ", ".join(
         f"v{v}: {n} frames"
-        + (f" (live acc {acc:.0%})" if (acc := stats.accuracy_of(v)) is not None else "")
+        + (f" ({acc:.0%} match replay labels)" if (acc := stats.accuracy_of(v)) is not None else "")
         for v, n in sorted(stats.served_versions.items())
     )
     table.add_row("models served", served or "-")
