@@ -10,7 +10,12 @@ pool (as InferenceResults, through the real `Sampler`, its rate limit as the per
 pHash dedup on InferenceResult.phash) -> the oracle labels the selections; accuracy on the test
 split after every round.
 
-    .venv/bin/python tools/al_benchmark.py            # the full run (docs/active-learning.md)
+Two protocols (docs/active-learning.md): "small" (20 seed labels + 15 rounds of 20 = 320, 37 % of
+the pool) and "large" (40 + 15 rounds of 40 = 640, 75 % of the pool, where random sampling is
+close to what the whole pool gives). --seed-size, --per-round and --rounds override either.
+
+    .venv/bin/python tools/al_benchmark.py                     # the small protocol
+    .venv/bin/python tools/al_benchmark.py --protocol large    # the large one
     .venv/bin/python tools/al_benchmark.py --seeds 1 --rounds 3 --strategies random margin
 """
 
@@ -60,6 +65,25 @@ CAPTURED_AT = datetime(2025, 1, 1, tzinfo=UTC)
 LATENCY = StageLatency(read_ms=0, decode_ms=0, preprocess_ms=0, infer_ms=0, postprocess_ms=0)
 BIN = "benchmark-bin"
 CHALLENGER_OFFSET = 100_000
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How many labels a run starts with and buys: seed_size + rounds x per_round in the end."""
+
+    seed_size: int
+    per_round: int
+    rounds: int
+    plot: str
+    """File name under docs/img/ for the learning curves."""
+
+
+PROTOCOLS = {
+    # The first protocol: a budget (320) well below the pool (858), random far from saturation.
+    "small": Protocol(seed_size=20, per_round=20, rounds=15, plot="al_learning_curves.png"),
+    # Budget 640 of 858: random at the full budget is near the whole-pool ceiling; half is 320.
+    "large": Protocol(seed_size=40, per_round=40, rounds=15, plot="al_learning_curves_large.png"),
+}
 
 
 # --------------------------------------------------------------------------- data and features
@@ -421,23 +445,51 @@ class Summary:
     std: FloatArray
     labels_to_match: int | None
     """Fewest labels at which the mean curve reaches random's mean at the full budget."""
+    per_seed_to_match: list[int | None]
+    """The same, for each seed's own curve (its spread shows how noisy the first number is)."""
+
+
+def labels_to_reach(labels: IntArray, curve: FloatArray, target: float | None) -> int | None:
+    """The first label count at which `curve` is at or above `target`; None if it never is."""
+    if target is None:
+        return None
+    reached = np.flatnonzero(curve >= target)
+    return int(labels[reached[0]]) if len(reached) else None
 
 
 def summarise(strategy: str, runs: Sequence[RunResult], target: float | None) -> Summary:
     accuracy = np.asarray([run.accuracy for run in runs])
     labels = np.asarray(runs[0].labels)
     mean, std = accuracy.mean(0), accuracy.std(0)
-    reached = np.flatnonzero(mean >= target) if target is not None else np.array([])
-    return Summary(strategy, labels, mean, std, int(labels[reached[0]]) if len(reached) else None)
+    return Summary(
+        strategy,
+        labels,
+        mean,
+        std,
+        labels_to_reach(labels, mean, target),
+        [labels_to_reach(labels, curve, target) for curve in accuracy],
+    )
 
 
-def report(summaries: dict[str, Summary], plot: Path, console: Console) -> None:
+def describe_per_seed(reached: Sequence[int | None]) -> str:
+    """'min-max (k/n)': the range over the seeds that reach the target, and how many do."""
+    hits = [r for r in reached if r is not None]
+    if not hits:
+        return f"none (0/{len(reached)})"
+    span = str(min(hits)) if min(hits) == max(hits) else f"{min(hits)}-{max(hits)}"
+    return f"{span} ({len(hits)}/{len(reached)})"
+
+
+def report(
+    summaries: dict[str, Summary], ceiling: float, title: str, plot: Path, console: Console
+) -> None:
     baseline = summaries["random"]
     full = float(baseline.mean[-1])
     half_round = int(np.argmin(np.abs(baseline.labels - baseline.labels[-1] / 2)))
     half_labels = int(baseline.labels[half_round])
     table = Table(
-        title=f"Test accuracy (mean ± std over seeds); random at the full budget: {full:.3f}"
+        title=f"Test accuracy (mean ± std over seeds), {title}",
+        caption=f"random at the full budget {full:.3f}, head on the whole pool {ceiling:.3f}",
     )
     for column in (
         "strategy",
@@ -445,6 +497,7 @@ def report(summaries: dict[str, Summary], plot: Path, console: Console) -> None:
         f"acc @ {baseline.labels[-1]} labels",
         "gain @ half vs random @ half",
         "labels to reach random @ full",
+        "per seed",
         "goal met",
     ):
         table.add_column(column, justify="left" if column == "strategy" else "right")
@@ -462,6 +515,7 @@ def report(summaries: dict[str, Summary], plot: Path, console: Console) -> None:
             f"{summary.mean[-1]:.3f} ± {summary.std[-1]:.3f}",
             "-" if name == "random" else f"{gain:+.3f} (spread {spread:.3f})",
             str(summary.labels_to_match) if summary.labels_to_match is not None else "not reached",
+            describe_per_seed(summary.per_seed_to_match),
             "-" if name == "random" else ("yes" if met else "no"),
         )
     console.print(table)
@@ -479,10 +533,11 @@ def report(summaries: dict[str, Summary], plot: Path, console: Console) -> None:
             summary.labels, summary.mean - summary.std, summary.mean + summary.std, alpha=0.12
         )
     axes.axhline(full, color="black", linestyle="--", linewidth=1, label="random @ full budget")
+    axes.axhline(ceiling, color="red", linestyle="--", linewidth=1, label="head on the whole pool")
     axes.axvline(half_labels, color="grey", linestyle=":", linewidth=1, label="half the budget")
     axes.set_xlabel("labels (seed + selections)")
     axes.set_ylabel("test accuracy")
-    axes.set_title("Active learning on TrashNet: learning curves (mean ± std over seeds)")
+    axes.set_title(f"Active learning on TrashNet, {title}: mean ± std over seeds")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
     plot.parent.mkdir(parents=True, exist_ok=True)
@@ -494,11 +549,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/datasets/trashnet")
     parser.add_argument("--cache", type=Path, default=REPO / ".binloop/cache/al_benchmark")
-    parser.add_argument("--plot", type=Path, default=REPO / "docs/img/al_learning_curves.png")
+    parser.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default="small",
+        help="Preset seed size, labels per round, rounds and plot name (the flags below override)",
+    )
+    parser.add_argument("--plot", type=Path, default=None, help="Default: docs/img/<protocol's>")
     parser.add_argument("--seeds", type=int, default=5, help="Seeds per strategy")
-    parser.add_argument("--seed-size", type=int, default=20, help="Labeled images to start with")
-    parser.add_argument("--budget", type=int, default=20, help="Labels added per round")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--seed-size", type=int, default=None, help="Labeled images to start with")
+    parser.add_argument(
+        "--per-round", "--budget", type=int, default=None, help="Labels added per round"
+    )
+    parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--test-percent", type=int, default=25, help="Fixed test split")
     parser.add_argument(
         "--feature-percent",
@@ -510,8 +573,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args(argv)
+    preset = PROTOCOLS[args.protocol]
+    seed_size = preset.seed_size if args.seed_size is None else args.seed_size
+    per_round = preset.per_round if args.per_round is None else args.per_round
+    rounds = preset.rounds if args.rounds is None else args.rounds
+    plot = args.plot or REPO / "docs/img" / preset.plot
     torch.set_num_threads(args.threads)
-    console = Console(width=130)  # the table stays whole when the output goes to a file
+    console = Console(width=150)  # the table stays whole when the output goes to a file
     started = time.perf_counter()
     if args.test_percent + args.feature_percent >= 100:
         parser.error("--test-percent plus --feature-percent must leave a pool (< 100)")
@@ -529,17 +597,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"features {data.features.shape[1]}-d ready in {time.perf_counter() - started:.0f} s"
     )
     pool, test = np.flatnonzero(data.is_pool), np.flatnonzero(data.is_test)
-    ceiling = SoftmaxRegression(len(data.classes)).fit(data.features[pool], data.labels[pool])
-    console.print(
-        "the head trained on the whole labeled pool: test accuracy "
-        f"{(ceiling.predict_proba(data.features[test]).argmax(1) == data.labels[test]).mean():.3f}"
+    if seed_size + rounds * per_round > len(pool):
+        parser.error(f"seed size + rounds x per round exceeds the pool ({len(pool)} images)")
+    whole_pool = SoftmaxRegression(len(data.classes)).fit(data.features[pool], data.labels[pool])
+    predicted = whole_pool.predict_proba(data.features[test]).argmax(1)
+    ceiling = float((predicted == data.labels[test]).mean())
+    console.print(f"the head trained on the whole labeled pool: test accuracy {ceiling:.3f}")
+    title = (
+        f"protocol {args.protocol}: {seed_size} seed labels + {rounds} rounds of {per_round} "
+        f"= {seed_size + rounds * per_round} of {len(pool)}"
     )
+    console.print(title)
     strategies = ["random", *(s for s in args.strategies if s != "random")]
     summaries: dict[str, Summary] = {}
     target: float | None = None
     for strategy in strategies:
         runs = [
-            simulate(data, strategy, seed, args.seed_size, args.budget, args.rounds)
+            simulate(data, strategy, seed, seed_size, per_round, rounds)
             for seed in range(args.seeds)
         ]
         summaries[strategy] = summarise(strategy, runs, target)
@@ -551,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{strategy}: final {summaries[strategy].mean[-1]:.3f}, "
             f"{duplicates} near-duplicates dropped, {time.perf_counter() - started:.0f} s"
         )
-    report(summaries, args.plot, console)
+    report(summaries, ceiling, title, plot, console)
     console.print(f"total {time.perf_counter() - started:.0f} s")
     return 0
 
