@@ -16,6 +16,7 @@ from rich.live import Live
 
 from binloop.embedded import DEMO_DIR, LoopConfig, run_loop
 from binloop.liveview import render, summary
+from binloop.train_command import train_command
 from services.registry import SERVICES
 
 app = typer.Typer(
@@ -163,6 +164,11 @@ def replay(
 
     count = asyncio.run(replay_file(nats_url, path, speed=speed))
     console.print(f"replayed {count} messages from {path}")
+
+
+app.command(
+    "train", help="Train, calibrate, evaluate and export a waste classifier (docs/training.md)."
+)(train_command)
 
 
 @app.command("export-schemas")

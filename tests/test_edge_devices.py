@@ -234,3 +234,11 @@ def test_without_tensorrt_the_build_step_exits_with_the_reason(
     assert tensorrt_engine.main(["--onnx", str(onnx), "--cache-dir", str(tmp_path)]) == 1
     assert "TensorRT's Python API is not installed" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [onnx]
+
+
+def test_auto_driver_falls_back_to_the_simulation_without_jetson_gpio() -> None:
+    from services.actuator.app import make_driver
+    from services.actuator.core import SimulatedDriver
+    from services.actuator.settings import ActuatorSettings
+
+    assert isinstance(make_driver(ActuatorSettings(driver="auto", http_port=0)), SimulatedDriver)

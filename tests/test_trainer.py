@@ -4,6 +4,7 @@ ONNX parity, unreadable items, and the service against a real nats-server."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -495,3 +496,28 @@ def _some_metrics() -> ModelMetrics:
         compartment_accuracy=0.5,
         per_class_f1={},
     )
+
+
+def test_a_run_with_enough_val_items_bakes_the_fitted_temperature_into_the_graph(
+    world: TinyWorld,
+) -> None:
+    settings = world.settings.model_copy(update={"epochs": 3, "min_val_items": 2})
+    outcome = run_training(
+        world.store, world.manifest, world.eval_set, settings, parent_version=None
+    )
+    match = re.search(r"temperature T=([0-9.]+) is built into the ONNX graph", outcome.card.notes)
+    assert match is not None, outcome.card.notes
+    temperature = float(match.group(1))
+    assert temperature != 1.0
+    model = build_model("compact-cnn", 3)
+    model.load_state_dict(
+        torch.load(
+            world.store.root / model_key("binloop-waste", outcome.version, "model.pt"),
+            weights_only=True,
+        )
+    )
+    inputs = world.eval_set.loaded.inputs
+    with torch.no_grad():
+        raw = model.eval()(torch.from_numpy(inputs)).numpy()
+    exported = onnx_logits(onnx_session(read_verified(outcome.artifact)), inputs)
+    np.testing.assert_allclose(exported, raw / temperature, rtol=1e-3, atol=1e-4)

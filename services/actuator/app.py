@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.errors import ConfigError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from schemas.events import ActuationCommand
@@ -13,11 +15,21 @@ from services.actuator.core import ActuatorDriver, SimulatedDriver, execute
 from services.actuator.gpio import GpioDriver, jetson_driver
 from services.actuator.settings import ActuatorSettings
 
+log = logging.getLogger(__name__)
+
 
 def make_driver(settings: ActuatorSettings) -> ActuatorDriver:
+    simulated = SimulatedDriver(settings.sim_actuation_ms, settings.sim_jam_rate, settings.sim_seed)
     if settings.driver == "simulated":
-        return SimulatedDriver(settings.sim_actuation_ms, settings.sim_jam_rate, settings.sim_seed)
-    return jetson_driver()
+        return simulated
+    if settings.driver == "auto":
+        # Jetson.GPIO when this machine has it, the simulation everywhere else.
+        try:
+            return jetson_driver()
+        except ConfigError as exc:
+            log.warning("actuator: no GPIO here (%s); using the simulated driver", exc)
+            return simulated
+    return jetson_driver()  # "gpio": a bin whose GPIO is broken must not fake its flaps
 
 
 def create_app(settings: ActuatorSettings, driver: ActuatorDriver | None = None) -> ServiceApp:

@@ -11,8 +11,12 @@ from binloop.settings import ServiceSettings
 
 class ActuatorSettings(ServiceSettings):
     bin_id: str = Field(default="bin-1", pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    driver: Literal["simulated", "gpio"] = Field(
-        default="simulated", description="gpio needs Jetson.GPIO on the bin (see edge/)"
+    driver: Literal["simulated", "gpio", "auto"] = Field(
+        default="simulated",
+        description=(
+            "gpio: Jetson.GPIO, refusing to start without it (a bin); auto: Jetson.GPIO when "
+            "present, the simulated driver otherwise; simulated: never touches pins"
+        ),
     )
     sim_actuation_ms: float = Field(default=5.0, ge=0, le=10_000)
     sim_jam_rate: float = Field(default=0.0, ge=0, le=1, description="Fraction of jams")

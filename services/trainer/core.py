@@ -23,6 +23,7 @@ from binloop.storage import BlobStore, dataset_key, model_key, sha256_hex
 from schemas.base import BlobRef, utc_now
 from schemas.events import DatasetSnapshot, ModelMetrics, TrainingCompleted, TrainingRequested
 from schemas.taxonomy import Taxonomy
+from services.trainer.calibration import fit_temperature, with_temperature
 from services.trainer.data import (
     LoadedItems,
     ManifestDataset,
@@ -44,7 +45,13 @@ from services.trainer.export import (
 from services.trainer.nets import build_model, count_parameters
 from services.trainer.report import confusion_png
 from services.trainer.settings import TrainerSettings
-from services.trainer.train import TrainConfig, TrainResult, train_classifier
+from services.trainer.train import (
+    TrainConfig,
+    TrainResult,
+    predict_logits,
+    resolve_device,
+    train_classifier,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,8 @@ def train_config(settings: TrainerSettings) -> TrainConfig:
         min_val_items=settings.min_val_items,
         mean=settings.mean,
         std=settings.std,
+        balance=settings.balance,
+        mixed_precision=settings.mixed_precision,
     )
 
 
@@ -226,14 +235,17 @@ def run_training(
         train_data,
         val_data if len(val_data) else None,
         train_config(settings),
-        device=settings.device,
+        device=resolve_device(settings.device),
     )
-    onnx_bytes = export_onnx(result.model, settings.input_size)
+    temperature = _temperature(result, val_data, settings)
+    # The exported graph carries the temperature, so the edge's confidences are calibrated.
+    shipped = with_temperature(result.model, temperature).eval()
+    onnx_bytes = export_onnx(shipped, settings.input_size)
     session = onnx_session(onnx_bytes, settings.torch_threads)
     parity_batch = _parity_batch(eval_set, train_items)
-    parity = parity_max_abs_diff(result.model, session, parity_batch)
+    parity = parity_max_abs_diff(shipped, session, parity_batch)
     check_parity(parity, settings.parity_tolerance)
-    embedding_parity = embedding_parity_max_abs_diff(result.model, session, parity_batch)
+    embedding_parity = embedding_parity_max_abs_diff(shipped, session, parity_batch)
     if embedding_parity is not None:
         check_parity(embedding_parity, settings.parity_tolerance, EMBEDDING_NAME)
 
@@ -260,7 +272,7 @@ def run_training(
         metrics=metrics,
         onnx_parity_max_abs_diff=parity,
         created_at=clock(),
-        notes=_notes(result, len(train_items), len(val_items), len(skipped)),
+        notes=_notes(result, len(train_items), len(val_items), len(skipped), temperature),
     )
 
     def put(name: str, data: bytes, content_type: str) -> BlobRef:
@@ -295,10 +307,21 @@ def run_training(
     )
 
 
-def _notes(result: TrainResult, train: int, val: int, skipped: int) -> str:
+def _temperature(
+    result: TrainResult, val_data: ManifestDataset, settings: TrainerSettings
+) -> float:
+    """Fitted on val when it is big enough to say something; 1 (no scaling) otherwise."""
+    if not settings.calibrate or len(val_data) < settings.min_val_items:
+        return 1.0
+    logits = predict_logits(result.model, val_data.inputs).numpy()
+    return fit_temperature(logits, val_data.targets.numpy())
+
+
+def _notes(result: TrainResult, train: int, val: int, skipped: int, temperature: float) -> str:
     return (
         f"trained {len(result.history)} epochs (kept epoch {result.best_epoch}) on {train} train "
-        f"and {val} val items; {skipped} unreadable items skipped"
+        f"and {val} val items; {skipped} unreadable items skipped; temperature T="
+        f"{temperature:.4f} is built into the ONNX graph (its logits are already divided by T)"
     )
 
 

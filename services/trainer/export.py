@@ -31,9 +31,12 @@ class ParityError(PermanentError):
     """The exported graph's outputs differ from torch's by more than the tolerance."""
 
 
-def export_onnx(model: nn.Module, input_size: tuple[int, int]) -> bytes:
+def export_onnx(
+    model: nn.Module, input_size: tuple[int, int], *, fixed_batch: int | None = None
+) -> bytes:
     """The model (eval mode, CPU) as ONNX bytes: input N x 3 x H x W float32, outputs N x C
-    logits and, when the network exposes one, its N x D embedding."""
+    logits and, when the network exposes one, its N x D embedding. N is a dynamic axis, or
+    exactly `fixed_batch` (what TensorRT and some NPUs build their fastest engines from)."""
     model = model.cpu().eval()
     traced: nn.Module = model
     output_names = [OUTPUT_NAME]
@@ -41,7 +44,12 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int]) -> bytes:
         traced = WithEmbedding(model).eval()
         output_names.append(EMBEDDING_NAME)
     height, width = input_size
-    example = torch.zeros(1, 3, height, width)
+    example = torch.zeros(fixed_batch or 1, 3, height, width)
+    dynamic_axes = (
+        None
+        if fixed_batch is not None
+        else {name: {0: "batch"} for name in (INPUT_NAME, *output_names)}
+    )
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         path = Path(folder) / "model.onnx"
         # The TorchScript exporter is chosen on purpose (small static CNN, no onnxscript
@@ -54,7 +62,7 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int]) -> bytes:
             dynamo=False,
             input_names=[INPUT_NAME],
             output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *output_names)},
+            dynamic_axes=dynamic_axes,
             opset_version=OPSET,
         )
         return path.read_bytes()

@@ -43,8 +43,19 @@ class TrainerSettings(ServiceSettings):
     learning_rate: float = Field(default=3e-3, gt=0, le=1, description="AdamW peak learning rate")
     weight_decay: float = Field(default=1e-4, ge=0, le=1)
     seed: int = Field(default=0, ge=0, description="Seeds weights, shuffling and augmentation")
-    device: Literal["cpu", "cuda"] = Field(
-        default="cpu", description="Where to train; export and evaluation always run on the CPU"
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        default="cpu",
+        description="Where to train (auto: CUDA when there); export and evaluation run on the CPU",
+    )
+    balance: Literal["loss", "sampler", "none"] = Field(
+        default="loss",
+        description="Class imbalance: inverse-frequency weighted loss, or weighted sampling",
+    )
+    mixed_precision: bool = Field(default=True, description="float16 autocast, on CUDA only")
+    calibrate: bool = Field(
+        default=True,
+        description="Fit temperature scaling on val (at least min_val_items) and bake it into "
+        "the exported graph",
     )
     torch_threads: int = Field(
         default=1, ge=1, le=256, description="Intra-op CPU threads torch may use"

@@ -1,21 +1,29 @@
-"""The training loop: seeded and deterministic, light augmentation on whole batches, a
-class-weighted loss for imbalanced snapshots, and model selection on the validation split."""
+"""The training loop: seeded and deterministic, bin-camera augmentation on whole batches,
+class-imbalance handling (weighted loss or weighted sampling), mixed precision on CUDA,
+checkpoint/resume that reproduces the run exactly, and model selection with early stopping on
+the validation split."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
 from services.trainer.data import ManifestDataset
 
 log = logging.getLogger(__name__)
+
+Balance = Literal["loss", "sampler", "none"]
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,20 @@ class TrainConfig:
     """Brightness shift drawn from [-b, b], on the [0, 1] pixel scale."""
     contrast: float = 0.1
     """Contrast factor drawn from [1 - c, 1 + c]."""
+    saturation: float = 0.0
+    """Saturation factor drawn from [1 - s, 1 + s] (lighting colour casts of a bin's lamp)."""
+    rotation_degrees: float = 0.0
+    """Rotation drawn from [-r, r]: items land in any orientation on the bin's flap."""
+    scale: tuple[float, float] = (1.0, 1.0)
+    """Side of the sampled window relative to the frame: < 1 crops (zooms in), > 1 zooms out
+    (reflect-padded). Augmentation only: the card's preprocessing never crops."""
+    blur_probability: float = 0.0
+    """Chance of a 3x3 Gaussian blur: motion and an out-of-focus camera."""
+    balance: Balance = "loss"
+    """Class imbalance: "loss" weights the loss by inverse class frequency, "sampler" draws
+    batches with inverse-frequency weights (with replacement), "none" does neither."""
+    mixed_precision: bool = True
+    """float16 autocast with a gradient scaler; only ever used on CUDA."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,7 @@ class EpochStats:
     train_loss: float
     val_accuracy: float | None
     val_loss: float | None
+    learning_rate: float = 0.0
 
 
 @dataclass
@@ -51,6 +74,7 @@ class TrainResult:
     """The selected weights, in eval mode, on the CPU."""
     best_epoch: int
     history: list[EpochStats] = field(default_factory=list)
+    resumed_from_epoch: int | None = None
 
     @property
     def best_val_accuracy(self) -> float | None:
@@ -67,28 +91,78 @@ def class_weights(counts: torch.Tensor) -> torch.Tensor:
     return weights
 
 
+def resolve_device(device: str) -> str:
+    """ "auto" is CUDA when this torch build sees a GPU, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+_BLUR_KERNEL = torch.tensor([1.0, 2.0, 1.0])
+
+
 class Augmenter:
-    """Horizontal flip and brightness/contrast jitter, applied in [0, 1] pixel space to a
-    normalised batch so the network still sees exactly the card's preprocessing."""
+    """Bin-camera augmentation applied in [0, 1] pixel space to a normalised batch, so the
+    network still sees exactly the card's preprocessing: horizontal flip, rotation and
+    scale (one affine resampling), brightness/contrast/saturation jitter, blur. Random numbers
+    are drawn only for the augmentations that are switched on."""
 
     def __init__(self, config: TrainConfig, generator: torch.Generator) -> None:
         self.config = config
         self.generator = generator
         self.mean = torch.tensor(config.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std).view(1, 3, 1, 1)
+        kernel = torch.outer(_BLUR_KERNEL, _BLUR_KERNEL)
+        self.blur_kernel = (kernel / kernel.sum()).expand(3, 1, 3, 3).contiguous()
 
     def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:
         return torch.rand(n, 1, 1, 1, generator=self.generator) * (high - low) + low
 
+    def _geometry(self, pixels: torch.Tensor) -> torch.Tensor:
+        n = pixels.shape[0]
+        low, high = self.config.scale
+        degrees = self.config.rotation_degrees
+        scale = self._uniform(n, low, high).view(n)
+        angle = self._uniform(n, -degrees, degrees).view(n) * (math.pi / 180)
+        # A crop (scale < 1) moves anywhere inside the frame; a zoom-out stays centred.
+        room = (1 - scale).clamp(min=0)
+        shift = (torch.rand(n, 2, generator=self.generator) * 2 - 1) * room.unsqueeze(1)
+        cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+        theta = torch.stack(
+            [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)],
+            1,
+        )
+        grid = nn.functional.affine_grid(theta, list(pixels.shape), align_corners=False)
+        return nn.functional.grid_sample(
+            pixels, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+        )
+
+    def _blur(self, pixels: torch.Tensor) -> torch.Tensor:
+        n = pixels.shape[0]
+        chosen = torch.rand(n, generator=self.generator) < self.config.blur_probability
+        padded = nn.functional.pad(pixels, (1, 1, 1, 1), mode="replicate")
+        blurred = nn.functional.conv2d(padded, self.blur_kernel, groups=3)
+        return torch.where(chosen.view(n, 1, 1, 1), blurred, pixels)
+
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         n = batch.shape[0]
-        flip = torch.rand(n, generator=self.generator) < self.config.flip_probability
+        config = self.config
+        flip = torch.rand(n, generator=self.generator) < config.flip_probability
         batch = torch.where(flip.view(n, 1, 1, 1), batch.flip(-1), batch)
         pixels = batch * self.std + self.mean
+        if config.rotation_degrees > 0 or config.scale != (1.0, 1.0):
+            pixels = self._geometry(pixels)
         grey = pixels.mean(dim=(1, 2, 3), keepdim=True)
-        contrast = self._uniform(n, 1 - self.config.contrast, 1 + self.config.contrast)
-        brightness = self._uniform(n, -self.config.brightness, self.config.brightness)
-        pixels = ((pixels - grey) * contrast + grey + brightness).clamp(0.0, 1.0)
+        contrast = self._uniform(n, 1 - config.contrast, 1 + config.contrast)
+        brightness = self._uniform(n, -config.brightness, config.brightness)
+        pixels = (pixels - grey) * contrast + grey + brightness
+        if config.saturation > 0:
+            luma = pixels.mean(dim=1, keepdim=True)
+            saturation = self._uniform(n, 1 - config.saturation, 1 + config.saturation)
+            pixels = (pixels - luma) * saturation + luma
+        pixels = pixels.clamp(0.0, 1.0)
+        if config.blur_probability > 0:
+            pixels = self._blur(pixels)
         return (pixels - self.mean) / self.std
 
 
@@ -110,68 +184,202 @@ def _validate(model: nn.Module, data: ManifestDataset) -> tuple[float, float]:
     return accuracy, loss
 
 
+EpochCallback = Callable[[EpochStats], None]
+BatchCallback = Callable[[int, int, float], None]
+"""(batches done this epoch, batches per epoch, running train loss)."""
+
+
+def _sampler(
+    data: ManifestDataset, config: TrainConfig, generator: torch.Generator
+) -> Sampler[int] | None:
+    if config.balance != "sampler":
+        return None
+    per_class = class_weights(data.class_counts())
+    return WeightedRandomSampler(
+        per_class[data.targets].tolist(), len(data), replacement=True, generator=generator
+    )
+
+
+def _save_atomically(state: dict[str, Any], path: Path) -> None:
+    """A crash while saving leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+class _Run:
+    """Everything that changes while training, so a checkpoint can restore all of it."""
+
+    def __init__(
+        self,
+        build_model: Callable[[], nn.Module],
+        train_data: ManifestDataset,
+        config: TrainConfig,
+        device: str,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.model = build_model().to(device)
+        self.shuffle = torch.Generator().manual_seed(config.seed)
+        self.augment = Augmenter(config, torch.Generator().manual_seed(config.seed + 1))
+        sampler = _sampler(train_data, config, self.shuffle)
+        self.loader = DataLoader(
+            train_data,
+            batch_size=config.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=self.shuffle if sampler is None else None,
+        )
+        weights = class_weights(train_data.class_counts()).to(device)
+        self.criterion = nn.CrossEntropyLoss(weight=weights if config.balance == "loss" else None)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer,
+            max_lr=config.learning_rate,
+            total_steps=config.epochs * len(self.loader),
+        )
+        self.amp = config.mixed_precision and device.startswith("cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.history: list[EpochStats] = []
+        self.best_score: tuple[float, float] | None = None
+        self.best_state = copy.deepcopy(self.model.state_dict())
+        self.best_epoch = 1
+        self.stopped = False
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
+
+    def train_epoch(self, on_batch: BatchCallback | None) -> float:
+        self.model.train()
+        total_loss, seen = 0.0, 0
+        batches = len(self.loader)
+        for step, (inputs, targets) in enumerate(self.loader, 1):
+            self.optimizer.zero_grad(set_to_none=True)
+            inputs = self.augment(inputs).to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                loss = self.criterion(self.model(inputs), targets)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            total_loss += loss.item() * len(targets)
+            seen += len(targets)
+            if on_batch is not None:
+                on_batch(step, batches, total_loss / seen)
+        return total_loss / max(seen, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.startswith("cuda") else []
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "history": [asdict(stats) for stats in self.history],
+            "best_score": self.best_score,
+            "best_state": self.best_state,
+            "best_epoch": self.best_epoch,
+            "stopped": self.stopped,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": cuda_rng,
+                "shuffle": self.shuffle.get_state(),
+                "augment": self.augment.generator.get_state(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
+        if state["config"] != asdict(self.config):
+            changed = sorted(
+                k for k, v in asdict(self.config).items() if state["config"].get(k) != v
+            )
+            raise ValueError(f"the checkpoint was trained with other settings: {changed}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history = [EpochStats(**stats) for stats in state["history"]]
+        self.best_score = state["best_score"]
+        self.best_state = state["best_state"]
+        self.best_epoch = state["best_epoch"]
+        self.stopped = state["stopped"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.shuffle.set_state(rng["shuffle"])
+        self.augment.generator.set_state(rng["augment"])
+
+
 def train_classifier(
     build_model: Callable[[], nn.Module],
     train_data: ManifestDataset,
     val_data: ManifestDataset | None,
     config: TrainConfig,
     device: str = "cpu",
+    *,
+    checkpoint_path: Path | None = None,
+    resume: bool = False,
+    on_epoch: EpochCallback | None = None,
+    on_batch: BatchCallback | None = None,
 ) -> TrainResult:
     """Trains a fresh model. The same seed, data and config give the same weights (on CPU).
 
     With at least `min_val_items` validation items the weights of the best epoch (val accuracy,
     then val loss) are kept and training stops after `patience` epochs without progress;
     otherwise the last epoch wins (its val metrics are still recorded).
+
+    With `checkpoint_path` the whole training state (weights, optimizer, schedule, random
+    generators, history) is saved after every epoch; `resume=True` continues from it, and the
+    next epoch is exactly the one the interrupted run would have trained.
     """
     if len(train_data) == 0:
         raise ValueError("no training items")
+    resumed_from: int | None = None
     # fork_rng keeps our seeding from leaking into (or depending on) the rest of the process.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = build_model().to(device)
-        shuffle = torch.Generator().manual_seed(config.seed)
-        augment = Augmenter(config, torch.Generator().manual_seed(config.seed + 1))
-        loader = DataLoader(
-            train_data, batch_size=config.batch_size, shuffle=True, generator=shuffle
-        )
-        weights = class_weights(train_data.class_counts()).to(device)
-        criterion = nn.CrossEntropyLoss(weight=weights)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=config.learning_rate,
-            total_steps=config.epochs * math.ceil(len(train_data) / config.batch_size),
-        )
+        run = _Run(build_model, train_data, config, device)
+        if resume and checkpoint_path is not None and checkpoint_path.exists():
+            run.load_state_dict(
+                torch.load(checkpoint_path, map_location=device, weights_only=False)
+            )
+            resumed_from = run.epoch
+            log.info("resumed from %s after epoch %d", checkpoint_path, run.epoch)
         select_on_val = val_data is not None and len(val_data) >= config.min_val_items
-        history: list[EpochStats] = []
-        best_score: tuple[float, float] | None = None
-        best_state = copy.deepcopy(model.state_dict())
-        best_epoch = 1
-        for epoch in range(1, config.epochs + 1):
-            model.train()
-            total_loss = 0.0
-            for inputs, targets in loader:
-                optimizer.zero_grad(set_to_none=True)
-                loss = criterion(model(augment(inputs).to(device)), targets.to(device))
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total_loss += loss.item() * len(targets)
+        while not run.stopped and run.epoch < config.epochs:
+            epoch = run.epoch + 1
+            learning_rate = float(run.scheduler.get_last_lr()[0])
+            train_loss = run.train_epoch(on_batch)
             val_accuracy = val_loss = None
             if val_data is not None and len(val_data) > 0:
-                val_accuracy, val_loss = _validate(model, val_data)
-            history.append(EpochStats(epoch, total_loss / len(train_data), val_accuracy, val_loss))
+                val_accuracy, val_loss = _validate(run.model, val_data)
+            stats = EpochStats(epoch, train_loss, val_accuracy, val_loss, learning_rate)
+            run.history.append(stats)
             if not select_on_val or val_accuracy is None or val_loss is None:
-                best_state, best_epoch = model.state_dict(), epoch
-                continue
-            score = (val_accuracy, -val_loss)
-            if best_score is None or score > best_score:
-                best_score, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
-            elif epoch - best_epoch >= config.patience:
-                log.info("early stop after epoch %d; best was epoch %d", epoch, best_epoch)
-                break
-    model.load_state_dict(best_state)
+                run.best_state, run.best_epoch = copy.deepcopy(run.model.state_dict()), epoch
+            elif run.best_score is None or (val_accuracy, -val_loss) > run.best_score:
+                run.best_score = (val_accuracy, -val_loss)
+                run.best_state, run.best_epoch = copy.deepcopy(run.model.state_dict()), epoch
+            elif epoch - run.best_epoch >= config.patience:
+                log.info("early stop after epoch %d; best was epoch %d", epoch, run.best_epoch)
+                run.stopped = True
+            if checkpoint_path is not None:
+                _save_atomically(run.state_dict(), checkpoint_path)
+            if on_epoch is not None:
+                on_epoch(stats)
+    model = run.model
+    model.load_state_dict(run.best_state)
     model.cpu().eval()
-    return TrainResult(model=model, best_epoch=best_epoch, history=history)
+    return TrainResult(
+        model=model, best_epoch=run.best_epoch, history=run.history, resumed_from_epoch=resumed_from
+    )
