@@ -43,6 +43,7 @@ class ServiceApp:
     health: HealthServer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _started: bool = False
+    _background_failed: bool = False
 
     @property
     def producer(self) -> str:
@@ -71,7 +72,8 @@ class ServiceApp:
             and self.broker.config.connection_state.connection
             and self.broker.connection.is_connected
         )
-        return connected and all(check() for check in self.ready_checks)
+        healthy = connected and not self._background_failed
+        return healthy and all(check() for check in self.ready_checks)
 
     @property
     def js(self) -> JetStreamContext:
@@ -94,6 +96,8 @@ class ServiceApp:
         except asyncio.CancelledError:
             raise
         except Exception:
+            # Not swallowed: the task is over, so /readyz says so and the orchestrator restarts us.
+            self._background_failed = True
             log.exception("%s: background task %s failed", self.name, task)
             raise
 
