@@ -106,9 +106,9 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
         _observe(frame.bin_id, outcome)
         nonlocal frames_done
         frames_done += 1
-        return [
-            Outgoing(INFERENCE_RESULT, result, frame.bin_id),
+        return [  # the bin waits for the command; the result is for the cloud
             Outgoing(ACTUATION_COMMAND, command, frame.bin_id),
+            Outgoing(INFERENCE_RESULT, result, frame.bin_id),
         ]
 
     async def apply_update(update: ModelUpdate, artifact: BlobRef, card: BlobRef) -> None:
