@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from faststream import FastStream
 from faststream.nats import JStream, NatsBroker
 from faststream.specification import AsyncAPI
+from nats.errors import Error as NatsError
 from nats.js.client import JetStreamContext
 
 from binloop import __version__
@@ -96,7 +97,8 @@ class ServiceApp:
         except asyncio.CancelledError:
             raise
         except Exception:
-            # Not swallowed: the task is over, so /readyz says so and the orchestrator restarts us.
+            # Not swallowed: the task is over, so /healthz and /readyz fail and the
+            # orchestrator (liveness probe, systemd watchdog) restarts the process.
             self._background_failed = True
             log.exception("%s: background task %s failed", self.name, task)
             raise
@@ -154,11 +156,20 @@ class ServiceApp:
         """Edge services tell the fleet view what they run, every heartbeat_interval_s."""
         while self.heartbeat is not None:
             beat = self.heartbeat()
-            await self.publisher.publish(FLEET_HEARTBEAT, beat, beat.bin_id)
+            try:
+                await self.publisher.publish(FLEET_HEARTBEAT, beat, beat.bin_id)
+            except (NatsError, TimeoutError) as exc:
+                # A missed beat is replaced by the next one; the bin keeps working.
+                log.warning("%s: heartbeat not published (%s)", self.name, exc)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def _after_broker_started(self) -> None:
-        self.health = HealthServer(self.settings.http_host, self.settings.http_port, self.is_ready)
+        self.health = HealthServer(
+            self.settings.http_host,
+            self.settings.http_port,
+            self.is_ready,
+            is_alive=lambda: not self._background_failed,
+        )
         await self.health.start()
         background = list(self.background)
         if self.heartbeat is not None:
@@ -168,7 +179,10 @@ class ServiceApp:
         self._started = True
 
     async def stop_extras(self) -> None:
+        """Consumers stop first (no new work), then tasks and hooks (drivers, servers)."""
         self._started = False
+        for subscriber in self.broker.subscribers:
+            await subscriber.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -186,7 +200,7 @@ def new_service(name: str, settings: ServiceSettings) -> ServiceApp:
         name=name,
         settings=settings,
         broker=broker,
-        publisher=Publisher(broker, producer),
+        publisher=Publisher(broker, name, producer),
         policy=RetryPolicy(settings.max_deliveries, settings.retry_delay_s),
     )
     service.declare_publishes(DLQ, bin_id=name)

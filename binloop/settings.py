@@ -53,7 +53,11 @@ class ServiceSettings(BaseSettings):
         description="Attempts before a message that keeps failing is dead-lettered",
     )
     retry_delay_s: float = Field(default=2.0, gt=0, le=3600, description="Delay before a retry")
-    instance: str = Field(default="", description="Instance suffix for the producer name")
+    instance: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9_-]{0,64}$",
+        description="Instance suffix for the producer name (a pod or host name)",
+    )
     heartbeat_interval_s: float = Field(
         default=15.0, gt=0, le=3600, description="How often a bin's services say they are alive"
     )

@@ -9,7 +9,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
-from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.bus import Delivery, Outgoing, subscribe, subscribe_batch
 from binloop.errors import PermanentError, TransientError
 from binloop.runtime import new_service
 from binloop.settings import ServiceSettings
@@ -101,3 +101,43 @@ def test_random_output_ids_are_derived_from_the_input_and_chosen_ones_kept() -> 
     assert [o.event.event_id for o in first] == [o.event.event_id for o in again]
     assert first[0].event.event_id != outputs[0].event.event_id
     assert first[1].event.event_id == chosen
+
+
+async def test_one_bad_message_does_not_take_its_batch_down(
+    js: JetStreamContext, nats_client: Client, nats_server
+) -> None:
+    service = new_service("batcher", _settings(nats_server.url))
+    handled: list[str] = []
+    all_good = asyncio.Event()
+
+    async def handle(batch: list[Delivery[TrainingRequested]]) -> list[Outgoing]:
+        if any(d.event.dataset_name == "poison" for d in batch):
+            raise PermanentError("poisoned dataset name")
+        handled.extend(d.event.dataset_name for d in batch)
+        if len(handled) == 4:
+            all_good.set()
+        return []
+
+    subscribe_batch(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="batcher",
+        batch_size=10,
+        max_wait_s=0.5,
+        policy=service.policy,
+    )
+    dlq = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
+    for name in ("a", "b", "poison", "c", "d"):
+        event = TrainingRequested(producer="test", dataset_name=name)
+        await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+    await service.start()
+    try:
+        await asyncio.wait_for(all_good.wait(), 20)
+        letters = await dlq.wait_for(1)
+    finally:
+        await service.stop()
+    assert sorted(handled) == ["a", "b", "c", "d"]
+    assert [d.error_type for d in letters] == ["PermanentError"]
+    assert letters[0].original_subject == TRAINING_REQUESTED.subject()

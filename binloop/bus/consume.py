@@ -20,6 +20,7 @@ handler call for the whole batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -34,6 +35,7 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import ConsumerConfig, DeliverPolicy, JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsBatchMessage
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from pydantic import ValidationError
 
 from binloop.bus.publish import MSG_ID_HEADER, Outgoing, Publisher
@@ -124,7 +126,7 @@ class _Consumer(Generic[E]):
         error_type = type(error).__name__
         headers = {k: v for k, v in (msg.headers or {}).items() if isinstance(v, str)}
         entry = DeadLetter(
-            producer=self.service,
+            producer=self.publisher.producer,
             service=self.service,
             original_subject=msg.subject,
             error_type=error_type,
@@ -178,6 +180,10 @@ class _Consumer(Generic[E]):
         try:
             return await work()
         except asyncio.CancelledError:
+            # Stopping: hand the messages back now rather than after their ack wait.
+            for msg in msgs:
+                with contextlib.suppress(NatsError):  # the connection is going: ack_wait it is
+                    await asyncio.shield(msg.nak())
             raise
         except Exception as exc:  # every failure is retried or dead-lettered by the caller
             return exc
@@ -321,11 +327,14 @@ def subscribe_batch(
             return
         metrics.MESSAGES_CONSUMED.labels(consumer.service, route.name).inc(len(good))
         deliveries = [d for _, d in good]
-
-        def work() -> Awaitable[Sequence[Outgoing]]:
-            return handler(deliveries)
-
-        result = await consumer.run_guarded([m for m, _ in good], work)
+        result = await consumer.run_guarded([m for m, _ in good], partial(handler, deliveries))
+        if isinstance(result, BaseException) and len(good) > 1:
+            # One bad message must not take its batch down: retry each one alone, so only
+            # the culprit is retried or dead-lettered.
+            for msg, delivery in good:
+                alone = await consumer.run_guarded([msg], partial(handler, [delivery]))
+                await consumer.finish([msg], alone)
+            return
         await consumer.finish([m for m, _ in good], result)
 
     _register(

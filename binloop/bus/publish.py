@@ -24,9 +24,13 @@ class Outgoing:
 
 
 class Publisher:
-    def __init__(self, broker: NatsBroker, service: str) -> None:
+    """Publishes for one service. `service` names it on the bus (its dead-letter subject,
+    metrics); `producer` (service plus instance) goes into the events it emits."""
+
+    def __init__(self, broker: NatsBroker, service: str, producer: str | None = None) -> None:
         self._broker = broker
         self.service = service
+        self.producer = producer or service
 
     async def publish(self, route: Route, event: Event, bin_id: str | None = None) -> None:
         if not isinstance(event, route.model):

@@ -9,10 +9,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        is_ready: Callable[[], bool],
+        is_alive: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._host = host
         self._port = port
         self._is_ready = is_ready
+        self._is_alive = is_alive
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -39,7 +46,10 @@ class HealthServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        alive = self._is_alive()
+        return web.json_response(
+            {"status": "ok" if alive else "failed"}, status=200 if alive else 503
+        )
 
     async def _readyz(self, _: web.Request) -> web.Response:
         ready = self._is_ready()
