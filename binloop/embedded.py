@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from binloop.datasets import import_image_folder
+from binloop.errors import ConfigError
 from binloop.monitor import BusMonitor, LoopStats
 from binloop.natsserver import NatsServer
 from binloop.runtime import ServiceApp, new_service
@@ -110,13 +111,12 @@ async def run_loop(
     config: LoopConfig, on_tick: Callable[[LoopStats], None] = lambda _: None
 ) -> LoopOutcome:
     """Runs the whole loop until a retrained model is served on enough frames (or timeout)."""
-    if config.fresh and config.data_dir.exists():
-        shutil.rmtree(config.data_dir)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_data_dir(config.data_dir, fresh=config.fresh)
     server = NatsServer(config.data_dir / "jetstream").start()
     monitor = BusMonitor(server.url)
     stats = monitor.stats
     apps: dict[str, ServiceApp] = {}
+    started: list[ServiceApp] = []
     tick: Callable[[], None] = lambda: on_tick(stats)  # noqa: E731
     try:
         await monitor.start()
@@ -126,12 +126,14 @@ async def run_loop(
         for name, app in apps.items():
             if name != "frame-ingestor":
                 await app.start()
+                started.append(app)
 
         await _publish_seed(config, overrides["trainer"]["blob_root"], server.url)
         if not await _wait_until(lambda: bool(stats.promoted), config.timeout_s, tick):
             return LoopOutcome(stats, server.url, None, False, "no first model was promoted")
 
         await apps["frame-ingestor"].start()
+        started.append(apps["frame-ingestor"])
         first = stats.promoted[0]
 
         def retrained_model_served() -> bool:
@@ -144,6 +146,7 @@ async def run_loop(
 
         finished = await _wait_until(retrained_model_served, config.timeout_s, tick)
         await apps["frame-ingestor"].stop()
+        started.remove(apps["frame-ingestor"])
         # Drain: every captured frame decided, actuated and safely stored before stopping.
         await _wait_until(lambda: not any(stats.lost().values()), 120.0, tick)
         champion = max(stats.promoted) if stats.promoted else None
@@ -154,11 +157,37 @@ async def run_loop(
         )
         return LoopOutcome(stats, server.url, champion, finished, reason)
     finally:
-        for name, app in apps.items():
-            if name != "frame-ingestor":
+        await _stop_all(started, monitor, server)
+
+
+async def _stop_all(apps: list[ServiceApp], monitor: BusMonitor, server: NatsServer) -> None:
+    """Everything stops, and nats-server last, even when one of them fails to stop cleanly."""
+    try:
+        for app in reversed(apps):
+            try:
                 await app.stop()
+            except Exception:  # keep stopping the others; the error is shown, not lost
+                log.exception("%s did not stop cleanly", app.name)
         await monitor.stop()
+    finally:
         server.stop()
+
+
+RUN_MARKER = ".binloop-run"
+
+
+def _prepare_data_dir(data_dir: Path, *, fresh: bool) -> None:
+    """A fresh run wipes the folder, but only one that an earlier run created (it holds the
+    marker): `--data-dir .` must never delete a checkout."""
+    if fresh and data_dir.exists():
+        if not (data_dir / RUN_MARKER).exists() and any(data_dir.iterdir()):
+            raise ConfigError(
+                f"{data_dir} is not empty and was not created by `binloop up`; "
+                "choose another --data-dir"
+            )
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / RUN_MARKER).touch()
 
 
 async def _publish_seed(config: LoopConfig, blob_root: Path, nats_url: str) -> None:

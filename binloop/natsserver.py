@@ -79,6 +79,7 @@ class NatsServer:
             text=True,
             bufsize=1,
             env={**os.environ},
+            start_new_session=True,  # Ctrl-C reaches us; we stop the server after the services
         )
         ready = threading.Event()
         stream = self._process.stdout

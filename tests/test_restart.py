@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from nats.js.client import JetStreamContext
@@ -88,3 +89,21 @@ async def test_a_service_run_as_a_job_exits_once_its_consumers_are_drained(
     assert info.num_pending == 0
     assert info.num_ack_pending == 0
     assert info.delivered.stream_seq >= 5
+
+
+def test_a_fresh_run_never_wipes_a_folder_it_did_not_create(tmp_path: Path) -> None:
+    from binloop.embedded import RUN_MARKER, _prepare_data_dir
+    from binloop.errors import ConfigError
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "README.md").write_text("precious")
+    with pytest.raises(ConfigError, match="not created by `binloop up`"):
+        _prepare_data_dir(checkout, fresh=True)
+    assert (checkout / "README.md").read_text() == "precious"
+
+    run = tmp_path / "run"
+    _prepare_data_dir(run, fresh=True)
+    (run / "old-state").write_text("x")
+    _prepare_data_dir(run, fresh=True)
+    assert sorted(p.name for p in run.iterdir()) == [RUN_MARKER]
