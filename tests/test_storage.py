@@ -366,3 +366,23 @@ def test_a_5xx_answer_is_unavailable(overloaded_endpoint: str, moto_s3: MotoS3) 
     for operation in (lambda: store.get("a"), lambda: store.put("a", b"a")):
         with pytest.raises(StoreUnavailableError, match=overloaded_endpoint):
             operation()
+
+
+def test_a_file_uri_is_read_only_inside_a_served_folder_and_at_its_promised_size(
+    tmp_path: Path,
+) -> None:
+    from binloop.errors import PermanentError, UnknownUriError
+    from binloop.storage import LocalBlobStore, read_verified
+
+    store = LocalBlobStore(tmp_path / "served")
+    ref = store.put("a/b.bin", b"hello")
+    assert read_verified(ref) == b"hello"
+
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes(b"hello")
+    with pytest.raises(UnknownUriError, match="outside every blob folder"):
+        read_verified(ref.model_copy(update={"uri": outside.as_uri()}))
+    with pytest.raises(UnknownUriError):
+        read_verified(ref.model_copy(update={"uri": "file:///dev/zero"}))
+    with pytest.raises(PermanentError, match="promised 4"):
+        read_verified(ref.model_copy(update={"size": 4}))

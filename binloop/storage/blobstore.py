@@ -9,7 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from binloop.errors import ChecksumMismatchError, MissingBlobError, UnknownUriError
+from binloop.errors import (
+    ChecksumMismatchError,
+    MissingBlobError,
+    PermanentError,
+    UnknownUriError,
+)
 from binloop.settings import ServiceSettings
 from binloop.storage.local import LocalBlobStore
 from binloop.storage.protocol import BlobStore, PresigningStore, sha256_hex
@@ -43,20 +48,17 @@ def open_store(settings: ServiceSettings) -> BlobStore:
 def read_verified(ref: BlobRef) -> bytes:
     """Fetch a blob by its URI and check its sha256. A scheme, or a bucket, that no store in
     this process serves is a permanent error."""
-    data = _read(ref.uri)
+    data = _read(ref.uri, ref.size)
     actual = sha256_hex(data)
     if actual != ref.sha256:
         raise ChecksumMismatchError(ref.uri, ref.sha256, actual)
     return data
 
 
-def _read(uri: str) -> bytes:
+def _read(uri: str, size: int) -> bytes:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
-        try:
-            return Path(unquote(parsed.path)).read_bytes()
-        except FileNotFoundError as exc:
-            raise MissingBlobError(f"no blob at {uri}") from exc
+        return _read_local(uri, Path(unquote(parsed.path)), size)
     if parsed.scheme == "s3":
         store = _s3_stores.get(parsed.netloc)
         if store is None:
@@ -67,3 +69,17 @@ def _read(uri: str) -> bytes:
             )
         return store.get(parsed.path.removeprefix("/"))
     raise UnknownUriError(f"no backend serves {uri!r} (supported: file://, s3://)")
+
+
+def _read_local(uri: str, path: Path, size: int) -> bytes:
+    """Only inside a folder a LocalBlobStore serves, only a regular file of the promised
+    size: an event cannot make a service read /dev/zero or someone else's files."""
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root) for root in LocalBlobStore.roots):
+        raise UnknownUriError(f"{uri!r} is outside every blob folder this process serves")
+    if not resolved.is_file():
+        raise MissingBlobError(f"no blob at {uri}")
+    actual_size = resolved.stat().st_size
+    if actual_size != size:
+        raise PermanentError(f"{uri} holds {actual_size} bytes; the reference promised {size}")
+    return resolved.read_bytes()

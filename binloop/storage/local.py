@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from binloop.errors import MissingBlobError, UnknownUriError
 from binloop.observability import metrics
@@ -15,10 +16,14 @@ class LocalBlobStore:
     """A folder. Writes go to a temporary file and are renamed, so a reader never sees half."""
 
     backend = "local"
+    roots: ClassVar[set[Path]] = set()
+    """Every folder a LocalBlobStore serves in this process: the only places a file:// URI
+    from an event may point into (see blobstore.read_verified)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        LocalBlobStore.roots.add(self.root)
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()

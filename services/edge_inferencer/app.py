@@ -69,8 +69,7 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
     """`slot` lets the caller watch what is served (`slot.served`, `slot.add_listener`)."""
     service = new_service(SERVICE, settings)
     service.declare_publishes(INFERENCE_RESULT, ACTUATION_COMMAND, bin_id=settings.bin_id)
-    if settings.blob_backend == "s3":
-        open_store(settings)  # lets read_verified serve the s3:// URIs of promoted models
+    open_store(settings)  # lets read_verified serve the URIs of promoted models
     bin_id = settings.bin_id
     model_slot = slot or ModelSlot(bin_id)
     reader = SpoolReader(settings.spool_root)
