@@ -23,6 +23,7 @@ lint: setup
 	$(BIN)/binloop export-schemas --check
 
 test: lint
+	tools/install_prometheus.sh
 	PYTHON=$(PYTHON) tools/install_label_studio.sh
 	$(BIN)/pytest
 
