@@ -17,6 +17,10 @@ close to what the whole pool gives). --seed-size, --per-round and --rounds overr
     .venv/bin/python tools/al_benchmark.py                     # the small protocol
     .venv/bin/python tools/al_benchmark.py --protocol large    # the large one
     .venv/bin/python tools/al_benchmark.py --seeds 1 --rounds 3 --strategies random margin
+    .venv/bin/python tools/al_benchmark.py --features wide     # the stronger feature network
+
+--features picks the frozen feature network (FEATURES): "compact", the first one and the default,
+or "wide", the trainer's compact-cnn-wide at 96 x 128 for 60 epochs.
 """
 
 from __future__ import annotations
@@ -50,16 +54,11 @@ from schemas.taxonomy import TRASHNET_TO_COMPARTMENT  # noqa: E402
 from services.sampler.core import Sampler, build_sampler  # noqa: E402
 from services.sampler.policy import SamplingPolicy  # noqa: E402
 from services.sampler.ratelimit import DAY_S  # noqa: E402
-from services.trainer.nets import CompactCNN  # noqa: E402
+from services.trainer.nets import CompactCNN, ExposesEmbedding, build_model  # noqa: E402
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-FEATURE_VERSION = "compact-cnn-24-192-72x96-e40-v1"
-IMAGE_SIZE = (72, 96)
-"""Height, width the feature network sees (TrashNet's 4:3 photos, shrunk)."""
-FEATURE_WIDTHS = (24, 48, 96, 192)
-FEATURE_EPOCHS = 40
 L2 = 0.02
 CAPTURED_AT = datetime(2025, 1, 1, tzinfo=UTC)
 LATENCY = StageLatency(read_ms=0, decode_ms=0, preprocess_ms=0, infer_ms=0, postprocess_ms=0)
@@ -83,6 +82,46 @@ PROTOCOLS = {
     "small": Protocol(seed_size=20, per_round=20, rounds=15, plot="al_learning_curves.png"),
     # Budget 640 of 858: random at the full budget is near the whole-pool ceiling; half is 320.
     "large": Protocol(seed_size=40, per_round=40, rounds=15, plot="al_learning_curves_large.png"),
+}
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """The frozen feature network: trained from scratch on the feature split, cached by version."""
+
+    version: str
+    """Part of the cache key: change it whenever anything below changes."""
+    architecture: str
+    """A services.trainer.nets architecture, or "compact-cnn-24" for the first benchmark's."""
+    image_size: tuple[int, int]
+    """Height, width the network sees (TrashNet's 4:3 photos, shrunk)."""
+    epochs: int
+    plot_suffix: str
+    """Appended to the protocol's plot name, so every feature set keeps its own curves."""
+
+    def build(self, classes: int) -> torch.nn.Module:
+        if self.architecture == "compact-cnn-24":
+            return CompactCNN(classes, widths=(24, 48, 96, 192), dropout=0.3)
+        return build_model(self.architecture, classes)
+
+
+FEATURES = {
+    # The first feature network (the default, so earlier results stay reproducible).
+    "compact": FeatureConfig(
+        version="compact-cnn-24-192-72x96-e40-v1",
+        architecture="compact-cnn-24",
+        image_size=(72, 96),
+        epochs=40,
+        plot_suffix="",
+    ),
+    # The trainer's wide CompactCNN (32-256), a third more pixels per side, more epochs.
+    "wide": FeatureConfig(
+        version="compact-cnn-wide-96x128-e60-v1",
+        architecture="compact-cnn-wide",
+        image_size=(96, 128),
+        epochs=60,
+        plot_suffix="_wide",
+    ),
 }
 
 
@@ -124,10 +163,12 @@ def name_buckets(files: Sequence[Path]) -> IntArray:
     )
 
 
-def load_images(files: Sequence[Path]) -> tuple[npt.NDArray[np.uint8], list[str], list[str]]:
-    """N x H x W x 3 RGB at IMAGE_SIZE, the sha256 of each file and the edge's pHash of it."""
+def load_images(
+    files: Sequence[Path], image_size: tuple[int, int]
+) -> tuple[npt.NDArray[np.uint8], list[str], list[str]]:
+    """N x H x W x 3 RGB at image_size, the sha256 of each file and the edge's pHash of it."""
     small, shas, hashes = [], [], []
-    height, width = IMAGE_SIZE
+    height, width = image_size
     for path in files:
         data = path.read_bytes()
         rgb = decode_rgb(data)
@@ -153,17 +194,19 @@ def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return batch * contrast + shift
 
 
-def train_feature_net(inputs: torch.Tensor, targets: torch.Tensor, classes: int) -> CompactCNN:
-    """The trainer's CompactCNN, from scratch, on the feature split only (seeded)."""
+def train_feature_net(
+    config: FeatureConfig, inputs: torch.Tensor, targets: torch.Tensor, classes: int
+) -> torch.nn.Module:
+    """The trainer's network, from scratch, on the feature split only (seeded)."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = CompactCNN(classes, widths=FEATURE_WIDTHS, dropout=0.3)
+    model = config.build(classes)
     batch_size = 32
-    steps = FEATURE_EPOCHS * math.ceil(len(inputs) / batch_size)
+    steps = config.epochs * math.ceil(len(inputs) / batch_size)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
     model.train()
-    for _ in range(FEATURE_EPOCHS):
+    for _ in range(config.epochs):
         order = torch.randperm(len(inputs), generator=generator)
         for start in range(0, len(inputs), batch_size):
             chosen = order[start : start + batch_size]
@@ -177,6 +220,7 @@ def train_feature_net(inputs: torch.Tensor, targets: torch.Tensor, classes: int)
 
 
 def compute_features(
+    config: FeatureConfig,
     images: npt.NDArray[np.uint8],
     labels: IntArray,
     is_feature: npt.NDArray[np.bool_],
@@ -193,13 +237,13 @@ def compute_features(
     inputs = (pixels - mean) / std
     classes = int(labels.max()) + 1
     if weights.exists():
-        model = CompactCNN(classes, widths=FEATURE_WIDTHS, dropout=0.3)
+        model = config.build(classes)
         model.load_state_dict(torch.load(weights, weights_only=True))
         model.eval()
     else:
         started = time.perf_counter()
         model = train_feature_net(
-            inputs[feature_set], torch.from_numpy(labels[is_feature]), classes
+            config, inputs[feature_set], torch.from_numpy(labels[is_feature]), classes
         )
         weights.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), weights)
@@ -207,9 +251,13 @@ def compute_features(
             f"feature network trained on {int(is_feature.sum())} images "
             f"in {time.perf_counter() - started:.0f} s"
         )
+    embedder: ExposesEmbedding = model  # type: ignore[assignment]
     with torch.no_grad():
         embedded = torch.cat(
-            [model.logits_and_embedding(inputs[i : i + 256])[1] for i in range(0, len(inputs), 256)]
+            [
+                embedder.logits_and_embedding(inputs[i : i + 256])[1]
+                for i in range(0, len(inputs), 256)
+            ]
         ).double()
     raw: FloatArray = embedded.numpy()
     pool = np.flatnonzero(is_pool)
@@ -218,6 +266,7 @@ def compute_features(
 
 
 def load_dataset(
+    config: FeatureConfig,
     root: Path,
     cache: Path,
     test_percent: int,
@@ -232,7 +281,7 @@ def load_dataset(
     is_pool = ~is_test & ~is_feature
     fingerprint = hashlib.sha256(
         "\n".join(
-            [FEATURE_VERSION, str(test_percent), str(feature_percent)]
+            [config.version, str(test_percent), str(feature_percent)]
             + [f"{f.relative_to(root)}:{f.stat().st_size}" for f in files]
         ).encode()
     ).hexdigest()[:16]
@@ -241,9 +290,9 @@ def load_dataset(
         stored = np.load(path)
         features, shas, hashes = stored["features"], list(stored["sha"]), list(stored["phash"])
     else:
-        images, shas, hashes = load_images(files)
+        images, shas, hashes = load_images(files, config.image_size)
         weights = cache / f"feature-net-{fingerprint}.pt"
-        features = compute_features(images, labels, is_feature, is_pool, weights, console)
+        features = compute_features(config, images, labels, is_feature, is_pool, weights, console)
         cache.mkdir(parents=True, exist_ok=True)
         np.savez(path, features=features, sha=np.asarray(shas), phash=np.asarray(hashes))
     return Dataset(classes, files, labels, is_test, is_pool, features, shas, hashes)
@@ -555,6 +604,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="small",
         help="Preset seed size, labels per round, rounds and plot name (the flags below override)",
     )
+    parser.add_argument(
+        "--features",
+        choices=sorted(FEATURES),
+        default="compact",
+        help="Frozen feature network (docs/active-learning.md); compact is the first benchmark's",
+    )
     parser.add_argument("--plot", type=Path, default=None, help="Default: docs/img/<protocol's>")
     parser.add_argument("--seeds", type=int, default=5, help="Seeds per strategy")
     parser.add_argument("--seed-size", type=int, default=None, help="Labeled images to start with")
@@ -577,13 +632,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed_size = preset.seed_size if args.seed_size is None else args.seed_size
     per_round = preset.per_round if args.per_round is None else args.per_round
     rounds = preset.rounds if args.rounds is None else args.rounds
-    plot = args.plot or REPO / "docs/img" / preset.plot
+    feature_config = FEATURES[args.features]
+    default_plot = Path(preset.plot)
+    plot = args.plot or REPO / "docs/img" / (
+        default_plot.stem + feature_config.plot_suffix + default_plot.suffix
+    )
     torch.set_num_threads(args.threads)
     console = Console(width=150)  # the table stays whole when the output goes to a file
     started = time.perf_counter()
     if args.test_percent + args.feature_percent >= 100:
         parser.error("--test-percent plus --feature-percent must leave a pool (< 100)")
     data = load_dataset(
+        feature_config,
         args.data,
         args.cache,
         args.test_percent,
@@ -604,8 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ceiling = float((predicted == data.labels[test]).mean())
     console.print(f"the head trained on the whole labeled pool: test accuracy {ceiling:.3f}")
     title = (
-        f"protocol {args.protocol}: {seed_size} seed labels + {rounds} rounds of {per_round} "
-        f"= {seed_size + rounds * per_round} of {len(pool)}"
+        f"protocol {args.protocol}, features {args.features}: {seed_size} seed labels + "
+        f"{rounds} rounds of {per_round} = {seed_size + rounds * per_round} of {len(pool)}"
     )
     console.print(title)
     strategies = ["random", *(s for s in args.strategies if s != "random")]
