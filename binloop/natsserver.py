@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from types import TracebackType
 
 from binloop.errors import ConfigError
+from binloop.process import ServerProcess
 
 _LISTEN = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
 
@@ -50,8 +48,7 @@ class NatsServer:
         self.extra_args = extra_args or []
         self.startup_timeout_s = startup_timeout_s
         self.port: int | None = None
-        self._process: subprocess.Popen[str] | None = None
-        self._log: list[str] = []
+        self._server: ServerProcess | None = None
 
     @property
     def url(self) -> str:
@@ -72,56 +69,31 @@ class NatsServer:
             str(self.store_dir),
             *self.extra_args,
         ]
-        self._process = subprocess.Popen(
+
+        def read_port(line: str) -> None:
+            match = _LISTEN.search(line)
+            if match:
+                self.port = int(match.group(1))
+
+        self._server = ServerProcess(
+            "nats-server",
             args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
+            ready_line="Server is ready",
             env={**os.environ},
-            start_new_session=True,  # Ctrl-C reaches us; we stop the server after the services
+            startup_timeout_s=self.startup_timeout_s,
+            on_line=read_port,
         )
-        ready = threading.Event()
-        stream = self._process.stdout
-        assert stream is not None
-
-        def pump() -> None:
-            for line in stream:
-                self._log.append(line.rstrip())
-                if len(self._log) > 500:
-                    del self._log[:100]
-                match = _LISTEN.search(line)
-                if match:
-                    self.port = int(match.group(1))
-                if "Server is ready" in line:
-                    ready.set()
-
-        threading.Thread(target=pump, name="nats-server-log", daemon=True).start()
-        deadline = time.monotonic() + self.startup_timeout_s
-        while not ready.wait(0.05):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = "\n".join(self._log[-20:])
-                raise ConfigError(f"nats-server did not start:\n{tail}")
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        if self._process.stdout is not None:
-            self._process.stdout.close()
-        self._process = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     @property
     def log_tail(self) -> list[str]:
-        return list(self._log[-50:])
+        return self._server.log_tail if self._server is not None else []
 
     def __enter__(self) -> NatsServer:
         return self.start()

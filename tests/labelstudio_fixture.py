@@ -7,16 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import socket
-import subprocess
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import aiohttp
 from aiohttp import web
+
+from binloop.process import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BIN = REPO / ".venv-label-studio" / "bin" / "label-studio"
@@ -29,13 +27,6 @@ def label_studio_bin() -> Path:
     return Path(os.environ.get("LABEL_STUDIO_BIN", DEFAULT_BIN))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class LabelStudioServer:
     """`with LabelStudioServer(data_dir) as server: server.url, server.token`."""
 
@@ -45,8 +36,7 @@ class LabelStudioServer:
         self.port = free_port()
         self.token = secrets.token_hex(20)
         self.username = "annotator@binloop.test"
-        self._process: subprocess.Popen[str] | None = None
-        self._log: list[str] = []
+        self._server: ServerProcess | None = None
 
     @property
     def url(self) -> str:
@@ -91,49 +81,22 @@ class LabelStudioServer:
             "--port",
             str(self.port),
         ]
-        self._process = subprocess.Popen(
+        self._server = ServerProcess(
+            "label-studio",
             args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
+            ready_line=READY_LINE,
             env=self._environment(),
             cwd=self.data_dir,
+            startup_timeout_s=STARTUP_TIMEOUT_S,
+            stop_timeout_s=20.0,
         )
-        ready = threading.Event()
-        stream = self._process.stdout
-        assert stream is not None
-
-        def pump() -> None:
-            for line in stream:
-                self._log.append(line.rstrip())
-                if len(self._log) > 500:
-                    del self._log[:100]
-                if READY_LINE in line:
-                    ready.set()
-
-        threading.Thread(target=pump, name="label-studio-log", daemon=True).start()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not ready.wait(0.2):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = "\n".join(self._log[-30:])
-                raise RuntimeError(f"label-studio did not start:\n{tail}")
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        if self._process.stdout is not None:
-            self._process.stdout.close()
-        self._process = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     def __enter__(self) -> LabelStudioServer:
         return self.start()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from nats.js.client import JetStreamContext
 
 from binloop.bus import ensure_streams
 from binloop.natsserver import NatsServer
+from binloop.process import free_port
 from edge.streams import (
     EDGE_STREAMS,
     EDGE_SUBJECTS,
@@ -40,20 +40,12 @@ LEAF_CONF = ROOT / "edge" / "nats" / "leaf.conf"
 BIN_ID = "bin-7"
 
 
-def _free_port() -> int:
-    # The hub must come back on the same ports for the leaf (and clients) to reconnect.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 class LinkProxy:
     """The network between bin and hub: a TCP relay the test cuts and restores."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.port = _free_port()
+        self.port = free_port()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -100,7 +92,7 @@ class Hub:
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[Hub]:
-    leaf_port = _free_port()
+    leaf_port = free_port()
     config = tmp_path / "hub.conf"
     # edge/nats/hub.conf on loopback ports (the store folder comes from NatsServer's -sd).
     config.write_text(

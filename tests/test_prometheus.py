@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,6 +21,7 @@ import yaml
 from nats.js.client import JetStreamContext
 
 from binloop.natsserver import NatsServer
+from binloop.process import free_port
 from binloop.runtime import ServiceApp
 from schemas.events import ActuationCommand, ActuationDone
 from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE
@@ -64,14 +64,6 @@ def test_alert_rules_pass_their_promtool_unit_tests() -> None:
     assert "SUCCESS" in result.stdout
 
 
-def _free_port() -> int:
-    # Prometheus cannot report a port it picked itself, so one is reserved and released.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @dataclass
 class Prometheus:
     url: str
@@ -93,7 +85,7 @@ def start_prometheus(tmp_path: Path, targets: list[str]) -> Prometheus:
     }
     config_path = tmp_path / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "prometheus.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
