@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -15,7 +15,10 @@ from rich.console import Console
 from rich.live import Live
 
 from binloop.embedded import DEMO_DIR, LoopConfig, run_loop
+from binloop.errors import BinloopError
 from binloop.liveview import render, summary
+from binloop.ml.shipped import SHIPPED_MODEL
+from binloop.settings import ServiceSettings
 from binloop.train_command import train_command
 from services.registry import SERVICES
 
@@ -25,6 +28,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+S = TypeVar("S", bound=ServiceSettings)
 
 
 def _setup_logging(level: str) -> None:
@@ -42,12 +46,26 @@ def up(
     / "stream",
     fps: Annotated[float, typer.Option(help="Frames per second of the replay")] = 20.0,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 900.0,
+    start_model: Annotated[
+        str,
+        typer.Option(
+            help="First champion, served from the first frame: 'shipped' (the classifier "
+            "binloop ships), an ONNX file with its card beside it, or 'none' (train the first "
+            "model on the seed set, then run until a retrained one is promoted and served)"
+        ),
+    ] = "shipped",
     live: Annotated[bool, typer.Option(help="Show the live table")] = True,
     log_level: Annotated[str, typer.Option(help="Log level")] = "WARNING",
 ) -> None:
     """Start nats-server, a local blob store and every service; run the loop on a replay."""
     _setup_logging(log_level)
-    config = LoopConfig(data_dir=data_dir, stream_dir=stream, fps=fps, timeout_s=timeout)
+    config = LoopConfig(
+        data_dir=data_dir,
+        stream_dir=stream,
+        fps=fps,
+        timeout_s=timeout,
+        start_model=_start_model(start_model),
+    )
 
     async def main() -> int:
         with (
@@ -68,6 +86,26 @@ def up(
     raise typer.Exit(asyncio.run(main()))
 
 
+def _start_model(choice: str) -> Path | None:
+    if choice == "none":
+        return None
+    path = SHIPPED_MODEL if choice == "shipped" else Path(choice)
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} is not a file", param_hint="--start-model")
+    return path
+
+
+def _settings_or_exit(settings_cls: type[S], **values: Any) -> S:
+    """Settings from BINLOOP_* (and `values`); exit 1 naming each bad variable."""
+    try:
+        return settings_cls(**values)
+    except ValidationError as exc:
+        for error in exc.errors():
+            key = ".".join(str(p) for p in error["loc"])
+            console.print(f"[red]BINLOOP_{key.upper()}[/]: {error['msg']}")
+        raise typer.Exit(1) from exc
+
+
 @app.command()
 def run(
     service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}")],
@@ -85,13 +123,7 @@ def run(
         console.print(f"[red]unknown service {service!r}; known: {', '.join(SERVICES)}")
         raise typer.Exit(2)
     settings_cls, factory = SERVICES[service].load()
-    try:
-        settings = settings_cls()
-    except ValidationError as exc:
-        for error in exc.errors():
-            key = ".".join(str(p) for p in error["loc"])
-            console.print(f"[red]BINLOOP_{key.upper()}[/]: {error['msg']}")
-        raise typer.Exit(1) from exc
+    settings = _settings_or_exit(settings_cls)
     if validate_config:
         console.print(f"{service}: configuration is valid")
         console.print_json(settings.model_dump_json())
@@ -166,6 +198,54 @@ def replay(
     console.print(f"replayed {count} messages from {path}")
 
 
+@app.command("import-model")
+def import_model(
+    onnx: Annotated[
+        Path | None,
+        typer.Option(help="ONNX file (default: the classifier binloop ships)", dir_okay=False),
+    ] = None,
+    card: Annotated[
+        Path | None,
+        typer.Option(help="Model card (default: <stem>.card.json, else card.json beside it)"),
+    ] = None,
+    eval_dir: Annotated[
+        Path | None,
+        typer.Option(help="Evaluation ImageFolder (default: the trainer's, BINLOOP_EVAL_DIR)"),
+    ] = None,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for the registry's decision (0: do not wait)")
+    ] = 60.0,
+) -> None:
+    """Import an externally trained model: score it on the trainer's eval set, store it as the
+    next version and announce it, so the registry promotes it if it is first or better.
+    Object store, NATS and model name come from the trainer's settings (BINLOOP_*)."""
+    from binloop.model_import import import_model as run_import
+    from services.trainer.settings import TrainerSettings
+
+    settings = _settings_or_exit(
+        TrainerSettings, **({"eval_dir": eval_dir} if eval_dir is not None else {})
+    )
+    try:
+        result = asyncio.run(run_import(onnx or SHIPPED_MODEL, card, settings, wait_s=wait))
+    except (BinloopError, OSError) as exc:
+        console.print(f"[red]not imported: {exc}")
+        raise typer.Exit(1) from exc
+    event = result.completed
+    console.print(
+        f"imported {event.model_name} v{event.model_version}: accuracy "
+        f"{event.metrics.accuracy:.4f} on eval set {event.metrics.eval_set_id[:12]} "
+        f"({event.metrics.eval_items} items)"
+    )
+    if result.registered is not None:
+        console.print(f"registry: {result.registered.decision} ({result.registered.reason})")
+    elif wait > 0:
+        console.print(
+            f"[yellow]no decision from the model-registry within {wait:.0f}s; the import stands "
+            "and the registry decides when it runs"
+        )
+        raise typer.Exit(1)
+
+
 app.command(
     "train", help="Train, calibrate, evaluate and export a waste classifier (docs/training.md)."
 )(train_command)
@@ -215,7 +295,6 @@ def rollback(
 ) -> None:
     """Make an earlier model version champion again and ship it to the bins."""
     from binloop.runtime import new_service
-    from binloop.settings import ServiceSettings
     from services.model_registry import rollback as registry_rollback
 
     async def main() -> None:

@@ -1,5 +1,10 @@
 """The embedded default: one local nats-server, a local blob folder and every service in one
-process, running the whole loop on a replayed stream of real waste photos."""
+process, running the whole loop on a replayed stream of real waste photos.
+
+By default the shipped classifier is imported as the first champion and served from the first
+frame; the loop then labels, retrains, and the registry decides on each retrained candidate
+against it. Without a start model, the first model is trained on the seed set instead and the
+run lasts until a retrained one is promoted and served."""
 
 from __future__ import annotations
 
@@ -11,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from binloop.datasets import import_image_folder
+from binloop.datasets import DatasetManifest, import_image_folder
 from binloop.errors import ConfigError
+from binloop.ml.shipped import SHIPPED_MODEL
 from binloop.monitor import BusMonitor, LoopStats
 from binloop.natsserver import NatsServer
 from binloop.runtime import ServiceApp, new_service
 from binloop.settings import ServiceSettings
 from binloop.storage import open_store
+from schemas.base import BlobRef
 from schemas.events import DatasetSnapshot
 from schemas.routes import DATASETS_SNAPSHOT
 from schemas.taxonomy import Taxonomy
@@ -42,6 +49,10 @@ class LoopConfig:
     timeout_s: float = 900.0
     fresh: bool = True
     dataset: str = "binloop"
+    start_model: Path | None = SHIPPED_MODEL
+    """Imported as the first champion (card: the edge's rule) and served from the first frame.
+    None: the first model is trained on the seed set, and the run waits for a retrained one to
+    be promoted and served."""
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -52,6 +63,12 @@ class LoopOutcome:
     champion_version: int | None
     finished: bool
     reason: str
+
+
+def _start_model_file(config: LoopConfig) -> Path:
+    """Where the start model is written as the registry imported it (its name and version),
+    for the edge to serve from the first frame."""
+    return config.data_dir.resolve() / "start-model" / "model.onnx"
 
 
 def _service_overrides(config: LoopConfig, nats_url: str) -> dict[str, dict[str, Any]]:
@@ -73,7 +90,12 @@ def _service_overrides(config: LoopConfig, nats_url: str) -> dict[str, dict[str,
             "loops": config.max_passes,
             "labels_from_folders": True,
         },
-        "edge-inferencer": {**spool, "bin_id": config.bin_id, "model_cache": data / "edge-models"},
+        "edge-inferencer": {
+            **spool,
+            "bin_id": config.bin_id,
+            "model_cache": data / "edge-models",
+            "default_model": _start_model_file(config) if config.start_model is not None else None,
+        },
         "actuator": {"bin_id": config.bin_id},
         "uploader": {**spool, "bin_id": config.bin_id},
         "sampler": {},
@@ -107,10 +129,51 @@ async def _wait_until(
     return True
 
 
+def _loop_verdict(
+    stats: LoopStats, champion: int, frames_needed: int, *, until_promoted: bool
+) -> str | None:
+    """Why the run is over, or None while it is not: the registry promoted a retrained
+    candidate (a version after `champion`) and it has been served on `frames_needed` frames,
+    or, unless `until_promoted`, the registry rejected one."""
+    retrained = [(v, decision, reason) for v, decision, reason in stats.registered if v > champion]
+    promoted = [(v, reason) for v, decision, reason in retrained if decision == "promoted"]
+    if promoted:
+        version, reason = promoted[0]
+        served = sum(n for v, n in stats.served_versions.items() if v >= version)
+        if served < frames_needed:
+            return None
+        return f"retrained candidate v{version} promoted and served on {served} frames ({reason})"
+    if retrained and not until_promoted:
+        version, _, reason = retrained[0]
+        return f"retrained candidate v{version} rejected ({reason})"
+    return None
+
+
+async def _first_champion(
+    start_version: int | None,
+    stats: LoopStats,
+    timeout_s: float,
+    tick: Callable[[], None],
+) -> int | None:
+    """The version the loop starts from, once promoted: the imported start model, or (None)
+    the first model trained on the seed set. None when it was not promoted in time."""
+    if start_version is None:
+        promoted = await _wait_until(lambda: bool(stats.promoted), timeout_s, tick)
+        return stats.promoted[0] if promoted else None
+
+    def decided() -> bool:
+        rejected = any(v == start_version and d == "rejected" for v, d, _ in stats.registered)
+        return rejected or start_version in stats.promoted
+
+    await _wait_until(decided, timeout_s, tick)
+    return start_version if start_version in stats.promoted else None
+
+
 async def run_loop(
     config: LoopConfig, on_tick: Callable[[LoopStats], None] = lambda _: None
 ) -> LoopOutcome:
-    """Runs the whole loop until a retrained model is served on enough frames (or timeout)."""
+    """Runs the whole loop until the registry has decided on a retrained candidate and a
+    promoted one has been served on enough frames (see _loop_verdict), or the timeout."""
     _prepare_data_dir(config.data_dir, fresh=config.fresh)
     server = NatsServer(config.data_dir / "jetstream").start()
     monitor = BusMonitor(server.url)
@@ -121,6 +184,12 @@ async def run_loop(
     try:
         await monitor.start()
         overrides = _service_overrides(config, server.url)
+        seed = _import_seed(config, overrides["trainer"]["blob_root"])
+        start_version = None
+        if config.start_model is not None:
+            start_version = await _import_start_model(
+                config.start_model, _start_model_file(config), overrides["trainer"]
+            )
         for name, spec in SERVICES.items():
             apps[name] = spec.create(**overrides[name])
         for name, app in apps.items():
@@ -128,34 +197,36 @@ async def run_loop(
                 await app.start()
                 started.append(app)
 
-        await _publish_seed(config, overrides["trainer"]["blob_root"], server.url)
-        if not await _wait_until(lambda: bool(stats.promoted), config.timeout_s, tick):
-            return LoopOutcome(stats, server.url, None, False, "no first model was promoted")
+        if start_version is None:
+            await _publish_seed(seed, server.url)
+        first = await _first_champion(start_version, stats, config.timeout_s, tick)
+        if first is None:
+            why = next((r for v, _, r in stats.registered if v == start_version), "no decision")
+            reason = (
+                "no first model was promoted"
+                if start_version is None
+                else f"the start model v{start_version} was not promoted ({why})"
+            )
+            return LoopOutcome(stats, server.url, None, False, reason)
 
         await apps["frame-ingestor"].start()
         started.append(apps["frame-ingestor"])
-        first = stats.promoted[0]
 
-        def retrained_model_served() -> bool:
-            newer = [v for v in stats.promoted if v > first]
-            return (
-                bool(newer)
-                and sum(n for v, n in stats.served_versions.items() if v >= min(newer))
-                >= config.frames_on_new_model
+        def verdict() -> str | None:
+            until_promoted = start_version is None
+            return _loop_verdict(
+                stats, first, config.frames_on_new_model, until_promoted=until_promoted
             )
 
-        finished = await _wait_until(retrained_model_served, config.timeout_s, tick)
+        finished = await _wait_until(lambda: verdict() is not None, config.timeout_s, tick)
         await apps["frame-ingestor"].stop()
         started.remove(apps["frame-ingestor"])
         # Drain: every captured frame decided, actuated and safely stored before stopping.
         await _wait_until(lambda: not any(stats.lost().values()), 120.0, tick)
         champion = max(stats.promoted) if stats.promoted else None
-        reason = (
-            "a retrained model was promoted and served"
-            if finished
-            else f"timed out after {config.timeout_s:.0f}s"
-        )
-        return LoopOutcome(stats, server.url, champion, finished, reason)
+        timed_out = f"timed out after {config.timeout_s:.0f}s"
+        outcome = (verdict() if finished else None) or timed_out
+        return LoopOutcome(stats, server.url, champion, finished, outcome)
     finally:
         await _stop_all(started, monitor, server)
 
@@ -190,12 +261,13 @@ def _prepare_data_dir(data_dir: Path, *, fresh: bool) -> None:
     (data_dir / RUN_MARKER).touch()
 
 
-async def _publish_seed(config: LoopConfig, blob_root: Path, nats_url: str) -> None:
-    """The first labeled dataset: a small seed folder, as version 1 of the dataset."""
+def _import_seed(config: LoopConfig, blob_root: Path) -> tuple[DatasetManifest, BlobRef]:
+    """The first labeled dataset: a small seed folder, as version 1 of the dataset (the
+    labeling bridge's snapshots build on it)."""
     taxonomy = Taxonomy()
     # The services read BINLOOP_BLOB_BACKEND and s3_* too: the seed goes where they will look.
     store = open_store(ServiceSettings(blob_root=blob_root, http_port=0))
-    manifest, ref = import_image_folder(
+    return import_image_folder(
         store,
         config.seed_dir,
         config.dataset,
@@ -203,6 +275,27 @@ async def _publish_seed(config: LoopConfig, blob_root: Path, nats_url: str) -> N
         classes=taxonomy.labels,
         version=1,
     )
+
+
+async def _import_start_model(
+    start_model: Path, target: Path, trainer_overrides: dict[str, Any]
+) -> int:
+    """Imports the start model as the trainer scores its candidates (the same eval set, store
+    and bus) and writes it, as imported (the registry's name and version on its card), to
+    `target`, where the edge serves it from. Returns its version."""
+    from binloop.model_import import import_model
+    from services.trainer.settings import TrainerSettings
+
+    imported = await import_model(start_model, None, TrainerSettings(**trainer_overrides))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(start_model, target)
+    imported.card.write(target.with_name("card.json"))
+    return imported.completed.model_version
+
+
+async def _publish_seed(seed: tuple[DatasetManifest, BlobRef], nats_url: str) -> None:
+    """Announces the seed dataset, so the trainer trains the first model on it."""
+    manifest, ref = seed
     seeder = new_service("seeder", ServiceSettings(nats_url=nats_url, http_port=0))
     await seeder.broker.connect()
     try:

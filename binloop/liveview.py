@@ -73,4 +73,10 @@ def summary(stats: LoopStats, reason: str) -> Group:
         checks.add_row(f"captured but never {kind}", str(count))
     for kind, count in stats.duplicates().items():
         checks.add_row(f"{kind} more than once", str(count))
-    return Group(render(stats, title=f"binloop summary: {reason}"), checks)
+    decisions = Table(title="registry decisions", show_header=True, header_style="bold")
+    decisions.add_column("version")
+    decisions.add_column("decision")
+    decisions.add_column("reason", overflow="fold")
+    for version, decision, why in stats.registered:
+        decisions.add_row(f"v{version}", decision, why)
+    return Group(render(stats, title=f"binloop summary: {reason}"), decisions, checks)

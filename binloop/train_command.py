@@ -80,6 +80,8 @@ def _train_config(
     patience: int,
     seed: int,
     mixed_precision: bool,
+    weight_decay: float,
+    label_smoothing: float,
 ) -> TrainConfig:
     from services.trainer.train import TrainConfig
 
@@ -101,6 +103,8 @@ def _train_config(
         seed=seed,
         balance=balance.value,
         mixed_precision=mixed_precision,
+        weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
         **shape,  # type: ignore[arg-type]
     )
 
@@ -132,6 +136,8 @@ def train_command(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     learning_rate: Annotated[float, typer.Option(min=0)] = 3e-3,
     patience: Annotated[int, typer.Option(min=1, help="Early stopping on val")] = 10,
+    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay")] = 1e-4,
+    label_smoothing: Annotated[float, typer.Option(min=0, max=0.5)] = 0.0,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     augment: Annotated[Augment, typer.Option()] = Augment.bin_camera,
     balance: Annotated[
@@ -178,7 +184,16 @@ def train_command(
         pretrained=pretrained,
         weights=weights,
         train=_train_config(
-            augment, balance, epochs, batch_size, learning_rate, patience, seed, mixed_precision
+            augment,
+            balance,
+            epochs,
+            batch_size,
+            learning_rate,
+            patience,
+            seed,
+            mixed_precision,
+            weight_decay,
+            label_smoothing,
         ),
         split=SplitRule(split_by.value, val_fraction, test_fraction),
         device=device.value,

@@ -99,7 +99,13 @@ def test_dockerignore_keeps_the_context_small() -> None:
     ignore = DockerIgnore.load(ROOT / ".dockerignore")
     for hidden in (".venv/bin/python", ".git/HEAD", "data/demo/stream/glass/x.jpg", "tests"):
         assert ignore.excludes(hidden), hidden
-    for kept in ("binloop/cli.py", "data/demo/eval/glass/x.jpg", "pyproject.toml"):
+    kept_files = (
+        "binloop/cli.py",
+        "binloop/ml/shipped_model/model.onnx",  # the edge's default model, as package data
+        "data/demo/eval/glass/x.jpg",
+        "pyproject.toml",
+    )
+    for kept in kept_files:
         assert not ignore.excludes(kept), kept
 
 

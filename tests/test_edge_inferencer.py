@@ -28,6 +28,7 @@ from binloop.errors import (
 )
 from binloop.ml.phash import phash
 from binloop.ml.preprocess import decode_rgb
+from binloop.ml.shipped import SHIPPED_MODEL
 from binloop.natsserver import NatsServer
 from binloop.runtime import ServiceApp
 from binloop.storage import LocalBlobStore, model_key, sha256_hex, spool_key
@@ -203,6 +204,26 @@ def test_update_rules(models: dict[int, ModelFiles]) -> None:
     assert update_verdict(from_disk, ModelUpdate("tiny-cnn", 1, T0, rollback=True)) is None
     assert update_verdict(from_disk, ModelUpdate("tiny-cnn", 1, T0)) is not None
     assert update_verdict(from_disk, ModelUpdate("other-model", 1, T0)) is None
+    # Loaded from disk, the same name and version is the same model only with the same bytes:
+    # the shipped v1 must give way to the registry's own first model, also called v1.
+    same_bytes = ModelUpdate("tiny-cnn", 2, T0, artifact_sha256=from_disk.onnx_sha256)
+    assert "already serving" in str(update_verdict(from_disk, same_bytes))
+    assert (
+        update_verdict(from_disk, ModelUpdate("tiny-cnn", 2, T0, artifact_sha256="0" * 64)) is None
+    )
+    # A model the registry installed is known by its version.
+    other_bytes = ModelUpdate("tiny-cnn", 2, later, artifact_sha256="0" * 64)
+    assert "already serving" in str(update_verdict(v2, other_bytes))
+
+
+def test_a_bin_serves_the_shipped_model_unless_told_to_start_with_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert EdgeInferencerSettings().default_model == SHIPPED_MODEL
+    monkeypatch.setenv("BINLOOP_DEFAULT_MODEL", "")
+    assert EdgeInferencerSettings().default_model is None
+    monkeypatch.setenv("BINLOOP_DEFAULT_MODEL", "/models/mine.onnx")
+    assert EdgeInferencerSettings().default_model == Path("/models/mine.onnx")
 
 
 async def test_slot_swaps_and_reports_what_it_serves(models: dict[int, ModelFiles]) -> None:
@@ -544,6 +565,49 @@ async def test_promotion_mid_stream_swaps_the_model_without_losing_a_frame(
     assert dead.items == []
     cached = tmp_path / "edge-models" / "tiny-cnn" / "v2" / "model.onnx"
     assert cached.read_bytes() == models[2].onnx.read_bytes()
+
+
+@pytest.mark.integration
+async def test_the_shipped_model_serves_the_first_frame_until_the_registry_promotes_one(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    blob_store: LocalBlobStore,
+) -> None:
+    results, _, dead = await _collectors(nats_client)
+    slot = ModelSlot(BIN)
+    swapped = asyncio.Event()
+    slot.add_listener(lambda model: swapped.set() if model.installed_by else None)
+    app = await _started(create_app(_settings(nats_server, tmp_path, SHIPPED_MODEL), slot))
+    spool = LocalBlobStore(tmp_path / "spool")
+    # The registry's first trained model carries the shipped model's name and version.
+    own = ModelFiles(*make_onnx_model(tmp_path / "own", CLASSES, name="binloop-waste"))
+    promotion = _promotion(blob_store, {1: own}, 1, occurred_at=datetime.now(UTC))
+    try:
+        assert app.is_ready()
+        (first,) = await _publish_frames(js, spool, _demo_frames(1)[:1])
+        await results.wait_for(1)
+        await _publish(
+            js, MODELS_PROMOTED, promotion.model_copy(update={"model_name": "binloop-waste"})
+        )
+        await asyncio.wait_for(swapped.wait(), 20)
+        (second,) = await _publish_frames(js, spool, _demo_frames(1)[1:2], start=1)
+        await results.wait_for(2)
+    finally:
+        await app.stop()
+
+    assert [(r.frame_event_id, r.model_name, r.model_version) for r in results.items] == [
+        (str(first.event_id), "binloop-waste", 1),
+        (str(second.event_id), "binloop-waste", 1),
+    ]
+    assert slot.current is not None
+    assert (
+        slot.current.onnx_sha256
+        == promotion.artifact.sha256
+        != sha256_hex(SHIPPED_MODEL.read_bytes())
+    )
+    assert dead.items == []
 
 
 @pytest.mark.integration

@@ -41,6 +41,7 @@ from services.trainer.train import (
     Augmenter,
     EpochStats,
     TrainConfig,
+    _Run,
     _sampler,
     predict_logits,
     train_classifier,
@@ -293,6 +294,39 @@ def test_a_torchvision_network_exports_with_parity() -> None:
         session = onnx_session(export_onnx(model, SIZE, fixed_batch=fixed))
         assert [o.name for o in session.get_outputs()] == ["logits", "embedding"]
         assert parity_max_abs_diff(model, session, inputs) <= 1e-4
+
+
+@pytest.mark.parametrize("architecture", ["compact-resnet", "compact-resnet-deep"])
+def test_residual_networks_train_and_export_with_parity(architecture: str) -> None:
+    model = build_model(architecture, 6)
+    logits = model(torch.randn(4, 3, *SIZE))
+    logits.sum().backward()  # gradients reach the stem through every shortcut
+    stem = next(model.parameters())
+    assert stem.grad is not None
+    assert float(stem.grad.abs().sum()) > 0
+    model.eval()
+    inputs = torch.randn(3, 3, *SIZE).numpy()
+    session = onnx_session(export_onnx(model, SIZE))
+    assert [o.name for o in session.get_outputs()] == ["logits", "embedding"]
+    assert parity_max_abs_diff(model, session, inputs) <= 1e-4
+
+
+def test_label_smoothing_penalises_overconfident_logits() -> None:
+    from services.trainer.data import LoadedItems
+
+    loaded = LoadedItems(np.zeros((4, 3, *SIZE), np.float32), ["glass", "trash"] * 2, list("abcd"))
+    data = ManifestDataset(loaded, ["glass", "trash"])
+    confident = torch.tensor([[20.0, -20.0]])
+    target = torch.tensor([0])
+
+    def loss(smoothing: float) -> float:
+        config = dataclasses.replace(QUICK, label_smoothing=smoothing, balance="none")
+        run = _Run(lambda: build_model("compact-cnn", 2), data, config, "cpu")
+        return float(run.criterion(confident, target))
+
+    assert loss(0.0) < 1e-6
+    # Smoothing 0.2 spreads 0.1 of the target mass on the wrong class: about 0.1 * 40 nats.
+    assert loss(0.2) == pytest.approx(0.1 * 40, rel=0.01)
 
 
 def test_int8_export_runs_and_reports_its_accuracy_change(

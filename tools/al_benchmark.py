@@ -20,7 +20,8 @@ close to what the whole pool gives). --seed-size, --per-round and --rounds overr
     .venv/bin/python tools/al_benchmark.py --features wide     # the stronger feature network
 
 --features picks the frozen feature network (FEATURES): "compact", the first one and the default,
-or "wide", the trainer's compact-cnn-wide at 96 x 128 for 60 epochs.
+"wide", the trainer's compact-cnn-wide at 96 x 128 for 60 epochs, or "resnet", the shipped
+model's compact-resnet-deep at 96 x 128 for 120 epochs.
 """
 
 from __future__ import annotations
@@ -121,6 +122,14 @@ FEATURES = {
         image_size=(96, 128),
         epochs=60,
         plot_suffix="_wide",
+    ),
+    # The shipped model's residual network (compact-resnet-deep, 2.7 M parameters), longer.
+    "resnet": FeatureConfig(
+        version="compact-resnet-deep-96x128-e120-v1",
+        architecture="compact-resnet-deep",
+        image_size=(96, 128),
+        epochs=120,
+        plot_suffix="_resnet",
     ),
 }
 

@@ -23,9 +23,11 @@ class ModelCard(Frozen):
     color_order: Literal["RGB"] = "RGB"
     preprocessing: str = Field(
         default=(
-            "Resize the whole frame to input_size (no crop) with bilinear interpolation, "
-            "convert to RGB, scale to [0, 1], subtract mean and divide by std per channel, "
-            "layout NCHW float32."
+            "Decode to RGB. Resize the whole frame to input_size (no crop, aspect ratio not "
+            "kept) with an antialiased filter: area averaging when shrinking (OpenCV "
+            "INTER_AREA; PIL Image.resize with BILINEAR is equivalent), bilinear when "
+            "enlarging. Scale to [0, 1], subtract mean and divide by std per channel, "
+            "layout NCHW float32, batch of one."
         )
     )
     output: Literal["logits", "probabilities"] = "logits"

@@ -122,13 +122,24 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
 
     async def on_promoted(delivery: Delivery[ModelPromoted]) -> list[Outgoing]:
         event = delivery.event
-        update = ModelUpdate(event.model_name, event.model_version, event.occurred_at)
+        update = ModelUpdate(
+            event.model_name,
+            event.model_version,
+            event.occurred_at,
+            artifact_sha256=event.artifact.sha256,
+        )
         await apply_update(update, event.artifact, event.card)
         return []
 
     async def on_rolled_back(delivery: Delivery[ModelRolledBack]) -> list[Outgoing]:
         event = delivery.event
-        update = ModelUpdate(event.model_name, event.to_version, event.occurred_at, rollback=True)
+        update = ModelUpdate(
+            event.model_name,
+            event.to_version,
+            event.occurred_at,
+            rollback=True,
+            artifact_sha256=event.artifact.sha256,
+        )
         await apply_update(update, event.artifact, event.card)
         return []
 

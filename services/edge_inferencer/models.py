@@ -19,6 +19,7 @@ from binloop.ml.backend import InferenceBackend, OnnxBackend
 from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import Preprocessor
 from binloop.observability import metrics
+from binloop.storage import sha256_hex
 from binloop.storage.blobstore import read_verified
 from binloop.storage.files import write_atomically
 from schemas.base import BlobRef
@@ -49,6 +50,8 @@ class ModelUpdate:
     version: int
     issued_at: datetime
     rollback: bool = False
+    artifact_sha256: str | None = None
+    """sha256 of the ONNX file the decision names (its BlobRef's); None when unknown."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class LoadedModel:
     preprocessor: Preprocessor
     installed_by: ModelUpdate | None = None
     """The registry event that installed it; None for a model loaded from disk at start."""
+    onnx_sha256: str | None = None
 
 
 def _parse_card(data: bytes, where: str) -> ModelCard:
@@ -81,7 +85,8 @@ def load_model(
     """Blocking (session creation takes a while): run it in a worker thread."""
     card = _parse_card(card_path.read_bytes(), str(card_path))
     backend = OnnxBackend(onnx_path, card, intra_op_threads=intra_op_threads)
-    return LoadedModel(card, backend, Preprocessor.from_card(card), installed_by)
+    onnx_sha256 = sha256_hex(onnx_path.read_bytes())
+    return LoadedModel(card, backend, Preprocessor.from_card(card), installed_by, onnx_sha256)
 
 
 class ModelCache:
@@ -123,6 +128,7 @@ def update_verdict(current: LoadedModel | None, update: ModelUpdate) -> str | No
     Promotions and rollbacks arrive on two consumers, so their relative order is not
     guaranteed: an update older than the registry event that installed the current model is
     stale. A promotion must also bring a newer version; a rollback may go to any other one.
+    A model loaded from disk at start is the same as the registry's only with the same bytes.
     """
     if current is None:
         return None
@@ -134,6 +140,9 @@ def update_verdict(current: LoadedModel | None, update: ModelUpdate) -> str | No
         )
     same_model = card.name == update.name
     if same_model and update.version == card.version:
+        if installed_by is None and update.artifact_sha256 not in (None, current.onnx_sha256):
+            # E.g. the shipped model (v1) and the registry's first trained model (also v1).
+            return None
         return f"already serving {card.name} v{card.version}"
     if same_model and not update.rollback and update.version < card.version:
         return f"v{update.version} is not newer than the served v{card.version}"

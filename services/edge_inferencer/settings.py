@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from binloop.ml.shipped import SHIPPED_MODEL
 from binloop.settings import ServiceSettings
 from schemas.taxonomy import Taxonomy
 
@@ -21,9 +22,11 @@ class EdgeInferencerSettings(ServiceSettings):
         description="Where promoted models are kept, as <name>/v<version>/model.onnx + card",
     )
     default_model: Path | None = Field(
-        default=None,
-        description="ONNX file loaded at start; its card is <stem>.card.json beside it, "
-        "else card.json in the same folder",
+        default=SHIPPED_MODEL,
+        description="ONNX file served from the first frame until the registry promotes a model "
+        "(default: the classifier binloop ships); its card is <stem>.card.json beside it, else "
+        "card.json in the same folder. Empty (BINLOOP_DEFAULT_MODEL=): start with no model and "
+        "wait for the first promotion",
     )
     confidence_threshold: float = Field(
         default=0.5,
@@ -38,3 +41,9 @@ class EdgeInferencerSettings(ServiceSettings):
     taxonomy: Taxonomy = Field(
         default_factory=Taxonomy, description="Labels and the compartment each one goes to"
     )
+
+    @field_validator("default_model", mode="before")
+    @classmethod
+    def _empty_means_none(cls, value: object) -> object:
+        # An environment variable cannot be null; pydantic would read "" as the path ".".
+        return None if isinstance(value, str) and not value.strip() else value

@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -134,14 +134,18 @@ def train_config(settings: TrainerSettings) -> TrainConfig:
     )
 
 
-def load_eval_set(store: BlobStore, settings: TrainerSettings) -> EvalSet:
+def load_eval_set(
+    store: BlobStore, settings: TrainerSettings, preprocessor: Preprocessor | None = None
+) -> EvalSet:
+    """The fixed evaluation set, decoded for a model whose card asks for `preprocessor`
+    (default: the trainer's own); the eval_set_id depends only on the items and labels."""
     manifest = ensure_eval_set(
         store,
         settings.eval_dir,
         settings.eval_dataset_name,
         taxonomy_version=taxonomy_for(settings).version,
     )
-    loaded = load_items(store, manifest.items, preprocessor_for(settings))
+    loaded = load_items(store, manifest.items, preprocessor or preprocessor_for(settings))
     if len(loaded) == 0:
         raise PermanentError(f"no readable image in the evaluation set {settings.eval_dir}")
     return EvalSet(manifest=manifest, loaded=loaded)
@@ -201,6 +205,48 @@ def _weights_bytes(model: torch.nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+def score_on_eval_set(
+    scores: FloatArray, classes: Sequence[str], eval_set: EvalSet, taxonomy: Taxonomy
+) -> EvalReport:
+    """How every candidate is measured: its top class for each eval item (`scores`: one row of
+    class scores per item, in `classes` order) against the item's label."""
+    predicted = scores.argmax(axis=1)
+    return evaluate(eval_set.loaded.labels, [classes[i] for i in predicted], taxonomy, classes)
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    artifact: BlobRef
+    card: BlobRef
+    confusion: BlobRef
+
+
+def store_model(
+    store: BlobStore,
+    card: ModelCard,
+    onnx_bytes: bytes,
+    report: EvalReport,
+    extras: Sequence[tuple[str, bytes, str]] = (),
+) -> StoredModel:
+    """Writes model.onnx, the `extras` (name, data, content type), confusion.png and, last,
+    card.json under the card's name and version."""
+
+    def put(name: str, data: bytes, content_type: str) -> BlobRef:
+        return store.put(model_key(card.name, card.version, name), data, content_type)
+
+    artifact = put("model.onnx", onnx_bytes, "application/onnx")
+    for name, data, content_type in extras:
+        put(name, data, content_type)
+    confusion = put(
+        "confusion.png", confusion_png(report, f"{card.name} v{card.version}"), "image/png"
+    )
+    # The card goes last: its presence says the version is complete.
+    card_ref = put(
+        "card.json", (card.model_dump_json(indent=2) + "\n").encode(), "application/json"
+    )
+    return StoredModel(artifact, card_ref, confusion)
+
+
 def run_training(
     store: BlobStore,
     manifest: DatasetManifest,
@@ -249,9 +295,8 @@ def run_training(
     if embedding_parity is not None:
         check_parity(embedding_parity, settings.parity_tolerance, EMBEDDING_NAME)
 
-    predicted = onnx_logits(session, eval_set.loaded.inputs).argmax(axis=1)
-    report = evaluate(
-        eval_set.loaded.labels, [classes[i] for i in predicted], taxonomy_for(settings), classes
+    report = score_on_eval_set(
+        onnx_logits(session, eval_set.loaded.inputs), classes, eval_set, taxonomy_for(settings)
     )
     metrics = report.to_metrics(eval_set.eval_set_id)
 
@@ -275,18 +320,15 @@ def run_training(
         notes=_notes(result, len(train_items), len(val_items), len(skipped), temperature),
     )
 
-    def put(name: str, data: bytes, content_type: str) -> BlobRef:
-        return store.put(model_key(settings.model_name, version, name), data, content_type)
-
-    artifact = put("model.onnx", onnx_bytes, "application/onnx")
-    put("model.pt", _weights_bytes(result.model), "application/octet-stream")
-    confusion_ref = put(
-        "confusion.png", confusion_png(report, f"{settings.model_name} v{version}"), "image/png"
-    )
-    put("training.json", _training_log(result, skipped), "application/json")
-    # The card goes last: its presence says the version is complete.
-    card_ref = put(
-        "card.json", (card.model_dump_json(indent=2) + "\n").encode(), "application/json"
+    stored = store_model(
+        store,
+        card,
+        onnx_bytes,
+        report,
+        extras=[
+            ("model.pt", _weights_bytes(result.model), "application/octet-stream"),
+            ("training.json", _training_log(result, skipped), "application/json"),
+        ],
     )
     return TrainingOutcome(
         model_name=settings.model_name,
@@ -295,9 +337,9 @@ def run_training(
         dataset_name=manifest.name,
         dataset_version=manifest.version,
         card=card,
-        artifact=artifact,
-        card_ref=card_ref,
-        confusion_ref=confusion_ref,
+        artifact=stored.artifact,
+        card_ref=stored.card,
+        confusion_ref=stored.confusion,
         metrics=metrics,
         report=report,
         parity_max_abs_diff=parity,

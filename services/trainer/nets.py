@@ -34,25 +34,18 @@ def conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequent
     )
 
 
-class CompactCNN(nn.Module):
-    """Stride-2 conv-BN-ReLU stages, each followed by a stride-1 one, then global average
-    pooling and a linear head. Input N x 3 x H x W (any H, W >= 16), output N x classes logits;
-    `logits_and_embedding` also returns the pooled N x widths[-1] features (the embedding)."""
+class PooledClassifier(nn.Module):
+    """Convolutional `features`, global average pooling (the embedding) and a dropout + linear
+    head: the shape of our own networks."""
 
     def __init__(
-        self, num_classes: int, widths: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.2
+        self, features: nn.Module, channels: int, num_classes: int, dropout: float
     ) -> None:
         super().__init__()
-        stages: list[nn.Module] = []
-        in_channels = 3
-        for width in widths:
-            stages.append(conv_bn_relu(in_channels, width, stride=2))
-            stages.append(conv_bn_relu(width, width, stride=1))
-            in_channels = width
-        self.features = nn.Sequential(*stages)
+        self.features = features
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_channels, num_classes)
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_classes)
         )
 
     def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +55,70 @@ class CompactCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits_and_embedding(x)[0]
+
+
+class CompactCNN(PooledClassifier):
+    """Stride-2 conv-BN-ReLU stages, each followed by a stride-1 one, then global average
+    pooling and a linear head. Input N x 3 x H x W (any H, W >= 16), output N x classes logits;
+    `logits_and_embedding` also returns the pooled N x widths[-1] features (the embedding)."""
+
+    def __init__(
+        self, num_classes: int, widths: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.2
+    ) -> None:
+        stages: list[nn.Module] = []
+        in_channels = 3
+        for width in widths:
+            stages.append(conv_bn_relu(in_channels, width, stride=2))
+            stages.append(conv_bn_relu(width, width, stride=1))
+            in_channels = width
+        super().__init__(nn.Sequential(*stages), in_channels, num_classes, dropout)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 projection) shortcut: ResNet's basic
+    block. The shortcut keeps gradients flowing, which lets a from-scratch network train long
+    on a small dataset without collapsing."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn_relu(in_channels, out_channels, stride),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.relu(self.body(x) + self.shortcut(x))
+        return out
+
+
+class ResidualCNN(PooledClassifier):
+    """A small ResNet: a stride-2 stem, then one stage of residual blocks per width (every
+    stage after the first halves the resolution), global average pooling and a linear head.
+    `logits_and_embedding` returns the pooled N x widths[-1] features too."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        widths: Sequence[int] = (32, 64, 128, 256),
+        blocks: Sequence[int] = (1, 1, 1, 1),
+        dropout: float = 0.2,
+    ) -> None:
+        layers: list[nn.Module] = [conv_bn_relu(3, widths[0], stride=2)]
+        in_channels = widths[0]
+        for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+            for index in range(count):
+                stride = 2 if stage > 0 and index == 0 else 1
+                layers.append(ResidualBlock(in_channels, width, stride))
+                in_channels = width
+        super().__init__(nn.Sequential(*layers), in_channels, num_classes, dropout)
 
 
 class WithEmbedding(nn.Module):
@@ -157,10 +214,21 @@ def _compact(widths: Sequence[int]) -> ModelFactory:
     return build
 
 
+def _residual(widths: Sequence[int], blocks: Sequence[int]) -> ModelFactory:
+    def build(num_classes: int, pretrained: bool) -> nn.Module:
+        if pretrained:
+            raise ValueError("compact-resnet has no pretrained weights; train it from scratch")
+        return ResidualCNN(num_classes, widths=widths, blocks=blocks)
+
+    return build
+
+
 ARCHITECTURES: dict[str, ModelFactory] = {
     "compact-cnn": _compact((16, 32, 64, 128)),
     "compact-cnn-narrow": _compact((8, 16, 32, 64)),
     "compact-cnn-wide": _compact((32, 64, 128, 256)),
+    "compact-resnet": _residual((32, 64, 128, 256), (1, 1, 1, 1)),
+    "compact-resnet-deep": _residual((32, 64, 128, 256), (1, 1, 2, 2)),
     "mobilenet_v3_small": _torchvision("mobilenet_v3_small"),
     "mobilenet_v3_large": _torchvision("mobilenet_v3_large"),
     "efficientnet_b0": _torchvision("efficientnet_b0"),

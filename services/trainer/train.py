@@ -55,6 +55,9 @@ class TrainConfig:
     balance: Balance = "loss"
     """Class imbalance: "loss" weights the loss by inverse class frequency, "sampler" draws
     batches with inverse-frequency weights (with replacement), "none" does neither."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing: keeps a from-scratch network from growing overconfident
+    on a small dataset (temperature scaling still calibrates the result)."""
     mixed_precision: bool = True
     """float16 autocast with a gradient scaler; only ever used on CUDA."""
 
@@ -232,7 +235,10 @@ class _Run:
             generator=self.shuffle if sampler is None else None,
         )
         weights = class_weights(train_data.class_counts()).to(device)
-        self.criterion = nn.CrossEntropyLoss(weight=weights if config.balance == "loss" else None)
+        self.criterion = nn.CrossEntropyLoss(
+            weight=weights if config.balance == "loss" else None,
+            label_smoothing=config.label_smoothing,
+        )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )

@@ -1,0 +1,77 @@
+"""An externally trained model (ONNX + card, e.g. the classifier binloop ships) made a candidate
+like the trainer's own: loaded as a bin loads it, scored on the same fixed eval set, stored under
+the next version, announced by the same TrainingCompleted. No bus here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from binloop.storage import BlobStore
+from services.edge_inferencer.models import load_model
+from services.trainer.core import (
+    TrainingOutcome,
+    load_eval_set,
+    next_model_version,
+    score_on_eval_set,
+    store_model,
+    taxonomy_for,
+)
+from services.trainer.settings import TrainerSettings
+
+EXTERNAL_DATASET = "external"
+"""The dataset recorded when the card names none: binloop never saw the training data."""
+
+
+def import_external_model(
+    store: BlobStore, settings: TrainerSettings, onnx_path: Path, card_path: Path
+) -> TrainingOutcome:
+    """Stores the model as the next version of settings.model_name, measured on
+    settings.eval_dir exactly as trained candidates are, with its card rewritten to that name,
+    version and measurement. Raises ModelLoadError when a bin could not serve it.
+
+    The version is the next free one in the store, as the trainer picks it: an import while the
+    trainer stores a run may claim the same number, and the registry refuses the second claim."""
+    onnx_bytes = onnx_path.read_bytes()
+    model = load_model(onnx_path, card_path, intra_op_threads=settings.torch_threads)
+    card = model.card
+    eval_set = load_eval_set(store, settings, model.preprocessor)
+    report = score_on_eval_set(
+        model.backend.predict(eval_set.loaded.inputs),
+        card.classes,
+        eval_set,
+        taxonomy_for(settings),
+    )
+    metrics = report.to_metrics(eval_set.eval_set_id)
+    version = next_model_version(store, settings.model_name)
+    origin = (
+        f"Imported as {settings.model_name} v{version} from {onnx_path.name} "
+        f"(card: {card.name} v{card.version}); measured on eval set "
+        f"{eval_set.eval_set_id[:12]} ({metrics.eval_items} items)"
+    )
+    stored_card = card.model_copy(
+        update={
+            "name": settings.model_name,
+            "version": version,
+            "parent_version": None,  # the card's parent is a version of another numbering
+            "metrics": metrics,
+            "notes": f"{card.notes} {origin}".strip(),
+        }
+    )
+    stored = store_model(store, stored_card, onnx_bytes, report)
+    return TrainingOutcome(
+        model_name=settings.model_name,
+        version=version,
+        parent_version=None,
+        dataset_name=card.dataset_name or EXTERNAL_DATASET,
+        dataset_version=card.dataset_version or 1,
+        card=stored_card,
+        artifact=stored.artifact,
+        card_ref=stored.card,
+        confusion_ref=stored.confusion,
+        metrics=metrics,
+        report=report,
+        # What its own exporter measured; binloop has no torch module to compare with.
+        parity_max_abs_diff=card.onnx_parity_max_abs_diff or 0.0,
+        train_seconds=0.0,
+        skipped={},
+    )
