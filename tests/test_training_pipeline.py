@@ -612,6 +612,7 @@ def test_train_command_writes_a_complete_model_folder(folder: Path, tmp_path: Pa
         "trash",
     }
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     # --resume on a finished run trains nothing more and reports the same model.
     again = CliRunner().invoke(app, [*args, "--resume"])
     assert again.exit_code == 0, again.output

@@ -41,7 +41,7 @@ from services.trainer.export import (
 )
 from services.trainer.nets import build_model, count_parameters, load_weights
 from services.trainer.quantize import calibration_sample, quantize_int8
-from services.trainer.report import confusion_png
+from services.trainer.report import confusion_png, learning_curve_png
 from services.trainer.settings import IMAGENET_MEAN, IMAGENET_STD
 from services.trainer.sources import SourceImages, SplitData, SplitRule, load_and_split
 from services.trainer.tracking import NullTracker, Tracker
@@ -250,6 +250,11 @@ def run_pipeline(
     )
     (out / "confusion_compartments.png").write_bytes(
         confusion_png(compartments, f"{config.model_name} v{config.version}: compartments")
+    )
+    (out / "learning_curve.png").write_bytes(
+        learning_curve_png(
+            result.history, result.best_epoch, f"{config.model_name} v{config.version}"
+        )
     )
     card = ModelCard(
         name=config.model_name,
