@@ -103,6 +103,14 @@ def test_candidate_must_beat_champion_by_the_margin(accuracy: float, promoted: b
     assert "champion v1 0.5000" in decision.reason
 
 
+@pytest.mark.parametrize(("accuracy", "promoted"), [(0.45, True), (0.40, True), (0.39, False)])
+def test_a_negative_margin_lets_a_slightly_worse_candidate_through(
+    accuracy: float, promoted: bool
+) -> None:
+    champion = _champion_of(_completed(1, 0.50))
+    assert decide(_completed(2, accuracy).metrics, champion, margin=-0.1).promoted is promoted
+
+
 def test_a_different_eval_set_is_rejected_whatever_the_accuracy() -> None:
     champion = _champion_of(_completed(1, 0.50))
     decision = decide(_completed(2, 0.99, OTHER_EVAL_SET).metrics, champion, margin=0.02)

@@ -17,9 +17,11 @@ class RegistrySettings(ServiceSettings):
     )
     promotion_margin: float = Field(
         default=0.02,
-        ge=0,
+        ge=-1,
         le=1,
-        description="Accuracy a candidate must gain over the champion, on the same eval set",
+        description="Accuracy a candidate must gain over the champion, on the same eval set; "
+        "negative lets a candidate that is at most that much worse through (-1: every "
+        "candidate measured on the champion's eval set is promoted, e.g. to exercise rollouts)",
     )
     kv_bucket: str = Field(
         default=DEFAULT_KV_BUCKET,
