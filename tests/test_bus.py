@@ -141,3 +141,52 @@ async def test_one_bad_message_does_not_take_its_batch_down(
     assert sorted(handled) == ["a", "b", "c", "d"]
     assert [d.error_type for d in letters] == ["PermanentError"]
     assert letters[0].original_subject == TRAINING_REQUESTED.subject()
+
+
+# --- fetch timeouts (binloop/bus/fetch_timeouts.py) ---------------------------------------------
+
+
+async def test_a_bare_fetch_timeout_leaves_as_nats_own_and_others_pass_through() -> None:
+    import nats.errors
+
+    from binloop.bus.fetch_timeouts import as_nats_timeouts
+
+    async def bare_timeout() -> list[int]:
+        raise TimeoutError  # what nats-py 2.16 raises when the deadline runs out mid-fetch
+
+    async def nats_timeout() -> list[int]:
+        raise nats.errors.TimeoutError
+
+    async def other_failure() -> list[int]:
+        raise ConnectionError("down")
+
+    async def messages() -> list[int]:
+        return [1, 2]
+
+    with pytest.raises(nats.errors.TimeoutError) as caught:
+        await as_nats_timeouts(bare_timeout)()
+    assert isinstance(caught.value.__cause__, TimeoutError)
+    with pytest.raises(nats.errors.TimeoutError):
+        await as_nats_timeouts(nats_timeout)()
+    with pytest.raises(ConnectionError):
+        await as_nats_timeouts(other_failure)()
+    assert await as_nats_timeouts(messages)() == [1, 2]
+
+
+@pytest.mark.integration
+async def test_pull_fetch_on_an_empty_consumer_times_out_as_nats_timeout(
+    js: JetStreamContext,
+) -> None:
+    import nats.errors
+
+    from binloop.bus import fetch_timeouts
+
+    fetch_timeouts.install()
+    fetch_timeouts.install()  # idempotent: wrapped once
+    fetch = JetStreamContext.PullSubscription.fetch
+    assert not getattr(fetch.__wrapped__, "_binloop_nats_timeouts", False)  # type: ignore[attr-defined]
+    await js.add_stream(name="EMPTY", subjects=["empty.>"])
+    subscription = await js.pull_subscribe("empty.x", "empty-consumer")
+    for timeout in (1e-6, 0.01):
+        with pytest.raises(nats.errors.TimeoutError):
+            await subscription.fetch(1, timeout=timeout)

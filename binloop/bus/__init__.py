@@ -1,6 +1,7 @@
 """The bus: JetStream streams from the routes table, deduplicated publishing, and consumers
 that ack explicitly, retry transient failures and dead-letter what cannot be processed."""
 
+from binloop.bus import fetch_timeouts
 from binloop.bus.broker import make_broker
 from binloop.bus.consume import Delivery, subscribe, subscribe_batch
 from binloop.bus.publish import Outgoing, Publisher
@@ -15,3 +16,5 @@ __all__ = [
     "subscribe",
     "subscribe_batch",
 ]
+
+fetch_timeouts.install()
