@@ -108,7 +108,10 @@ def test_a_negative_margin_lets_a_slightly_worse_candidate_through(
     accuracy: float, promoted: bool
 ) -> None:
     champion = _champion_of(_completed(1, 0.50))
-    assert decide(_completed(2, accuracy).metrics, champion, margin=-0.1).promoted is promoted
+    decision = decide(_completed(2, accuracy).metrics, champion, margin=-0.1)
+    assert decision.promoted is promoted
+    if promoted:
+        assert decision.reason.startswith("within the margin")
 
 
 def test_a_different_eval_set_is_rejected_whatever_the_accuracy() -> None:

@@ -94,7 +94,9 @@ def decide(candidate: ModelMetrics, champion: VersionRecord | None, margin: floa
         f"(gain {gain:+.4f}, margin {margin:.4f})"
     )
     if gain + EPSILON >= margin:
-        return Decision(True, f"beats the champion: {comparison}")
+        # A negative margin lets a slightly worse candidate through: say so.
+        verdict = "beats the champion" if gain + EPSILON >= 0 else "within the margin"
+        return Decision(True, f"{verdict}: {comparison}")
     return Decision(False, f"not better by the margin: {comparison}")
 
 
