@@ -49,6 +49,7 @@ class ServerProcess:
         self.on_line = on_line
         self._process: subprocess.Popen[str] | None = None
         self._log: list[str] = []
+        self._pump: threading.Thread | None = None
 
     def start(self) -> None:
         self._process = subprocess.Popen(
@@ -66,15 +67,19 @@ class ServerProcess:
         assert stream is not None
 
         def pump() -> None:
-            for line in stream:
-                self._log.append(line.rstrip())
-                if len(self._log) > LOG_LINES_KEPT:
-                    del self._log[: LOG_LINES_KEPT // 4]
-                self.on_line(line)
-                if self.ready_line in line:
-                    ready.set()
+            try:
+                for line in stream:
+                    self._log.append(line.rstrip())
+                    if len(self._log) > LOG_LINES_KEPT:
+                        del self._log[: LOG_LINES_KEPT // 4]
+                    self.on_line(line)
+                    if self.ready_line in line:
+                        ready.set()
+            except ValueError:
+                pass  # stop() closed the pipe before the last read returned: the server is gone
 
-        threading.Thread(target=pump, name=f"{self.name}-log", daemon=True).start()
+        self._pump = threading.Thread(target=pump, name=f"{self.name}-log", daemon=True)
+        self._pump.start()
         deadline = time.monotonic() + self.startup_timeout_s
         while not ready.wait(0.05):
             if self._process.poll() is not None or time.monotonic() > deadline:
@@ -92,6 +97,11 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
+        if self._pump is not None:
+            # The server has exited, so the pump reads to EOF; closing the pipe under it
+            # while it reads would raise in its thread.
+            self._pump.join(timeout=self.stop_timeout_s)
+            self._pump = None
         if self._process.stdout is not None:
             self._process.stdout.close()
         self._process = None

@@ -602,3 +602,15 @@ def test_a_phash_that_is_not_16_hex_digits_is_rejected_by_the_schema() -> None:
     for bad in ("0123456789ABCDEF", "0123", "0123456789abcdefg", "xyz"):
         with pytest.raises(ValidationError, match="phash"):
             InferenceResult.model_validate({**fields, "phash": bad})
+
+
+def test_phash_takes_the_median_of_the_ac_terms_as_numpy_does() -> None:
+    # phash picks the median by a partial sort; it must be np.median's value exactly.
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        image = rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
+        gray = cv2.cvtColor(image.astype(np.float32), cv2.COLOR_RGB2GRAY)
+        small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA)
+        low = cv2.dct(small)[:8, :8].ravel()
+        expected = np.packbits(low > np.median(low[1:])).tobytes().hex()
+        assert phash(image) == expected

@@ -7,14 +7,17 @@ from datetime import UTC, datetime
 
 import pytest
 from nats.aio.client import Client
+from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
+from nats.js.errors import NoStreamResponseError
 
-from binloop.bus import Delivery, Outgoing, subscribe, subscribe_batch
+from binloop.bus import Delivery, Outgoing, PendingAcks, subscribe, subscribe_batch
+from binloop.bus.publish import PublishTimeoutError
 from binloop.errors import PermanentError, TransientError
 from binloop.runtime import new_service
 from binloop.settings import ServiceSettings
 from schemas import DeadLetter, TrainingRequested
-from schemas.routes import DLQ, TRAINING_REQUESTED
+from schemas.routes import DLQ, TRAINING_REQUESTED, Route
 from tests.helpers import Collector
 
 pytestmark = pytest.mark.integration
@@ -190,3 +193,150 @@ async def test_pull_fetch_on_an_empty_consumer_times_out_as_nats_timeout(
     for timeout in (1e-6, 0.01):
         with pytest.raises(nats.errors.TimeoutError):
             await subscription.fetch(1, timeout=timeout)
+
+
+# --- pipelined consumers and asynchronous publish acks ------------------------------------------
+
+PROBE_OUT = Route("probe.out", "models.probe.v1", "ENGINE", TrainingRequested)
+"""An output route inside the ENGINE stream that no service consumes."""
+NOWHERE = Route("nowhere", "nowhere.v1", "NOWHERE", TrainingRequested)
+"""An output route no stream captures: JetStream cannot store what is sent to it."""
+
+
+async def _wait_until_settled(js: JetStreamContext, durable: str) -> bool:
+    """Whether the consumer acked everything it was given (polled for up to 10 s)."""
+    for _ in range(200):
+        info = await js.consumer_info("ENGINE", durable)
+        if info.num_ack_pending == 0 and info.num_pending == 0:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_pipelined_consumer_keeps_output_order_and_acks_every_input(
+    js: JetStreamContext, nats_server
+) -> None:
+    service = new_service("pipe", _settings(nats_server.url))
+    names = [f"n{i:02d}" for i in range(30)]
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        name = delivery.event.dataset_name
+        return [Outgoing(PROBE_OUT, TrainingRequested(producer="pipe", dataset_name=name))]
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="pipe",
+        policy=service.policy,
+        pipelined=True,
+        max_unsettled=4,
+    )
+    stored = await Collector(TrainingRequested).attach_stream(js, PROBE_OUT.subject())
+    for name in names:
+        event = TrainingRequested(producer="test", dataset_name=name)
+        await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+    await service.start()
+    try:
+        outputs = await stored.wait_for(len(names))
+        assert await _wait_until_settled(js, "pipe")
+    finally:
+        await service.stop()
+    assert [o.dataset_name for o in outputs] == names
+
+
+async def test_a_pipelined_input_whose_output_is_not_stored_is_retried_not_acked(
+    js: JetStreamContext, nats_server
+) -> None:
+    service = new_service("pipe-retry", _settings(nats_server.url))
+    attempts: list[int] = []
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        attempts.append(delivery.attempt)
+        # The first time the output goes where no stream stores it: the input must come back.
+        route = NOWHERE if delivery.attempt == 1 else PROBE_OUT
+        return [Outgoing(route, TrainingRequested(producer="pipe", dataset_name="x"))]
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="pipe-retry",
+        policy=service.policy,
+        pipelined=True,
+    )
+    stored = await Collector(TrainingRequested).attach_stream(js, PROBE_OUT.subject())
+    event = TrainingRequested(producer="test", dataset_name="x")
+    await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+    await service.start()
+    try:
+        outputs = await stored.wait_for(1)
+        assert await _wait_until_settled(js, "pipe-retry")
+    finally:
+        await service.stop()
+    assert attempts == [1, 2]
+    assert [o.dataset_name for o in outputs] == ["x"]
+
+
+async def test_send_all_returns_before_the_acks_and_wait_confirms_them(
+    js: JetStreamContext, nats_server
+) -> None:
+    service = new_service("sender", _settings(nats_server.url))
+    await service.start()
+    try:
+        events = [TrainingRequested(producer="t", dataset_name=f"d{i}") for i in range(5)]
+        pending = await service.publisher.send_all([Outgoing(PROBE_OUT, e) for e in events])
+        assert len(pending) == 5
+        await pending.wait()
+        info = await js.stream_info("ENGINE")
+        assert info.state.messages == 5
+        failing = await service.publisher.send_all([Outgoing(NOWHERE, events[0])])
+        with pytest.raises(NoStreamResponseError):
+            await failing.wait()
+    finally:
+        await service.stop()
+
+
+async def test_pending_acks_that_never_come_fail_as_a_transient_timeout() -> None:
+    loop = asyncio.get_running_loop()
+    acked: asyncio.Future[PubAck] = loop.create_future()
+    acked.set_result(PubAck(stream="ENGINE", seq=1))
+    never: asyncio.Future[PubAck] = loop.create_future()
+    with pytest.raises(PublishTimeoutError, match="acked 1 of 2") as caught:
+        await PendingAcks([acked, never], timeout_s=0.01).wait()
+    assert isinstance(caught.value, TransientError)  # retried, not dead-lettered
+    assert never.cancelled()
+    await PendingAcks([], timeout_s=0.01).wait()  # nothing sent, nothing to wait for
+
+
+async def test_settlements_wait_for_room_and_report_what_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from binloop.bus.consume import _Settlements
+
+    settlements = _Settlements("probe", limit=1)
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def settle(name: str) -> None:
+        await release.wait()
+        finished.append(name)
+
+    async def broken() -> None:
+        raise ConnectionError("connection closed")
+
+    await settlements.start(settle("first"))
+    second = asyncio.create_task(settlements.start(settle("second")))
+    await asyncio.sleep(0)
+    assert not second.done()  # no room until the first one settles
+    release.set()
+    await second
+    await settlements.start(broken())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert finished == ["first", "second"]
+    assert "could not settle" in caplog.text
+    with pytest.raises(ValueError, match="must be >= 1"):
+        _Settlements("probe", limit=0)

@@ -22,6 +22,7 @@ from binloop.errors import (
     ChecksumMismatchError,
     ConfigError,
     CorruptFrameError,
+    MissingBlobError,
     ModelLoadError,
     NotReadyError,
     UnknownUriError,
@@ -321,6 +322,17 @@ def test_spool_reader_prefers_its_own_spool_and_checks_the_hash(tmp_path: Path) 
         SpoolReader(tmp_path / "spool").read(ref.model_copy(update={"uri": "ftp://cam/f.jpg"}))
     with pytest.raises(ChecksumMismatchError):
         SpoolReader(tmp_path / "spool").read(ref.model_copy(update={"sha256": "0" * 64}))
+
+
+def test_spool_reader_falls_back_to_the_events_own_uri(tmp_path: Path) -> None:
+    # A frame this bin's spool does not hold (another mount) is read where the event says.
+    data = (DEMO / "metal").glob("*.jpg").__next__().read_bytes()
+    ref = _spool(LocalBlobStore(tmp_path / "other-spool"), data)
+    assert SpoolReader(tmp_path / "spool").read(ref) == data
+    with pytest.raises(MissingBlobError):
+        SpoolReader(tmp_path / "spool").read(
+            ref.model_copy(update={"uri": (tmp_path / "other-spool" / "gone.jpg").as_uri()})
+        )
 
 
 def test_classify_times_every_stage_and_builds_matching_events(

@@ -139,3 +139,21 @@ def test_an_embedding_output_comes_with_the_probabilities_from_one_run(tmp_path:
     assert embedding.shape == (len(CLASSES), 128)
     np.testing.assert_allclose(embedding, features.numpy(), atol=1e-4)
     np.testing.assert_allclose(probabilities, backend.predict(batch), atol=1e-6)
+
+
+def test_the_lookup_table_normalisation_equals_the_per_pixel_formula() -> None:
+    # Preprocessor normalises with a 256-entry table per channel; it must give exactly
+    # (x / 255 - mean) / std worked out in float32, the card's formula, for every value.
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    preprocess = Preprocessor((16, 256), mean, std)
+    rgb = np.empty((16, 256, 3), dtype=np.uint8)
+    rgb[:] = np.arange(256, dtype=np.uint8)[np.newaxis, :, np.newaxis]  # every value, each channel
+    rgb[8:] = rgb[8:, ::-1]
+    mean_arr, std_arr = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    scale, shift = 1.0 / (255.0 * std_arr), -mean_arr / std_arr
+    expected = (rgb.astype(np.float32) * scale + shift).transpose(2, 0, 1)
+    actual = preprocess(rgb)  # same size: no resampling, only the normalisation
+    assert actual.dtype == np.float32
+    assert actual.shape == (3, 16, 256)
+    assert actual.flags.c_contiguous
+    np.testing.assert_array_equal(actual, expected)

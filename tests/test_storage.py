@@ -386,3 +386,20 @@ def test_a_file_uri_is_read_only_inside_a_served_folder_and_at_its_promised_size
         read_verified(ref.model_copy(update={"uri": "file:///dev/zero"}))
     with pytest.raises(PermanentError, match="promised 4"):
         read_verified(ref.model_copy(update={"size": 4}))
+
+
+def test_a_local_store_reads_a_blob_only_at_its_promised_size(tmp_path: Path) -> None:
+    from binloop.errors import PermanentError
+
+    store = LocalBlobStore(tmp_path / "served")
+    store.put("a/b.bin", b"hello")
+    (tmp_path / "served" / "folder").mkdir()
+    assert store.read_sized("a/b.bin", 5) == b"hello"
+    with pytest.raises(PermanentError, match="holds 5 bytes; the reference promised 4"):
+        store.read_sized("a/b.bin", 4)
+    with pytest.raises(MissingBlobError):
+        store.read_sized("a/missing.bin", 5)
+    with pytest.raises(MissingBlobError):
+        store.read_sized("a/b.bin/below-a-file", 5)
+    with pytest.raises(MissingBlobError):
+        store.read_sized("folder", 0)

@@ -4,12 +4,13 @@ that ack explicitly, retry transient failures and dead-letter what cannot be pro
 from binloop.bus import fetch_timeouts
 from binloop.bus.broker import make_broker
 from binloop.bus.consume import Delivery, subscribe, subscribe_batch
-from binloop.bus.publish import Outgoing, Publisher
+from binloop.bus.publish import Outgoing, PendingAcks, Publisher
 from binloop.bus.streams import ensure_streams
 
 __all__ = [
     "Delivery",
     "Outgoing",
+    "PendingAcks",
     "Publisher",
     "ensure_streams",
     "make_broker",

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Annotated, Any, Generic, TypeVar
@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from pydantic import ValidationError
 
-from binloop.bus.publish import MSG_ID_HEADER, Outgoing, Publisher
+from binloop.bus.publish import MSG_ID_HEADER, Outgoing, PendingAcks, Publisher
 from binloop.errors import NotReadyError, PermanentError
 from binloop.observability import metrics
 from schemas.base import Event
@@ -198,6 +198,7 @@ class _Consumer(Generic[E]):
         msgs: list[Msg],
         result: Sequence[Outgoing] | BaseException,
         cause: Event | None = None,
+        settlements: _Settlements | None = None,
     ) -> None:
         if isinstance(result, BaseException):
             for msg in msgs:
@@ -205,13 +206,57 @@ class _Consumer(Generic[E]):
             return
         outgoing = list(result) if cause is None else derive_event_ids(cause, result)
         try:
-            await self.publisher.publish_all(outgoing)
+            pending = await self.publisher.send_all(outgoing)
         except Exception as exc:  # the bus itself failed: leave the input for redelivery
+            for msg in msgs:
+                await self.fail(msg, exc)
+            return
+        if settlements is None:
+            await self.settle(msgs, pending)
+        else:
+            await settlements.start(self.settle(msgs, pending))
+
+    async def settle(self, msgs: list[Msg], pending: PendingAcks) -> None:
+        """Acks the input once JetStream has stored every output; otherwise it is retried."""
+        try:
+            await pending.wait()
+        except Exception as exc:
             for msg in msgs:
                 await self.fail(msg, exc)
             return
         for msg in msgs:
             await msg.ack()
+
+
+class _Settlements:
+    """Inputs whose outputs are sent but not yet acked by JetStream, settled in background
+    tasks while the next messages are handled. At most `limit` at a time: the next `start`
+    waits for room, so a slow JetStream slows the consumer down instead of piling up."""
+
+    def __init__(self, service: str, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the unsettled limit must be >= 1, got {limit}")
+        self._service = service
+        self._room = asyncio.Semaphore(limit)
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def start(self, settle: Coroutine[Any, Any, None]) -> None:
+        try:
+            await self._room.acquire()
+        except BaseException:
+            settle.close()  # never started: its input comes back after the ack wait
+            raise
+        task = asyncio.create_task(settle)
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._room.release()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Acking or naking failed (the connection went): JetStream redelivers the input
+            # after its ack wait and drops the repeated outputs by their ids.
+            log.warning("%s: could not settle a message: %r", self._service, error)
 
 
 async def _raw_batch(msgs: list[Msg]) -> StreamMessage[list[Msg]]:
@@ -271,13 +316,22 @@ def subscribe(
     ack_wait_s: float = 10.0,
     description: str = "",
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
+    pipelined: bool = False,
+    max_unsettled: int = 64,
 ) -> None:
     """One message at a time, for low-rate subjects where latency matters.
 
     `deliver_policy` applies when the durable consumer is first created, e.g. LAST_PER_SUBJECT
     for "tell me the current model, then every change".
+
+    `pipelined`: the handler's outputs are sent at once and the next message is handled while
+    JetStream confirms them; the input is acked (or retried) when the confirmation comes, at
+    most `max_unsettled` inputs waiting for theirs. Outputs of consecutive messages still go
+    out in order; what changes is that a message's latency no longer includes the ack round
+    trip. The guarantee is the same: an input is acked only after its outputs are stored.
     """
     consumer: _Consumer[E] = _Consumer(publisher, route, policy, ack_wait_s)
+    settlements = _Settlements(publisher.service, max_unsettled) if pipelined else None
 
     async def on_messages(msgs: list[Msg]) -> None:
         good, bad = consumer.decode(msgs)
@@ -286,7 +340,7 @@ def subscribe(
         for msg, delivery in good:
             metrics.MESSAGES_CONSUMED.labels(consumer.service, route.name).inc()
             result = await consumer.run_guarded([msg], partial(handler, delivery))
-            await consumer.finish([msg], result, cause=delivery.event)
+            await consumer.finish([msg], result, cause=delivery.event, settlements=settlements)
 
     _register(
         broker,

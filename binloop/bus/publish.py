@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from faststream.nats import NatsBroker
+from nats.aio.client import Client as NatsClient
+from nats.js.api import PubAck
+from nats.js.client import JetStreamContext
 
+from binloop.errors import TransientError
 from binloop.observability import metrics
 from schemas.base import Event
 from schemas.routes import Route
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+class PublishTimeoutError(TransientError):
+    """JetStream did not confirm a publish in time (server down, stream missing or slow)."""
 
 
 @dataclass(frozen=True)
@@ -23,35 +32,107 @@ class Outgoing:
     bin_id: str | None = None
 
 
+PUBLISH_ACK_TIMEOUT_S = 5.0
+"""How long JetStream may take to confirm a publish before it counts as failed (nats-py's
+own default for `js.publish`)."""
+
+
+class PendingAcks:
+    """JetStream's acks for events already handed to the connection. `wait()` returns once
+    every one is stored and raises the first failure (an API error, or no ack in time)."""
+
+    def __init__(self, acks: list[asyncio.Future[PubAck]], timeout_s: float) -> None:
+        self._acks = acks
+        self._timeout_s = timeout_s
+
+    def __len__(self) -> int:
+        return len(self._acks)
+
+    async def wait(self) -> None:
+        if not self._acks:
+            return
+        done, unacked = await asyncio.wait(
+            self._acks, timeout=self._timeout_s, return_when=asyncio.FIRST_EXCEPTION
+        )
+        for ack in unacked:
+            ack.cancel()
+        # Every failure is retrieved (asyncio warns about unretrieved ones); the first in send
+        # order is the one reported.
+        errors = [
+            error
+            for ack in self._acks
+            if ack in done and not ack.cancelled() and (error := ack.exception()) is not None
+        ]
+        if errors:
+            raise errors[0]
+        if unacked:
+            raise PublishTimeoutError(
+                f"JetStream acked {len(done)} of {len(self._acks)} events "
+                f"within {self._timeout_s:.1f}s"
+            )
+
+
 class Publisher:
     """Publishes for one service. `service` names it on the bus (its dead-letter subject,
-    metrics); `producer` (service plus instance) goes into the events it emits."""
+    metrics); `producer` (service plus instance) goes into the events it emits.
 
-    def __init__(self, broker: NatsBroker, service: str, producer: str | None = None) -> None:
+    Events go out in call order on one connection; JetStream acks come back asynchronously, so
+    a handler can send its outputs at once and confirm them later (`send_all`), or wait for
+    the confirmation in place (`publish`, `publish_all`).
+    """
+
+    def __init__(
+        self,
+        broker: NatsBroker,
+        service: str,
+        producer: str | None = None,
+        *,
+        ack_timeout_s: float = PUBLISH_ACK_TIMEOUT_S,
+    ) -> None:
         self._broker = broker
+        self._js: JetStreamContext | None = None
+        self._js_connection: NatsClient | None = None
         self.service = service
         self.producer = producer or service
+        self.ack_timeout_s = ack_timeout_s
 
-    async def publish(self, route: Route, event: Event, bin_id: str | None = None) -> None:
+    def _jetstream(self) -> JetStreamContext:
+        # One context per connection: it owns the inbox its async acks come to. A broker that
+        # was stopped and connected again has a new connection, hence a new context.
+        connection = self._broker.connection
+        if self._js is None or self._js_connection is not connection:
+            self._js, self._js_connection = connection.jetstream(), connection
+        return self._js
+
+    async def _send(self, item: Outgoing) -> asyncio.Future[PubAck]:
+        route, event = item.route, item.event
         if not isinstance(event, route.model):
             raise TypeError(f"{route.name} carries {route.model.__name__}, not {type(event)}")
-        await self._broker.publish(
+        ack = await self._jetstream().publish_async(
+            route.subject(item.bin_id),
             event.model_dump_json().encode(),
-            route.subject(bin_id),
             headers={MSG_ID_HEADER: str(event.event_id), "content-type": "application/json"},
             stream=route.stream,
         )
         metrics.EVENTS_PUBLISHED.labels(self.service, route.name).inc()
+        return ack
 
-    async def publish_all(self, outgoing: list[Outgoing]) -> None:
-        """Waits for JetStream's acks of different subjects together (one round trip instead
-        of one per event), keeping the order of events on the same subject."""
-        by_subject: dict[str, list[Outgoing]] = {}
-        for item in outgoing:
-            by_subject.setdefault(item.route.subject(item.bin_id), []).append(item)
+    async def send_all(self, outgoing: Sequence[Outgoing]) -> PendingAcks:
+        """Hands every event to the connection now, in order, without waiting for JetStream;
+        the caller must `wait()` on the result before it treats them as stored."""
+        acks: list[asyncio.Future[PubAck]] = []
+        try:
+            for item in outgoing:
+                acks.append(await self._send(item))
+        except BaseException:
+            for ack in acks:
+                ack.cancel()
+            raise
+        return PendingAcks(acks, self.ack_timeout_s)
 
-        async def in_order(items: list[Outgoing]) -> None:
-            for item in items:
-                await self.publish(item.route, item.event, item.bin_id)
+    async def publish_all(self, outgoing: Sequence[Outgoing]) -> None:
+        """Sends them all, then waits for every ack: one round trip for the lot."""
+        await (await self.send_all(outgoing)).wait()
 
-        await asyncio.gather(*(in_order(items) for items in by_subject.values()))
+    async def publish(self, route: Route, event: Event, bin_id: str | None = None) -> None:
+        await self.publish_all([Outgoing(route, event, bin_id)])

@@ -9,13 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from binloop.errors import (
-    ChecksumMismatchError,
-    MissingBlobError,
-    PermanentError,
-    UnknownUriError,
-)
+from binloop.errors import ChecksumMismatchError, UnknownUriError
 from binloop.settings import ServiceSettings
+from binloop.storage.files import read_regular_file
 from binloop.storage.local import LocalBlobStore
 from binloop.storage.protocol import BlobStore, PresigningStore, sha256_hex
 from binloop.storage.s3 import S3BlobStore
@@ -26,6 +22,7 @@ __all__ = [
     "LocalBlobStore",
     "PresigningStore",
     "S3BlobStore",
+    "check_sha256",
     "open_store",
     "read_verified",
     "sha256_hex",
@@ -48,7 +45,11 @@ def open_store(settings: ServiceSettings) -> BlobStore:
 def read_verified(ref: BlobRef) -> bytes:
     """Fetch a blob by its URI and check its sha256. A scheme, or a bucket, that no store in
     this process serves is a permanent error."""
-    data = _read(ref.uri, ref.size)
+    return check_sha256(ref, _read(ref.uri, ref.size))
+
+
+def check_sha256(ref: BlobRef, data: bytes) -> bytes:
+    """`data` if it is what `ref` promises, else ChecksumMismatchError."""
     actual = sha256_hex(data)
     if actual != ref.sha256:
         raise ChecksumMismatchError(ref.uri, ref.sha256, actual)
@@ -77,9 +78,4 @@ def _read_local(uri: str, path: Path, size: int) -> bytes:
     resolved = path.resolve()
     if not any(resolved.is_relative_to(root) for root in LocalBlobStore.roots):
         raise UnknownUriError(f"{uri!r} is outside every blob folder this process serves")
-    if not resolved.is_file():
-        raise MissingBlobError(f"no blob at {uri}")
-    actual_size = resolved.stat().st_size
-    if actual_size != size:
-        raise PermanentError(f"{uri} holds {actual_size} bytes; the reference promised {size}")
-    return resolved.read_bytes()
+    return read_regular_file(resolved, size, uri)

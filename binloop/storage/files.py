@@ -1,10 +1,14 @@
-"""Writing a file so that a reader (or a power cut) never sees half of it."""
+"""Writing a file so that a reader (or a power cut) never sees half of it, and reading one
+that must be a regular file of a promised size."""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+from binloop.errors import MissingBlobError, PermanentError
 
 
 def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -28,3 +32,25 @@ def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def read_regular_file(path: Path, size: int, uri: str) -> bytes:
+    """The bytes of `path`, which must be a regular file of exactly `size` bytes: one open,
+    one fstat of the open file, one read (no separate exists/stat calls that a swap between
+    them could fool)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise MissingBlobError(f"no blob at {uri}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MissingBlobError(f"no blob at {uri} (not a regular file)")
+        if info.st_size != size:
+            raise PermanentError(f"{uri} holds {info.st_size} bytes; the reference promised {size}")
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        return handle.read()

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from binloop.errors import MissingBlobError, UnknownUriError
 from binloop.observability import metrics
-from binloop.storage.files import write_atomically
+from binloop.storage.files import read_regular_file, write_atomically
 from binloop.storage.protocol import sha256_hex
 from schemas.base import BlobRef
 
@@ -53,6 +53,12 @@ class LocalBlobStore:
             return path.read_bytes()
         except FileNotFoundError as exc:
             raise MissingBlobError(f"no blob at {self.uri(key)}") from exc
+
+    def read_sized(self, key: str, size: int) -> bytes:
+        """The blob at `key`, which must hold exactly `size` bytes (MissingBlobError if there
+        is none, PermanentError if its size differs)."""
+        path = self._path(key)
+        return read_regular_file(path, size, path.as_uri())
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
