@@ -111,6 +111,7 @@ SamplingStrategy = Literal[
     "threshold_band",
     "class_balance",
     "diversity",
+    "representative",
     "disagreement",
     "random",
     "seed",

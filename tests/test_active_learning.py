@@ -33,9 +33,12 @@ from services.sampler.strategies import (
     Diversity,
     Entropy,
     Margin,
+    Representative,
     ThresholdBand,
     Verdict,
     k_center_greedy,
+    k_means,
+    typicality,
 )
 from tests.modelfactory import make_card
 from tests.test_sampler import CAPTURED_AT, LABELS, FakeClock, frame_sha, make_result
@@ -209,6 +212,68 @@ def test_diversity_spreads_picks_per_model_and_remembers_what_was_selected() -> 
         [result_from({"plastic": 0.9}, 5, model_version=2, embedding=[0.98, 0.0, 0.1])]
     )
     assert other_model[0] is not None  # v2's embedding space has no centers yet
+
+
+def _blobs(sizes: list[int], seed: int = 3) -> tuple[npt.NDArray[np.float64], list[int]]:
+    """Tight clusters around orthogonal directions in 8-d, and the blob of each point."""
+    rng = np.random.default_rng(seed)
+    points, blob = [], []
+    for index, size in enumerate(sizes):
+        center = np.zeros(8)
+        center[index] = 1.0
+        points.append(center + rng.normal(0, 0.05, size=(size, 8)))
+        blob += [index] * size
+    return np.concatenate(points), blob
+
+
+def test_k_means_finds_separated_blobs_and_typicality_prefers_dense_points() -> None:
+    points, blob = _blobs([40, 25, 10])
+    clusters = k_means(points, 3, seed=0)
+    assert len(set(clusters.tolist())) == 3
+    for index in range(3):  # each blob is one cluster
+        members = {int(c) for c, b in zip(clusters, blob, strict=True) if b == index}
+        assert len(members) == 1
+    assert k_means(points, 3, seed=0).tolist() == clusters.tolist()  # seeded
+    assert len(k_means(points[:2], 5, seed=0)) == 2  # k above the count: one per point
+
+    outlier = np.zeros((1, 8))
+    outlier[0, 0] = 1.6  # along blob 0's direction, far out
+    dense = typicality(np.concatenate([points[:40], outlier]), neighbours=10)
+    assert int(np.argmin(dense)) == 40
+    assert typicality(points[:1], neighbours=10).tolist() == [1.0]
+
+
+def test_representative_picks_typical_frames_of_uncovered_clusters_largest_first() -> None:
+    points, blob = _blobs([40, 25, 10])
+    results = [
+        result_from({"plastic": 0.9, "glass": 0.1}, n, embedding=points[n].tolist())
+        for n in range(len(points))
+    ]
+    batch = [make_result(999, 0.9), *results]  # one result without an embedding
+    verdicts = Representative(per_batch=3, neighbours=10, seed=0).score_batch(batch)
+    assert verdicts[0] is None
+    ranked = sorted(
+        ((v.score, i - 1) for i, v in enumerate(verdicts) if v is not None), reverse=True
+    )
+    picked = [i for _, i in ranked]
+    assert [blob[i] for i in picked] == [0, 1, 2]  # one per region, the largest first
+    assert [score for score, _ in ranked] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    first = verdicts[picked[0] + 1]
+    assert first is not None
+    assert first.reason == "most typical of an uncovered cluster of 40 frames (k-means, k=3)"
+    # The pick is the densest frame of its blob (on unit vectors, as the strategy sees them).
+    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+    dense = typicality(unit, neighbours=10)[:40]
+    assert picked[0] == int(np.argmax(dense))
+
+    representative = Representative(per_batch=2, neighbours=10, seed=0)
+    representative.record(results[picked[0]])  # blob 0 is covered now
+    later = representative.score_batch(results)
+    assert sorted(blob[i] for i, v in enumerate(later) if v is not None) == [1, 2]
+    other_model = representative.score_batch(
+        [result_from({"plastic": 0.9}, 1, model_version=2, embedding=points[0].tolist())]
+    )
+    assert other_model[0] is not None  # v2's embedding space has nothing covered yet
 
 
 def test_disagreement_needs_a_second_model_on_the_same_frame() -> None:

@@ -352,8 +352,10 @@ STRATEGIES = (
     "threshold_band",
     "class_balance",
     "diversity",
+    "representative",
     "disagreement",
     "combined",
+    "representative_margin",
 )
 
 
@@ -370,6 +372,7 @@ def benchmark_policy(strategy: str, budget: int, seed: int) -> SamplingPolicy:
             "threshold_band",
             "class_balance",
             "diversity",
+            "representative",
             "disagreement",
         )
     }
@@ -380,12 +383,21 @@ def benchmark_policy(strategy: str, budget: int, seed: int) -> SamplingPolicy:
         "threshold_band": {"decision_threshold": 0.5, "half_width": 1.0},
         "class_balance": {"window": 100_000},
         "diversity": {"per_batch": budget, "min_distance": 0.0, "remember": 100_000},
+        "representative": {"per_batch": budget, "neighbours": 20, "remember": 100_000},
         "disagreement": {"min_disagreement": 0.01},
     }
     if strategy == "combined":
         strategies["margin"] = {"weight": 1.0, **wide_open["margin"]}
         strategies["diversity"] = {"weight": 0.5, **wide_open["diversity"]}
         strategies["class_balance"] = {"weight": 0.25, **wide_open["class_balance"]}
+    elif strategy == "representative_margin":
+        # Typical frames of three times the budget's uncovered clusters; margin ranks them.
+        strategies["representative"] = {
+            **wide_open["representative"],
+            "weight": 1.0,
+            "per_batch": min(3 * budget, 4096),
+        }
+        strategies["margin"] = {"weight": 1.0, **wide_open["margin"]}
     elif strategy != "random":
         strategies[strategy] = {"enabled": True, **wide_open[strategy]}
     return SamplingPolicy.model_validate(

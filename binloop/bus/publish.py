@@ -113,6 +113,9 @@ class Publisher:
             event.model_dump_json().encode(),
             headers={MSG_ID_HEADER: str(event.event_id), "content-type": "application/json"},
             stream=route.stream,
+            # nats-py keeps at most 4000 publishes unacked; past that, wait this long for room
+            # (TooManyStalledMsgsError after), not forever while the server is away.
+            wait_stall=self.ack_timeout_s,
         )
         metrics.EVENTS_PUBLISHED.labels(self.service, route.name).inc()
         return ack

@@ -30,6 +30,7 @@ from services.sampler.strategies import (
     LeastConfidence,
     Margin,
     RandomBaseline,
+    Representative,
     Strategy,
     ThresholdBand,
     Verdict,
@@ -260,6 +261,16 @@ def build_strategies(policy: SamplingPolicy) -> list[Weighted]:
                 config.diversity.per_batch,
                 config.diversity.min_distance,
                 config.diversity.remember,
+            ),
+        ),
+        (
+            config.representative.enabled,
+            config.representative.weight,
+            Representative(
+                config.representative.per_batch,
+                config.representative.neighbours,
+                policy.seed,
+                config.representative.remember,
             ),
         ),
         (

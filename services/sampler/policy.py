@@ -108,6 +108,23 @@ class DiversityPolicy(_Strict):
     )
 
 
+class RepresentativePolicy(_Strict):
+    enabled: bool = Field(default=False, description="Run this strategy (needs embeddings)")
+    weight: Weight = 1.0
+    per_batch: int = Field(
+        default=4,
+        ge=1,
+        le=4096,
+        description="Uncovered k-means clusters of one batch whose most typical frame is picked",
+    )
+    neighbours: int = Field(
+        default=20, ge=1, le=1000, description="Nearest neighbours that measure typicality"
+    )
+    remember: int = Field(
+        default=2000, ge=1, le=100_000, description="Embeddings of earlier picks kept"
+    )
+
+
 class DisagreementPolicy(_Strict):
     enabled: bool = Field(default=True, description="Run this strategy (needs a shadow model)")
     weight: Weight = 1.0
@@ -136,6 +153,7 @@ class StrategiesPolicy(_Strict):
     threshold_band: ThresholdBandPolicy = ThresholdBandPolicy()
     class_balance: ClassBalancePolicy = ClassBalancePolicy()
     diversity: DiversityPolicy = DiversityPolicy()
+    representative: RepresentativePolicy = RepresentativePolicy()
     disagreement: DisagreementPolicy = DisagreementPolicy()
     random: RandomPolicy = RandomPolicy()
 

@@ -3,9 +3,9 @@ whether and how much the frame is worth labeling by its own measure (a score in 
 reason). The sampler weighs and combines their verdicts (see core.py).
 
 Per-frame strategies (confidence, margin, entropy, threshold band, random) need only the result;
-the others keep a little state: class balance counts recent selections, diversity keeps the
-embeddings of earlier picks, disagreement keeps the first model's answer for each frame until a
-second model (a challenger in shadow) answers too.
+the others keep a little state: class balance counts recent selections, diversity and
+representative keep the embeddings of earlier picks, disagreement keeps the first model's
+answer for each frame until a second model (a challenger in shadow) answers too.
 """
 
 from __future__ import annotations
@@ -231,6 +231,46 @@ def _unit_rows(vectors: Sequence[Sequence[float]]) -> FloatMatrix:
     return unit
 
 
+class EmbeddingMemory:
+    """Embeddings of the frames selected so far, per model version (different versions have
+    different embedding spaces), the last `remember` of each, for the last few versions."""
+
+    models_kept = 4
+
+    def __init__(self, remember: int) -> None:
+        self.remember = remember
+        self._kept: OrderedDict[ModelKey, deque[FloatMatrix]] = OrderedDict()
+
+    def earlier(self, key: ModelKey, dims: int) -> FloatMatrix:
+        """Unit vectors of earlier picks in this space; none if the width changed."""
+        kept = self._kept.get(key)
+        if not kept or len(kept[0]) != dims:
+            return np.zeros((0, dims))
+        return np.stack(list(kept))
+
+    def record(self, result: InferenceResult) -> None:
+        if not result.embedding:
+            return
+        key = (result.model_name, result.model_version)
+        kept = self._kept.setdefault(key, deque(maxlen=self.remember))
+        self._kept.move_to_end(key)
+        kept.append(_unit_rows([result.embedding])[0])
+        while len(self._kept) > self.models_kept:
+            self._kept.popitem(last=False)
+
+
+def embedding_spaces(
+    results: Sequence[InferenceResult],
+) -> dict[tuple[ModelKey, int], list[int]]:
+    """Indices of the results that carry an embedding, by (model version, width)."""
+    groups: dict[tuple[ModelKey, int], list[int]] = {}
+    for index, result in enumerate(results):
+        if result.embedding:
+            key = (result.model_name, result.model_version)
+            groups.setdefault((key, len(result.embedding)), []).append(index)
+    return groups
+
+
 def k_center_greedy(
     candidates: FloatMatrix, centers: FloatMatrix, k: int, min_distance: float
 ) -> list[tuple[int, float]]:
@@ -262,31 +302,16 @@ class Diversity:
     keeps its own centers."""
 
     name: SamplingStrategy = "diversity"
-    models_kept = 4
 
     def __init__(self, per_batch: int, min_distance: float, remember: int = 2000) -> None:
         self.per_batch = per_batch
         self.min_distance = min_distance
-        self.remember = remember
-        self._centers: OrderedDict[ModelKey, deque[FloatMatrix]] = OrderedDict()
-
-    def _centers_of(self, key: ModelKey) -> FloatMatrix:
-        kept = self._centers.get(key)
-        if not kept:
-            return np.zeros((0, 0))
-        return np.stack(list(kept))
+        self.memory = EmbeddingMemory(remember)
 
     def score_batch(self, results: Sequence[InferenceResult]) -> list[Verdict | None]:
         verdicts: list[Verdict | None] = [None] * len(results)
-        groups: dict[tuple[ModelKey, int], list[int]] = {}
-        for index, result in enumerate(results):
-            if result.embedding:
-                key = (result.model_name, result.model_version)
-                groups.setdefault((key, len(result.embedding)), []).append(index)
-        for (key, dims), indices in groups.items():
-            centers = self._centers_of(key)
-            if len(centers) and centers.shape[1] != dims:
-                centers = np.zeros((0, dims))  # a malformed model changed its width: start over
+        for (key, dims), indices in embedding_spaces(results).items():
+            centers = self.memory.earlier(key, dims)
             candidates = _unit_rows([results[i].embedding or [] for i in indices])
             picks = k_center_greedy(candidates, centers, self.per_batch, self.min_distance)
             for order, (position, distance) in enumerate(picks):
@@ -299,14 +324,103 @@ class Diversity:
         return verdicts
 
     def record(self, result: InferenceResult) -> None:
-        if not result.embedding:
-            return
-        key = (result.model_name, result.model_version)
-        kept = self._centers.setdefault(key, deque(maxlen=self.remember))
-        self._centers.move_to_end(key)
-        kept.append(_unit_rows([result.embedding])[0])
-        while len(self._centers) > self.models_kept:
-            self._centers.popitem(last=False)
+        self.memory.record(result)
+
+
+def k_means(points: FloatMatrix, k: int, seed: int, iterations: int = 25) -> npt.NDArray[np.intp]:
+    """Cluster index of each point: Lloyd's k-means with k-means++ seeding (seeded)."""
+    count = len(points)
+    k = min(k, count)
+    rng = np.random.default_rng(seed)
+    squared = (points * points).sum(axis=1)
+    centers = [points[int(rng.integers(count))]]
+    nearest = np.maximum(squared - 2 * points @ centers[0] + centers[0] @ centers[0], 0.0)
+    for _ in range(1, k):
+        total = nearest.sum()
+        pick = int(rng.choice(count, p=nearest / total)) if total > 0 else int(rng.integers(count))
+        centers.append(points[pick])
+        nearest = np.minimum(
+            nearest, np.maximum(squared - 2 * points @ points[pick] + squared[pick], 0.0)
+        )
+    means = np.stack(centers)
+    assignment = np.zeros(count, dtype=np.intp)
+    for _ in range(iterations):
+        distances = squared[:, None] - 2 * points @ means.T + (means * means).sum(axis=1)[None]
+        updated = distances.argmin(axis=1)
+        if _ > 0 and np.array_equal(updated, assignment):
+            break
+        assignment = updated
+        for cluster in range(k):
+            members = assignment == cluster
+            if members.any():
+                means[cluster] = points[members].mean(axis=0)
+    return assignment
+
+
+def typicality(points: FloatMatrix, neighbours: int) -> npt.NDArray[np.float64]:
+    """Inverse mean Euclidean distance to each point's nearest neighbours: high in dense regions,
+    low for outliers (TypiClust, Hacohen et al. 2022)."""
+    squared = (points * points).sum(axis=1)
+    distances = np.sqrt(np.maximum(squared[:, None] - 2 * points @ points.T + squared[None], 0.0))
+    np.fill_diagonal(distances, np.inf)
+    k = max(1, min(neighbours, len(points) - 1))
+    if len(points) < 2:
+        return np.ones(len(points))
+    nearest = np.partition(distances, k - 1, axis=1)[:, :k]
+    result: npt.NDArray[np.float64] = 1.0 / (nearest.mean(axis=1) + 1e-12)
+    return result
+
+
+class Representative:
+    """Typical frames of regions no earlier selection covers (TypiClust): the batch and the
+    earlier picks are clustered together with k-means into (earlier picks + per_batch)
+    clusters; clusters without a pick are visited largest first, and from each the most
+    typical frame (densest neighbourhood) is picked. Where uncertainty strategies go for the
+    boundary, which is mostly noise while the model has seen few labels, this spends labels
+    on what the stream is mostly made of. Embedding spaces are per model version, as in
+    Diversity."""
+
+    name: SamplingStrategy = "representative"
+
+    def __init__(self, per_batch: int, neighbours: int, seed: int, remember: int = 2000) -> None:
+        self.per_batch = per_batch
+        self.neighbours = neighbours
+        self.seed = seed
+        self.memory = EmbeddingMemory(remember)
+
+    def score_batch(self, results: Sequence[InferenceResult]) -> list[Verdict | None]:
+        verdicts: list[Verdict | None] = [None] * len(results)
+        for (key, dims), indices in embedding_spaces(results).items():
+            earlier = self.memory.earlier(key, dims)
+            candidates = _unit_rows([results[i].embedding or [] for i in indices])
+            for order, (position, size, k) in enumerate(self._pick(candidates, earlier)):
+                verdicts[indices[position]] = Verdict(
+                    score=1.0 - order / self.per_batch,
+                    reason=f"most typical of an uncovered cluster of {size} frames "
+                    f"(k-means, k={k})",
+                )
+        return verdicts
+
+    def _pick(self, candidates: FloatMatrix, earlier: FloatMatrix) -> list[tuple[int, int, int]]:
+        """(candidate index, its cluster's size, k) per pick, in pick order."""
+        points = np.concatenate([candidates, earlier]) if len(earlier) else candidates
+        k = min(len(earlier) + self.per_batch, len(points))
+        clusters = k_means(points, k, self.seed + len(points))
+        own = clusters[: len(candidates)]
+        covered = set(clusters[len(candidates) :].tolist())
+        sizes = np.bincount(own, minlength=k)
+        open_clusters = [c for c in np.argsort(-sizes, kind="stable") if c not in covered]
+        dense = typicality(candidates, self.neighbours)
+        picks: list[tuple[int, int, int]] = []
+        for cluster in open_clusters[: self.per_batch]:
+            members = np.flatnonzero(own == cluster)
+            if len(members):
+                best = int(members[np.argmax(dense[members])])
+                picks.append((best, int(sizes[cluster]), k))
+        return picks
+
+    def record(self, result: InferenceResult) -> None:
+        self.memory.record(result)
 
 
 def total_variation(first: Mapping[str, float], second: Mapping[str, float]) -> float:
