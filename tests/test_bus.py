@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 from nats.js.errors import NoStreamResponseError
@@ -340,3 +341,32 @@ async def test_settlements_wait_for_room_and_report_what_failed(
     assert "could not settle" in caplog.text
     with pytest.raises(ValueError, match="must be >= 1"):
         _Settlements("probe", limit=0)
+
+
+async def test_a_message_dead_lettered_twice_leaves_one_dlq_entry(
+    js: JetStreamContext, nats_server
+) -> None:
+    from binloop.bus.consume import RetryPolicy, _Consumer, dead_letter_id
+
+    service = new_service("twice", _settings(nats_server.url))
+    await service.start()
+    try:
+        await js.publish(TRAINING_REQUESTED.subject(), b"{not json")
+        subscription = await js.pull_subscribe(TRAINING_REQUESTED.subject(), "twice")
+        (msg,) = await subscription.fetch(1, timeout=5)
+        consumer: _Consumer[TrainingRequested] = _Consumer(
+            service.publisher, TRAINING_REQUESTED, RetryPolicy(), ack_wait_s=10
+        )
+        await consumer.dead_letter(msg, ValueError("garbage"))
+        # As after a crash between the DLQ publish and the ack: the same stream message,
+        # delivered a second time (its ack subject counts the delivery and consumer sequence).
+        tokens = (msg.reply or "").split(".")
+        tokens[4], tokens[6] = "2", "2"
+        again = Msg(_client=msg._client, subject=msg.subject, reply=".".join(tokens), data=msg.data)
+        await consumer.dead_letter(again, ValueError("garbage"))
+        info = await js.stream_info("DLQ")
+        assert info.state.messages == 1
+        assert dead_letter_id("twice", again) == dead_letter_id("twice", msg)
+        assert dead_letter_id("other", msg) != dead_letter_id("twice", msg)
+    finally:
+        await service.stop()

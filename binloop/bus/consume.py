@@ -86,6 +86,20 @@ def derive_event_ids(cause: Event, outgoing: Sequence[Outgoing]) -> list[Outgoin
     ]
 
 
+_DEAD_LETTER_NAMESPACE = uuid.UUID("3b8f5a52-2d0e-4c77-9f55-8e0b9c1d7a13")
+
+
+def dead_letter_id(service: str, msg: Msg) -> uuid.UUID:
+    """The same message dead-lettered twice by the same service (a crash between the DLQ
+    publish and the ack redelivers it) gets the same id, so JetStream keeps one entry. A
+    message without JetStream metadata gets a random id."""
+    try:
+        where = f"{service}|{msg.metadata.stream}|{msg.metadata.sequence.stream}"
+    except (NatsError, AttributeError, ValueError, TypeError, IndexError):  # core NATS: none
+        return uuid.uuid4()
+    return uuid.uuid5(_DEAD_LETTER_NAMESPACE, where)
+
+
 def _attempt(msg: Msg) -> int:
     try:
         return int(msg.metadata.num_delivered)
@@ -126,6 +140,7 @@ class _Consumer(Generic[E]):
         error_type = type(error).__name__
         headers = {k: v for k, v in (msg.headers or {}).items() if isinstance(v, str)}
         entry = DeadLetter(
+            event_id=dead_letter_id(self.service, msg),
             producer=self.publisher.producer,
             service=self.service,
             original_subject=msg.subject,
