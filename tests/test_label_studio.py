@@ -558,7 +558,7 @@ async def test_annotations_made_while_the_bridge_was_down_arrive_by_reconciliati
 
 @pytest.mark.integration
 async def test_webhook_rejects_strangers_and_dead_letters_bad_bodies(
-    harness: Harness, nats_client: Client
+    harness: Harness, nats_client: Client, js: JetStreamContext
 ) -> None:
     dlq = await Collector(DeadLetter).attach(nats_client, dlq_subject("labeling-bridge"))
     service, bridge = await harness.start(register_ml_backend=False)
@@ -572,23 +572,27 @@ async def test_webhook_rejects_strangers_and_dead_letters_bad_bodies(
             async with http.post(url, data=webhook_body(), headers={SECRET_HEADER: "guess"}) as r:
                 assert r.status == 401
             authentic = {SECRET_HEADER: SECRET}
-            async with http.post(url, data=b'{"action": 42', headers=authentic) as response:
-                assert response.status == 400
+            for _ in range(2):  # a sender retrying the same bad body: one DLQ entry
+                async with http.post(url, data=b'{"action": 42', headers=authentic) as response:
+                    assert response.status == 400
             async with http.post(url, data=webhook_body("styrofoam"), headers=authentic) as r:
                 assert r.status == 422
                 assert "not in taxonomy" in (await r.json())["error"]
-        letters = await dlq.wait_for(2)
+        letters = await dlq.wait_for(3)
+        stored = (await js.stream_info("DLQ")).state.messages
     finally:
         await service.stop()
 
     assert counter("binloop_label_studio_webhooks_total", unauthenticated) == before + 2
     assert [(d.error_type, d.original_subject) for d in letters] == [
         ("PermanentError", f"http:POST {WEBHOOK_PATH}")
-    ] * 2
+    ] * 3
     assert letters[0].error.startswith("not a Label Studio webhook payload")
     assert letters[0].payload_preview == '{"action": 42'
-    assert "'styrofoam' is not in taxonomy trashnet-6" in letters[1].error
-    assert '"styrofoam"' in letters[1].payload_preview
+    assert letters[1].event_id == letters[0].event_id
+    assert stored == 2  # JetStream kept the retried body once
+    assert "'styrofoam' is not in taxonomy trashnet-6" in letters[2].error
+    assert '"styrofoam"' in letters[2].payload_preview
 
 
 @pytest.mark.integration

@@ -8,7 +8,9 @@ ML backend), reconciles annotations periodically, and follows the champion model
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -60,6 +62,7 @@ MODEL_ACK_WAIT_S = 30.0
 """Downloading and loading a model takes longer than the bus's default ack wait."""
 
 log = logging.getLogger(__name__)
+_DEAD_LETTER_NAMESPACE = uuid.UUID("9c4e2f71-6a3b-4d08-8e5f-2b7d1a9c3e64")
 
 
 @dataclass
@@ -209,6 +212,12 @@ def _attach_label_studio(
     async def dead_letter(origin: str, payload: bytes, error: Exception) -> None:
         error_type = type(error).__name__
         entry = DeadLetter(
+            # The same bad annotation comes back on every reconciliation pass within the
+            # overlap, and a webhook retries the same body: one entry each, not one per try.
+            event_id=uuid.uuid5(
+                _DEAD_LETTER_NAMESPACE,
+                f"{origin}|{hashlib.sha256(payload).hexdigest()}|{error_type}|{error}",
+            ),
             producer=service.producer,
             service=service.publisher.service,
             original_subject=origin,
