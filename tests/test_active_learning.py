@@ -8,6 +8,7 @@ import hashlib
 import math
 import uuid
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -679,3 +680,33 @@ def test_phash_takes_the_median_of_the_ac_terms_as_numpy_does() -> None:
         low = cv2.dct(small)[:8, :8].ravel()
         expected = np.packbits(low > np.median(low[1:])).tobytes().hex()
         assert phash(image) == expected
+
+
+def _al_benchmark() -> Any:
+    """tools/al_benchmark.py as a module (tools/ is not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "al_benchmark.py"
+    spec = importlib.util.spec_from_file_location("al_benchmark", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("al_benchmark", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_benchmark_arm_runs_exactly_the_strategies_it_names() -> None:
+    # A strategy left at its default `enabled: false` would silently fall back to random.
+    benchmark = _al_benchmark()
+    expected = {
+        "random": set(),
+        "combined": {"margin", "diversity", "class_balance"},
+        "representative_margin": {"representative", "margin"},
+    }
+    for arm in benchmark.STRATEGIES:
+        policy = benchmark.benchmark_policy(arm, budget=20, seed=0)
+        running = {weighted.strategy.name for weighted in build_strategies(policy)}
+        assert running == expected.get(arm, {arm}), arm
+        assert policy.strategies.random.fraction == 1.0  # the baseline fills what is left

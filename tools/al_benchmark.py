@@ -386,20 +386,22 @@ def benchmark_policy(strategy: str, budget: int, seed: int) -> SamplingPolicy:
         "representative": {"per_batch": budget, "neighbours": 20, "remember": 100_000},
         "disagreement": {"min_disagreement": 0.01},
     }
+    on = {"enabled": True}
     if strategy == "combined":
-        strategies["margin"] = {"weight": 1.0, **wide_open["margin"]}
-        strategies["diversity"] = {"weight": 0.5, **wide_open["diversity"]}
-        strategies["class_balance"] = {"weight": 0.25, **wide_open["class_balance"]}
+        strategies["margin"] = {**on, "weight": 1.0, **wide_open["margin"]}
+        strategies["diversity"] = {**on, "weight": 0.5, **wide_open["diversity"]}
+        strategies["class_balance"] = {**on, "weight": 0.25, **wide_open["class_balance"]}
     elif strategy == "representative_margin":
         # Typical frames of three times the budget's uncovered clusters; margin ranks them.
         strategies["representative"] = {
+            **on,
             **wide_open["representative"],
             "weight": 1.0,
             "per_batch": min(3 * budget, 4096),
         }
-        strategies["margin"] = {"weight": 1.0, **wide_open["margin"]}
+        strategies["margin"] = {**on, "weight": 1.0, **wide_open["margin"]}
     elif strategy != "random":
-        strategies[strategy] = {"enabled": True, **wide_open[strategy]}
+        strategies[strategy] = {**on, **wide_open[strategy]}
     return SamplingPolicy.model_validate(
         {
             "seed": seed,
