@@ -215,10 +215,18 @@ def import_model(
     wait: Annotated[
         float, typer.Option(help="Seconds to wait for the registry's decision (0: do not wait)")
     ] = 60.0,
+    only_first: Annotated[
+        bool,
+        typer.Option(
+            help="Import only if no version of the model is stored yet (exit 0 otherwise): "
+            "safe to run at every start, as compose does"
+        ),
+    ] = False,
 ) -> None:
     """Import an externally trained model: score it on the trainer's eval set, store it as the
     next version and announce it, so the registry promotes it if it is first or better.
     Object store, NATS and model name come from the trainer's settings (BINLOOP_*)."""
+    from binloop.model_import import AlreadyHasModelsError
     from binloop.model_import import import_model as run_import
     from services.trainer.settings import TrainerSettings
 
@@ -226,7 +234,12 @@ def import_model(
         TrainerSettings, **({"eval_dir": eval_dir} if eval_dir is not None else {})
     )
     try:
-        result = asyncio.run(run_import(onnx or SHIPPED_MODEL, card, settings, wait_s=wait))
+        result = asyncio.run(
+            run_import(onnx or SHIPPED_MODEL, card, settings, wait_s=wait, only_first=only_first)
+        )
+    except AlreadyHasModelsError as exc:
+        console.print(f"nothing imported: {exc}")
+        return
     except (BinloopError, OSError) as exc:
         console.print(f"[red]not imported: {exc}")
         raise typer.Exit(1) from exc

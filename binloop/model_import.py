@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 
 from binloop.bus import ensure_streams
+from binloop.errors import BinloopError
 from binloop.runtime import new_service
 from binloop.storage import open_store
 from schemas.events import ModelRegistered, TrainingCompleted
@@ -37,24 +38,43 @@ class ImportResult:
     """The registry's decision; None when not waited for or not made within the wait."""
 
 
-def _store_and_score(onnx: Path, card: Path | None, settings: TrainerSettings) -> ImportResult:
+class AlreadyHasModelsError(BinloopError):
+    """`only_first` was asked for and the store holds versions of the model already."""
+
+
+def _store_and_score(
+    onnx: Path, card: Path | None, settings: TrainerSettings, only_first: bool
+) -> ImportResult:
     from services.edge_inferencer.models import card_path_for
+    from services.trainer.core import next_model_version
     from services.trainer.external import import_external_model
 
+    store = open_store(settings)
+    if only_first and (stored := next_model_version(store, settings.model_name) - 1) > 0:
+        raise AlreadyHasModelsError(
+            f"{settings.model_name} has {stored} version(s) stored already (latest v{stored})"
+        )
     outcome = import_external_model(
-        open_store(settings), settings, onnx, card if card is not None else card_path_for(onnx)
+        store, settings, onnx, card if card is not None else card_path_for(onnx)
     )
     return ImportResult(outcome.completed_event(PRODUCER), outcome.card, None)
 
 
 async def import_model(
-    onnx: Path, card: Path | None, settings: TrainerSettings, *, wait_s: float = 0.0
+    onnx: Path,
+    card: Path | None,
+    settings: TrainerSettings,
+    *,
+    wait_s: float = 0.0,
+    only_first: bool = False,
 ) -> ImportResult:
     """Scores `onnx` on settings.eval_dir, stores it as the next version of
     settings.model_name in the services' object store, and publishes training.completed on
     settings.nats_url. `card` defaults to the edge's rule (<stem>.card.json, else card.json
-    beside it). With `wait_s` > 0, waits that long for the registry's models.registered."""
-    imported = await asyncio.to_thread(_store_and_score, onnx, card, settings)
+    beside it). With `wait_s` > 0, waits that long for the registry's models.registered.
+    With `only_first`, raises AlreadyHasModelsError (and imports nothing) when any version of
+    the model is stored already: safe to run at every start of a deployment."""
+    imported = await asyncio.to_thread(_store_and_score, onnx, card, settings, only_first)
     completed = imported.completed
     service = new_service(PRODUCER, settings)
     await service.broker.connect()

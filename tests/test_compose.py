@@ -45,7 +45,7 @@ ROLE_OF_SERVICE = {
     "trainer": "trainer",
     "model-registry": "cloud",
 }
-ONE_SHOT = {"minio-setup"}
+ONE_SHOT = {"minio-setup", "champion-import"}
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +196,7 @@ def test_the_stack_has_every_service_and_the_infrastructure(compose: dict[str, A
         "nats",
         "minio",
         "minio-setup",
+        "champion-import",
         "label-studio",
         "label-studio-db",
         "prometheus",

@@ -16,13 +16,14 @@ from nats.aio.client import Client
 from binloop.errors import ModelLoadError
 from binloop.ml.card import ModelCard
 from binloop.ml.shipped import SHIPPED_MODEL
-from binloop.model_import import import_model
+from binloop.model_import import AlreadyHasModelsError, import_model
 from binloop.natsserver import NatsServer
 from binloop.storage import LocalBlobStore, read_verified, sha256_hex
 from schemas.events import ModelPromoted, ModelRegistered
 from schemas.routes import MODELS_PROMOTED, MODELS_REGISTERED
 from services.model_registry import RegistrySettings
 from services.model_registry import create_app as create_registry
+from services.trainer.core import next_model_version
 from services.trainer.data import folder_content_id
 from services.trainer.external import import_external_model
 from services.trainer.settings import TrainerSettings
@@ -107,6 +108,33 @@ async def test_imported_model_is_promoted_first_and_an_equal_one_is_rejected(
     assert "not better by the margin" in second.reason
     assert second.metrics == metrics
     assert len(promoted.items) == 1
+
+
+@pytest.mark.integration
+async def test_only_first_imports_into_an_empty_store_and_then_leaves_it_alone(
+    nats_server: NatsServer, blob_store: LocalBlobStore, eval_dir: Path
+) -> None:
+    settings = _settings(blob_store.root, eval_dir, nats_server.url)
+    first = await import_model(SHIPPED_MODEL, None, settings, only_first=True)
+    assert first.completed.model_version == 1
+    with pytest.raises(AlreadyHasModelsError, match=r"1 version\(s\) stored already"):
+        await import_model(SHIPPED_MODEL, None, settings, only_first=True)
+    # What compose runs at every start: a second start imports nothing and succeeds.
+    command = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "binloop.cli", "import-model", "--only-first"),
+        *("--eval-dir", str(eval_dir), "--wait", "0"),
+        env={
+            **os.environ,
+            "BINLOOP_NATS_URL": nats_server.url,
+            "BINLOOP_BLOB_ROOT": str(blob_store.root),
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(command.communicate(), 120)
+    assert command.returncode == 0, output.decode()
+    assert "nothing imported" in output.decode()
+    assert next_model_version(blob_store, "binloop-waste") == 2  # still only v1
 
 
 def test_a_model_a_bin_could_not_serve_is_refused_before_anything_is_stored(
