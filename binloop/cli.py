@@ -218,8 +218,8 @@ def import_model(
     only_first: Annotated[
         bool,
         typer.Option(
-            help="Import only if no version of the model is stored yet (exit 0 otherwise): "
-            "safe to run at every start, as compose does"
+            help="Import only while the model-registry has no champion for the model (exit 0 "
+            "otherwise): safe to run at every start, as compose does"
         ),
     ] = False,
 ) -> None:

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError
 
-from binloop.bus import ensure_streams
+from binloop.bus import Publisher, ensure_streams
 from binloop.errors import BinloopError
 from binloop.runtime import new_service
 from binloop.storage import open_store
@@ -39,25 +42,31 @@ class ImportResult:
 
 
 class AlreadyHasModelsError(BinloopError):
-    """`only_first` was asked for and the store holds versions of the model already."""
+    """`only_first` was asked for and the registry has a champion for the model already."""
 
 
-def _store_and_score(
-    onnx: Path, card: Path | None, settings: TrainerSettings, only_first: bool
-) -> ImportResult:
+def _store_and_score(onnx: Path, card: Path | None, settings: TrainerSettings) -> ImportResult:
     from services.edge_inferencer.models import card_path_for
-    from services.trainer.core import next_model_version
     from services.trainer.external import import_external_model
 
-    store = open_store(settings)
-    if only_first and (stored := next_model_version(store, settings.model_name) - 1) > 0:
-        raise AlreadyHasModelsError(
-            f"{settings.model_name} has {stored} version(s) stored already (latest v{stored})"
-        )
     outcome = import_external_model(
-        store, settings, onnx, card if card is not None else card_path_for(onnx)
+        open_store(settings), settings, onnx, card if card is not None else card_path_for(onnx)
     )
     return ImportResult(outcome.completed_event(PRODUCER), outcome.card, None)
+
+
+async def registry_champion(js: JetStreamContext, model_name: str) -> int | None:
+    """The champion version the model-registry's bucket records for `model_name`; None when
+    there is none (or no registry has run yet: the bucket is not created here)."""
+    from services.model_registry.settings import DEFAULT_KV_BUCKET
+    from services.model_registry.store import RegistryStore
+
+    try:
+        kv = await js.key_value(DEFAULT_KV_BUCKET)
+    except BucketNotFoundError:
+        return None
+    state = await RegistryStore(kv).champion(model_name)
+    return state.record.version if state.record is not None else None
 
 
 async def import_model(
@@ -72,12 +81,34 @@ async def import_model(
     settings.model_name in the services' object store, and publishes training.completed on
     settings.nats_url. `card` defaults to the edge's rule (<stem>.card.json, else card.json
     beside it). With `wait_s` > 0, waits that long for the registry's models.registered.
-    With `only_first`, raises AlreadyHasModelsError (and imports nothing) when any version of
-    the model is stored already: safe to run at every start of a deployment."""
-    imported = await asyncio.to_thread(_store_and_score, onnx, card, settings, only_first)
-    completed = imported.completed
+
+    With `only_first`, raises AlreadyHasModelsError (and imports nothing) when the registry
+    has a champion for the model already: safe at every start of a deployment, and an import
+    that was stored but never registered (the announcement failed) is simply done again."""
     service = new_service(PRODUCER, settings)
     await service.broker.connect()
+    try:
+        await ensure_streams(service.js)  # the registry may not have started yet
+        if only_first:
+            champion = await registry_champion(service.js, settings.model_name)
+            if champion is not None:
+                raise AlreadyHasModelsError(
+                    f"the registry's champion of {settings.model_name} is v{champion} already"
+                )
+        imported = await asyncio.to_thread(_store_and_score, onnx, card, settings)
+        completed = imported.completed
+        registered = await _announce(
+            service.broker.connection, service.publisher, completed, wait_s
+        )
+    finally:
+        await service.broker.stop()
+    return ImportResult(completed, imported.card, registered)
+
+
+async def _announce(
+    connection: NatsClient, publisher: Publisher, completed: TrainingCompleted, wait_s: float
+) -> ModelRegistered | None:
+    """Publishes training.completed; with `wait_s` > 0, waits for the registry's decision."""
     decided: asyncio.Future[ModelRegistered] = asyncio.get_running_loop().create_future()
 
     async def on_registered(msg: Msg) -> None:
@@ -86,17 +117,12 @@ async def import_model(
         if mine == (completed.model_name, completed.model_version) and not decided.done():
             decided.set_result(event)
 
+    decisions = await connection.subscribe(MODELS_REGISTERED.subject(), cb=on_registered)
     try:
-        await ensure_streams(service.js)  # the registry may not have started yet
-        decisions = await service.broker.connection.subscribe(
-            MODELS_REGISTERED.subject(), cb=on_registered
-        )
-        await service.publisher.publish(TRAINING_COMPLETED, completed)
+        await publisher.publish(TRAINING_COMPLETED, completed)
         try:
-            registered = await asyncio.wait_for(decided, wait_s) if wait_s > 0 else None
+            return await asyncio.wait_for(decided, wait_s) if wait_s > 0 else None
         except TimeoutError:
-            registered = None
-        await decisions.unsubscribe()
+            return None
     finally:
-        await service.broker.stop()
-    return ImportResult(completed, imported.card, registered)
+        await decisions.unsubscribe()

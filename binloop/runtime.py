@@ -183,6 +183,8 @@ class ServiceApp:
         self._started = False
         for subscriber in self.broker.subscribers:
             await subscriber.stop()
+        for unfinished in self.publisher.unfinished:
+            await unfinished()  # acks of outputs already sent, while the connection is up
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

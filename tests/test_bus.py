@@ -13,9 +13,10 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
 from binloop.bus import Delivery, Outgoing, PendingAcks, subscribe, subscribe_batch
+from binloop.bus.consume import EventHandler
 from binloop.bus.publish import PublishTimeoutError
 from binloop.errors import PermanentError, TransientError
-from binloop.runtime import new_service
+from binloop.runtime import ServiceApp, new_service
 from binloop.settings import ServiceSettings
 from schemas import DeadLetter, TrainingRequested
 from schemas.routes import DLQ, TRAINING_REQUESTED, Route
@@ -214,6 +215,30 @@ async def _wait_until_settled(js: JetStreamContext, durable: str) -> bool:
     return False
 
 
+async def _pipelined_probe(
+    js: JetStreamContext,
+    service: ServiceApp,
+    handle: EventHandler[TrainingRequested],
+    durable: str,
+    input_name: str,
+) -> Collector[TrainingRequested]:
+    """A pipelined consumer of training.requested, one input already published, and a reader
+    of what JetStream stored on PROBE_OUT."""
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable=durable,
+        policy=service.policy,
+        pipelined=True,
+    )
+    stored = await Collector(TrainingRequested).attach_stream(js, PROBE_OUT.subject())
+    event = TrainingRequested(producer="test", dataset_name=input_name)
+    await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+    return stored
+
+
 async def test_a_pipelined_consumer_keeps_output_order_and_acks_every_input(
     js: JetStreamContext, nats_server
 ) -> None:
@@ -259,18 +284,7 @@ async def test_a_pipelined_input_whose_output_is_not_stored_is_retried_not_acked
         route = NOWHERE if delivery.attempt == 1 else PROBE_OUT
         return [Outgoing(route, TrainingRequested(producer="pipe", dataset_name="x"))]
 
-    subscribe(
-        service.broker,
-        service.publisher,
-        TRAINING_REQUESTED,
-        handle,
-        durable="pipe-retry",
-        policy=service.policy,
-        pipelined=True,
-    )
-    stored = await Collector(TrainingRequested).attach_stream(js, PROBE_OUT.subject())
-    event = TrainingRequested(producer="test", dataset_name="x")
-    await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+    stored = await _pipelined_probe(js, service, handle, "pipe-retry", "x")
     await service.start()
     try:
         outputs = await stored.wait_for(1)
@@ -368,5 +382,64 @@ async def test_a_message_dead_lettered_twice_leaves_one_dlq_entry(
         assert info.state.messages == 1
         assert dead_letter_id("twice", again) == dead_letter_id("twice", msg)
         assert dead_letter_id("other", msg) != dead_letter_id("twice", msg)
+        # Another consumer of the same message (another bin's durable) has its own entry.
+        tokens[3] = "twice-bin-2"
+        elsewhere = Msg(_client=msg._client, subject=msg.subject, reply=".".join(tokens))
+        assert dead_letter_id("twice", elsewhere) != dead_letter_id("twice", msg)
     finally:
         await service.stop()
+
+
+async def test_a_send_the_client_refuses_gives_back_its_pending_slot(
+    nats_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nats.errors
+
+    service = new_service("refused", _settings(nats_server.url))
+    await service.start()
+    try:
+        js = service.publisher._jetstream()
+        free = js._publish_async_pending_semaphore._value
+        connection = service.broker.connection
+
+        async def buffer_full(*args: object, **kwargs: object) -> None:
+            raise nats.errors.OutboundBufferLimitError
+
+        monkeypatch.setattr(connection, "publish", buffer_full)
+        event = TrainingRequested(producer="t", dataset_name="d")
+        for _ in range(3):
+            with pytest.raises(nats.errors.OutboundBufferLimitError):
+                await service.publisher.send_all([Outgoing(PROBE_OUT, event)])
+        await asyncio.sleep(0)  # the cancelled futures' callbacks run
+        assert js._publish_async_pending_semaphore._value == free
+        assert js.publish_async_pending() == 0
+        monkeypatch.undo()
+        await service.publisher.publish(PROBE_OUT, event)  # and the next send works
+    finally:
+        await service.stop()
+
+
+async def test_stopping_a_pipelined_consumer_settles_what_it_sent(
+    js: JetStreamContext, nats_server
+) -> None:
+    service = new_service("pipe-stop", _settings(nats_server.url))
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        event = TrainingRequested(producer="pipe", dataset_name=delivery.event.dataset_name)
+        return [Outgoing(PROBE_OUT, event)]
+
+    stored = await _pipelined_probe(js, service, handle, "pipe-stop", "last")
+    await service.start()
+    await stored.wait_for(1)
+    await service.stop()  # right away: the input's ack must not be left behind
+    info = await js.consumer_info("ENGINE", "pipe-stop")
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+def test_a_publish_timeout_is_transient_and_a_nats_timeout() -> None:
+    import nats.errors
+
+    error = PublishTimeoutError("no ack")
+    assert isinstance(error, TransientError)  # retried by consumers
+    assert isinstance(error, nats.errors.TimeoutError)  # and handled where nats timeouts are
+    assert isinstance(error, TimeoutError)

@@ -333,6 +333,9 @@ def test_spool_reader_falls_back_to_the_events_own_uri(tmp_path: Path) -> None:
         SpoolReader(tmp_path / "spool").read(
             ref.model_copy(update={"uri": (tmp_path / "other-spool" / "gone.jpg").as_uri()})
         )
+    # A frame is never fetched over the network, even with an S3 store open in the process.
+    with pytest.raises(UnknownUriError, match="spool"):
+        SpoolReader(tmp_path / "spool").read(ref.model_copy(update={"uri": "s3://bucket/f.jpg"}))
 
 
 def test_classify_times_every_stage_and_builds_matching_events(

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
+from nats.js.client import JetStreamContext
 
 from binloop.errors import ModelLoadError
 from binloop.ml.card import ModelCard
 from binloop.ml.shipped import SHIPPED_MODEL
-from binloop.model_import import AlreadyHasModelsError, import_model
+from binloop.model_import import AlreadyHasModelsError, import_model, registry_champion
 from binloop.natsserver import NatsServer
 from binloop.storage import LocalBlobStore, read_verified, sha256_hex
 from schemas.events import ModelPromoted, ModelRegistered
@@ -111,30 +112,42 @@ async def test_imported_model_is_promoted_first_and_an_equal_one_is_rejected(
 
 
 @pytest.mark.integration
-async def test_only_first_imports_into_an_empty_store_and_then_leaves_it_alone(
-    nats_server: NatsServer, blob_store: LocalBlobStore, eval_dir: Path
+async def test_only_first_imports_until_the_registry_has_a_champion(
+    nats_server: NatsServer, js: JetStreamContext, blob_store: LocalBlobStore, eval_dir: Path
 ) -> None:
     settings = _settings(blob_store.root, eval_dir, nats_server.url)
-    first = await import_model(SHIPPED_MODEL, None, settings, only_first=True)
-    assert first.completed.model_version == 1
-    with pytest.raises(AlreadyHasModelsError, match=r"1 version\(s\) stored already"):
-        await import_model(SHIPPED_MODEL, None, settings, only_first=True)
-    # What compose runs at every start: a second start imports nothing and succeeds.
-    command = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "binloop.cli", "import-model", "--only-first"),
-        *("--eval-dir", str(eval_dir), "--wait", "0"),
-        env={
-            **os.environ,
-            "BINLOOP_NATS_URL": nats_server.url,
-            "BINLOOP_BLOB_ROOT": str(blob_store.root),
-        },
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(command.communicate(), 120)
+    # Stored and announced, but no registry ran: nothing registered it, so it counts as not done.
+    unregistered = await import_model(SHIPPED_MODEL, None, settings, only_first=True)
+    assert unregistered.completed.model_version == 1
+    registry = create_registry(RegistrySettings(nats_url=nats_server.url, http_port=0))
+    await registry.start()
+    try:
+        # The registry reads the v1 announcement from JetStream and promotes it.
+        for _ in range(200):
+            if await registry_champion(js, "binloop-waste") == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await registry_champion(js, "binloop-waste") == 1
+        with pytest.raises(AlreadyHasModelsError, match=r"champion of binloop-waste is v\d"):
+            await import_model(SHIPPED_MODEL, None, settings, only_first=True)
+        # What compose runs at every start: once there is a champion, nothing happens.
+        command = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "binloop.cli", "import-model", "--only-first"),
+            *("--eval-dir", str(eval_dir), "--wait", "0"),
+            env={
+                **os.environ,
+                "BINLOOP_NATS_URL": nats_server.url,
+                "BINLOOP_BLOB_ROOT": str(blob_store.root),
+            },
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(command.communicate(), 120)
+    finally:
+        await registry.stop()
     assert command.returncode == 0, output.decode()
     assert "nothing imported" in output.decode()
-    assert next_model_version(blob_store, "binloop-waste") == 2  # still only v1
+    assert next_model_version(blob_store, "binloop-waste") == 2  # v1 only
 
 
 def test_a_model_a_bin_could_not_serve_is_refused_before_anything_is_stored(

@@ -403,3 +403,6 @@ def test_a_local_store_reads_a_blob_only_at_its_promised_size(tmp_path: Path) ->
         store.read_sized("a/b.bin/below-a-file", 5)
     with pytest.raises(MissingBlobError):
         store.read_sized("folder", 0)
+    os.mkfifo(tmp_path / "served" / "pipe")  # opened without blocking, then refused
+    with pytest.raises(MissingBlobError, match="not a regular file"):
+        store.read_sized("pipe", 0)

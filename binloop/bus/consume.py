@@ -90,11 +90,13 @@ _DEAD_LETTER_NAMESPACE = uuid.UUID("3b8f5a52-2d0e-4c77-9f55-8e0b9c1d7a13")
 
 
 def dead_letter_id(service: str, msg: Msg) -> uuid.UUID:
-    """The same message dead-lettered twice by the same service (a crash between the DLQ
-    publish and the ack redelivers it) gets the same id, so JetStream keeps one entry. A
-    message without JetStream metadata gets a random id."""
+    """The same message dead-lettered twice by the same consumer (a crash between the DLQ
+    publish and the ack redelivers it) gets the same id, so JetStream keeps one entry; other
+    consumers of it (another bin's durable) get their own. A message without JetStream
+    metadata gets a random id."""
     try:
-        where = f"{service}|{msg.metadata.stream}|{msg.metadata.sequence.stream}"
+        metadata = msg.metadata
+        where = f"{service}|{metadata.stream}|{metadata.consumer}|{metadata.sequence.stream}"
     except (NatsError, AttributeError, ValueError, TypeError, IndexError):  # core NATS: none
         return uuid.uuid4()
     return uuid.uuid5(_DEAD_LETTER_NAMESPACE, where)
@@ -265,6 +267,11 @@ class _Settlements:
         self._running.add(task)
         task.add_done_callback(self._finished)
 
+    async def drain(self) -> None:
+        """Waits for every running settlement (each ends within the publish ack timeout)."""
+        if self._running:
+            await asyncio.wait(set(self._running))
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._room.release()
@@ -347,6 +354,8 @@ def subscribe(
     """
     consumer: _Consumer[E] = _Consumer(publisher, route, policy, ack_wait_s)
     settlements = _Settlements(publisher.service, max_unsettled) if pipelined else None
+    if settlements is not None:
+        publisher.unfinished.append(settlements.drain)
 
     async def on_messages(msgs: list[Msg]) -> None:
         good, bad = consumer.decode(msgs)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import nats.errors
+import nats.js.errors
 from faststream.nats import NatsBroker
 from nats.aio.client import Client as NatsClient
 from nats.js.api import PubAck
@@ -19,8 +21,12 @@ from schemas.routes import Route
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 
-class PublishTimeoutError(TransientError):
-    """JetStream did not confirm a publish in time (server down, stream missing or slow)."""
+class PublishTimeoutError(TransientError, nats.errors.TimeoutError):
+    """JetStream did not confirm a publish in time (server down, stream missing or slow).
+    Also a nats-py TimeoutError, so code that handles the client's own timeouts handles it."""
+
+    def __str__(self) -> str:  # nats-py's errors print a fixed text; this one says what
+        return str(self.args[0]) if self.args else "JetStream did not ack in time"
 
 
 @dataclass(frozen=True)
@@ -58,11 +64,14 @@ class PendingAcks:
             ack.cancel()
         # Every failure is retrieved (asyncio warns about unretrieved ones); the first in send
         # order is the one reported.
-        errors = [
-            error
-            for ack in self._acks
-            if ack in done and not ack.cancelled() and (error := ack.exception()) is not None
-        ]
+        errors: list[BaseException] = []
+        for ack in self._acks:
+            if ack not in done:
+                continue
+            if ack.cancelled():  # nothing cancels them here; if something did, not stored
+                errors.append(PublishTimeoutError("a JetStream ack was cancelled"))
+            elif (error := ack.exception()) is not None:
+                errors.append(error)
         if errors:
             raise errors[0]
         if unacked:
@@ -70,6 +79,19 @@ class PendingAcks:
                 f"JetStream acked {len(done)} of {len(self._acks)} events "
                 f"within {self._timeout_s:.1f}s"
             )
+
+
+def _release_unsent(js: JetStreamContext, before: set[str]) -> None:
+    """nats-py's publish_async registers the ack's future and takes one of its 4000 pending
+    slots before it sends. When the send itself fails (buffer full while reconnecting, payload
+    too big, draining), nothing would ever settle that future, and after 4000 such failures
+    every publish would stall. Cancelling it runs nats-py's own cleanup (slot released, token
+    dropped). A concurrent send's future started meanwhile may be cancelled too: its caller
+    sees a failed ack and retries, and JetStream drops the repeat by its id."""
+    futures: dict[str, asyncio.Future[PubAck]] = getattr(js, "_publish_async_futures", {})
+    for token, future in list(futures.items()):
+        if token not in before and not future.done():
+            future.cancel()
 
 
 class Publisher:
@@ -95,6 +117,9 @@ class Publisher:
         self.service = service
         self.producer = producer or service
         self.ack_timeout_s = ack_timeout_s
+        self.unfinished: list[Callable[[], Awaitable[None]]] = []
+        """Awaited by ServiceApp.stop after the consumers stop and before the connection
+        closes: pipelined consumers settle the inputs whose outputs are already sent."""
 
     def _jetstream(self) -> JetStreamContext:
         # One context per connection: it owns the inbox its async acks come to. A broker that
@@ -108,15 +133,23 @@ class Publisher:
         route, event = item.route, item.event
         if not isinstance(event, route.model):
             raise TypeError(f"{route.name} carries {route.model.__name__}, not {type(event)}")
-        ack = await self._jetstream().publish_async(
-            route.subject(item.bin_id),
-            event.model_dump_json().encode(),
-            headers={MSG_ID_HEADER: str(event.event_id), "content-type": "application/json"},
-            stream=route.stream,
-            # nats-py keeps at most 4000 publishes unacked; past that, wait this long for room
-            # (TooManyStalledMsgsError after), not forever while the server is away.
-            wait_stall=self.ack_timeout_s,
-        )
+        js = self._jetstream()
+        before = set(getattr(js, "_publish_async_futures", {}))
+        try:
+            ack = await js.publish_async(
+                route.subject(item.bin_id),
+                event.model_dump_json().encode(),
+                headers={MSG_ID_HEADER: str(event.event_id), "content-type": "application/json"},
+                stream=route.stream,
+                # nats-py keeps at most 4000 publishes unacked; past that, wait this long for
+                # room (TooManyStalledMsgsError after), not forever while the server is away.
+                wait_stall=self.ack_timeout_s,
+            )
+        except nats.js.errors.TooManyStalledMsgsError:
+            raise  # no slot was taken
+        except BaseException:
+            _release_unsent(js, before)
+            raise
         metrics.EVENTS_PUBLISHED.labels(self.service, route.name).inc()
         return ack
 

@@ -14,12 +14,20 @@ FloatArray = npt.NDArray[np.float32]
 ImageArray = npt.NDArray[np.uint8]
 
 
+_IMREAD_COLOR_RGB: int | None = getattr(cv2, "IMREAD_COLOR_RGB", None)
+"""OpenCV 4.11+ decodes to RGB directly; older builds (JetPack's) decode BGR and convert."""
+
+
 def decode_rgb(data: bytes) -> ImageArray:
     """JPEG/PNG bytes -> HxWx3 uint8 RGB. Raises CorruptFrameError on anything else."""
     if not data:
         raise CorruptFrameError("empty image")
     buffer = np.frombuffer(data, dtype=np.uint8)
-    decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB)  # RGB straight from the decoder
+    if _IMREAD_COLOR_RGB is not None:
+        decoded = cv2.imdecode(buffer, _IMREAD_COLOR_RGB)  # RGB straight from the decoder
+    else:
+        decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        decoded = None if decoded is None else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
     if decoded is None:
         raise CorruptFrameError(f"{len(data)} bytes that do not decode as an image")
     rgb: ImageArray = np.asarray(decoded, dtype=np.uint8)

@@ -39,7 +39,9 @@ def read_regular_file(path: Path, size: int, uri: str) -> bytes:
     one fstat of the open file, one read (no separate exists/stat calls that a swap between
     them could fool)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # Non-blocking, so a FIFO planted where a blob should be cannot hang the reader; it
+        # changes nothing for a regular file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise MissingBlobError(f"no blob at {uri}") from exc
     try:
@@ -53,4 +55,7 @@ def read_regular_file(path: Path, size: int, uri: str) -> bytes:
         os.close(fd)
         raise
     with handle:
-        return handle.read()
+        data = handle.read(size + 1)  # one byte more shows a file that grew since the fstat
+    if len(data) != size:
+        raise PermanentError(f"{uri} changed while it was read ({len(data)} bytes, not {size})")
+    return data

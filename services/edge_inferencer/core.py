@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from binloop.errors import MissingBlobError
+from binloop.errors import MissingBlobError, UnknownUriError
 from binloop.ml.phash import phash
 from binloop.ml.preprocess import FloatArray, decode_rgb
 from binloop.storage.blobstore import LocalBlobStore, check_sha256, read_verified
@@ -192,9 +192,11 @@ class SpoolReader:
         self.store = LocalBlobStore(spool_root)
 
     def read(self, ref: BlobRef) -> bytes:
-        if urlparse(ref.uri).scheme == "file":
-            try:
-                return check_sha256(ref, self.store.read_sized(ref.key, ref.size))
-            except MissingBlobError:
-                pass  # not in this spool: the event's own URI
-        return read_verified(ref)
+        if urlparse(ref.uri).scheme != "file":
+            # Also when this process has an S3 store open (for promoted models): a frame
+            # fetched over the network would stall the event loop the frame is handled in.
+            raise UnknownUriError(f"frames are read from the spool (file://), not {ref.uri!r}")
+        try:
+            return check_sha256(ref, self.store.read_sized(ref.key, ref.size))
+        except MissingBlobError:
+            return read_verified(ref)  # not in this spool: the event's own file:// URI

@@ -121,7 +121,11 @@ class RepresentativePolicy(_Strict):
         default=20, ge=1, le=1000, description="Nearest neighbours that measure typicality"
     )
     remember: int = Field(
-        default=2000, ge=1, le=100_000, description="Embeddings of earlier picks kept"
+        default=500,
+        ge=1,
+        le=100_000,
+        description="Earlier picks that count as covering their cluster (k-means cost grows "
+        "with it)",
     )
 
 

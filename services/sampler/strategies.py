@@ -243,10 +243,10 @@ class EmbeddingMemory:
 
     def earlier(self, key: ModelKey, dims: int) -> FloatMatrix:
         """Unit vectors of earlier picks in this space; none if the width changed."""
-        kept = self._kept.get(key)
-        if not kept or len(kept[0]) != dims:
+        same_width = [vector for vector in self._kept.get(key, ()) if len(vector) == dims]
+        if not same_width:
             return np.zeros((0, dims))
-        return np.stack(list(kept))
+        return np.stack(same_width)
 
     def record(self, result: InferenceResult) -> None:
         if not result.embedding:
@@ -350,10 +350,11 @@ def k_means(points: FloatMatrix, k: int, seed: int, iterations: int = 25) -> npt
         if _ > 0 and np.array_equal(updated, assignment):
             break
         assignment = updated
-        for cluster in range(k):
-            members = assignment == cluster
-            if members.any():
-                means[cluster] = points[members].mean(axis=0)
+        counts = np.bincount(assignment, minlength=k)
+        sums = np.zeros_like(means)
+        np.add.at(sums, assignment, points)
+        filled = counts > 0  # an emptied cluster keeps its old mean
+        means[filled] = sums[filled] / counts[filled, None]
     return assignment
 
 
@@ -378,11 +379,13 @@ class Representative:
     typical frame (densest neighbourhood) is picked. Where uncertainty strategies go for the
     boundary, which is mostly noise while the model has seen few labels, this spends labels
     on what the stream is mostly made of. Embedding spaces are per model version, as in
-    Diversity."""
+    Diversity. A batch with fewer than 2 x per_batch frames in a space is not judged (every
+    frame would be its own cluster). The cost grows with the picks remembered: k-means over
+    batch + remember points into remember + per_batch clusters, in the sampler's loop."""
 
     name: SamplingStrategy = "representative"
 
-    def __init__(self, per_batch: int, neighbours: int, seed: int, remember: int = 2000) -> None:
+    def __init__(self, per_batch: int, neighbours: int, seed: int, remember: int = 500) -> None:
         self.per_batch = per_batch
         self.neighbours = neighbours
         self.seed = seed
@@ -391,6 +394,8 @@ class Representative:
     def score_batch(self, results: Sequence[InferenceResult]) -> list[Verdict | None]:
         verdicts: list[Verdict | None] = [None] * len(results)
         for (key, dims), indices in embedding_spaces(results).items():
+            if len(indices) < 2 * self.per_batch:
+                continue  # too few frames to say where the stream's mass is
             earlier = self.memory.earlier(key, dims)
             candidates = _unit_rows([results[i].embedding or [] for i in indices])
             for order, (position, size, k) in enumerate(self._pick(candidates, earlier)):
