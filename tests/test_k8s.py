@@ -474,6 +474,17 @@ def test_the_trainer_arguments_are_accepted_by_the_cli(dev: list[Manifest]) -> N
     assert "trainer: configuration is valid" in result.output
 
 
+def test_the_champion_import_runs_a_cli_command_that_exists(dev: list[Manifest]) -> None:
+    (container,) = containers(find(dev, "Job", "champion-import"))
+    program, *arguments = container["command"]
+    assert program == "binloop"
+    assert container["image"].endswith("binloop-trainer:dev")  # has torch and the eval set
+    # --help after the arguments: they must parse (a misspelled option fails), nothing runs.
+    result = CliRunner().invoke(binloop_cli, [*arguments, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--only-first" in arguments
+
+
 def test_images_are_pinned_and_overlays_choose_the_binloop_tags(
     dev: list[Manifest], prod: list[Manifest]
 ) -> None:
@@ -581,6 +592,8 @@ ALLOWED_FLOWS = {
     ("label-studio", "label-studio-db", 5432),
     ("label-studio", "minio", 9000),
     ("minio-setup", "minio", 9000),
+    ("champion-import", "nats", 4222),
+    ("champion-import", "minio", 9000),
     ("nats", "nats", 6222),
 }
 
