@@ -329,9 +329,9 @@ async def test_pending_acks_that_never_come_fail_as_a_transient_timeout() -> Non
 async def test_settlements_wait_for_room_and_report_what_failed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from binloop.bus.consume import _Settlements
+    from binloop.bus.consume import Settlements
 
-    settlements = _Settlements("probe", limit=1)
+    settlements = Settlements("probe", limit=1)
     release = asyncio.Event()
     finished: list[str] = []
 
@@ -354,7 +354,7 @@ async def test_settlements_wait_for_room_and_report_what_failed(
     assert finished == ["first", "second"]
     assert "could not settle" in caplog.text
     with pytest.raises(ValueError, match="must be >= 1"):
-        _Settlements("probe", limit=0)
+        Settlements("probe", limit=0)
 
 
 async def test_a_message_dead_lettered_twice_leaves_one_dlq_entry(

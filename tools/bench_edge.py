@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from binloop.bus import Outgoing, PendingAcks, Publisher, ensure_streams, make_broker
+from binloop.bus.consume import DEFAULT_MAX_UNSETTLED, Settlements
 from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import FloatArray, Preprocessor, decode_rgb
 from binloop.natsserver import NatsServer
@@ -69,8 +70,6 @@ INT8_EDGE_PATH = "edge path int8"
 ACKED = " until acked"
 """Suffix of the rows that time a frame up to JetStream's ack of both outputs."""
 VARIANTS = (ONNX_RAW, EDGE_PATH, TORCH_EAGER, INT8_RAW, INT8_EDGE_PATH)
-MAX_UNSETTLED = 64
-"""subscribe(..., pipelined=True)'s default bound, as the edge inferencer uses it."""
 
 # The issue's targets (issue 3, "Speed on the edge").
 PATH_OVERHEAD_MAX = 1.3
@@ -234,9 +233,9 @@ class EdgePath:
     and its pipelined consumer (binloop.bus.subscribe(pipelined=True)): validate the incoming
     event, read the frame from the spool (sha256 checked), decode, preprocess, infer,
     postprocess and decide (in the event loop, as the service does), build both events and
-    send them to JetStream. As in the
-    service, the next frame starts while JetStream acks the outputs (at most MAX_UNSETTLED
-    frames waiting); the time until both acks is recorded as well."""
+    send them to JetStream. As in the service, the next frame starts while JetStream acks the
+    outputs (the consumer's own Settlements, at most DEFAULT_MAX_UNSETTLED frames waiting);
+    the time until both acks is recorded as well."""
 
     def __init__(
         self,
@@ -249,8 +248,8 @@ class EdgePath:
         self.connection = connection
         self.reader = reader
         self.policy = policy
-        self._room = asyncio.Semaphore(MAX_UNSETTLED)
-        self._settling: set[asyncio.Task[None]] = set()
+        self.settlements = Settlements(PRODUCER, DEFAULT_MAX_UNSETTLED)
+        self.failed_acks: list[BaseException] = []
 
     async def measure(
         self,
@@ -302,7 +301,6 @@ class EdgePath:
         classified = time.perf_counter_ns()
         result, command = build_events(frame, model, outcome, PRODUCER)
         built = time.perf_counter_ns()
-        await self._room.acquire()
         pending = await self.publisher.send_all(
             [
                 Outgoing(ACTUATION_COMMAND, command, frame.bin_id),
@@ -310,7 +308,7 @@ class EdgePath:
             ]
         )
         sent = time.perf_counter_ns()
-        self._settle_later(pending, start, sent, breakdown, on_acked)
+        await self.settlements.start(self._settle(pending, start, sent, breakdown, on_acked))
         if breakdown is None:
             return
         stages = outcome.latency
@@ -332,7 +330,7 @@ class EdgePath:
         breakdown.add("build", (built - classified) / 1e6)
         breakdown.add("send x2", (sent - built) / 1e6)
 
-    def _settle_later(
+    async def _settle(
         self,
         pending: PendingAcks,
         start: int,
@@ -340,18 +338,16 @@ class EdgePath:
         breakdown: StageBreakdown | None,
         on_acked: Callable[[int], None] | None,
     ) -> None:
-        async def settle() -> None:
+        try:
             await pending.wait()
-            acked = time.perf_counter_ns()
-            if on_acked is not None:
-                on_acked(acked - start)
-            if breakdown is not None:
-                breakdown.add("ack wait (pipelined)", (acked - sent) / 1e6)
-
-        task = asyncio.create_task(settle())
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-        task.add_done_callback(lambda _: self._room.release())
+        except Exception as exc:  # counted, and the run fails in _settled
+            self.failed_acks.append(exc)
+            return
+        acked = time.perf_counter_ns()
+        if on_acked is not None:
+            on_acked(acked - start)
+        if breakdown is not None:
+            breakdown.add("ack wait (pipelined)", (acked - sent) / 1e6)
 
     async def _between_frames(self) -> None:
         # The service fetches its next frame here: a round trip to nats-server during which
@@ -360,8 +356,9 @@ class EdgePath:
         await self.connection.flush()
 
     async def _settled(self) -> None:
-        # gather re-raises a failed ack: a benchmark that lost an output must not report.
-        await asyncio.gather(*self._settling)
+        await self.settlements.drain()
+        if self.failed_acks:  # a benchmark that lost an output must not report
+            raise SystemExit(f"{len(self.failed_acks)} acks failed: {self.failed_acks[0]!r}")
 
 
 def set_threads(threads: int) -> None:

@@ -215,7 +215,7 @@ class _Consumer(Generic[E]):
         msgs: list[Msg],
         result: Sequence[Outgoing] | BaseException,
         cause: Event | None = None,
-        settlements: _Settlements | None = None,
+        settlements: Settlements | None = None,
     ) -> None:
         if isinstance(result, BaseException):
             for msg in msgs:
@@ -245,7 +245,11 @@ class _Consumer(Generic[E]):
             await msg.ack()
 
 
-class _Settlements:
+DEFAULT_MAX_UNSETTLED = 64
+"""Inputs a pipelined consumer lets wait for their outputs' acks before it waits for room."""
+
+
+class Settlements:
     """Inputs whose outputs are sent but not yet acked by JetStream, settled in background
     tasks while the next messages are handled. At most `limit` at a time: the next `start`
     waits for room, so a slow JetStream slows the consumer down instead of piling up."""
@@ -339,7 +343,7 @@ def subscribe(
     description: str = "",
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
     pipelined: bool = False,
-    max_unsettled: int = 64,
+    max_unsettled: int = DEFAULT_MAX_UNSETTLED,
 ) -> None:
     """One message at a time, for low-rate subjects where latency matters.
 
@@ -353,7 +357,7 @@ def subscribe(
     trip. The guarantee is the same: an input is acked only after its outputs are stored.
     """
     consumer: _Consumer[E] = _Consumer(publisher, route, policy, ack_wait_s)
-    settlements = _Settlements(publisher.service, max_unsettled) if pipelined else None
+    settlements = Settlements(publisher.service, max_unsettled) if pipelined else None
     if settlements is not None:
         publisher.unfinished.append(settlements.drain)
 
@@ -428,4 +432,12 @@ def subscribe_batch(
     )
 
 
-__all__ = ["MSG_ID_HEADER", "Delivery", "RetryPolicy", "subscribe", "subscribe_batch"]
+__all__ = [
+    "DEFAULT_MAX_UNSETTLED",
+    "MSG_ID_HEADER",
+    "Delivery",
+    "RetryPolicy",
+    "Settlements",
+    "subscribe",
+    "subscribe_batch",
+]
