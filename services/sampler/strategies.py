@@ -344,11 +344,11 @@ def k_means(points: FloatMatrix, k: int, seed: int, iterations: int = 25) -> npt
         )
     means = np.stack(centers)
     assignment = np.zeros(count, dtype=np.intp)
-    for _ in range(iterations):
+    for iteration in range(iterations):
         distances = squared[:, None] - 2 * points @ means.T + (means * means).sum(axis=1)[None]
         updated = distances.argmin(axis=1)
-        if _ > 0 and np.array_equal(updated, assignment):
-            break
+        if iteration > 0 and np.array_equal(updated, assignment):
+            break  # converged
         assignment = updated
         counts = np.bincount(assignment, minlength=k)
         sums = np.zeros_like(means)
@@ -361,12 +361,12 @@ def k_means(points: FloatMatrix, k: int, seed: int, iterations: int = 25) -> npt
 def typicality(points: FloatMatrix, neighbours: int) -> npt.NDArray[np.float64]:
     """Inverse mean Euclidean distance to each point's nearest neighbours: high in dense regions,
     low for outliers (TypiClust, Hacohen et al. 2022)."""
+    if len(points) < 2:
+        return np.ones(len(points))
     squared = (points * points).sum(axis=1)
     distances = np.sqrt(np.maximum(squared[:, None] - 2 * points @ points.T + squared[None], 0.0))
     np.fill_diagonal(distances, np.inf)
-    k = max(1, min(neighbours, len(points) - 1))
-    if len(points) < 2:
-        return np.ones(len(points))
+    k = min(neighbours, len(points) - 1)
     nearest = np.partition(distances, k - 1, axis=1)[:, :k]
     result: npt.NDArray[np.float64] = 1.0 / (nearest.mean(axis=1) + 1e-12)
     return result
