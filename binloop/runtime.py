@@ -17,6 +17,7 @@ from nats.js.client import JetStreamContext
 from binloop import __version__
 from binloop.bus import Publisher, ensure_streams, make_broker
 from binloop.bus.consume import RetryPolicy
+from binloop.bus.consumers import declared_consumers, update_declared_consumers
 from binloop.observability.http import HealthServer
 from binloop.settings import ServiceSettings
 from schemas.events import FleetHeartbeat
@@ -105,13 +106,7 @@ class ServiceApp:
 
     def durable_consumers(self) -> list[tuple[str, str]]:
         """(stream, durable) of every JetStream consumer this service reads."""
-        found = []
-        for subscriber in self.broker.subscribers:
-            stream = getattr(getattr(subscriber, "stream", None), "name", None)
-            durable = getattr(subscriber, "extra_options", {}).get("durable")
-            if stream and durable:
-                found.append((stream, durable))
-        return sorted(found)
+        return [(c.stream, c.durable) for c in declared_consumers(self.broker)]
 
     async def wait_until_idle(self, quiet_s: float, poll_s: float = 1.0) -> None:
         """Returns once none of the service's consumers has had a message waiting or in
@@ -149,6 +144,7 @@ class ServiceApp:
     async def _connect_and_prepare(self) -> None:
         await self.broker.connect()
         await ensure_streams(self.js)
+        await update_declared_consumers(self.js, self.broker)
         for hook in self.on_start:
             await hook(self.js)
 

@@ -34,6 +34,8 @@ class Stream:
     subjects: tuple[str, ...]
     description: str
     max_age_s: float = 7 * 24 * 3600
+    duplicate_window_s: float = 120.0
+    """A message whose id JetStream stored this recently is dropped (exactly-once publishing)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ STREAMS: dict[str, Stream] = {
             ("dlq.>",),
             "Messages a service could not process, with the reason",
             max_age_s=30 * 24 * 3600,
+            # Dead-letter ids are deterministic: the same failure found again later in the
+            # day (a redelivery, a restarted reconciliation) stays one entry.
+            duplicate_window_s=24 * 3600,
         ),
         Stream("FLEET", ("fleet.>",), "Heartbeats from the bins", max_age_s=24 * 3600),
     )

@@ -19,7 +19,7 @@ from binloop.errors import PermanentError, TransientError
 from binloop.runtime import ServiceApp, new_service
 from binloop.settings import ServiceSettings
 from schemas import DeadLetter, TrainingRequested
-from schemas.routes import DLQ, TRAINING_REQUESTED, Route
+from schemas.routes import DLQ, STREAMS, TRAINING_REQUESTED, Route
 from tests.helpers import Collector
 
 pytestmark = pytest.mark.integration
@@ -388,6 +388,56 @@ async def test_a_message_dead_lettered_twice_leaves_one_dlq_entry(
         assert dead_letter_id("twice", elsewhere) != dead_letter_id("twice", msg)
     finally:
         await service.stop()
+
+
+async def test_streams_drop_repeated_ids_for_their_own_window(js: JetStreamContext) -> None:
+    windows = {name: (await js.stream_info(name)).config.duplicate_window for name in STREAMS}
+    assert windows["FRAMES"] == 120
+    # A dead letter found again hours later (a restart re-listing it) is still one entry.
+    assert windows["DLQ"] == 24 * 3600
+
+
+async def test_a_restarted_service_updates_its_existing_consumer_to_the_new_settings(
+    js: JetStreamContext, nats_server
+) -> None:
+    async def ignore(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        return []
+
+    async def run_once(ack_wait_s: float) -> None:
+        service = new_service("evolving", _settings(nats_server.url))
+        subscribe(
+            service.broker,
+            service.publisher,
+            TRAINING_REQUESTED,
+            ignore,
+            durable="evolving",
+            ack_wait_s=ack_wait_s,
+        )
+        await service.start()
+        await service.stop()
+
+    await run_once(10.0)
+    first = await js.consumer_info("ENGINE", "evolving")
+    await run_once(45.0)
+    second = await js.consumer_info("ENGINE", "evolving")
+
+    assert first.config.ack_wait == 10.0
+    assert second.config.ack_wait == 45.0
+    # What JetStream cannot change stays as it was; the consumer kept its position.
+    assert second.config.filter_subject == first.config.filter_subject
+    assert second.config.deliver_policy == first.config.deliver_policy
+    assert second.delivered == first.delivered
+
+
+def test_only_fields_jetstream_can_change_count_as_changes() -> None:
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    from binloop.bus.consumers import changed_fields
+
+    existing = ConsumerConfig(ack_wait=10, max_deliver=-1, deliver_policy=DeliverPolicy.ALL)
+    wanted = ConsumerConfig(ack_wait=30, max_deliver=-1, deliver_policy=DeliverPolicy.LAST)
+    assert changed_fields(existing, wanted) == {"ack_wait": 30}
+    assert changed_fields(existing, ConsumerConfig()) == {}
 
 
 async def test_a_send_the_client_refuses_gives_back_its_pending_slot(

@@ -28,7 +28,14 @@ from binloop.datasets import DatasetManifest, ManifestItem, write_manifest
 from binloop.errors import PermanentError
 from binloop.natsserver import NatsServer
 from binloop.runtime import ServiceApp
-from binloop.storage import LocalBlobStore, frame_key, label_key, model_key, sha256_hex
+from binloop.storage import (
+    LocalBlobStore,
+    frame_key,
+    label_key,
+    model_key,
+    reconcile_cursor_key,
+    sha256_hex,
+)
 from binloop.storage.blobstore import read_verified
 from schemas.events import (
     ClassScore,
@@ -554,6 +561,78 @@ async def test_annotations_made_while_the_bridge_was_down_arrive_by_reconciliati
     ]
     assert (again.listed, again.published) == (2, 0)
     assert len(labels.items) == 2
+
+
+@pytest.mark.integration
+async def test_a_restarted_bridge_reconciles_from_its_saved_cursor(
+    harness: Harness, js: JetStreamContext, nats_client: Client
+) -> None:
+    frames = demo_frames(2)
+    samples = [stored_sample(harness.store, data) for data, _ in frames]
+    labels = await Collector(LabelAnnotated).attach(nats_client, LABELS_ANNOTATED.subject())
+    service, bridge = await harness.start(reconcile_overlap_s=0)
+    try:
+        await asyncio.wait_for(bridge.parts.remote_ready.wait(), 60)
+        for sample in samples:
+            await publish(js, sample)
+        task_ids = [await bridge.task_for(s.frame_sha256) for s in samples]
+        await annotate(harness.label_studio, task_ids[0], choices(frames[0][1]))
+        await labels.wait_for(1)
+        assert bridge.parts.reconcile_once is not None
+        before = await bridge.parts.reconcile_once()
+    finally:
+        await service.stop()
+    saved = json.loads(harness.store.get(reconcile_cursor_key("binloop")))
+    assert saved["project"] == harness.project
+    assert before.listed == 1
+
+    await annotate(harness.label_studio, task_ids[1], choices(frames[1][1]))
+    service, bridge = await harness.start(reconcile_overlap_s=0)
+    try:
+        await labels.wait_for(2)
+        await bridge.wait(lambda: bool(bridge.taken))  # the pass has stored what it published
+    finally:
+        await service.stop()
+
+    # The pass after the restart started at the saved cursor: it listed the task annotated
+    # while the bridge was down, not the one it had seen before.
+    assert [(t.source, t.published) for t in bridge.taken] == [("reconcile", True)]
+    moved = json.loads(harness.store.get(reconcile_cursor_key("binloop")))
+    assert datetime.fromisoformat(moved["cursor"]) > datetime.fromisoformat(saved["cursor"])
+
+
+@pytest.mark.integration
+async def test_reconciliation_dead_letters_a_bad_annotation_once(
+    harness: Harness, js: JetStreamContext, nats_client: Client
+) -> None:
+    ((data, _),) = demo_frames(1)
+    sample = stored_sample(harness.store, data)
+    dlq = await Collector(DeadLetter).attach(nats_client, dlq_subject("labeling-bridge"))
+    service, bridge = await harness.start(register_ml_backend=False)
+    try:
+        await asyncio.wait_for(bridge.parts.remote_ready.wait(), 60)
+        await publish(js, sample)
+        task_id = await bridge.task_for(sample.frame_sha256)
+    finally:
+        await service.stop()
+    # Made while the bridge is down, so only reconciliation sees it: a material the taxonomy
+    # does not have, which can never become a label.
+    await annotate(harness.label_studio, task_id, choices("styrofoam"))
+
+    service, bridge = await harness.start(register_ml_backend=False)
+    try:
+        assert bridge.parts.reconcile_once is not None
+        (letter,) = await dlq.wait_for(1)
+        # An idle project lists its newest change on every pass (within the overlap).
+        passes = [await bridge.parts.reconcile_once() for _ in range(2)]
+    finally:
+        await service.stop()
+
+    assert letter.original_subject == f"task {task_id}"
+    assert "'styrofoam' is not in taxonomy" in letter.error
+    assert [p.listed for p in passes] == [1, 1]
+    assert len(dlq.items) == 1  # one entry, not one per pass
+    assert bridge.taken == []
 
 
 @pytest.mark.integration

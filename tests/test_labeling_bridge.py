@@ -18,7 +18,13 @@ from nats.js.client import JetStreamContext
 from binloop.datasets import DatasetManifest, import_image_folder, split_for
 from binloop.errors import ChecksumMismatchError, PermanentError, TransientError
 from binloop.natsserver import NatsServer
-from binloop.storage import LocalBlobStore, frame_key, label_key, sha256_hex
+from binloop.storage import (
+    LocalBlobStore,
+    frame_key,
+    label_key,
+    reconcile_cursor_key,
+    sha256_hex,
+)
 from binloop.storage.blobstore import read_verified
 from schemas.base import BlobRef
 from schemas.events import (
@@ -33,6 +39,7 @@ from schemas.taxonomy import Taxonomy
 from services.labeling_bridge import LabelingBridgeSettings, create_app
 from services.labeling_bridge.backends import LabelStudioExportBackend, OracleBackend
 from services.labeling_bridge.core import LabelingBridge, snapshot_event_id
+from services.labeling_bridge.cursor import SavedCursor
 from services.labeling_bridge.label_studio import FROM_NAME, TO_NAME
 from services.labeling_bridge.records import LabelRecord
 from services.labeling_bridge.snapshots import DatasetBook
@@ -409,3 +416,28 @@ async def test_oracle_labels_samples_snapshots_and_dead_letters_unlabeled(
     assert letter.error == "oracle backend needs ground truth"
     assert unlabeled.frame_sha256 in letter.payload_preview
     assert blob_store.exists(label_key("binloop", late.frame_sha256))
+
+
+# --- the saved reconciliation cursor -------------------------------------------------------
+
+
+def test_saved_cursor_round_trips_and_belongs_to_one_project(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    key = reconcile_cursor_key("binloop")
+    cursor = SavedCursor(store, key, "http://ls:8080/", "bins")
+    assert cursor.load() is None  # nothing saved yet: the first pass lists everything
+    moment = datetime(2026, 11, 22, 10, 30, 15, 123456, tzinfo=UTC)
+    cursor.save(moment)
+    assert SavedCursor(store, key, "http://ls:8080", "bins").load() == moment
+    assert SavedCursor(store, key, "http://ls:8080", "other project").load() is None
+    assert SavedCursor(store, key, "http://elsewhere:8080", "bins").load() is None
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b"[]", b'{"label_studio_url": "http://ls:8080", "project": "bins"}']
+)
+def test_an_unreadable_saved_cursor_counts_as_none(tmp_path: Path, body: bytes) -> None:
+    store = LocalBlobStore(tmp_path)
+    key = reconcile_cursor_key("binloop")
+    store.put(key, body)
+    assert SavedCursor(store, key, "http://ls:8080", "bins").load() is None

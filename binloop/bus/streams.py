@@ -8,8 +8,6 @@ from nats.js.errors import NotFoundError
 
 from schemas.routes import STREAMS, Stream
 
-DUPLICATE_WINDOW_S = 120.0
-
 
 def stream_config(stream: Stream) -> StreamConfig:
     return StreamConfig(
@@ -20,7 +18,7 @@ def stream_config(stream: Stream) -> StreamConfig:
         storage=StorageType.FILE,
         max_age=stream.max_age_s,
         discard=DiscardPolicy.OLD,
-        duplicate_window=DUPLICATE_WINDOW_S,
+        duplicate_window=stream.duplicate_window_s,
     )
 
 

@@ -1,7 +1,14 @@
 """Object storage behind one small interface; keys are content-addressed and writes idempotent."""
 
 from binloop.storage.blobstore import open_store, read_verified
-from binloop.storage.keys import dataset_key, frame_key, label_key, model_key, spool_key
+from binloop.storage.keys import (
+    dataset_key,
+    frame_key,
+    label_key,
+    model_key,
+    reconcile_cursor_key,
+    spool_key,
+)
 from binloop.storage.local import LocalBlobStore
 from binloop.storage.protocol import BlobStore, PresigningStore, sha256_hex
 from binloop.storage.s3 import S3BlobStore
@@ -17,6 +24,7 @@ __all__ = [
     "model_key",
     "open_store",
     "read_verified",
+    "reconcile_cursor_key",
     "sha256_hex",
     "spool_key",
 ]

@@ -23,3 +23,7 @@ def dataset_key(dataset: str, version: int, name: str = "manifest.json") -> str:
 
 def model_key(model: str, version: int, name: str) -> str:
     return f"models/{model}/v{version:05d}/{name}"
+
+
+def reconcile_cursor_key(dataset: str) -> str:
+    return f"labeling/{dataset}/reconcile-cursor.json"

@@ -21,7 +21,7 @@ from binloop.bus import Delivery, Outgoing, subscribe
 from binloop.errors import ConfigError, TransientError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
-from binloop.storage import BlobStore, PresigningStore, open_store
+from binloop.storage import BlobStore, PresigningStore, open_store, reconcile_cursor_key
 from schemas.base import BlobRef
 from schemas.events import DeadLetter, ModelPromoted, ModelRolledBack, SampleSelected
 from schemas.routes import (
@@ -41,6 +41,7 @@ from services.labeling_bridge.backends import (
 )
 from services.labeling_bridge.client import LabelStudioClient, ProjectSpec
 from services.labeling_bridge.core import LabelingBridge
+from services.labeling_bridge.cursor import SavedCursor
 from services.labeling_bridge.intake import preview
 from services.labeling_bridge.label_studio import label_config_xml
 from services.labeling_bridge.link import LabelStudioLink, ReconcilePass
@@ -206,7 +207,15 @@ def _attach_label_studio(
 
     secret = settings.webhook_secret.get_secret_value()
     champion = Champion(ModelCache(settings.model_cache))
-    link = LabelStudioLink(bridge, client, service.publisher, lock, settings.reconcile_overlap_s)
+    saved_cursor = SavedCursor(
+        store,
+        reconcile_cursor_key(settings.dataset_name),
+        settings.label_studio_url,
+        settings.label_studio_project,
+    )
+    link = LabelStudioLink(
+        bridge, client, service.publisher, lock, settings.reconcile_overlap_s, saved_cursor
+    )
     parts.link, parts.champion = link, champion
 
     async def dead_letter(origin: str, payload: bytes, error: Exception) -> None:

@@ -223,7 +223,15 @@ class LabelStudioClient:
         """Every annotated task, or those changed after `changed_after` (Label Studio's clock),
         oldest change first, as plain dicts: id, updated_at, data, annotations."""
         project = self.project_id()
-        items = []
+        # `only_annotated` alone does not narrow the list once a query is given.
+        items: list[dict[str, Any]] = [
+            {
+                "filter": "filter:tasks:total_annotations",
+                "operator": "greater",
+                "type": "Number",
+                "value": 0,
+            }
+        ]
         if changed_after is not None:
             items.append(
                 {

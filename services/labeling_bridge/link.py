@@ -12,23 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from binloop.bus import Publisher
-from binloop.errors import PermanentError
+from binloop.errors import PermanentError, TransientError
 from binloop.observability import metrics
 from schemas.events import DatasetSnapshot
 from schemas.routes import DATASETS_SNAPSHOT, LABELS_ANNOTATED
 from services.labeling_bridge.client import LabelStudioClient
 from services.labeling_bridge.core import LabelingBridge
+from services.labeling_bridge.cursor import SavedCursor
 from services.labeling_bridge.intake import SeenAnnotation, parse_tasks
 
 log = logging.getLogger(__name__)
 
 Source = Literal["webhook", "reconcile"]
+DEAD_LETTERS_REMEMBERED = 1024
 DeadLetterSink = Callable[[str, bytes, Exception], Awaitable[None]]
 """(where it came from, the payload, why) -> a dlq.v1.labeling-bridge entry."""
 
@@ -59,6 +62,7 @@ class LabelStudioLink:
         publisher: Publisher,
         lock: asyncio.Lock,
         overlap_s: float,
+        saved_cursor: SavedCursor | None = None,
     ) -> None:
         self.bridge = bridge
         self.client = client
@@ -67,7 +71,12 @@ class LabelStudioLink:
         self.overlap = timedelta(seconds=overlap_s)
         self.cursor: datetime | None = None
         """Newest task change seen by reconciliation (Label Studio's clock); None: none yet,
-        so the first pass after a start lists every annotated task."""
+        so the first pass lists every annotated task."""
+        self._saved_cursor = saved_cursor
+        self._cursor_loaded = saved_cursor is None
+        self._dead_lettered: OrderedDict[tuple[str, datetime], None] = OrderedDict()
+        """Annotation versions reconciliation has dead-lettered: an idle project keeps listing
+        the newest change on every pass (it is within the overlap), and one entry is enough."""
         self._unannounced: DatasetSnapshot | None = None
         self._listeners: list[Callable[[Taken], None]] = []
 
@@ -117,16 +126,23 @@ class LabelStudioLink:
         a transient failure ends the pass without moving the cursor."""
         if self._unannounced is not None:
             await self._announce(self._unannounced)
+        if not self._cursor_loaded and self._saved_cursor is not None:
+            self.cursor = await asyncio.to_thread(self._saved_cursor.load)
+            self._cursor_loaded = True
         since = self.cursor - self.overlap if self.cursor is not None else None
         tasks = await asyncio.to_thread(self.client.annotated_tasks, since)
         project_id = await asyncio.to_thread(self.client.project_id)
         listed = parse_tasks(project_id, tasks)
         published = 0
         for annotation in listed.found:
+            version = (annotation.key, annotation.updated_at)
+            if version in self._dead_lettered:
+                continue
             try:
                 taken = await self.take(annotation, "reconcile")
             except PermanentError as exc:
                 await dead_letter(f"task {annotation.task_id}", b"", exc)
+                self._remember_dead_letter(version)
                 continue
             if taken.published:
                 metrics.LABEL_STUDIO_RECONCILED.inc()
@@ -141,11 +157,25 @@ class LabelStudioLink:
         newest = max((c for c in changes if c is not None), default=None)
         if newest is not None and (self.cursor is None or newest > self.cursor):
             self.cursor = newest
+            await self._save_cursor(newest)
         counts = await asyncio.to_thread(self.client.counts)
         metrics.LABELING_BACKLOG.labels(self.bridge.backend.name).set(
             max(counts.tasks - counts.annotated, 0)
         )
         return ReconcilePass(len(tasks), published, listed.rejected)
+
+    def _remember_dead_letter(self, version: tuple[str, datetime]) -> None:
+        self._dead_lettered[version] = None
+        while len(self._dead_lettered) > DEAD_LETTERS_REMEMBERED:
+            self._dead_lettered.popitem(last=False)
+
+    async def _save_cursor(self, cursor: datetime) -> None:
+        if self._saved_cursor is None:
+            return
+        try:
+            await asyncio.to_thread(self._saved_cursor.save, cursor)
+        except TransientError as exc:  # only costs a longer first pass after a restart
+            log.warning("could not save the reconciliation cursor: %s", exc)
 
 
 def _changed_at(task: dict[str, Any]) -> datetime | None:

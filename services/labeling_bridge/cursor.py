@@ -1,0 +1,43 @@
+"""Where reconciliation got to, kept in the object store: a restarted bridge lists only the
+tasks changed since its last pass (less the overlap), not every annotated task again."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+
+from binloop.errors import MissingBlobError
+from binloop.storage import BlobStore
+
+log = logging.getLogger(__name__)
+
+
+class SavedCursor:
+    """The newest task change a pass saw, for one Label Studio project. A cursor saved for
+    another server or project, or one that cannot be read, counts as none (the next pass
+    lists everything, which is safe: annotations already taken are not published again)."""
+
+    def __init__(self, store: BlobStore, key: str, label_studio_url: str, project: str) -> None:
+        self.store = store
+        self.key = key
+        self.scope = {"label_studio_url": label_studio_url.rstrip("/"), "project": project}
+
+    def load(self) -> datetime | None:
+        """StoreUnavailableError when the store cannot be reached."""
+        try:
+            saved = json.loads(self.store.get(self.key))
+            if {k: saved.get(k) for k in self.scope} != self.scope:
+                log.info("the saved reconciliation cursor is for %s, not this project", saved)
+                return None
+            cursor = datetime.fromisoformat(saved["cursor"])
+        except MissingBlobError:
+            return None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("ignoring an unreadable reconciliation cursor at %s: %s", self.key, exc)
+            return None
+        return cursor
+
+    def save(self, cursor: datetime) -> None:
+        body = {**self.scope, "cursor": cursor.isoformat()}
+        self.store.put(self.key, json.dumps(body).encode(), "application/json")
