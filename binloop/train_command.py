@@ -82,6 +82,10 @@ def _train_config(
     mixed_precision: bool,
     weight_decay: float,
     label_smoothing: float,
+    *,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    ema_decay: float,
 ) -> TrainConfig:
     from services.trainer.train import TrainConfig
 
@@ -105,6 +109,9 @@ def _train_config(
         mixed_precision=mixed_precision,
         weight_decay=weight_decay,
         label_smoothing=label_smoothing,
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        ema_decay=ema_decay,
         **shape,  # type: ignore[arg-type]
     )
 
@@ -138,6 +145,16 @@ def train_command(
     patience: Annotated[int, typer.Option(min=1, help="Early stopping on val")] = 10,
     weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay")] = 1e-4,
     label_smoothing: Annotated[float, typer.Option(min=0, max=0.5)] = 0.0,
+    mixup_alpha: Annotated[
+        float, typer.Option(min=0, help="Mixup Beta(a, a) share; 0 is off (try 0.2)")
+    ] = 0.0,
+    cutmix_alpha: Annotated[
+        float, typer.Option(min=0, help="CutMix Beta(a, a) box area; 0 is off (try 1.0)")
+    ] = 0.0,
+    ema_decay: Annotated[
+        float,
+        typer.Option(min=0, max=0.99999, help="Weight average kept and exported; 0 is off"),
+    ] = 0.0,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     augment: Annotated[Augment, typer.Option()] = Augment.bin_camera,
     balance: Annotated[
@@ -194,6 +211,9 @@ def train_command(
             mixed_precision,
             weight_decay,
             label_smoothing,
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            ema_decay=ema_decay,
         ),
         split=SplitRule(split_by.value, val_fraction, test_fraction),
         device=device.value,

@@ -104,7 +104,14 @@ def test_training_on_a_tiny_subset_beats_chance(pipeline: PipelineResult, folder
 def test_resume_reproduces_the_next_epoch_exactly(folder: Path, tmp_path: Path) -> None:
     data = _dataset(folder)
     config = dataclasses.replace(
-        QUICK, epochs=3, rotation_degrees=10, scale=(0.8, 1.0), blur_probability=0.3
+        QUICK,
+        epochs=3,
+        rotation_degrees=10,
+        scale=(0.8, 1.0),
+        blur_probability=0.3,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        ema_decay=0.9,
     )
 
     def build() -> torch.nn.Module:

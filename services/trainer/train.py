@@ -18,12 +18,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
+from services.trainer.averaging import WeightAverage
 from services.trainer.data import ManifestDataset
+from services.trainer.mixing import BatchMixer
 
 log = logging.getLogger(__name__)
 
 Balance = Literal["loss", "sampler", "none"]
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,14 @@ class TrainConfig:
     on a small dataset (temperature scaling still calibrates the result)."""
     mixed_precision: bool = True
     """float16 autocast with a gradient scaler; only ever used on CUDA."""
+    mixup_alpha: float = 0.0
+    """Mixup: blend each batch with a shuffled copy, share ~ Beta(a, a); 0 is off."""
+    cutmix_alpha: float = 0.0
+    """CutMix: paste a box of a shuffled copy, area ~ Beta(a, a); 0 is off. With mixup also on,
+    each batch gets one of the two."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (e.g. 0.998); validation, selection and export
+    use the average. 0 is off."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,8 @@ class _Run:
         self.model = build_model().to(device)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.augment = Augmenter(config, torch.Generator().manual_seed(config.seed + 1))
+        self.mix = BatchMixer(config.mixup_alpha, config.cutmix_alpha, config.seed + 2)
+        self.average = WeightAverage(self.model, config.ema_decay) if config.ema_decay > 0 else None
         sampler = _sampler(train_data, config, self.shuffle)
         self.loader = DataLoader(
             train_data,
@@ -251,7 +263,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.history: list[EpochStats] = []
         self.best_score: tuple[float, float] | None = None
-        self.best_state = copy.deepcopy(self.model.state_dict())
+        self.best_state = copy.deepcopy(self.selected_weights())
         self.best_epoch = 1
         self.stopped = False
 
@@ -259,20 +271,32 @@ class _Run:
     def epoch(self) -> int:
         return len(self.history)
 
+    def selected_weights(self) -> dict[str, torch.Tensor]:
+        """What validation, selection and export see: the weight average when there is one."""
+        return self.average.state if self.average is not None else self.model.state_dict()
+
+    def selected_model(self) -> nn.Module:
+        if self.average is None:
+            return self.model
+        averaged = copy.deepcopy(self.model)
+        averaged.load_state_dict(self.average.state)
+        return averaged
+
     def train_epoch(self, on_batch: BatchCallback | None) -> float:
         self.model.train()
         total_loss, seen = 0.0, 0
         batches = len(self.loader)
         for step, (inputs, targets) in enumerate(self.loader, 1):
             self.optimizer.zero_grad(set_to_none=True)
-            inputs = self.augment(inputs).to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+            batch = self.mix(self.augment(inputs), targets).to(self.device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-                loss = self.criterion(self.model(inputs), targets)
-            self.scaler.scale(loss).backward()
+                loss = batch.loss(self.criterion, self.model(batch.inputs))
+            torch.autograd.backward(self.scaler.scale(loss))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if self.average is not None:
+                self.average.update(self.model)
             total_loss += loss.item() * len(targets)
             seen += len(targets)
             if on_batch is not None:
@@ -298,7 +322,9 @@ class _Run:
                 "cuda": cuda_rng,
                 "shuffle": self.shuffle.get_state(),
                 "augment": self.augment.generator.get_state(),
+                "mix": self.mix.state_dict(),
             },
+            "average": self.average.state_dict() if self.average is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -324,6 +350,9 @@ class _Run:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.shuffle.set_state(rng["shuffle"])
         self.augment.generator.set_state(rng["augment"])
+        self.mix.load_state_dict(rng["mix"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
 
 
 def train_classifier(
@@ -368,14 +397,14 @@ def train_classifier(
             train_loss = run.train_epoch(on_batch)
             val_accuracy = val_loss = None
             if val_data is not None and len(val_data) > 0:
-                val_accuracy, val_loss = _validate(run.model, val_data)
+                val_accuracy, val_loss = _validate(run.selected_model(), val_data)
             stats = EpochStats(epoch, train_loss, val_accuracy, val_loss, learning_rate)
             run.history.append(stats)
             if not select_on_val or val_accuracy is None or val_loss is None:
-                run.best_state, run.best_epoch = copy.deepcopy(run.model.state_dict()), epoch
+                run.best_state, run.best_epoch = copy.deepcopy(run.selected_weights()), epoch
             elif run.best_score is None or (val_accuracy, -val_loss) > run.best_score:
                 run.best_score = (val_accuracy, -val_loss)
-                run.best_state, run.best_epoch = copy.deepcopy(run.model.state_dict()), epoch
+                run.best_state, run.best_epoch = copy.deepcopy(run.selected_weights()), epoch
             elif epoch - run.best_epoch >= config.patience:
                 log.info("early stop after epoch %d; best was epoch %d", epoch, run.best_epoch)
                 run.stopped = True
