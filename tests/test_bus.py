@@ -420,9 +420,12 @@ async def test_a_restarted_service_updates_its_existing_consumer_to_the_new_sett
     first = await js.consumer_info("ENGINE", "evolving")
     await run_once(45.0)
     second = await js.consumer_info("ENGINE", "evolving")
+    await run_once(20.0)  # shorter: left for the operator, running replicas rely on 45 s
+    third = await js.consumer_info("ENGINE", "evolving")
 
     assert first.config.ack_wait == 10.0
     assert second.config.ack_wait == 45.0
+    assert third.config.ack_wait == 45.0
     # What JetStream cannot change stays as it was; the consumer kept its position.
     assert second.config.filter_subject == first.config.filter_subject
     assert second.config.deliver_policy == first.config.deliver_policy
@@ -438,6 +441,8 @@ def test_only_fields_jetstream_can_change_count_as_changes() -> None:
     wanted = ConsumerConfig(ack_wait=30, max_deliver=-1, deliver_policy=DeliverPolicy.LAST)
     assert changed_fields(existing, wanted) == {"ack_wait": 30}
     assert changed_fields(existing, ConsumerConfig()) == {}
+    shorter = ConsumerConfig(ack_wait=5, max_deliver=3)
+    assert changed_fields(existing, shorter) == {"max_deliver": 3}
 
 
 async def test_a_send_the_client_refuses_gives_back_its_pending_slot(

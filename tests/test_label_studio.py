@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import uuid
 import xml.etree.ElementTree as ET
@@ -56,6 +57,8 @@ from services.labeling_bridge.label_studio import (
     FROM_NAME,
     OBJECT_NAME,
     TO_NAME,
+    choice_result,
+    import_task,
     label_config_xml,
 )
 from services.labeling_bridge.link import Taken
@@ -412,6 +415,33 @@ async def test_project_creation_is_idempotent_and_follows_taxonomy_changes(
     ids, stored_config = await asyncio.to_thread(read)
     assert ids == [first]
     assert stored_config == changed.strip()
+
+
+@pytest.mark.integration
+async def test_a_task_that_lost_its_prediction_gets_it_back(
+    harness: Harness, js: JetStreamContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    ((data, _),) = demo_frames(1)
+    sample = stored_sample(harness.store, data, predicted="glass")
+    service, bridge = await harness.start(register_ml_backend=False)
+    try:
+        await asyncio.wait_for(bridge.parts.remote_ready.wait(), 60)
+        assert bridge.parts.client is not None
+        # What Label Studio leaves when it drops a prediction on import: the task alone.
+        frame = harness.store.put(sample.frame_key, data)
+        bare = import_task(sample, frame)
+        bare.pop("predictions")
+        bare_id = await asyncio.to_thread(bridge.parts.client.import_task, bare)
+        with caplog.at_level(logging.WARNING):
+            await publish(js, sample)
+            assert await bridge.task_for(sample.frame_sha256) == bare_id
+        (task,) = await tasks_of(harness.label_studio, harness.project)
+    finally:
+        await service.stop()
+
+    (prediction,) = task.predictions
+    assert prediction.result == choice_result("glass")
+    assert f"task {bare_id} had no prediction" in caplog.text
 
 
 @pytest.mark.integration

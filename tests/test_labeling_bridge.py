@@ -8,7 +8,7 @@ import json
 import shutil
 import xml.etree.ElementTree as ET
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -424,20 +424,33 @@ async def test_oracle_labels_samples_snapshots_and_dead_letters_unlabeled(
 def test_saved_cursor_round_trips_and_belongs_to_one_project(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path)
     key = reconcile_cursor_key("binloop")
-    cursor = SavedCursor(store, key, "http://ls:8080/", "bins")
+    cursor = SavedCursor(store, key, "http://ls:8080/", "bins", "trashnet-6")
     assert cursor.load() is None  # nothing saved yet: the first pass lists everything
-    moment = datetime(2026, 11, 22, 10, 30, 15, 123456, tzinfo=UTC)
+    moment = datetime(2026, 11, 22, 11, 30, 15, 123456, tzinfo=timezone(timedelta(hours=1)))
     cursor.save(moment)
-    assert SavedCursor(store, key, "http://ls:8080", "bins").load() == moment
-    assert SavedCursor(store, key, "http://ls:8080", "other project").load() is None
-    assert SavedCursor(store, key, "http://elsewhere:8080", "bins").load() is None
+    assert json.loads(store.get(key))["cursor"] == "2026-11-22T10:30:15.123456+00:00"
+    assert SavedCursor(store, key, "http://ls:8080", "bins", "trashnet-6").load() == moment
+    assert SavedCursor(store, key, "http://ls:8080", "other project", "trashnet-6").load() is None
+    assert SavedCursor(store, key, "http://elsewhere:8080", "bins", "trashnet-6").load() is None
+    # A new taxonomy may make dead-lettered annotations usable: list everything again.
+    assert SavedCursor(store, key, "http://ls:8080", "bins", "trashnet-7").load() is None
+
+
+SCOPE = '"label_studio_url": "http://ls:8080", "project": "bins", "taxonomy": "t"'
 
 
 @pytest.mark.parametrize(
-    "body", [b"not json", b"[]", b'{"label_studio_url": "http://ls:8080", "project": "bins"}']
+    "body",
+    [
+        b"not json",
+        b"[]",
+        b"{" + SCOPE.encode() + b"}",
+        b"{" + SCOPE.encode() + b', "cursor": "yesterday"}',
+        b"{" + SCOPE.encode() + b', "cursor": "2026-11-22T10:30:15"}',  # no time zone
+    ],
 )
 def test_an_unreadable_saved_cursor_counts_as_none(tmp_path: Path, body: bytes) -> None:
     store = LocalBlobStore(tmp_path)
     key = reconcile_cursor_key("binloop")
     store.put(key, body)
-    assert SavedCursor(store, key, "http://ls:8080", "bins").load() is None
+    assert SavedCursor(store, key, "http://ls:8080", "bins", "t").load() is None

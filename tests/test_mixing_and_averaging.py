@@ -94,10 +94,12 @@ def test_weight_average_follows_the_warmed_up_decay() -> None:
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.fill_(3.0)
+    model.running_var.fill_(5.0)  # batch-norm statistics are averaged too
     model.num_batches_tracked.fill_(7)
     average.update(model)
     first = min(0.5, 2 / 11)
     assert torch.allclose(average.state["weight"], first * start + (1 - first) * 3.0)
+    assert torch.allclose(average.state["running_var"], torch.full((2,), first + (1 - first) * 5))
     average.update(model)  # decay now min(0.5, 3 / 12) = 0.25
     expected = 0.25 * (first * start + (1 - first) * 3.0) + 0.75 * 3.0
     assert torch.allclose(average.state["weight"], expected)

@@ -139,6 +139,20 @@ def test_resume_reproduces_the_next_epoch_exactly(folder: Path, tmp_path: Path) 
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
 
 
+def test_with_a_weight_average_the_average_is_the_model_kept(folder: Path, tmp_path: Path) -> None:
+    data = _dataset(folder)
+    config = dataclasses.replace(QUICK, epochs=2, ema_decay=0.9)
+    result = train_classifier(
+        lambda: build_model("compact-cnn", 3), data, None, config, checkpoint_path=tmp_path / "e"
+    )
+    checkpoint = torch.load(tmp_path / "e", weights_only=False)
+    kept = result.model.state_dict()
+    averaged, raw = checkpoint["average"]["state"], checkpoint["model"]
+    assert checkpoint["average"]["updates"] == 2 * len(range(0, len(data), config.batch_size))
+    assert all(torch.equal(kept[name], averaged[name]) for name in kept)
+    assert not all(torch.equal(kept[name], raw[name]) for name in kept)
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(folder: Path, tmp_path: Path) -> None:
     data = _dataset(folder)
     config = dataclasses.replace(QUICK, epochs=1)

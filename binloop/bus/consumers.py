@@ -14,13 +14,13 @@ from typing import Any
 from faststream.nats import NatsBroker
 from nats.js.api import ConsumerConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 log = logging.getLogger(__name__)
 
-UPDATABLE_FIELDS = ("ack_wait", "max_deliver", "max_ack_pending", "description")
-"""What JetStream changes on an existing consumer; the rest (deliver policy, filter) is fixed
-at creation."""
+UPDATABLE_FIELDS = ("ack_wait", "max_deliver")
+"""What binloop declares and JetStream changes on an existing consumer; the rest (deliver
+policy, filter) is fixed at creation."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,28 @@ def declared_consumers(broker: NatsBroker) -> list[DeclaredConsumer]:
 
 
 def changed_fields(existing: ConsumerConfig, wanted: ConsumerConfig) -> dict[str, Any]:
-    """The updatable fields `wanted` sets to something other than what `existing` has."""
+    """The updatable fields `wanted` sets to something other than what `existing` has.
+
+    A shorter ack_wait is left out: a replica of the previous release may still be running
+    (a rolling update), keeping its in-flight messages alive at a third of the old ack_wait,
+    and a shorter one would have the server redeliver them under it. It is logged instead."""
     changes = {}
     for name in UPDATABLE_FIELDS:
         value = getattr(wanted, name)
-        if value is not None and value != getattr(existing, name):
-            changes[name] = value
+        current = getattr(existing, name)
+        if value is None or value == current:
+            continue
+        if name == "ack_wait" and current is not None and value < current:
+            log.warning(
+                "consumer %s keeps ack_wait %ss, not the shorter %ss it is now declared with "
+                "(shortening it under running replicas would redeliver their work); change "
+                "it with `nats consumer edit` once they are gone",
+                existing.durable_name,
+                current,
+                value,
+            )
+            continue
+        changes[name] = value
     return changes
 
 
@@ -70,7 +86,13 @@ async def update_declared_consumers(js: JetStreamContext, broker: NatsBroker) ->
         changes = changed_fields(info.config, declared.config)
         if not changes:
             continue
-        await js.add_consumer(declared.stream, info.config.evolve(**changes))
+        try:
+            await js.add_consumer(declared.stream, info.config.evolve(**changes))
+        except APIError as exc:  # the consumer still works with its old settings
+            log.warning(
+                "could not update consumer %s on %s: %s", declared.durable, declared.stream, exc
+            )
+            continue
         log.info(
             "updated consumer %s on %s: %s",
             declared.durable,

@@ -212,6 +212,7 @@ def _attach_label_studio(
         reconcile_cursor_key(settings.dataset_name),
         settings.label_studio_url,
         settings.label_studio_project,
+        settings.taxonomy.version,
     )
     link = LabelStudioLink(
         bridge, client, service.publisher, lock, settings.reconcile_overlap_s, saved_cursor

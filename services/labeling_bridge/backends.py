@@ -100,9 +100,13 @@ class LabelStudioBackend:
         self._listeners.append(listener)
 
     def submit(self, sample: SampleSelected, frame: BlobRef) -> Annotation | None:
+        task = import_task(sample, frame, self.image_url(frame))
         task_id = self.client.find_task(sample.frame_sha256)
         if task_id is None:
-            task_id = self.client.import_task(import_task(sample, frame, self.image_url(frame)))
+            task_id = self.client.import_task(task)
+        # Also for a task found: an earlier try may have died between the import and this.
+        (prediction,) = task["predictions"]
+        self.client.ensure_prediction(task_id, prediction)
         for listener in self._listeners:
             listener(sample.frame_sha256, task_id)
         return None

@@ -219,6 +219,29 @@ class LabelStudioClient:
 
         return self._call("import_task", create)
 
+    def ensure_prediction(self, task_id: int, prediction: dict[str, Any]) -> bool:
+        """Adds `prediction` to the task when it has none; True if it had to. A task imported
+        with its prediction can still come out without one (Label Studio drops a prediction it
+        fails to validate or store without failing the import; seen under load), and
+        annotators would then start from nothing instead of correcting the model."""
+
+        def ensure() -> bool:
+            found = self._sdk.tasks.get(id=str(task_id))
+            if getattr(found, "predictions", None) or getattr(found, "total_predictions", 0):
+                return False
+            self._sdk.predictions.create(
+                task=task_id,
+                result=prediction["result"],
+                score=prediction["score"],
+                model_version=prediction["model_version"],
+            )
+            return True
+
+        added: bool = self._call("ensure_prediction", ensure)
+        if added:
+            log.warning("task %d had no prediction after its import; added it", task_id)
+        return added
+
     def annotated_tasks(self, changed_after: datetime | None) -> list[dict[str, Any]]:
         """Every annotated task, or those changed after `changed_after` (Label Studio's clock),
         oldest change first, as plain dicts: id, updated_at, data, annotations."""

@@ -77,6 +77,7 @@ class LabelStudioLink:
         self._dead_lettered: OrderedDict[tuple[str, datetime], None] = OrderedDict()
         """Annotation versions reconciliation has dead-lettered: an idle project keeps listing
         the newest change on every pass (it is within the overlap), and one entry is enough."""
+        self._one_pass = asyncio.Lock()
         self._unannounced: DatasetSnapshot | None = None
         self._listeners: list[Callable[[Taken], None]] = []
 
@@ -123,7 +124,12 @@ class LabelStudioLink:
     async def reconcile(self, dead_letter: DeadLetterSink) -> ReconcilePass:
         """One pass: every task changed since the cursor (minus the overlap), oldest first.
         An annotation that can never become a label is dead-lettered and the pass goes on;
-        a transient failure ends the pass without moving the cursor."""
+        a transient failure ends the pass without moving the cursor. Passes run one at a
+        time (the periodic one and one asked for, e.g. by a test or an operator)."""
+        async with self._one_pass:
+            return await self._reconcile(dead_letter)
+
+    async def _reconcile(self, dead_letter: DeadLetterSink) -> ReconcilePass:
         if self._unannounced is not None:
             await self._announce(self._unannounced)
         if not self._cursor_loaded and self._saved_cursor is not None:
@@ -141,7 +147,10 @@ class LabelStudioLink:
             try:
                 taken = await self.take(annotation, "reconcile")
             except PermanentError as exc:
-                await dead_letter(f"task {annotation.task_id}", b"", exc)
+                # The annotation's version as the payload: a later, still bad edit of the
+                # same annotation is a new entry, a repeat of this one is not.
+                seen = f"{annotation.key} updated {annotation.updated_at.isoformat()}"
+                await dead_letter(f"task {annotation.task_id}", seen.encode(), exc)
                 self._remember_dead_letter(version)
                 continue
             if taken.published:
