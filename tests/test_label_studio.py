@@ -61,7 +61,7 @@ from services.labeling_bridge.label_studio import (
     import_task,
     label_config_xml,
 )
-from services.labeling_bridge.link import Taken
+from services.labeling_bridge.link import ReconcilePass, Taken
 from services.labeling_bridge.records import LabelRecord
 from services.labeling_bridge.snapshots import DatasetBook, TaxonomyMigration, migrate_items
 from services.labeling_bridge.web import SECRET_HEADER, WEBHOOK_PATH
@@ -549,14 +549,17 @@ async def test_an_annotation_arrives_by_webhook_once_and_a_correction_once_more(
     assert (record.label, record.conditions) == (corrected, [])
 
 
-@pytest.mark.integration
-async def test_annotations_made_while_the_bridge_was_down_arrive_by_reconciliation(
-    harness: Harness, js: JetStreamContext, nats_client: Client
-) -> None:
-    frames = demo_frames(2)
-    samples = [stored_sample(harness.store, data) for data, _ in frames]
-    labels = await Collector(LabelAnnotated).attach(nats_client, LABELS_ANNOTATED.subject())
-    service, bridge = await harness.start()
+async def annotate_first_of(
+    harness: Harness,
+    js: JetStreamContext,
+    labels: Collector[LabelAnnotated],
+    frames: list[tuple[bytes, str]],
+    samples: list[SampleSelected],
+    **overrides: Any,
+) -> tuple[list[int], ReconcilePass]:
+    """Runs a bridge until every sample has a task and the first one's annotation came back as
+    a label, then a reconciliation pass, and stops it: (task ids, that pass)."""
+    service, bridge = await harness.start(**overrides)
     try:
         await asyncio.wait_for(bridge.parts.remote_ready.wait(), 60)
         for sample in samples:
@@ -564,8 +567,21 @@ async def test_annotations_made_while_the_bridge_was_down_arrive_by_reconciliati
         task_ids = [await bridge.task_for(s.frame_sha256) for s in samples]
         await annotate(harness.label_studio, task_ids[0], choices(frames[0][1]))
         await labels.wait_for(1)
+        assert bridge.parts.reconcile_once is not None
+        reconciled = await bridge.parts.reconcile_once()
     finally:
         await service.stop()
+    return task_ids, reconciled
+
+
+@pytest.mark.integration
+async def test_annotations_made_while_the_bridge_was_down_arrive_by_reconciliation(
+    harness: Harness, js: JetStreamContext, nats_client: Client
+) -> None:
+    frames = demo_frames(2)
+    samples = [stored_sample(harness.store, data) for data, _ in frames]
+    labels = await Collector(LabelAnnotated).attach(nats_client, LABELS_ANNOTATED.subject())
+    task_ids, _ = await annotate_first_of(harness, js, labels, frames, samples)
 
     # The bridge is down: this annotation's webhook finds nobody listening.
     await annotate(harness.label_studio, task_ids[1], choices(frames[1][1]))
@@ -600,18 +616,9 @@ async def test_a_restarted_bridge_reconciles_from_its_saved_cursor(
     frames = demo_frames(2)
     samples = [stored_sample(harness.store, data) for data, _ in frames]
     labels = await Collector(LabelAnnotated).attach(nats_client, LABELS_ANNOTATED.subject())
-    service, bridge = await harness.start(reconcile_overlap_s=0)
-    try:
-        await asyncio.wait_for(bridge.parts.remote_ready.wait(), 60)
-        for sample in samples:
-            await publish(js, sample)
-        task_ids = [await bridge.task_for(s.frame_sha256) for s in samples]
-        await annotate(harness.label_studio, task_ids[0], choices(frames[0][1]))
-        await labels.wait_for(1)
-        assert bridge.parts.reconcile_once is not None
-        before = await bridge.parts.reconcile_once()
-    finally:
-        await service.stop()
+    task_ids, before = await annotate_first_of(
+        harness, js, labels, frames, samples, reconcile_overlap_s=0
+    )
     saved = json.loads(harness.store.get(reconcile_cursor_key("binloop")))
     assert saved["project"] == harness.project
     assert before.listed == 1
