@@ -423,7 +423,7 @@ async def test_a_task_that_lost_its_prediction_gets_it_back(
 ) -> None:
     ((data, _),) = demo_frames(1)
     sample = stored_sample(harness.store, data, predicted="glass")
-    service, bridge = await harness.start(register_ml_backend=False)
+    service, bridge = await harness.start()  # the ML backend registered, as by default
     try:
         await asyncio.wait_for(bridge.parts.remote_ready.wait(), 60)
         assert bridge.parts.client is not None

@@ -37,7 +37,11 @@ from schemas.events import (
 from schemas.routes import DATASETS_SNAPSHOT, LABELS_ANNOTATED, SAMPLES_SELECTED, dlq_subject
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge import LabelingBridgeSettings, create_app
-from services.labeling_bridge.backends import LabelStudioExportBackend, OracleBackend
+from services.labeling_bridge.backends import (
+    LabelStudioBackend,
+    LabelStudioExportBackend,
+    OracleBackend,
+)
 from services.labeling_bridge.core import LabelingBridge, snapshot_event_id
 from services.labeling_bridge.cursor import SavedCursor
 from services.labeling_bridge.label_studio import FROM_NAME, TO_NAME
@@ -454,3 +458,38 @@ def test_an_unreadable_saved_cursor_counts_as_none(tmp_path: Path, body: bytes) 
     key = reconcile_cursor_key("binloop")
     store.put(key, body)
     assert SavedCursor(store, key, "http://ls:8080", "bins", "t").load() is None
+
+
+class _RefusingClient:
+    """Label Studio answering as it would when it has the task but refuses the prediction:
+    the backend's decision, not the HTTP, is what this test is about (the real server is in
+    test_label_studio.py)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, dict[str, object]]] = []
+
+    def find_task(self, frame_sha256: str) -> int | None:
+        return 7
+
+    def ensure_prediction(self, task_id: int, prediction: dict[str, object]) -> bool:
+        self.asked.append((task_id, prediction))
+        raise PermanentError("400: prediction result does not match the label config")
+
+
+def test_a_refused_prediction_leaves_the_task_to_be_labeled(
+    blob_store: LocalBlobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    ((data, _),) = demo_frames(1)
+    sample = make_sample(data, None, predicted="metal")
+    frame = store_frame(blob_store, sample, data)
+    client = _RefusingClient()
+    backend = LabelStudioBackend(client, lambda ref: ref.uri)  # type: ignore[arg-type]
+    tasks: list[tuple[str, int]] = []
+    backend.add_listener(lambda sha, task_id: tasks.append((sha, task_id)))
+
+    assert backend.submit(sample, frame) is None
+    assert tasks == [(sample.frame_sha256, 7)]
+    ((task_id, prediction),) = client.asked
+    assert task_id == 7
+    assert prediction["model_version"] == "mobilenet:v3"
+    assert "refused the prediction for task 7" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from schemas.events import SampleSelected
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge.client import LabelStudioClient
 from services.labeling_bridge.label_studio import import_task, label_config_xml
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,10 @@ class LabelStudioBackend:
             task_id = self.client.import_task(task)
         # Also for a task found: an earlier try may have died between the import and this.
         (prediction,) = task["predictions"]
-        self.client.ensure_prediction(task_id, prediction)
+        try:
+            self.client.ensure_prediction(task_id, prediction)
+        except PermanentError as exc:  # the task is there and can be labeled without it
+            log.error("Label Studio refused the prediction for task %d: %s", task_id, exc)
         for listener in self._listeners:
             listener(sample.frame_sha256, task_id)
         return None

@@ -222,12 +222,13 @@ class LabelStudioClient:
     def ensure_prediction(self, task_id: int, prediction: dict[str, Any]) -> bool:
         """Adds `prediction` to the task when it has none; True if it had to. A task imported
         with its prediction has come out without one (once in about 20 test imports, under
-        load; Label Studio drops a prediction it fails to validate without failing the import),
-        and annotators would then start from nothing instead of correcting the model."""
+        load; the cause is not known), and annotators would then start from nothing instead of
+        correcting the model."""
 
         def ensure() -> bool:
-            found = self._sdk.tasks.get(id=str(task_id))
-            if getattr(found, "predictions", None) or getattr(found, "total_predictions", 0):
+            # Not tasks.get: for a task without predictions that asks the project's ML backend
+            # (the champion) for one, which is not the prediction the sample carries.
+            if self._sdk.predictions.list(task=task_id):
                 return False
             self._sdk.predictions.create(
                 task=task_id,

@@ -8,7 +8,7 @@ import json
 import logging
 from datetime import UTC, datetime
 
-from binloop.errors import MissingBlobError, PermanentError
+from binloop.errors import ChecksumMismatchError, MissingBlobError
 from binloop.storage import BlobStore
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,9 @@ class SavedCursor:
         }
 
     def load(self) -> datetime | None:
-        """StoreUnavailableError when the store cannot be reached."""
+        """StoreUnavailableError when the store cannot be reached; a store that refuses us
+        (PermanentError) is the deployment's error, and the bridge cannot store labels there
+        either, so it is not hidden."""
         try:
             saved = json.loads(self.store.get(self.key))
             if {k: saved.get(k) for k in self.scope} != self.scope:
@@ -44,7 +46,7 @@ class SavedCursor:
                 raise ValueError(f"{saved['cursor']} has no time zone")
         except MissingBlobError:
             return None
-        except (PermanentError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ChecksumMismatchError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("ignoring an unreadable reconciliation cursor at %s: %s", self.key, exc)
             return None
         return cursor

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from binloop.bus import Publisher
-from binloop.errors import PermanentError, TransientError
+from binloop.errors import BinloopError, PermanentError
 from binloop.observability import metrics
 from schemas.events import DatasetSnapshot
 from schemas.routes import DATASETS_SNAPSHOT, LABELS_ANNOTATED
@@ -183,7 +183,7 @@ class LabelStudioLink:
             return
         try:
             await asyncio.to_thread(self._saved_cursor.save, cursor)
-        except TransientError as exc:  # only costs a longer first pass after a restart
+        except BinloopError as exc:  # only costs a longer first pass after a restart
             log.warning("could not save the reconciliation cursor: %s", exc)
 
 
