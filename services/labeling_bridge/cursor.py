@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 
 class SavedCursor:
     """The newest task change a pass saw, for one Label Studio project. A cursor saved for
-    another server or project, or one that cannot be read, counts as none (the next pass
-    lists everything, which is safe: annotations already taken are not published again)."""
+    another server, project or taxonomy version, or one that cannot be read, counts as none
+    (the next pass lists everything, which is safe: annotations already taken are not
+    published again)."""
 
     def __init__(
         self, store: BlobStore, key: str, label_studio_url: str, project: str, taxonomy: str
