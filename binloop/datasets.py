@@ -45,6 +45,11 @@ class DatasetManifest(Frozen):
     taxonomy_version: str
     classes: list[str]
     items: list[ManifestItem]
+    needs_relabel: list[ManifestItem] = Field(
+        default_factory=list,
+        description="Items of earlier versions that a taxonomy change left out (their class was "
+        "split or dropped), with their old labels: they come back once labeled again.",
+    )
 
     def class_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(item.label for item in self.items).items()))

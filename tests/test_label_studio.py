@@ -25,7 +25,7 @@ from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from prometheus_client import REGISTRY
 
-from binloop.datasets import DatasetManifest, ManifestItem, write_manifest
+from binloop.datasets import DatasetManifest, ManifestItem, split_for, write_manifest
 from binloop.errors import PermanentError
 from binloop.natsserver import NatsServer
 from binloop.runtime import ServiceApp
@@ -40,17 +40,26 @@ from binloop.storage import (
 from binloop.storage.blobstore import read_verified
 from schemas.events import (
     ClassScore,
+    DatasetSnapshot,
     DeadLetter,
     LabelAnnotated,
     ModelMetrics,
     ModelPromoted,
     SampleSelected,
 )
-from schemas.routes import LABELS_ANNOTATED, MODELS_PROMOTED, SAMPLES_SELECTED, dlq_subject
+from schemas.routes import (
+    DATASETS_SNAPSHOT,
+    LABELS_ANNOTATED,
+    MODELS_PROMOTED,
+    SAMPLES_SELECTED,
+    dlq_subject,
+)
 from schemas.taxonomy import Compartment, Taxonomy
 from services.labeling_bridge import LabelingBridgeSettings, create_app
 from services.labeling_bridge.app import LabelStudioParts
+from services.labeling_bridge.backends import OracleBackend
 from services.labeling_bridge.client import LabelStudioClient, ProjectSpec
+from services.labeling_bridge.core import LabelingBridge
 from services.labeling_bridge.intake import parse_webhook
 from services.labeling_bridge.label_studio import (
     CONDITION_NAME,
@@ -62,7 +71,8 @@ from services.labeling_bridge.label_studio import (
     label_config_xml,
 )
 from services.labeling_bridge.link import ReconcilePass, Taken
-from services.labeling_bridge.records import LabelRecord
+from services.labeling_bridge.records import LabelRecord, save_label
+from services.labeling_bridge.relabel import waiting_relabels
 from services.labeling_bridge.snapshots import DatasetBook, TaxonomyMigration, migrate_items
 from services.labeling_bridge.web import SECRET_HEADER, WEBHOOK_PATH
 from tests.helpers import Collector
@@ -355,8 +365,43 @@ def test_taxonomy_migration_merges_renames_and_sends_split_classes_back_for_labe
         TaxonomyMigration(source="a", target="b", splits={"trash": ["napkin"]})
 
 
-def test_a_book_with_a_new_taxonomy_cuts_a_migrated_version(blob_store: LocalBlobStore) -> None:
-    old = [item(1, "plastic"), item(2, "trash"), item(3, "glass")]
+def record_for(store: LocalBlobStore, data: bytes, label: str, taxonomy: Taxonomy) -> LabelRecord:
+    """A frame in the store and its label record, as the bridge saves them."""
+    sha = sha256_hex(data)
+    frame = store.put(frame_key("bin-a", CAPTURED_AT, sha), data, "image/jpeg")
+    record = LabelRecord(
+        dataset="binloop",
+        frame_sha256=sha,
+        bin_id="bin-a",
+        frame=frame,
+        label=label,
+        compartment=taxonomy.compartment_for(label),
+        backend="label-studio",
+        annotator="someone",
+        annotation_id=f"label-studio:1:{sha[:8]}-{taxonomy.version}",
+        taxonomy_version=taxonomy.version,
+        labeled_at=CAPTURED_AT,
+    )
+    save_label(store, record)
+    return record
+
+
+def as_item(record: LabelRecord) -> ManifestItem:
+    return ManifestItem(
+        key=record.frame.key,
+        sha256=record.frame_sha256,
+        label=record.label,
+        split=split_for(record.frame_sha256),
+    )
+
+
+def test_a_migrated_version_keeps_what_waits_for_a_new_label_until_it_has_one(
+    blob_store: LocalBlobStore,
+) -> None:
+    old = [
+        record_for(blob_store, f"frame {i}".encode(), label, TAXONOMY)
+        for i, label in enumerate(["plastic", "trash", "glass"])
+    ]
     write_manifest(
         blob_store,
         DatasetManifest(
@@ -365,21 +410,53 @@ def test_a_book_with_a_new_taxonomy_cuts_a_migrated_version(blob_store: LocalBlo
             created_at=CAPTURED_AT,
             taxonomy_version="trashnet-6",
             classes=TAXONOMY.labels,
-            items=old,
+            items=[as_item(r) for r in old],
         ),
     )
-    book = DatasetBook(blob_store, "binloop", SPLIT_TAXONOMY, 10, migrations=[MIGRATION])
-    snapshot = book.migrate()
-    assert snapshot is not None
-    manifest = DatasetManifest.model_validate_json(read_verified(snapshot.ref))
-    assert (manifest.version, manifest.taxonomy_version) == (2, "bins-7")
-    assert manifest.classes == SPLIT_TAXONOMY.labels
-    assert [(i.sha256, i.label) for i in manifest.items] == [
-        (old[0].sha256, "plastic_metal"),
-        (old[2].sha256, "glass"),
-    ]
-    assert book.needs_relabel == [old[1]]
-    assert book.migrate() is None  # already in the book's taxonomy
+
+    def bridge() -> LabelingBridge:
+        """A bridge (re)started with the split taxonomy: one version per new label."""
+        book = DatasetBook(blob_store, "binloop", SPLIT_TAXONOMY, 1, migrations=[MIGRATION])
+        return LabelingBridge(blob_store, OracleBackend(), book, SPLIT_TAXONOMY, "test")
+
+    first = bridge()
+    announced = first.migrate()
+    assert announced is not None
+    assert (announced.version, announced.taxonomy_version) == (2, "bins-7")
+    assert announced.class_counts == {"glass": 1, "plastic_metal": 1}
+    trash_item = as_item(old[1])
+    assert first.book.needs_relabel == [trash_item]
+    assert first.migrate() is None  # already in the book's taxonomy
+
+    # Restarted: the old records (renamed, or waiting for a new label) are not new labels.
+    restarted = bridge()
+    assert restarted.book.pending == []
+    assert restarted.migrate() is None
+    (request,) = waiting_relabels(restarted)
+    assert (request.frame.sha256, request.bin_id, request.old_label) == (
+        old[1].frame_sha256,
+        "bin-a",
+        "trash",
+    )
+    assert request.taxonomy_version == "bins-7"
+    assert "'trash' was split into napkin, food_waste" in request.reason
+
+    # A new label elsewhere: the next version still lists the frame waiting.
+    other = record_for(blob_store, b"frame 3", "paper", SPLIT_TAXONOMY)
+    third = restarted.commit(other)
+    assert third is not None
+    assert third.version == 3
+    assert restarted.book.needs_relabel == [trash_item]
+
+    # Labeled again: it is back, with its new label, and nothing waits any more.
+    again = record_for(blob_store, b"frame 1", "napkin", SPLIT_TAXONOMY)
+    assert waiting_relabels(bridge()) == []  # stored, not yet in a version
+    fourth = restarted.commit(again)
+    assert fourth is not None
+    assert fourth.version == 4
+    assert fourth.class_counts == {"glass": 1, "napkin": 1, "paper": 1, "plastic_metal": 1}
+    assert restarted.book.needs_relabel == []
+    assert bridge().book.needs_relabel == []
 
 
 # --- against a real Label Studio -----------------------------------------------------------------
@@ -639,6 +716,78 @@ async def test_a_restarted_bridge_reconciles_from_its_saved_cursor(
     assert again.listed == 0  # nothing changed after the cursor
     moved = json.loads(harness.store.get(reconcile_cursor_key("binloop")))
     assert datetime.fromisoformat(moved["cursor"]) > datetime.fromisoformat(saved["cursor"])
+
+
+@pytest.mark.integration
+async def test_a_new_taxonomy_cuts_a_migrated_version_and_asks_again_for_split_frames(
+    harness: Harness, js: JetStreamContext, nats_client: Client
+) -> None:
+    by_truth = {truth: data for data, truth in demo_frames(len(TAXONOMY.labels))}
+    frames = [(by_truth["plastic"], "plastic"), (by_truth["trash"], "trash")]
+    samples = [stored_sample(harness.store, data) for data, _ in frames]
+    labels = await Collector(LabelAnnotated).attach(nats_client, LABELS_ANNOTATED.subject())
+    versions = await Collector(DatasetSnapshot).attach_stream(js, DATASETS_SNAPSHOT.subject())
+    dead = await Collector(DeadLetter).attach(nats_client, dlq_subject("labeling-bridge"))
+    service, bridge = await harness.start(snapshot_every=2)
+    try:
+        await asyncio.wait_for(bridge.parts.remote_ready.wait(), 60)
+        for sample in samples:
+            await publish(js, sample)
+        for sample, (_, truth) in zip(samples, frames, strict=True):
+            await annotate(
+                harness.label_studio, await bridge.task_for(sample.frame_sha256), choices(truth)
+            )
+        await versions.wait_for(1)
+    finally:
+        await service.stop()
+    old_tasks = {t.id for t in await tasks_of(harness.label_studio, harness.project)}
+
+    # Restarted with trash split in two and plastic merged with metal.
+    split = {"taxonomy": SPLIT_TAXONOMY, "taxonomy_migrations": [MIGRATION], "snapshot_every": 2}
+    service, bridge = await harness.start(**split)
+    try:
+        await asyncio.wait_for(bridge.parts.relabels_asked.wait(), 60)
+        await versions.wait_for(2)
+        assert bridge.parts.reconcile_once is not None
+        reconciled = await bridge.parts.reconcile_once()
+        relabel_task = await bridge.task_for(samples[1].frame_sha256)
+        await annotate(harness.label_studio, relabel_task, choices("napkin"))
+        await labels.wait_for(3)
+    finally:
+        await service.stop()
+    service, bridge = await harness.start(**split)  # once more: nothing is asked twice
+    try:
+        await asyncio.wait_for(bridge.parts.relabels_asked.wait(), 60)
+    finally:
+        await service.stop()
+
+    first, migrated = versions.items
+    assert (first.version, first.taxonomy_version, first.class_counts) == (
+        1,
+        "trashnet-6",
+        {"plastic": 1, "trash": 1},
+    )
+    assert (migrated.version, migrated.taxonomy_version, migrated.class_counts) == (
+        2,
+        "bins-7",
+        {"plastic_metal": 1},
+    )
+    manifest = DatasetManifest.model_validate_json(read_verified(migrated.manifest))
+    assert [i.sha256 for i in manifest.needs_relabel] == [samples[1].frame_sha256]
+
+    tasks = {t.id: t for t in await tasks_of(harness.label_studio, harness.project)}
+    assert set(tasks) == old_tasks | {relabel_task}
+    asked = tasks[relabel_task]
+    assert asked.data["relabel_for"] == "bins-7"
+    assert asked.data["previous_label"] == "trash"
+    assert "split into napkin, food_waste" in asked.data["reason"]
+    assert not asked.predictions  # the old champion knows neither napkin nor food_waste
+    # The old tasks' annotations ("plastic", "trash") are stored already: no dead letters.
+    assert reconciled.published == 0
+    assert dead.items == []
+    assert [(a.frame_sha256, a.label, a.taxonomy_version) for a in labels.items[2:]] == [
+        (samples[1].frame_sha256, "napkin", "bins-7")
+    ]
 
 
 @pytest.mark.integration

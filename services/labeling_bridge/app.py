@@ -46,6 +46,7 @@ from services.labeling_bridge.intake import preview
 from services.labeling_bridge.label_studio import label_config_xml
 from services.labeling_bridge.link import LabelStudioLink, ReconcilePass
 from services.labeling_bridge.ml_backend import Champion
+from services.labeling_bridge.relabel import waiting_relabels
 from services.labeling_bridge.settings import LabelingBridgeSettings
 from services.labeling_bridge.snapshots import DatasetBook
 from services.labeling_bridge.web import (
@@ -80,6 +81,8 @@ class LabelStudioParts:
     reconcile_once: Callable[[], Awaitable[ReconcilePass]] | None = None
     remote_ready: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the project, its webhook and its ML backend are in place."""
+    relabels_asked: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once every frame a taxonomy change sent back has its task."""
 
     @property
     def url(self) -> str:
@@ -120,6 +123,33 @@ def create_app(
     bridge = LabelingBridge(blob_store, active_backend, book, settings.taxonomy, service.producer)
     if label_studio.client is not None:
         _attach_label_studio(service, settings, blob_store, bridge, lock, label_studio)
+
+    async def migrate_dataset(_: JetStreamContext) -> None:
+        """A bridge started with a new taxonomy cuts a version in it before taking samples."""
+        async with lock:
+            announced = await asyncio.to_thread(bridge.migrate)
+        if announced is None:
+            return
+        metrics.DATASET_SNAPSHOTS.inc()
+        await service.publisher.publish(DATASETS_SNAPSHOT, announced)
+        waiting = len(book.needs_relabel)
+        log.info(
+            "dataset %s v%d: migrated to taxonomy %s, %d items to label again",
+            announced.name,
+            announced.version,
+            announced.taxonomy_version,
+            waiting,
+        )
+        if waiting and label_studio.client is None:
+            log.warning(
+                "backend %s cannot ask for new labels: the %d frames are listed in the "
+                "manifest's needs_relabel (%s)",
+                active_backend.name,
+                waiting,
+                announced.manifest.uri,
+            )
+
+    service.on_start.insert(0, migrate_dataset)
 
     async def on_sample(delivery: Delivery[SampleSelected]) -> list[Outgoing]:
         # Store reads and writes block: run them in a thread, one at a time.
@@ -243,6 +273,17 @@ def _attach_label_studio(
     async def reconcile_once() -> ReconcilePass:
         return await link.reconcile(dead_letter)
 
+    async def ask_for_relabels() -> None:
+        """A task for each frame a taxonomy change sent back that has none yet."""
+        assert parts.backend is not None
+        async with lock:
+            requests = await asyncio.to_thread(waiting_relabels, bridge)
+        for request in requests:
+            await asyncio.to_thread(parts.backend.request_relabel, request)
+        if requests:
+            log.info("asked Label Studio to label %d frames again", len(requests))
+        parts.relabels_asked.set()
+
     parts.reconcile_once = reconcile_once
     web_parts = WebParts(secret, link, store, signer, champion, dead_letter)
 
@@ -262,6 +303,8 @@ def _attach_label_studio(
                 if not parts.remote_ready.is_set():
                     await asyncio.to_thread(ensure_remote)
                     parts.remote_ready.set()
+                if not parts.relabels_asked.is_set():
+                    await ask_for_relabels()
                 await reconcile_once()
             except TransientError as exc:  # Label Studio down or slow: the next pass catches up
                 log.warning(

@@ -11,11 +11,12 @@ from typing import Protocol
 
 from binloop.errors import PermanentError
 from binloop.storage.files import write_atomically
-from schemas.base import BlobRef
+from schemas.base import BlobRef, utc_now
 from schemas.events import SampleSelected
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge.client import LabelStudioClient
-from services.labeling_bridge.label_studio import import_task, label_config_xml
+from services.labeling_bridge.label_studio import import_task, label_config_xml, relabel_task
+from services.labeling_bridge.relabel import RelabelRequest
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +117,14 @@ class LabelStudioBackend:
         for listener in self._listeners:
             listener(sample.frame_sha256, task_id)
         return None
+
+    def request_relabel(self, request: RelabelRequest) -> int:
+        """The task asking for this frame's label in the new taxonomy, made once."""
+        frame = request.frame
+        task_id = self.client.find_task(frame.sha256, relabel_for=request.taxonomy_version)
+        if task_id is None:
+            task = relabel_task(request, self.image_url(frame), utc_now())
+            task_id = self.client.import_task(task)
+        for listener in self._listeners:
+            listener(frame.sha256, task_id)
+        return task_id

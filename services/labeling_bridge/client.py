@@ -174,8 +174,9 @@ class LabelStudioClient:
 
         return self._call("ensure_ml_backend", ensure)
 
-    def find_task(self, frame_sha256: str) -> int | None:
-        """The task already made for this frame (a redelivered sample), if any."""
+    def find_task(self, frame_sha256: str, relabel_for: str | None = None) -> int | None:
+        """The task already made for this frame (a redelivered sample), if any; with
+        `relabel_for`, the one asking for its label again in that taxonomy version."""
         project = self.project_id()
         query = _filters(
             [
@@ -190,10 +191,14 @@ class LabelStudioClient:
 
         def find() -> int | None:
             pager: Iterable[Any] = self._sdk.tasks.list(
-                project=project, query=query, page_size=2, fields="task_only"
+                project=project, query=query, page_size=10, fields="task_only"
             )
             for task in pager:
-                if task.data.get("frame_sha256") == frame_sha256:
+                data = task.data
+                if (data.get("frame_sha256"), data.get("relabel_for")) == (
+                    frame_sha256,
+                    relabel_for,
+                ):
                     return int(task.id)
             return None
 

@@ -75,9 +75,10 @@ class LabelingBridge:
         self.producer = producer
 
     def frame_ref(self, sample: SampleSelected) -> BlobRef:
-        return self._frame(sample.frame_key, sample.frame_sha256)
+        return self.frame(sample.frame_key, sample.frame_sha256)
 
-    def _frame(self, key: str, frame_sha256: str) -> BlobRef:
+    def frame(self, key: str, frame_sha256: str) -> BlobRef:
+        """The stored frame, its checksum verified."""
         if not self.store.exists(key):
             # The uploader stores frames on its own schedule (and later when a bin is offline).
             raise TransientError(f"frame {key} is not in the object store yet")
@@ -105,17 +106,37 @@ class LabelingBridge:
             return BridgeOutcome(annotated, new_label, self._announce(latest))
         return BridgeOutcome(annotated, new_label)
 
+    def migrate(self) -> DatasetSnapshot | None:
+        """Cuts a version in the bridge's taxonomy now when the latest is in an older one (the
+        bridge runs with a new taxonomy), so training moves to the new classes without waiting
+        for `snapshot_every` new labels. Returns its announcement."""
+        written = self.book.migrate()
+        return self._announce(written) if written is not None else None
+
     def prepare(self, annotation: SeenAnnotation) -> PreparedLabel | None:
         """An annotation from Label Studio -> its label record and event; None when the stored
-        record already says exactly this (the webhook and reconciliation both saw it)."""
+        record already says exactly this (the webhook and reconciliation both saw it), comes
+        from a newer annotation of the frame, or is this one under an older taxonomy."""
         task = annotation.task
-        self._check_label(annotation.answers.material)
+        stored = stored_label(self.store, self.book.name, task.frame_sha256)
+        if stored is not None and stored.labeled_at > annotation.updated_at:
+            return None  # a newer annotation of the frame (its task for a new taxonomy)
+        material = annotation.answers.material
+        if (
+            stored is not None
+            and (stored.annotation_id, stored.label) == (annotation.key, material)
+            and material not in self.taxonomy.label_to_compartment
+        ):
+            # Stored under an older taxonomy, listed again after the change: the dataset
+            # carries the label over, or asks for the frame's label again.
+            return None
+        self._check_label(material)
         try:
             record = LabelRecord(
                 dataset=self.book.name,
                 frame_sha256=task.frame_sha256,
                 bin_id=task.bin_id,
-                frame=self._frame(task.frame_key, task.frame_sha256),
+                frame=self.frame(task.frame_key, task.frame_sha256),
                 label=annotation.answers.material,
                 compartment=self.taxonomy.compartment_for(annotation.answers.material),
                 backend=self.backend.name,
@@ -129,7 +150,6 @@ class LabelingBridge:
             )
         except ValidationError as exc:
             raise PermanentError(f"annotation {annotation.key}: {exc}") from exc
-        stored = stored_label(self.store, self.book.name, task.frame_sha256)
         if stored is not None and stored.same_annotation(record):
             return None
         same_label = stored is not None and (stored.label, stored.annotation_id) == (

@@ -1,11 +1,13 @@
 """The Label Studio formats: a labeling config for the taxonomy (material, object, condition,
 with the compartment each material goes to), one task per sample with the model's prediction
-as a pre-annotation, and reading an annotation's answers back."""
+as a pre-annotation, one per frame a taxonomy change sends back, and reading an annotation's
+answers back."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
@@ -13,6 +15,7 @@ from binloop.errors import PermanentError
 from schemas.base import BlobRef
 from schemas.events import SampleSelected
 from schemas.taxonomy import Taxonomy
+from services.labeling_bridge.relabel import RelabelRequest
 
 FROM_NAME = "material"
 """The control annotators answer with the material: a taxonomy label."""
@@ -107,6 +110,27 @@ def import_task(
                 "result": choice_result(top.label),
             }
         ],
+    }
+
+
+def relabel_task(request: RelabelRequest, image_url: str, asked_at: datetime) -> dict[str, Any]:
+    """A task asking for a frame's label again after a taxonomy change. No pre-annotation:
+    the champion was trained on the old classes, and the old label is the one that no longer
+    fits. `relabel_for` tells it from the frame's first task."""
+    frame = request.frame
+    return {
+        "data": {
+            "image": image_url,
+            "frame_sha256": frame.sha256,
+            "frame_key": frame.key,
+            "frame_uri": frame.uri,
+            "bin_id": request.bin_id,
+            "selected_at": asked_at.isoformat(),
+            "relabel_for": request.taxonomy_version,
+            "previous_label": request.old_label,
+            "reason": request.reason,
+        },
+        "predictions": [],
     }
 
 

@@ -98,6 +98,15 @@ def migration_path(
     return path
 
 
+def carried_label(label: str, path: Sequence[TaxonomyMigration], taxonomy: Taxonomy) -> str | None:
+    """`label` after the migrations of `path`, or None when it must be labeled again (its
+    class was split, or `taxonomy` lacks what it became)."""
+    current: str | None = label
+    for step in path:
+        current = step.map_label(current) if current is not None else None
+    return current if current in taxonomy.label_to_compartment else None
+
+
 def migrate_items(
     items: Sequence[ManifestItem],
     source: str,
@@ -109,10 +118,8 @@ def migrate_items(
     kept: list[ManifestItem] = []
     relabel: list[ManifestItem] = []
     for item in items:
-        label: str | None = item.label
-        for step in path:
-            label = step.map_label(label) if label is not None else None
-        if label is None or label not in taxonomy.label_to_compartment:
+        label = carried_label(item.label, path, taxonomy)
+        if label is None:
             relabel.append(item)
         else:
             kept.append(item if label == item.label else item.model_copy(update={"label": label}))
@@ -137,10 +144,9 @@ class DatasetBook:
         self.snapshot_every = snapshot_every
         self.now = now
         self.migrations = list(migrations)
-        self.needs_relabel: list[ManifestItem] = []
-        """Items the last version written left out: their class was split (label them again)."""
         self._latest: Snapshot | None = None
         self._in_latest: dict[str, str] = {}
+        self._relabel: set[str] = set()
         self._pending: dict[str, LabelRecord] = {}
         self._loaded = False
 
@@ -149,6 +155,12 @@ class DatasetBook:
         """The newest version, as last read or written (None: the dataset has none yet)."""
         self._ensure_loaded()
         return self._latest
+
+    @property
+    def needs_relabel(self) -> list[ManifestItem]:
+        """Items a taxonomy change took out of the dataset until they are labeled again."""
+        latest = self.latest
+        return list(latest.manifest.needs_relabel) if latest else []
 
     @property
     def version(self) -> int:
@@ -177,8 +189,7 @@ class DatasetBook:
         """(Re)reads the latest manifest and every label record from the store."""
         version = latest_version(self.store, self.name)
         self._latest = self._read_snapshot(version) if version else None
-        items = self._latest.manifest.items if self._latest else []
-        self._in_latest = {item.sha256: item.label for item in items}
+        self._remember(self._latest.manifest if self._latest else None)
         self._pending = {}
         for record in load_labels(self.store, self.name):
             self._note(record)
@@ -188,11 +199,31 @@ class DatasetBook:
         if not self._loaded:
             self.load()
 
+    def _remember(self, manifest: DatasetManifest | None) -> None:
+        self._in_latest = {item.sha256: item.label for item in manifest.items} if manifest else {}
+        self._relabel = {item.sha256 for item in manifest.needs_relabel} if manifest else set()
+
     def _note(self, record: LabelRecord) -> None:
-        if self._in_latest.get(record.frame_sha256) == record.label:
-            self._pending.pop(record.frame_sha256, None)
+        """Pending unless the latest version already says what `record` says (in the book's
+        taxonomy: a label given before a taxonomy change counts as what it became)."""
+        sha = record.frame_sha256
+        if record.taxonomy_version == self.taxonomy.version:
+            in_latest = self._in_latest.get(sha) == record.label
+        elif sha in self._relabel:
+            in_latest = True  # its old label, which the latest version lists as needs_relabel
         else:
-            self._pending[record.frame_sha256] = record
+            in_latest = self._in_latest.get(sha) == self._carried(record)
+        if in_latest:
+            self._pending.pop(sha, None)
+        else:
+            self._pending[sha] = record
+
+    def _carried(self, record: LabelRecord) -> str | None:
+        try:
+            path = migration_path(self.migrations, record.taxonomy_version, self.taxonomy.version)
+        except PermanentError:
+            return None  # pending: cutting the next version names the missing migration
+        return carried_label(record.label, path, self.taxonomy)
 
     def contains(self, frame_sha256: str) -> bool:
         self._ensure_loaded()
@@ -233,7 +264,10 @@ class DatasetBook:
             self.migrations,
         )
         items = list(carried.items)
-        relabel = list(carried.needs_relabel)
+        # Still waiting from earlier versions (unless labeled again now), then the new ones.
+        waiting = previous.needs_relabel if previous else []
+        relabel = [item for item in waiting if item.sha256 not in fresh_shas]
+        relabel += carried.needs_relabel
         for record in fresh:
             item = ManifestItem(
                 key=record.frame.key,
@@ -252,10 +286,10 @@ class DatasetBook:
             taxonomy_version=self.taxonomy.version,
             classes=self.taxonomy.labels,
             items=items,
+            needs_relabel=list({item.sha256: item for item in relabel}.values()),
         )
         ref = write_manifest(self.store, manifest)
         self._latest = Snapshot(manifest, ref)
-        self._in_latest = {item.sha256: item.label for item in items}
+        self._remember(manifest)
         self._pending = {}
-        self.needs_relabel = relabel
         return self._latest
