@@ -157,6 +157,11 @@ class ServiceApp:
             except (NatsError, TimeoutError) as exc:
                 # A missed beat is replaced by the next one; the bin keeps working.
                 log.warning("%s: heartbeat not published (%s)", self.name, exc)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Stopped while publishing, and nats-py's publish swallowed the cancel:
+                # sleeping on would keep the service's stop waiting for ever.
+                raise asyncio.CancelledError
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def _after_broker_started(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -284,10 +285,13 @@ def test_cache_writes_the_promoted_model_and_checks_its_card(
         cache.fetch(ModelUpdate("tiny-cnn", 3, T0), artifact, card)
     with pytest.raises(ModelLoadError, match="not safe as a folder name"):
         cache.fetch(ModelUpdate("../escape", 2, T0), artifact, card)
+    # Cached bytes that match the event are loaded from disk, without asking the store.
+    unreachable = artifact.model_copy(update={"uri": "ftp://x/m"})
+    assert cache.fetch(ModelUpdate("tiny-cnn", 2, T0), unreachable, card).onnx_sha256 == (
+        artifact.sha256
+    )
     with pytest.raises(UnknownUriError):
-        cache.fetch(
-            ModelUpdate("tiny-cnn", 2, T0), artifact.model_copy(update={"uri": "ftp://x/m"}), card
-        )
+        ModelCache(tmp_path / "empty").fetch(ModelUpdate("tiny-cnn", 2, T0), unreachable, card)
 
 
 # ---------------------------------------------------------------- reading and classifying frames
@@ -721,3 +725,46 @@ async def test_a_new_bin_loads_only_the_latest_promotion_and_follows_rollbacks(
     assert installed == [2, 1]
     versions = {r.frame_event_id: r.model_version for r in results.items}
     assert versions == {str(first.event_id): 2, str(second.event_id): 1}
+
+
+@pytest.mark.integration
+async def test_a_restarted_bin_serves_the_champion_again_even_with_the_store_down(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    blob_store: LocalBlobStore,
+    models: dict[int, ModelFiles],
+) -> None:
+    results, _, dead = await _collectors(nats_client)
+    promotion = _promotion(blob_store, models, 2, occurred_at=datetime.now(UTC))
+    await _publish(js, MODELS_PROMOTED, promotion)
+    first_slot = ModelSlot(BIN)
+    swapped = asyncio.Event()
+    first_slot.add_listener(lambda model: swapped.set() if model.installed_by else None)
+    app = await _started(create_app(_settings(nats_server, tmp_path, SHIPPED_MODEL), first_slot))
+    try:
+        await asyncio.wait_for(swapped.wait(), 20)
+    finally:
+        await app.stop()
+
+    # The bin restarts (its durable consumers acked the promotion) while the store is away.
+    shutil.rmtree(blob_store.root)
+    slot = ModelSlot(BIN)
+    app = await _started(create_app(_settings(nats_server, tmp_path, SHIPPED_MODEL), slot))
+    spool = LocalBlobStore(tmp_path / "spool")
+    try:
+        assert slot.current is not None
+        assert (slot.current.card.name, slot.current.card.version) == ("tiny-cnn", 2)
+        assert slot.current.onnx_sha256 == promotion.artifact.sha256
+        (frame,) = await _publish_frames(js, spool, _demo_frames(1)[:1])
+        (result,) = await results.wait_for(1)
+    finally:
+        await app.stop()
+
+    assert (result.frame_event_id, result.model_name, result.model_version) == (
+        str(frame.event_id),
+        "tiny-cnn",
+        2,
+    )
+    assert dead.items == []

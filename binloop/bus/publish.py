@@ -146,6 +146,11 @@ class Publisher:
                 wait_stall=self.ack_timeout_s,
             )
         except nats.js.errors.TooManyStalledMsgsError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # nats-py turns a cancel while it waits for a slot into this error; a caller
+                # that retries on bus errors (heartbeats) would swallow its own stop.
+                raise asyncio.CancelledError from None
             raise  # no slot was taken
         except BaseException:
             _release_unsent(js, before)

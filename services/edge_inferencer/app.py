@@ -10,9 +10,10 @@ from functools import partial
 
 from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from binloop.bus import Delivery, Outgoing, subscribe
-from binloop.errors import ConfigError, ModelLoadError
+from binloop.errors import BinloopError, ConfigError, ModelLoadError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from binloop.storage import open_store
@@ -38,6 +39,7 @@ from services.edge_inferencer.models import (
     ModelUpdate,
     card_path_for,
     load_model,
+    update_for,
     update_verdict,
 )
 from services.edge_inferencer.settings import EdgeInferencerSettings
@@ -122,28 +124,37 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
         if skipped is not None:
             log.info("bin %s: ignored %s v%d (%s)", bin_id, update.name, update.version, skipped)
 
-    async def on_promoted(delivery: Delivery[ModelPromoted]) -> list[Outgoing]:
+    async def on_model_event(
+        delivery: Delivery[ModelPromoted] | Delivery[ModelRolledBack],
+    ) -> list[Outgoing]:
         event = delivery.event
-        update = ModelUpdate(
-            event.model_name,
-            event.model_version,
-            event.occurred_at,
-            artifact_sha256=event.artifact.sha256,
-        )
-        await apply_update(update, event.artifact, event.card)
+        await apply_update(update_for(event), event.artifact, event.card)
         return []
 
-    async def on_rolled_back(delivery: Delivery[ModelRolledBack]) -> list[Outgoing]:
-        event = delivery.event
-        update = ModelUpdate(
-            event.model_name,
-            event.to_version,
-            event.occurred_at,
-            rollback=True,
-            artifact_sha256=event.artifact.sha256,
-        )
-        await apply_update(update, event.artifact, event.card)
-        return []
+    async def restore_champion(js: JetStreamContext) -> None:
+        """The last promotion and rollback in the stream, oldest first (the verdict skips the
+        stale one). A restarted bin's durable consumers acked them long ago and will not
+        deliver them again; on a leaf node they are in the bin's own ENGINE stream, and a
+        model fetched before is loaded from the cache, so this works offline too."""
+        events: list[ModelPromoted | ModelRolledBack] = []
+        for route in (MODELS_PROMOTED, MODELS_ROLLED_BACK):
+            try:
+                raw = await js.get_last_msg(route.stream, route.subject())
+            except NotFoundError:
+                continue
+            if raw.data is not None:
+                events.append(route.model.model_validate_json(raw.data))  # type: ignore[arg-type]
+        for event in sorted(events, key=lambda e: e.occurred_at):
+            try:
+                await apply_update(update_for(event), event.artifact, event.card)
+            except BinloopError as exc:
+                log.warning(
+                    "bin %s: the champion named by %s cannot be served yet (%s); the next "
+                    "promotion or rollback replaces the model served now",
+                    bin_id,
+                    type(event).__name__,
+                    exc,
+                )
 
     async def prepare(js: JetStreamContext) -> None:
         if settings.default_model is not None:
@@ -158,6 +169,7 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
             except (ModelLoadError, OSError) as exc:
                 raise ConfigError(f"default_model {onnx_path} cannot be served: {exc}") from exc
             await model_slot.install(model)
+        await restore_champion(js)
 
     service.on_start.append(prepare)
     service.ready_checks.append(lambda: model_slot.current is not None)
@@ -180,7 +192,7 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
         service.broker,
         service.publisher,
         MODELS_PROMOTED,
-        on_promoted,
+        on_model_event,
         durable=promoted_durable,
         policy=service.policy,
         ack_wait_s=MODEL_ACK_WAIT_S,
@@ -191,7 +203,7 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
         service.broker,
         service.publisher,
         MODELS_ROLLED_BACK,
-        on_rolled_back,
+        on_model_event,
         durable=rolled_back_durable,
         policy=service.policy,
         ack_wait_s=MODEL_ACK_WAIT_S,

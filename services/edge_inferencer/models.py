@@ -23,6 +23,7 @@ from binloop.storage import sha256_hex
 from binloop.storage.blobstore import read_verified
 from binloop.storage.files import write_atomically
 from schemas.base import BlobRef
+from schemas.events import ModelPromoted, ModelRolledBack
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,15 @@ class ModelCache:
         """Download (sha256 checked), cache and load one model. Blocking: use a worker thread."""
         if not _PATH_SAFE_NAME.match(update.name):
             raise ModelLoadError(f"model name {update.name!r} is not safe as a folder name")
+        folder = self.root / update.name / f"v{update.version}"
+        onnx_path = folder / ONNX_FILE
+        if self._cached(onnx_path, artifact, card_ref):
+            return load_model(
+                onnx_path,
+                card_path_for(onnx_path),
+                intra_op_threads=self.intra_op_threads,
+                installed_by=update,
+            )
         card_bytes = read_verified(card_ref)
         card = _parse_card(card_bytes, card_ref.uri)
         if (card.name, card.version) != (update.name, update.version):
@@ -109,9 +119,7 @@ class ModelCache:
                 f"the event promised {update.name} v{update.version}"
             )
         onnx_bytes = read_verified(artifact)
-        folder = self.root / update.name / f"v{update.version}"
         folder.mkdir(parents=True, exist_ok=True)
-        onnx_path = folder / ONNX_FILE
         write_atomically(onnx_path, onnx_bytes)
         write_atomically(folder / f"{onnx_path.stem}.card.json", card_bytes)
         return load_model(
@@ -120,6 +128,35 @@ class ModelCache:
             intra_op_threads=self.intra_op_threads,
             installed_by=update,
         )
+
+    @staticmethod
+    def _cached(onnx_path: Path, artifact: BlobRef, card_ref: BlobRef) -> bool:
+        """Whether an earlier fetch left exactly these bytes (a restart, maybe offline)."""
+        card_path = onnx_path.with_name(f"{onnx_path.stem}.card.json")  # as fetch writes it
+        return (
+            onnx_path.is_file()
+            and card_path.is_file()
+            and sha256_hex(onnx_path.read_bytes()) == artifact.sha256
+            and sha256_hex(card_path.read_bytes()) == card_ref.sha256
+        )
+
+
+def update_for(event: ModelPromoted | ModelRolledBack) -> ModelUpdate:
+    """The registry event as the update it asks of a bin."""
+    if isinstance(event, ModelRolledBack):
+        return ModelUpdate(
+            event.model_name,
+            event.to_version,
+            event.occurred_at,
+            rollback=True,
+            artifact_sha256=event.artifact.sha256,
+        )
+    return ModelUpdate(
+        event.model_name,
+        event.model_version,
+        event.occurred_at,
+        artifact_sha256=event.artifact.sha256,
+    )
 
 
 def update_verdict(current: LoadedModel | None, update: ModelUpdate) -> str | None:
