@@ -14,11 +14,13 @@ from pathlib import Path
 
 import aiohttp
 import cv2
+import nats.errors
 import numpy as np
 import pytest
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
+from binloop.bus.publish import PublishTimeoutError
 from binloop.errors import ConfigError, CorruptFrameError
 from binloop.natsserver import NatsServer
 from binloop.runtime import new_service
@@ -26,7 +28,7 @@ from binloop.storage import LocalBlobStore, sha256_hex, spool_key
 from schemas.base import BlobRef
 from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED
-from services.frame_ingestor import FrameIngestorSettings, create_app, run_capture
+from services.frame_ingestor import FrameIngestorSettings, core, create_app, run_capture
 from services.frame_ingestor.core import CapturePlan, RateSchedule, capture
 from services.frame_ingestor.jpeg import as_jpeg, jpeg_size
 from services.frame_ingestor.sources import (
@@ -305,6 +307,41 @@ async def test_capture_spools_each_frame_and_numbers_events(tmp_path: Path) -> N
         assert event.bin_id == "bin-7"
         assert event.captured_at.tzinfo is not None
     assert len(spool.list("bin-7/")) == 3  # repeated passes reuse the content-addressed key
+
+
+async def test_a_frame_is_announced_once_the_bus_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "EMIT_RETRY_FIRST_S", 0.001)
+    frames = [
+        SourceFrame(p.read_bytes(), 160, 120, p.parent.name, f"folder:{p.name}")
+        for p in _demo_jpegs(2)
+    ]
+    spool = LocalBlobStore(tmp_path / "spool")
+    tries: list[int] = []
+    stored: list[FrameCaptured] = []
+    failures = iter([PublishTimeoutError("no ack"), nats.errors.ConnectionClosedError()])
+
+    async def emit(event: FrameCaptured) -> None:
+        tries.append(event.sequence)
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        stored.append(event)
+
+    plan = CapturePlan(bin_id="bin-7", producer="frame-ingestor", loops=1)
+    stats = await capture(ListSource(frames), spool, emit, plan)
+
+    assert tries == [0, 0, 0, 1]  # the first frame waited for the bus, then went on
+    assert stats.published == 2
+    assert [e.sequence for e in stored] == [0, 1]
+    assert [e.frame_sha256 for e in stored] == [sha256_hex(f.jpeg) for f in frames]
+
+    async def broken(event: FrameCaptured) -> None:
+        raise ValueError("a bug, not the bus")
+
+    with pytest.raises(ValueError, match="a bug"):  # only bus errors are retried
+        await capture(ListSource(frames), spool, broken, plan)
 
 
 async def test_capture_stops_when_asked(tmp_path: Path) -> None:

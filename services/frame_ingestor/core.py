@@ -9,11 +9,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from nats.errors import Error as NatsError
+
+from binloop.errors import TransientError
 from binloop.storage import LocalBlobStore, sha256_hex, spool_key
 from schemas.base import BlobRef, utc_now
 from schemas.events import FrameCaptured
@@ -73,6 +77,36 @@ class CapturePlan:
     loops: int = 1
     """Passes over a finite source; 0 repeats it until stopped."""
     max_frames: int | None = None
+
+
+EMIT_RETRY_FIRST_S = 0.2
+EMIT_RETRY_MAX_S = 5.0
+
+
+async def emit_until_stored(
+    emit: Emit, event: FrameCaptured, stop: asyncio.Event | None, description: str
+) -> None:
+    """`emit`, again with backoff and jitter while the bus is away. The frame is in the spool
+    already and nothing else would ever announce it (the uploader and the inferencer learn of
+    frames from this event); the repeats carry the same event id, so JetStream stores one."""
+    delay = EMIT_RETRY_FIRST_S
+    while True:
+        try:
+            await emit(event)
+            return
+        except (NatsError, TimeoutError, TransientError) as exc:
+            if stop is not None and stop.is_set():
+                raise
+            wait = delay * random.uniform(0.5, 1.0)
+            log.warning(
+                "%s: frame %d not announced yet (%s); again in %.1fs",
+                description,
+                event.sequence,
+                exc,
+                wait,
+            )
+            await _pause(wait, stop)
+            delay = min(delay * 2, EMIT_RETRY_MAX_S)
 
 
 async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
@@ -139,7 +173,8 @@ async def capture(
                     if finished():
                         break
                 ref = await asyncio.to_thread(spool_frame, spool, plan.bin_id, frame.jpeg)
-                await emit(_frame_event(frame, ref, stats.published, plan))
+                event = _frame_event(frame, ref, stats.published, plan)
+                await emit_until_stored(emit, event, stop, source.description)
                 stats.published += 1
         finally:
             # After a cancel the generator may still be inside next() in its worker thread;
