@@ -207,6 +207,7 @@ async def test_uploader_stores_each_frame_once_and_dead_letters_corrupt_ones(
         retry_delay_s=0.05,
         blob_root=tmp_path / "blobs",
         spool_root=tmp_path / "spool",
+        instance="pod-1",  # named in each entry's producer; the DLQ subject stays the service's
     )
     frames = _demo_jpegs(8)
     events = [_spool_and_describe(settings.spool_root, jpeg, i) for i, jpeg in enumerate(frames)]
@@ -244,6 +245,7 @@ async def test_uploader_stores_each_frame_once_and_dead_letters_corrupt_ones(
 
     assert {d.error_type for d in letters} == {"ChecksumMismatchError", "MissingBlobError"}
     assert all(d.original_subject == FRAMES_CAPTURED.subject(BIN) for d in letters)
+    assert {(d.service, d.producer) for d in letters} == {("uploader", "uploader:pod-1")}
     assert any(corrupt.frame_sha256 in d.error for d in letters)
     assert sorted(e.frame_event_id for e in announced) == sorted(str(e.event_id) for e in good)
     info = await js.stream_info("FRAMES", subjects_filter=FRAMES_STORED.wildcard)

@@ -73,14 +73,15 @@ def create_app(
         letter = DeadLetter(
             event_id=uuid.uuid5(_DEAD_LETTER_NAMESPACE, frame.event_id),
             producer=service.producer,
-            service=service.producer,
+            service=service.publisher.service,
             original_subject=FRAMES_CAPTURED.subject(bin_id),
             error_type=type(error).__name__,
             error=str(error)[:4096],
             payload_preview=payload[:PREVIEW_CHARS],
             payload_size=len(payload.encode()),
         )
-        await publish(DLQ, letter, service.producer)
+        # dlq.v1.uploader, as every consumer's: the instance is in `producer`, not the subject.
+        await publish(DLQ, letter, service.publisher.service)
         metrics.DEAD_LETTERS.labels(SERVICE, FRAMES_CAPTURED.name, letter.error_type).inc()
 
     forwarder = Forwarder(
