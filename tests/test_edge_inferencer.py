@@ -11,12 +11,14 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
+from prometheus_client import REGISTRY
 
 from binloop.bus.publish import MSG_ID_HEADER
 from binloop.errors import (
@@ -33,7 +35,7 @@ from binloop.ml.preprocess import decode_rgb
 from binloop.ml.shipped import SHIPPED_MODEL
 from binloop.natsserver import NatsServer
 from binloop.runtime import ServiceApp
-from binloop.storage import LocalBlobStore, model_key, sha256_hex, spool_key
+from binloop.storage import LocalBlobStore, model_key, open_store, sha256_hex, spool_key
 from schemas.base import BlobRef, Event
 from schemas.events import (
     ActuationCommand,
@@ -75,6 +77,10 @@ from services.edge_inferencer.models import (
 )
 from tests.helpers import Collector
 from tests.modelfactory import make_onnx_model
+
+if TYPE_CHECKING:
+    from tests.s3fixture import MotoS3
+pytest_plugins = ["tests.s3fixture"]
 
 CLASSES = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "stream"
@@ -767,4 +773,52 @@ async def test_a_restarted_bin_serves_the_champion_again_even_with_the_store_dow
         "tiny-cnn",
         2,
     )
+    assert dead.items == []
+
+
+def _retries(route: str) -> float:
+    labels = {"service": SERVICE, "route": route, "error_type": "NotReadyError"}
+    return REGISTRY.get_sample_value("binloop_messages_retried_total", labels) or 0.0
+
+
+@pytest.mark.integration
+async def test_a_promotion_waits_for_the_store_instead_of_being_dead_lettered(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    models: dict[int, ModelFiles],
+    own_moto_s3: MotoS3,
+) -> None:
+    _, _, dead = await _collectors(nats_client)
+    settings = _settings(nats_server, tmp_path, SHIPPED_MODEL, **own_moto_s3.overrides())
+    store = open_store(settings)
+    artifact = store.put(model_key("tiny-cnn", 2, "model.onnx"), models[2].onnx.read_bytes())
+    card = store.put(model_key("tiny-cnn", 2, "card.json"), models[2].card.read_bytes())
+    promotion = _promotion(LocalBlobStore(tmp_path / "unused"), models, 2, occurred_at=T0)
+    promotion = promotion.model_copy(update={"artifact": artifact, "card": card})
+    slot = ModelSlot(BIN)
+    swapped = asyncio.Event()
+    slot.add_listener(lambda model: swapped.set() if model.installed_by else None)
+    app = await _started(create_app(settings, slot))
+    try:
+        own_moto_s3.stop()
+        before = _retries(MODELS_PROMOTED.name)
+        await _publish(js, MODELS_PROMOTED, promotion)
+
+        # More tries than max_deliveries (3), after which any other error is dead-lettered.
+        async def retried_past_the_limit() -> None:
+            # A counter has nothing to wait on: poll it.
+            while _retries(MODELS_PROMOTED.name) < before + settings.max_deliveries + 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(retried_past_the_limit(), 60)
+        assert not swapped.is_set()
+        own_moto_s3.start()  # same port, objects kept
+        await asyncio.wait_for(swapped.wait(), 60)
+    finally:
+        await app.stop()
+
+    assert slot.current is not None
+    assert (slot.current.card.version, slot.current.onnx_sha256) == (2, artifact.sha256)
     assert dead.items == []

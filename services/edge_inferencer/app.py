@@ -13,7 +13,13 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from binloop.bus import Delivery, Outgoing, subscribe
-from binloop.errors import BinloopError, ConfigError, ModelLoadError
+from binloop.errors import (
+    BinloopError,
+    ConfigError,
+    ModelLoadError,
+    NotReadyError,
+    StoreUnavailableError,
+)
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from binloop.storage import open_store
@@ -119,7 +125,14 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
         # have installed something in between.
         skipped = update_verdict(model_slot.current, update)
         if skipped is None:
-            model = await asyncio.to_thread(cache.fetch, update, artifact, card)
+            try:
+                model = await asyncio.to_thread(cache.fetch, update, artifact, card)
+            except StoreUnavailableError as exc:
+                # The bin must get this model once the store is back: an outage is no reason
+                # to dead-letter the promotion after the default few tries.
+                raise NotReadyError(
+                    f"model store unreachable for {update.name} v{update.version}: {exc}"
+                ) from exc
             skipped = await model_slot.install(model)
         if skipped is not None:
             log.info("bin %s: ignored %s v%d (%s)", bin_id, update.name, update.version, skipped)
