@@ -36,6 +36,7 @@ from services.frame_ingestor.sources import (
     ReplayFileSource,
     SkipHandler,
     SourceFrame,
+    SourceLostError,
     VideoSource,
     label_from_folder,
     open_source,
@@ -237,6 +238,107 @@ def test_open_source_picks_the_source_kind(tmp_path: Path) -> None:
         open_source(str(tmp_path / "empty"), labels_from_folders=True, jpeg_quality=90)
 
 
+class FakeCamera:
+    """A cv2.VideoCapture factory without a camera. Each open takes the next entry of `script`:
+    None does not open, n opens and delivers n frames, then reads fail (the stream dropped)."""
+
+    def __init__(self, script: list[int | None]) -> None:
+        self.script = list(script)
+        self.opens = 0
+        self.released = 0
+        self.sleeps: list[float] = []
+
+    def __call__(self, target: str | int) -> FakeCapture:
+        self.opens += 1
+        return FakeCapture(self, self.script.pop(0) if self.script else None)
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    def source(self, *, reconnect_attempts: int = 3) -> VideoSource:
+        return VideoSource(
+            "rtsp://cam.test/live",
+            live=True,
+            jpeg_quality=80,
+            opener=self,
+            reconnect_attempts=reconnect_attempts,
+            reconnect_delay_s=0.5,
+            sleep=self.sleep,
+        )
+
+
+class FakeCapture:
+    def __init__(self, camera: FakeCamera, frames: int | None) -> None:
+        self.camera = camera
+        self.frames = frames
+
+    def isOpened(self) -> bool:  # OpenCV's spelling
+        return self.frames is not None
+
+    def read(self) -> tuple[bool, object]:
+        if not self.frames:
+            return False, None
+        self.frames -= 1
+        return True, np.full((24, 32, 3), 90, dtype=np.uint8)
+
+    def release(self) -> None:
+        self.camera.released += 1
+
+
+def test_a_live_source_reconnects_and_reconnects_are_not_skipped_frames() -> None:
+    camera = FakeCamera([2, None, 3])  # two frames, a failed reopen, three frames, then gone
+    skips = SkipLog()
+    frames = camera.source(reconnect_attempts=3).frames(skips)
+    got = [next(frames) for _ in range(5)]
+    assert [f.description for f in got] == [f"stream:rtsp://cam.test/live#{i}" for i in range(5)]
+    assert (got[0].width, got[0].height) == (32, 24)
+    assert camera.sleeps == [0.5, 0.5]  # before the failed reopen and the good one
+    with pytest.raises(SourceLostError, match=r"rtsp://cam.test/live lost.*3 reconnects"):
+        next(frames)
+    assert camera.sleeps == [0.5] * 5  # the counter starts again after a frame
+    assert skips.reasons == {}  # reconnects are not frames
+    assert camera.released == camera.opens  # every capture opened was released
+
+
+def test_a_stream_that_opens_but_sends_nothing_is_lost() -> None:
+    camera = FakeCamera([0, 0, 0, 0, 5])  # each open succeeds, no open delivers a frame
+    with pytest.raises(SourceLostError, match="no frame after 2 reconnects"):
+        list(camera.source(reconnect_attempts=2).frames(SkipLog()))
+    assert camera.opens == 3
+    assert camera.released == 3
+
+
+async def test_a_lost_live_source_raises_out_of_capture(tmp_path: Path) -> None:
+    camera = FakeCamera([3])
+    emitted: list[FrameCaptured] = []
+    skip_reasons: list[str] = []
+
+    async def emit(event: FrameCaptured) -> None:
+        emitted.append(event)
+
+    plan = CapturePlan(bin_id="bin-3", producer="frame-ingestor", loops=0)
+    with pytest.raises(SourceLostError, match="lost"):
+        await capture(
+            camera.source(reconnect_attempts=2),
+            LocalBlobStore(tmp_path),
+            emit,
+            plan,
+            on_skip=skip_reasons.append,
+        )
+    assert [e.sequence for e in emitted] == [0, 1, 2]
+    assert skip_reasons == []
+    assert camera.released == camera.opens == 3
+
+
+def test_a_file_that_disappears_is_a_config_error_not_a_reconnect(tmp_path: Path) -> None:
+    path = tmp_path / "clip.avi"
+    path.write_bytes(b"")
+    source = open_source(str(path), labels_from_folders=True, jpeg_quality=80)
+    path.unlink()
+    with pytest.raises(ConfigError, match=r"cannot open video:.*clip\.avi"):
+        list(source.frames(SkipLog()))
+
+
 # --- rate schedule -------------------------------------------------------------------------
 
 
@@ -434,3 +536,49 @@ def test_a_wrong_source_fails_at_start_up(tmp_path: Path) -> None:
     settings = FrameIngestorSettings(source=str(tmp_path / "nowhere"), http_port=0)
     with pytest.raises(ConfigError, match="nowhere"):
         create_app(settings)
+
+
+@pytest.mark.parametrize("source", ["rtsp://127.0.0.1:9/live", "99"])
+def test_a_stream_or_camera_that_does_not_open_fails_at_start_up(source: str) -> None:
+    # Real OpenCV: nothing listens on the discard port, and there is no camera 99.
+    settings = FrameIngestorSettings(source=source, http_port=0, source_open_timeout_s=0)
+    with pytest.raises(ConfigError, match=rf"{source}.* does not open \(tried 1 times"):
+        create_app(settings)
+
+
+def test_a_camera_still_booting_is_retried_at_start_up() -> None:
+    settings = FrameIngestorSettings(http_port=0, source_open_timeout_s=600)
+    camera = FakeCamera([None, 0, 4])  # not there, then no frame yet, then working
+    create_app(settings, source=camera.source())
+    assert camera.opens == 3
+    assert camera.sleeps == [0.5, 0.5]
+    assert camera.released == 3  # the check does not keep the camera open
+
+
+def test_a_camera_that_never_delivers_fails_start_up_naming_it() -> None:
+    settings = FrameIngestorSettings(http_port=0, source_open_timeout_s=0)
+    camera = FakeCamera([0])
+    with pytest.raises(ConfigError, match=r"stream:rtsp://cam.test/live opens but delivers no"):
+        create_app(settings, source=camera.source())
+
+
+@pytest.mark.integration
+async def test_a_lost_camera_turns_the_service_unhealthy(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    settings = _settings(nats_server, tmp_path)
+    camera = FakeCamera([1, 2])  # one frame checked at start-up, two captured, then gone
+    done = asyncio.Event()
+    service = create_app(settings, source=camera.source(reconnect_attempts=2), capture_done=done)
+    await service.start()
+    try:
+        await asyncio.wait_for(done.wait(), 20)
+        assert not service.is_ready()
+        assert service.health is not None
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{service.health.port}"
+            for probe in ("healthz", "readyz"):
+                async with http.get(f"{url}/{probe}") as response:
+                    assert response.status == 503, probe
+    finally:
+        await service.stop()

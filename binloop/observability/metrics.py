@@ -53,6 +53,11 @@ ABSTENTIONS = Counter(
     "binloop_abstentions_total", "Items sent to trash for low confidence", ["bin"]
 )
 ACTUATOR_ERRORS = Counter("binloop_actuator_errors_total", "Actuator failures", ["bin", "error"])
+ACTUATOR_STALE_COMMANDS = Counter(
+    "binloop_actuator_stale_commands_total",
+    "Commands refused because their item was captured longer ago than max_command_age_s",
+    ["bin"],
+)
 MODEL_VERSION_SERVED = Gauge(
     "binloop_model_served_version", "Model version the edge inferencer serves", ["bin", "model"]
 )

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import datetime
 
 from binloop.bus import Delivery, Outgoing, subscribe
 from binloop.errors import ConfigError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
+from schemas.base import utc_now
 from schemas.events import ActuationCommand
 from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE
-from services.actuator.core import ActuatorDriver, SimulatedDriver, execute
+from services.actuator.core import Actuator, ActuatorDriver, SimulatedDriver
 from services.actuator.gpio import GpioDriver, jetson_driver
 from services.actuator.settings import ActuatorSettings
 
@@ -32,9 +34,19 @@ def make_driver(settings: ActuatorSettings) -> ActuatorDriver:
     return jetson_driver()  # "gpio": a bin whose GPIO is broken must not fake its flaps
 
 
-def create_app(settings: ActuatorSettings, driver: ActuatorDriver | None = None) -> ServiceApp:
+def create_app(
+    settings: ActuatorSettings,
+    driver: ActuatorDriver | None = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> ServiceApp:
     service = new_service("actuator", settings)
     active_driver = driver or make_driver(settings)
+    actuator = Actuator(
+        active_driver,
+        service.producer,
+        max_command_age_s=settings.max_command_age_s,
+        clock=clock,
+    )
     service.declare_publishes(ACTUATION_DONE, bin_id=settings.bin_id)
     if isinstance(active_driver, GpioDriver):
         gpio_driver = active_driver
@@ -45,12 +57,24 @@ def create_app(settings: ActuatorSettings, driver: ActuatorDriver | None = None)
         service.on_stop.append(release_pins)
 
     async def on_command(delivery: Delivery[ActuationCommand]) -> list[Outgoing]:
-        done = await execute(active_driver, delivery.event, service.producer)
+        outcome = await actuator.handle(delivery.event)
+        done = outcome.done
         bin_id = done.bin_id
-        if not done.ok:
-            metrics.ACTUATOR_ERRORS.labels(bin_id, "jam").inc()
-        latency = (datetime.now(UTC) - done.captured_at).total_seconds()
-        metrics.FRAME_TO_ACTUATION_SECONDS.labels(bin_id).observe(max(latency, 0.0))
+        if outcome.kind == "repeated":
+            log.info(
+                "actuator: command for frame %s came again (attempt %d); answering as before, "
+                "the flap stays put",
+                done.frame_event_id,
+                delivery.attempt,
+            )
+        elif outcome.kind == "stale":
+            metrics.ACTUATOR_STALE_COMMANDS.labels(bin_id).inc()
+            log.warning("actuator: frame %s not actuated: %s", done.frame_event_id, done.error)
+        else:
+            if not done.ok:
+                metrics.ACTUATOR_ERRORS.labels(bin_id, "jam").inc()
+            latency = (clock() - done.captured_at).total_seconds()
+            metrics.FRAME_TO_ACTUATION_SECONDS.labels(bin_id).observe(max(latency, 0.0))
         return [Outgoing(ACTUATION_DONE, done, bin_id)]
 
     subscribe(

@@ -5,8 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import Protocol
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
 
+from schemas.base import utc_now
 from schemas.events import ActuationCommand, ActuationDone
 from schemas.taxonomy import Compartment
 
@@ -39,16 +45,24 @@ class SimulatedDriver:
             raise ActuatorJamError(f"flap for {compartment.value} jammed")
 
 
-async def execute(
-    driver: ActuatorDriver, command: ActuationCommand, producer: str
+_DONE_NAMESPACE = uuid.UUID("5d0c6f0e-8a51-4f1e-9b7a-2c4e8f3a61d9")
+
+DEFAULT_REMEMBERED = 4096
+"""Frames whose outcome the actuator remembers. A redelivery later than the age limit is
+refused as stale anyway, so this only has to cover the items of a few seconds."""
+
+
+def done_event_id(bin_id: str, frame_event_id: str) -> uuid.UUID:
+    """One id per frame's actuation: every answer about the same item, however it was asked
+    for, is one message to JetStream's duplicate check."""
+    return uuid.uuid5(_DONE_NAMESPACE, f"{bin_id}/{frame_event_id}")
+
+
+def _done(
+    command: ActuationCommand, producer: str, error: str | None, actuation_ms: float
 ) -> ActuationDone:
-    started = time.perf_counter()
-    error: str | None = None
-    try:
-        await driver.actuate(command.compartment, command.frame_event_id)
-    except ActuatorJamError as exc:
-        error = str(exc)
     return ActuationDone(
+        event_id=done_event_id(command.bin_id, command.frame_event_id),
         producer=producer,
         bin_id=command.bin_id,
         frame_sha256=command.frame_sha256,
@@ -57,5 +71,90 @@ async def execute(
         compartment=command.compartment,
         ok=error is None,
         error=error,
-        actuation_ms=(time.perf_counter() - started) * 1000,
+        actuation_ms=actuation_ms,
     )
+
+
+async def execute(
+    driver: ActuatorDriver, command: ActuationCommand, producer: str
+) -> ActuationDone:
+    """Moves the flap once, whatever came before: `Actuator.handle` decides whether to."""
+    started = time.perf_counter()
+    error: str | None = None
+    try:
+        await driver.actuate(command.compartment, command.frame_event_id)
+    except ActuatorJamError as exc:
+        error = str(exc)
+    return _done(command, producer, error, (time.perf_counter() - started) * 1000)
+
+
+OutcomeKind = Literal["actuated", "repeated", "stale"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one command. `actuated`: the flap was driven (`done.ok` says whether it
+    moved); `repeated`: the item was handled before, `done` is the answer given then and the
+    flap did not move again; `stale`: refused, the item was seen too long ago."""
+
+    kind: OutcomeKind
+    done: ActuationDone
+
+
+class Actuator:
+    """Runs each item's command at most once, and only while the item can still be there.
+
+    A command comes again when publishing its answer failed after the flap moved (the consumer
+    retries it) or when the process stopped before the ack; a bin must not drop a second item
+    into the compartment the first one chose. So the outcome of the last `remember` frames is
+    kept, and a repeated command gets the same `ActuationDone` back without moving the flap.
+    Memory does not survive a crash, but a command redelivered after one comes back only after
+    the consumer's ack wait (10 s), past the default age limit: refused as stale, and its answer
+    carries the same event id as the first one, so JetStream drops it if that one was stored.
+    """
+
+    def __init__(
+        self,
+        driver: ActuatorDriver,
+        producer: str,
+        *,
+        max_command_age_s: float,
+        remember: int = DEFAULT_REMEMBERED,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        if max_command_age_s <= 0:
+            raise ValueError(f"max_command_age_s must be > 0, got {max_command_age_s}")
+        if remember < 1:
+            raise ValueError(f"remember must be >= 1, got {remember}")
+        self.driver = driver
+        self.producer = producer
+        self.max_command_age_s = max_command_age_s
+        self.remember = remember
+        self.clock = clock
+        self._outcomes: OrderedDict[str, ActuationDone] = OrderedDict()
+
+    def command_age_s(self, command: ActuationCommand) -> float:
+        # captured_at, not the command's occurred_at: the camera's timestamp says when the
+        # item was on the flap, and that is what goes stale. occurred_at says when the
+        # inferencer got to it, which after an inferencer backlog is recent for items long
+        # gone. Both clocks are the bin's own (frame-ingestor and actuator run on the bin),
+        # so no skew between machines enters the age.
+        return (self.clock() - command.captured_at).total_seconds()
+
+    async def handle(self, command: ActuationCommand) -> Outcome:
+        known = self._outcomes.get(command.frame_event_id)
+        if known is not None:
+            return Outcome("repeated", known)
+        age_s = self.command_age_s(command)
+        if age_s > self.max_command_age_s:
+            error = (
+                f"stale: item captured {age_s:.1f} s before the actuator got its command "
+                f"(limit {self.max_command_age_s:g} s); flap not moved"
+            )
+            outcome = Outcome("stale", _done(command, self.producer, error, 0.0))
+        else:
+            outcome = Outcome("actuated", await execute(self.driver, command, self.producer))
+        self._outcomes[command.frame_event_id] = outcome.done
+        while len(self._outcomes) > self.remember:
+            self._outcomes.popitem(last=False)
+        return outcome

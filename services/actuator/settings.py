@@ -18,6 +18,17 @@ class ActuatorSettings(ServiceSettings):
             "present, the simulated driver otherwise; simulated: never touches pins"
         ),
     )
+    max_command_age_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description=(
+            "A command whose item was captured longer ago than this is refused, the flap left "
+            "alone (the item is gone): actuation.done says ok=false, stale. Below the "
+            "consumer's 10 s ack wait, a command redelivered after a crash is refused "
+            "rather than run twice"
+        ),
+    )
     sim_actuation_ms: float = Field(default=5.0, ge=0, le=10_000)
     sim_jam_rate: float = Field(default=0.0, ge=0, le=1, description="Fraction of jams")
     sim_seed: int = 0

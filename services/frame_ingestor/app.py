@@ -13,7 +13,7 @@ from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED
 from services.frame_ingestor.core import CapturePlan, capture
 from services.frame_ingestor.settings import FrameIngestorSettings
-from services.frame_ingestor.sources import FrameSource, open_source
+from services.frame_ingestor.sources import FrameSource, VideoSource, open_source
 
 SERVICE = "frame-ingestor"
 
@@ -74,12 +74,20 @@ def create_app(
     source: FrameSource | None = None,
     capture_done: asyncio.Event | None = None,
 ) -> ServiceApp:
-    """The capture loop runs as a background task and ends with its source; the service keeps
-    serving health and metrics. `capture_done` is set when the loop ends, however it ends."""
+    """The capture loop runs as a background task. A finite source (folder, file, replay) ends
+    it and the service keeps serving health and metrics; a camera or stream lost for good
+    fails it, which turns /healthz and /readyz red so the process is restarted. `capture_done`
+    is set when the loop ends, however it ends.
+
+    Raises ConfigError when the source does not exist, or for a camera or stream, when it
+    does not deliver a frame within `source_open_timeout_s` (this call blocks that long)."""
     service = new_service(SERVICE, settings)
     service.declare_publishes(FRAMES_CAPTURED, bin_id=settings.bin_id)
-    # Opened here so a wrong path or URL fails at start-up, not later in a background task.
+    # Checked here so a wrong path, camera index or URL fails at start-up, not later in the
+    # background task where it would only show up as a service with no frames.
     frame_source = source or source_from_settings(settings)
+    if isinstance(frame_source, VideoSource) and frame_source.live:
+        frame_source.check_available(settings.source_open_timeout_s)
 
     async def capture_loop() -> None:
         try:

@@ -18,6 +18,13 @@ class FrameIngestorSettings(ServiceSettings):
         description="An image folder, a video file, a camera index (0), an rtsp:// or http:// "
         "URL, or a replay file (*.jsonl) with embedded frames",
     )
+    source_open_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=600,
+        description="Camera or stream: how long start-up keeps retrying to open it and read a "
+        "frame (a camera still booting) before it fails with a configuration error",
+    )
     fps: float = Field(
         default=0.0, ge=0, le=1000, description="Frames per second; 0: as fast as the source"
     )

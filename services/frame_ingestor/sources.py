@@ -1,8 +1,9 @@
 """Where frames come from: an image folder, a video file, a camera or stream, or a replay file.
 
 Every source yields SourceFrame tuples (JPEG bytes, size, ground truth, description) for one
-pass. What it cannot read it reports through `on_skip` and moves on; only a source that cannot
-be opened at all is an error.
+pass. What it cannot read it reports through `on_skip` and moves on; a source that cannot be
+opened at all is an error (ConfigError), and so is a camera or stream that is lost for good
+(SourceLostError): the capture must not go quiet while the service reports healthy.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import cv2
 import numpy as np
 from pydantic import ValidationError
 
-from binloop.errors import ConfigError, CorruptFrameError
+from binloop.errors import BinloopError, ConfigError, CorruptFrameError
 from binloop.replay import ReplayStats, iter_replay_file
 from binloop.storage import sha256_hex
 from schemas.events import FrameCaptured
@@ -32,12 +33,31 @@ STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
 REPLAY_SUFFIX = ".jsonl"
 DESCRIPTION_MAX = 512
 # A live stream that drops (RTSP hiccup, camera re-plugged) is reopened this often, this far
-# apart, before the capture gives up on it.
+# apart, before the capture gives up on it; the same delay paces retries of the first open.
 RECONNECT_ATTEMPTS = 5
 RECONNECT_DELAY_S = 2.0
 
 SkipHandler = Callable[[str, str], None]
 """on_skip(reason, detail): a frame the source could not use, and why."""
+
+
+class SourceLostError(BinloopError):
+    """A camera or stream that delivered no frame through all its reconnects. Raised out of the
+    capture so the service turns unhealthy and its supervisor restarts it."""
+
+
+class VideoCaptureLike(Protocol):
+    """What VideoSource uses of cv2.VideoCapture (a seam for tests without a camera)."""
+
+    def isOpened(self) -> bool: ...  # OpenCV's spelling
+
+    def read(self) -> tuple[bool, object]: ...
+
+    def release(self) -> None: ...
+
+
+def open_with_opencv(target: str | int) -> VideoCaptureLike:
+    return cv2.VideoCapture(target)
 
 
 class SourceFrame(NamedTuple):
@@ -114,12 +134,30 @@ class ImageFolderSource:
 
 
 class VideoSource:
-    """A video file, a camera index or a stream URL, read with cv2.VideoCapture."""
+    """A video file, a camera index or a stream URL, read with cv2.VideoCapture.
 
-    def __init__(self, target: str | int, *, live: bool, jpeg_quality: int) -> None:
+    A live source (camera, stream) runs until stopped: when reads fail it is reopened up to
+    `reconnect_attempts` times, `reconnect_delay_s` apart, and an open that delivers no frame
+    counts as a failed attempt; after that the pass raises SourceLostError."""
+
+    def __init__(
+        self,
+        target: str | int,
+        *,
+        live: bool,
+        jpeg_quality: int,
+        opener: Callable[[str | int], VideoCaptureLike] = open_with_opencv,
+        reconnect_attempts: int = RECONNECT_ATTEMPTS,
+        reconnect_delay_s: float = RECONNECT_DELAY_S,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.target = target
         self.live = live
         self.jpeg_quality = jpeg_quality
+        self.opener = opener
+        self.reconnect_attempts = reconnect_attempts
+        self.reconnect_delay_s = reconnect_delay_s
+        self.sleep = sleep
         kind = "camera" if isinstance(target, int) else "stream" if live else "video"
         self.description = f"{kind}:{target}"[:DESCRIPTION_MAX]
 
@@ -127,36 +165,75 @@ class VideoSource:
     def finite(self) -> bool:
         return not self.live
 
-    def _open(self) -> cv2.VideoCapture:
-        capture = cv2.VideoCapture(self.target)
+    def _open(self) -> VideoCaptureLike:
+        capture = self.opener(self.target)
         if not capture.isOpened():
             capture.release()
             raise ConfigError(f"OpenCV cannot open {self.description}")
         return capture
 
-    def _reopen(self, on_skip: SkipHandler) -> cv2.VideoCapture | None:
-        for attempt in range(1, RECONNECT_ATTEMPTS + 1):
-            on_skip("stream_dropped", f"{self.description}: reopening (attempt {attempt})")
-            time.sleep(RECONNECT_DELAY_S)  # runs in the capture's worker thread
+    def check_available(self, timeout_s: float) -> None:
+        """Open the source, read one frame and release it, retrying every
+        `reconnect_delay_s` for up to `timeout_s` (a camera still booting). Called at
+        start-up, so a wrong camera index or URL fails there, not in a background task."""
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                return self._open()
+                capture = self._open()
             except ConfigError:
-                continue
-        log.error("%s: gave up after %d reconnects", self.description, RECONNECT_ATTEMPTS)
-        return None
+                problem = "does not open"
+            else:
+                try:
+                    ok, image = capture.read()
+                finally:
+                    capture.release()
+                if ok and image is not None:
+                    return
+                problem = "opens but delivers no frame"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConfigError(
+                    f"source {self.description} {problem} (tried {attempt} times over "
+                    f"{timeout_s:g}s); check the camera index or stream URL and that the "
+                    "device is reachable (source_open_timeout_s sets how long to retry)"
+                )
+            log.warning(
+                "%s %s yet (attempt %d); retrying for up to %.0fs more",
+                self.description,
+                problem,
+                attempt,
+                remaining,
+            )
+            self.sleep(min(self.reconnect_delay_s, remaining))
 
     def frames(self, on_skip: SkipHandler) -> Generator[SourceFrame, None, None]:
-        capture: cv2.VideoCapture | None = self._open()
+        # A file that cannot be opened is a ConfigError; a live source goes through the
+        # reconnect loop below from its first open (it was checked at start-up).
+        capture: VideoCaptureLike | None = None if self.live else self._open()
+        first_open = True
+        reopens = 0  # since the last frame read
         index = 0
         try:
-            while capture is not None:
+            while True:
+                if capture is None:
+                    if not first_open:
+                        self._before_reopen(reopens)
+                        reopens += 1
+                    first_open = False
+                    try:
+                        capture = self._open()
+                    except ConfigError:
+                        continue
                 ok, image = capture.read()
                 if not ok or image is None:
+                    capture.release()
+                    capture = None
                     if not self.live:
                         return  # end of the file
-                    capture.release()
-                    capture = self._reopen(on_skip)
                     continue
+                reopens = 0
                 number, index = index, index + 1
                 try:
                     jpeg = encode_jpeg(np.asarray(image, dtype=np.uint8), self.jpeg_quality)
@@ -168,6 +245,24 @@ class VideoSource:
         finally:
             if capture is not None:
                 capture.release()
+
+    def _before_reopen(self, reopens: int) -> None:
+        """Wait before reopening a live source, or give up on it (SourceLostError)."""
+        if reopens >= self.reconnect_attempts:
+            message = (
+                f"{self.description} lost: no frame after {reopens} reconnects "
+                f"{self.reconnect_delay_s:g}s apart"
+            )
+            log.error("%s; stopping the capture so the service is restarted", message)
+            raise SourceLostError(message)
+        log.warning(
+            "%s: no frames; reconnecting in %gs (attempt %d of %d)",
+            self.description,
+            self.reconnect_delay_s,
+            reopens + 1,
+            self.reconnect_attempts,
+        )
+        self.sleep(self.reconnect_delay_s)  # runs in the capture's worker thread
 
 
 class ReplayFileSource:
