@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
 from binloop.datasets import DatasetManifest, ManifestItem, import_image_folder, write_manifest
+from binloop.errors import PermanentError
 from binloop.ml.backend import OnnxBackend
 from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import Preprocessor, decode_rgb
@@ -396,6 +397,21 @@ def test_eval_set_is_imported_once_per_content(world: TinyWorld) -> None:
     )
     assert again.version == world.eval_set.manifest.version
     assert again.content_id() == folder_content_id(world.root / "eval")
+
+
+def test_an_evaluation_set_with_an_unreadable_item_is_refused(world: TinyWorld) -> None:
+    """Every model is scored on all of it, or the eval_set_id would name a different set."""
+    item = world.eval_set.manifest.items[0]
+    original = world.store.get(item.key)
+    world.store.put(item.key, b"not a jpeg any more", "image/jpeg")
+    try:
+        with pytest.raises(PermanentError, match=r"has 1 unreadable items, e\.g\. .*Checksum"):
+            load_eval_set(world.store, world.settings)
+    finally:
+        world.store.put(item.key, original, "image/jpeg")
+    assert len(load_eval_set(world.store, world.settings).loaded) == len(
+        world.eval_set.manifest.items
+    )
 
 
 # --- the service on a real bus ---------------------------------------------------------------

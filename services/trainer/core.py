@@ -146,8 +146,15 @@ def load_eval_set(
         taxonomy_version=taxonomy_for(settings).version,
     )
     loaded = load_items(store, manifest.items, preprocessor or preprocessor_for(settings))
-    if len(loaded) == 0:
-        raise PermanentError(f"no readable image in the evaluation set {settings.eval_dir}")
+    if loaded.skipped:
+        # Its id names every item: scoring a model on fewer would compare it with the
+        # champion on a different set under the same id.
+        examples = "; ".join(f"{key} ({why})" for key, why in list(loaded.skipped.items())[:3])
+        raise PermanentError(
+            f"the evaluation set {manifest.name} v{manifest.version} ({settings.eval_dir}) has "
+            f"{len(loaded.skipped)} unreadable items, e.g. {examples}: fix or remove them "
+            "(the changed folder is imported as a new version)"
+        )
     return EvalSet(manifest=manifest, loaded=loaded)
 
 
