@@ -301,24 +301,61 @@ def export_asyncapi(
 
 @app.command()
 def rollback(
-    model: Annotated[str, typer.Option(help="Model name")] = "binloop-waste",
+    model: Annotated[
+        str | None, typer.Option(help="Model name (default: BINLOOP_MODEL_NAME, binloop-waste)")
+    ] = None,
     to_version: Annotated[int | None, typer.Option(help="Version (default: previous)")] = None,
     reason: Annotated[str, typer.Option(help="Why, for the record")] = "operator rollback",
-    nats_url: Annotated[str, typer.Option(envvar="BINLOOP_NATS_URL")] = "nats://127.0.0.1:4222",
+    nats_url: Annotated[
+        str | None, typer.Option(envvar="BINLOOP_NATS_URL", help="NATS server")
+    ] = None,
 ) -> None:
-    """Make an earlier model version champion again and ship it to the bins."""
+    """Make an earlier model version champion again and ship it to the bins. The registry's
+    bucket and default model come from the model-registry's settings (BINLOOP_KV_BUCKET,
+    BINLOOP_MODEL_NAME). Safe to run again after a failure: a rollback that was recorded but
+    not announced is announced, not repeated one version further back."""
     from binloop.runtime import new_service
+    from services.model_registry import RegistrySettings, RollbackOutcome
     from services.model_registry import rollback as registry_rollback
 
-    async def main() -> None:
-        service = new_service("rollback", ServiceSettings(nats_url=nats_url, http_port=0))
+    overrides: dict[str, Any] = {"http_port": 0}
+    if nats_url is not None:
+        overrides["nats_url"] = nats_url
+    settings = _settings_or_exit(RegistrySettings, **overrides)
+    model_name = model or settings.model_name
+
+    async def main() -> RollbackOutcome:
+        service = new_service("rollback", settings)
         await service.broker.connect()
         try:
-            await registry_rollback(service.js, service.publisher, model, to_version, reason)
+            return await registry_rollback(
+                service.js,
+                service.publisher,
+                model_name,
+                to_version,
+                reason,
+                bucket=settings.kv_bucket,
+            )
         finally:
             await service.broker.stop()
 
-    asyncio.run(main())
+    try:
+        outcome = asyncio.run(main())
+    except BinloopError as exc:
+        console.print(f"[red]{model_name}: {exc}")
+        raise typer.Exit(1) from exc
+    event = outcome.event
+    if outcome.resumed:
+        console.print(
+            f"[yellow]an earlier rollback of {event.model_name} (v{event.from_version} -> "
+            f"v{event.to_version}) had not been announced; announced it now. Nothing else was "
+            "rolled back: run again to go further back."
+        )
+        return
+    console.print(
+        f"rolled {event.model_name} back from v{event.from_version} to v{event.to_version}; "
+        "the bins load it now"
+    )
 
 
 def main() -> None:

@@ -3,27 +3,32 @@ model version."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from nats.js.client import JetStreamContext
+from prometheus_client import REGISTRY
 
 from binloop.natsserver import NatsServer
 from schemas import FleetHeartbeat
 from schemas.routes import FLEET_HEARTBEAT
 from services.actuator import ActuatorSettings, create_app
+from services.model_registry import RegistrySettings
+from services.model_registry import create_app as create_registry
 from services.model_registry.fleet import FleetView
 from tests.helpers import Collector
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
-def _beat(bin_id: str, version: int | None, at: datetime) -> FleetHeartbeat:
+def _beat(bin_id: str, version: int | None, at: datetime, model: str = "waste") -> FleetHeartbeat:
     return FleetHeartbeat(
         producer="edge-inferencer",
         bin_id=bin_id,
         service="edge-inferencer",
-        model_name=None if version is None else "waste",
+        model_name=None if version is None else model,
         model_version=version,
         frames_processed=1,
         uptime_s=1,
@@ -67,3 +72,46 @@ async def test_a_service_publishes_heartbeats_on_the_fleet_stream(
         await service.stop()
     assert {b.bin_id for b in received} == {"bin-9"}
     assert set(beats.subjects) == {FLEET_HEARTBEAT.subject("bin-9")}
+
+
+def _serving_bins(model: str, version: int) -> float | None:
+    return REGISTRY.get_sample_value(
+        "binloop_fleet_serving_bins", {"model": model, "version": str(version)}
+    )
+
+
+async def _eventually(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """A gauge set inside the service has nothing to wait on: poll it."""
+
+    async def poll() -> None:
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+@pytest.mark.integration
+async def test_the_fleet_gauge_drops_silent_bins_without_a_new_heartbeat(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    model = "quiet-fleet"
+    now = NOW
+
+    def clock() -> datetime:
+        return now
+
+    registry = create_registry(
+        RegistrySettings(nats_url=nats_server.url, http_port=0, fleet_refresh_s=0.05),
+        clock=clock,
+    )
+    await registry.start()
+    try:
+        for bin_id in ("bin-1", "bin-2"):
+            beat = _beat(bin_id, 7, NOW - timedelta(seconds=5), model)
+            await js.publish(FLEET_HEARTBEAT.subject(bin_id), beat.model_dump_json().encode())
+        await _eventually(lambda: _serving_bins(model, 7) == 2)
+        # Every bin falls silent: no heartbeat arrives any more, only time passes.
+        now = NOW + timedelta(minutes=10)
+        await _eventually(lambda: _serving_bins(model, 7) == 0)
+    finally:
+        await registry.stop()

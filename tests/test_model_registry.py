@@ -3,16 +3,27 @@ real nats-server with its key-value bucket."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
+import nats
 import pytest
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
+from prometheus_client import REGISTRY
+from typer.testing import CliRunner
 
+from binloop.bus import Publisher, ensure_streams
+from binloop.bus.publish import PublishTimeoutError
+from binloop.cli import app as binloop_cli
 from binloop.natsserver import NatsServer
+from binloop.runtime import ServiceApp, new_service
+from binloop.settings import ServiceSettings
 from schemas import DeadLetter
-from schemas.base import BlobRef
+from schemas.base import BlobRef, Event
 from schemas.events import (
     ModelMetrics,
     ModelPromoted,
@@ -26,20 +37,31 @@ from schemas.routes import (
     MODELS_REGISTERED,
     MODELS_ROLLED_BACK,
     TRAINING_COMPLETED,
+    Route,
 )
-from services.model_registry import RegistryError, RegistrySettings, create_app, rollback
+from services.model_registry import (
+    RegistryError,
+    RegistrySettings,
+    RollbackNotAnnouncedError,
+    create_app,
+    rollback,
+)
 from services.model_registry.core import (
     ChampionRecord,
     VersionRecord,
     check_replay,
     decide,
+    ensure_announced,
     key_token,
     pending_promotion,
     register,
     registration_events,
     rollback_target,
     rolled_back_champion,
+    rolled_back_event,
 )
+from services.model_registry.operations import record_training
+from services.model_registry.settings import DEFAULT_KV_BUCKET
 from services.model_registry.store import RegistryStore
 from tests.helpers import Collector
 
@@ -55,11 +77,15 @@ def _ref(version: int, name: str) -> BlobRef:
 
 
 def _completed(
-    version: int, accuracy: float, eval_set: str = EVAL_SET, parent: int | None = None
+    version: int,
+    accuracy: float,
+    eval_set: str = EVAL_SET,
+    parent: int | None = None,
+    model: str = MODEL,
 ) -> TrainingCompleted:
     return TrainingCompleted(
         producer="trainer",
-        model_name=MODEL,
+        model_name=model,
         model_version=version,
         parent_version=parent,
         dataset_name="seed",
@@ -175,11 +201,21 @@ def test_rollback_goes_to_the_previous_champion_or_the_given_version() -> None:
     assert rollback_target(champion, None) == 3
     assert rollback_target(champion, 1) == 1
     target_3 = _champion_of(_completed(3, 0.5))
-    after = rolled_back_champion(champion, target_3, "bad in the field", NOW)
+    event = rolled_back_event(champion, target_3, "bad in the field", "reg", revision=7)
+    after = rolled_back_champion(champion, event)
     assert (after.version, after.history) == (3, [1])
     assert "rollback from v5: bad in the field" in after.reason
+    # The event waits in the record (an outbox) until it is published.
+    assert after.pending_rollback == event
+    assert (event.from_version, event.to_version, event.artifact) == (5, 3, target_3.artifact)
+    with pytest.raises(RollbackNotAnnouncedError, match="v5 -> v3"):
+        ensure_announced(after)
+    ensure_announced(after.model_copy(update={"pending_rollback": None}))
     target_4 = _champion_of(_completed(4, 0.5))
-    assert rolled_back_champion(champion, target_4, "x", NOW).history == [1, 3, 5]
+    event_4 = rolled_back_event(champion, target_4, "x", "reg", revision=7)
+    assert rolled_back_champion(champion, event_4).history == [1, 3, 5]
+    # Another rollback (another revision replaced) is another event.
+    assert rolled_back_event(champion, target_3, "x", "reg", 8).event_id != event.event_id
 
 
 def test_rollback_needs_somewhere_to_go() -> None:
@@ -229,7 +265,7 @@ async def test_registry_promotes_rejects_dedups_and_rolls_back(
         await js.publish(subject, b'{"model_name": "binloop-waste", "garbage": true}')
         [letter] = await dead.wait_for(1)
 
-        event = await rollback(js, service.publisher, MODEL, reason="field accuracy dropped")
+        outcome = await rollback(js, service.publisher, MODEL, reason="field accuracy dropped")
         await rolled.wait_for(1)
         store = await RegistryStore.open(js, settings.kv_bucket)
         champion = (await store.champion(MODEL)).record
@@ -263,11 +299,12 @@ async def test_registry_promotes_rejects_dedups_and_rolls_back(
     assert letter.service == "model-registry"
     assert letter.error_type == "ValidationError"
 
-    assert (event.from_version, event.to_version) == (3, 1)
-    assert event.artifact == _ref(1, "model.onnx")
-    assert rolled.items[0].event_id == event.event_id
+    assert not outcome.resumed
+    assert (outcome.event.from_version, outcome.event.to_version) == (3, 1)
+    assert outcome.event.artifact == _ref(1, "model.onnx")
+    assert rolled.items[0].event_id == outcome.event.event_id
     assert champion is not None
-    assert (champion.version, champion.history) == (1, [])
+    assert (champion.version, champion.history, champion.pending_rollback) == (1, [], None)
     assert [(r.version, r.decision) for r in records] == [
         (1, "promoted"),
         (2, "rejected"),
@@ -275,3 +312,189 @@ async def test_registry_promotes_rejects_dedups_and_rolls_back(
         (4, "rejected"),
     ]
     assert records[2].parent_version == 1
+
+
+# --- rollback: announced exactly once, counted by the registry, in the configured bucket -----
+
+
+class _UnackedPublisher(Publisher):
+    """JetStream never confirms: what a rollback sees when the server goes away mid-publish."""
+
+    async def publish(self, route: Route, event: Event, bin_id: str | None = None) -> None:
+        raise PublishTimeoutError("JetStream acked 0 of 1 events within 5.0s")
+
+
+@asynccontextmanager
+async def _operator(nats_url: str) -> AsyncIterator[ServiceApp]:
+    """What `binloop rollback` runs on: its own connection and publisher."""
+    operator = new_service("rollback", ServiceSettings(nats_url=nats_url, http_port=0))
+    await operator.broker.connect()
+    try:
+        yield operator
+    finally:
+        await operator.broker.stop()
+
+
+async def _seed(store: RegistryStore, model: str, accuracies: list[float]) -> None:
+    """Versions 1..N, each promoted over the one before."""
+    for version, accuracy in enumerate(accuracies, start=1):
+        await record_training(store, _completed(version, accuracy, model=model), 0.02, "test")
+
+
+def _sample(name: str, model: str, label: str, value: str) -> float | None:
+    return REGISTRY.get_sample_value(name, {"model": model, label: value})
+
+
+def _rollbacks_counted(model: str) -> float:
+    return _sample("binloop_model_promotions_total", model, "decision", "rolled_back") or 0.0
+
+
+async def _eventually(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Metrics change inside the service and have nothing to wait on: poll them."""
+
+    async def poll() -> None:
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+@pytest.mark.integration
+async def test_a_rollback_whose_publish_failed_is_announced_by_a_retry_not_repeated(
+    js: JetStreamContext, nats_server: NatsServer
+) -> None:
+    bucket = "registry-retry"
+    store = await RegistryStore.open_or_create(js, bucket)
+    await _seed(store, MODEL, [0.50, 0.53, 0.56])
+    async with _operator(nats_server.url) as operator:
+        unacked = _UnackedPublisher(operator.broker, "rollback")
+        with pytest.raises(RollbackNotAnnouncedError, match="v3 -> v2"):
+            await rollback(operator.js, unacked, MODEL, reason="bad in the field", bucket=bucket)
+        interrupted = (await store.champion(MODEL)).record
+        # Nothing replaces a champion whose rollback the bins have not heard of.
+        with pytest.raises(RollbackNotAnnouncedError):
+            await record_training(store, _completed(4, 0.9), 0.02, "test")
+        retried = await rollback(operator.js, operator.publisher, MODEL, bucket=bucket)
+        after_retry = (await store.champion(MODEL)).record
+        further = await rollback(operator.js, operator.publisher, MODEL, bucket=bucket)
+    engine = await js.stream_info("ENGINE", subjects_filter=MODELS_ROLLED_BACK.subject())
+    stored = await js.get_last_msg("ENGINE", MODELS_ROLLED_BACK.subject())
+
+    assert interrupted is not None
+    assert interrupted.version == 2
+    assert interrupted.pending_rollback is not None
+    assert retried.resumed
+    assert retried.event == interrupted.pending_rollback  # same event id, same payload
+    assert (retried.event.from_version, retried.event.to_version) == (3, 2)
+    assert retried.event.reason == "bad in the field"
+    assert after_retry is not None
+    assert (after_retry.version, after_retry.history) == (2, [1])
+    assert after_retry.pending_rollback is None
+    # Only the call after that rolls back further, with a new event.
+    assert not further.resumed
+    assert (further.event.from_version, further.event.to_version) == (2, 1)
+    assert further.event.event_id != retried.event.event_id
+    assert engine.state.subjects == {MODELS_ROLLED_BACK.subject(): 2}
+    assert ModelRolledBack.model_validate_json(stored.data or b"") == further.event
+
+
+@pytest.mark.integration
+async def test_the_registry_counts_rollbacks_and_publishes_an_interrupted_one_at_start(
+    js: JetStreamContext, nats_client: Client, nats_server: NatsServer
+) -> None:
+    model = "rollback-metrics"
+    settings = RegistrySettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        retry_delay_s=0.05,
+        kv_bucket="registry-metrics",
+        model_name=model,
+    )
+    promoted = await Collector(ModelPromoted).attach(nats_client, MODELS_PROMOTED.subject())
+    first = create_app(settings)
+    await first.start()
+    try:
+        for version, accuracy in enumerate([0.50, 0.53, 0.56], start=1):
+            event = _completed(version, accuracy, model=model)
+            await js.publish(TRAINING_COMPLETED.subject(), event.model_dump_json().encode())
+        await promoted.wait_for(3)
+    finally:
+        await first.stop()
+    counted_before = _rollbacks_counted(model)
+    assert _sample("binloop_model_eval_accuracy_ratio", model, "role", "champion") == 0.56
+
+    # Both rollbacks happen while the registry is down; the second is never published.
+    async with _operator(nats_server.url) as operator:
+        done = await rollback(operator.js, operator.publisher, model, bucket=settings.kv_bucket)
+        with pytest.raises(RollbackNotAnnouncedError):
+            await rollback(
+                operator.js,
+                _UnackedPublisher(operator.broker, "rollback"),
+                model,
+                bucket=settings.kv_bucket,
+            )
+    # Nothing scrapes the rollback command: it sets no metrics, the registry does.
+    assert _rollbacks_counted(model) == counted_before
+    assert _sample("binloop_model_eval_accuracy_ratio", model, "role", "champion") == 0.56
+
+    rolled = await Collector(ModelRolledBack).attach_stream(js, MODELS_ROLLED_BACK.subject())
+    second = create_app(settings)
+    await second.start()
+    try:
+        await rolled.wait_for(2)
+        await _eventually(lambda: _rollbacks_counted(model) == counted_before + 2)
+        store = await RegistryStore.open(js, settings.kv_bucket)
+        champion = (await store.champion(model)).record
+    finally:
+        await second.stop()
+
+    assert rolled.items[0] == done.event
+    assert (rolled.items[1].from_version, rolled.items[1].to_version) == (2, 1)
+    assert len(rolled.items) == 2
+    assert champion is not None
+    assert (champion.version, champion.pending_rollback) == (1, None)
+    assert _sample("binloop_model_eval_accuracy_ratio", model, "role", "champion") == 0.50
+
+
+@pytest.mark.integration
+def test_the_rollback_command_uses_the_configured_bucket_and_never_creates_one(
+    nats_server: NatsServer,
+) -> None:
+    bucket = "custom-models"
+
+    async def seed() -> None:
+        client = await nats.connect(nats_server.url)
+        try:
+            js = client.jetstream()
+            await ensure_streams(js)
+            await _seed(await RegistryStore.open_or_create(js, bucket), MODEL, [0.50, 0.53])
+        finally:
+            await client.drain()
+
+    async def inspect() -> tuple[ChampionRecord | None, list[str]]:
+        client = await nats.connect(nats_server.url)
+        try:
+            js = client.jetstream()
+            champion = (await (await RegistryStore.open(js, bucket)).champion(MODEL)).record
+            buckets = [s.config.name for s in await js.streams_info() if s.config.name]
+        finally:
+            await client.drain()
+        return champion, buckets
+
+    asyncio.run(seed())
+    env = {"BINLOOP_NATS_URL": nats_server.url, "BINLOOP_KV_BUCKET": bucket}
+    result = CliRunner().invoke(binloop_cli, ["rollback", "--reason", "field"], env=env)
+    missing = CliRunner().invoke(
+        binloop_cli, ["rollback"], env={**env, "BINLOOP_KV_BUCKET": "no-such-bucket"}
+    )
+    champion, streams = asyncio.run(inspect())
+
+    assert result.exit_code == 0, result.output
+    assert "back from v2 to v1" in " ".join(result.output.split())
+    assert champion is not None
+    assert (champion.version, champion.pending_rollback) == (1, None)
+    assert missing.exit_code == 1, missing.output
+    assert "no registry bucket 'no-such-bucket'" in " ".join(missing.output.split())
+    assert f"KV_{bucket}" in streams
+    assert "KV_no-such-bucket" not in streams
+    assert f"KV_{DEFAULT_KV_BUCKET}" not in streams

@@ -1,18 +1,28 @@
 """The model-registry service: training.completed in; models.registered and, for a better
-model, models.promoted out. Records live in a JetStream key-value bucket."""
+model, models.promoted out. Records live in a JetStream key-value bucket. It also follows
+models.rolled_back (published by `binloop rollback`) for its metrics, publishes rollbacks
+whose announcement was interrupted, and keeps the fleet gauge current from heartbeats."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
 
+from faststream.nats import DeliverPolicy
+from nats.errors import Error as NatsError
 from nats.js.client import JetStreamContext
 
 from binloop.bus import Delivery, Outgoing, subscribe, subscribe_batch
-from binloop.errors import NotReadyError
+from binloop.errors import NotReadyError, TransientError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
-from schemas.events import FleetHeartbeat, ModelPromoted, TrainingCompleted
+from schemas.base import utc_now
+from schemas.events import FleetHeartbeat, ModelPromoted, ModelRolledBack, TrainingCompleted
 from schemas.routes import (
     FLEET_HEARTBEAT,
     MODELS_PROMOTED,
@@ -21,9 +31,19 @@ from schemas.routes import (
     TRAINING_COMPLETED,
 )
 from services.model_registry.fleet import FleetView
-from services.model_registry.operations import record_training
+from services.model_registry.operations import (
+    announce_pending_rollback,
+    champion_accuracy,
+    record_training,
+)
 from services.model_registry.settings import RegistrySettings
 from services.model_registry.store import RegistryStore
+
+log = logging.getLogger(__name__)
+
+COUNTED_ROLLBACKS = 1024
+"""Rollback event ids remembered so a redelivered one is not counted twice (rollbacks are
+operator actions: a handful a day)."""
 
 
 @dataclass
@@ -36,27 +56,74 @@ class _Registry:
         return self.store
 
 
-def create_app(settings: RegistrySettings) -> ServiceApp:
+@dataclass
+class _FleetGauge:
+    """binloop_fleet_serving_bins from the fleet view; a version no live bin serves reads 0."""
+
+    view: FleetView = field(default_factory=FleetView)
+    published: set[tuple[str, int]] = field(default_factory=set)
+
+    def refresh(self, now: datetime) -> None:
+        serving = self.view.serving(now)
+        for model, version in self.published - set(serving):
+            metrics.FLEET_SERVING_BINS.labels(model, str(version)).set(0)
+        for (model, version), bins in serving.items():
+            metrics.FLEET_SERVING_BINS.labels(model, str(version)).set(bins)
+        self.published.update(serving)
+
+
+def create_app(
+    settings: RegistrySettings, *, clock: Callable[[], datetime] = utc_now
+) -> ServiceApp:
     service = new_service("model-registry", settings)
     service.declare_publishes(MODELS_REGISTERED, MODELS_PROMOTED, MODELS_ROLLED_BACK)
     registry = _Registry()
 
+    async def set_champion_accuracy(model_name: str) -> None:
+        accuracy = await champion_accuracy(registry.require(), model_name)
+        if accuracy is not None:
+            metrics.MODEL_ACCURACY.labels(model_name, "champion").set(accuracy)
+
     async def open_bucket(js: JetStreamContext) -> None:
-        registry.store = await RegistryStore.open(js, settings.kv_bucket, settings.kv_history)
-        champion = (await registry.store.champion(settings.model_name)).record
-        if champion is not None:
-            record = await registry.store.version(settings.model_name, champion.version)
-            if record is not None:
-                metrics.MODEL_ACCURACY.labels(settings.model_name, "champion").set(
-                    record.metrics.accuracy
-                )
+        registry.store = await RegistryStore.open_or_create(
+            js, settings.kv_bucket, settings.kv_history
+        )
+        await set_champion_accuracy(settings.model_name)
 
     service.on_start.append(open_bucket)
     service.ready_checks.append(lambda: registry.store is not None)
 
+    async def announce_interrupted_rollbacks() -> None:
+        """Rollbacks whose publish failed (or whose CLI died) reach the bins now. Runs once
+        consumers are up, so this registry counts them too."""
+        while True:
+            try:
+                store = registry.require()
+                for model_name in await store.champion_models():
+                    event = await announce_pending_rollback(store, service.publisher, model_name)
+                    if event is not None:
+                        log.warning(
+                            "published the interrupted rollback of %s v%d -> v%d (%s)",
+                            model_name,
+                            event.from_version,
+                            event.to_version,
+                            event.event_id,
+                        )
+            except (TransientError, NatsError, TimeoutError) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc  # stopped while publishing
+                log.warning("pending rollbacks not published yet (%s); retrying", exc)
+                await asyncio.sleep(settings.retry_delay_s)
+                continue
+            return
+
     async def on_completed(delivery: Delivery[TrainingCompleted]) -> list[Outgoing]:
+        store = registry.require()
+        # A rollback still pending goes out before anything may replace its champion.
+        await announce_pending_rollback(store, service.publisher, delivery.event.model_name)
         events = await record_training(
-            registry.require(), delivery.event, settings.promotion_margin, service.producer
+            store, delivery.event, settings.promotion_margin, service.producer, clock
         )
         return [
             Outgoing(
@@ -65,18 +132,34 @@ def create_app(settings: RegistrySettings) -> ServiceApp:
             for event in events
         ]
 
-    fleet = FleetView()
-    published: set[tuple[str, int]] = set()
+    counted: OrderedDict[UUID, None] = OrderedDict()
+
+    async def on_rolled_back(delivery: Delivery[ModelRolledBack]) -> list[Outgoing]:
+        event = delivery.event
+        # The gauge follows the champion now, not the event: a redelivered old rollback
+        # must not overwrite a later promotion's accuracy.
+        await set_champion_accuracy(event.model_name)
+        if event.event_id not in counted:
+            counted[event.event_id] = None
+            if len(counted) > COUNTED_ROLLBACKS:
+                counted.popitem(last=False)
+            metrics.MODEL_PROMOTIONS.labels(event.model_name, "rolled_back").inc()
+        return []
+
+    fleet = _FleetGauge()
 
     async def on_heartbeats(deliveries: list[Delivery[FleetHeartbeat]]) -> list[Outgoing]:
-        fleet.observe([d.event for d in deliveries])
-        serving = fleet.serving(datetime.now(UTC))
-        for model, version in published - set(serving):
-            metrics.FLEET_SERVING_BINS.labels(model, str(version)).set(0)
-        for (model, version), bins in serving.items():
-            metrics.FLEET_SERVING_BINS.labels(model, str(version)).set(bins)
-        published.update(serving)
+        fleet.view.observe([d.event for d in deliveries])
+        fleet.refresh(clock())
         return []
+
+    async def refresh_fleet() -> None:
+        """Bins that go silent drop out even when no heartbeat arrives at all."""
+        while True:
+            await asyncio.sleep(settings.fleet_refresh_s)
+            fleet.refresh(clock())
+
+    service.background.extend([announce_interrupted_rollbacks, refresh_fleet])
 
     subscribe_batch(
         service.broker,
@@ -95,5 +178,16 @@ def create_app(settings: RegistrySettings) -> ServiceApp:
         durable="model-registry",
         policy=service.policy,
         description="Records each candidate and promotes it when it beats the champion.",
+    )
+    subscribe(
+        service.broker,
+        service.publisher,
+        MODELS_ROLLED_BACK,
+        on_rolled_back,
+        durable="model-registry-rollbacks",
+        policy=service.policy,
+        # From its creation on: a new registry does not count the stream's old rollbacks.
+        deliver_policy=DeliverPolicy.NEW,
+        description="Counts rollbacks and sets the champion accuracy gauge to the new champion.",
     )
     return service

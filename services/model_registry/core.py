@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import AwareDatetime, Field
 
-from binloop.errors import PermanentError
+from binloop.errors import PermanentError, TransientError
 from schemas.base import BlobRef, Frozen
 from schemas.events import (
     ModelMetrics,
@@ -31,6 +31,11 @@ EPSILON = 1e-9
 
 class RegistryError(PermanentError):
     """A request the registry can never satisfy as given."""
+
+
+class RollbackNotAnnouncedError(TransientError):
+    """The champion was rolled back but models.rolled_back is not published yet; nothing may
+    replace that champion until it is (see ChampionRecord.pending_rollback)."""
 
 
 class VersionRecord(Frozen):
@@ -61,6 +66,13 @@ class ChampionRecord(Frozen):
     history: list[int] = Field(default_factory=list)
     changed_at: AwareDatetime
     reason: str
+    pending_rollback: ModelRolledBack | None = Field(
+        default=None,
+        description="The rollback that made this champion, until models.rolled_back is "
+        "published (an outbox): written with the champion in one compare-and-set, so a "
+        "rollback whose publish failed is announced again, with the same event id, instead "
+        "of being lost or repeated one version further back",
+    )
 
 
 @dataclass(frozen=True)
@@ -214,29 +226,43 @@ def rollback_target(champion: ChampionRecord | None, to_version: int | None) -> 
     return to_version
 
 
-def rolled_back_champion(
-    champion: ChampionRecord, target: VersionRecord, reason: str, now: datetime
-) -> ChampionRecord:
-    """The champion after rolling back to `target`. Rolling back to an earlier champion forgets
-    the ones after it; any other recorded version goes on top of the current history."""
-    if target.version in champion.history:
-        history = champion.history[: champion.history.index(target.version)]
+def rolled_back_champion(champion: ChampionRecord, event: ModelRolledBack) -> ChampionRecord:
+    """The champion after the rollback `event` announces, with `event` pending until it is
+    published. Rolling back to an earlier champion forgets the ones after it; any other
+    recorded version goes on top of the current history."""
+    target = event.to_version
+    if target in champion.history:
+        history = champion.history[: champion.history.index(target)]
     else:
         history = [*champion.history, champion.version]
     return ChampionRecord(
         model_name=champion.model_name,
-        version=target.version,
+        version=target,
         history=history,
-        changed_at=now,
-        reason=f"rollback from v{champion.version}: {reason}"[:512],
+        changed_at=event.occurred_at,
+        reason=f"rollback from v{champion.version}: {event.reason}"[:512],
+        pending_rollback=event,
     )
+
+
+def ensure_announced(champion: ChampionRecord | None) -> None:
+    """Refuses to build on a champion whose rollback the bins have not heard of yet: replacing
+    it would drop the pending event (the bins would never learn of the rollback) or publish it
+    after what replaced it."""
+    if champion is not None and champion.pending_rollback is not None:
+        pending = champion.pending_rollback
+        raise RollbackNotAnnouncedError(
+            f"{champion.model_name} was rolled back v{pending.from_version} -> "
+            f"v{pending.to_version} and models.rolled_back is not published yet"
+        )
 
 
 def rolled_back_event(
     champion: ChampionRecord, target: VersionRecord, reason: str, producer: str, revision: int
 ) -> ModelRolledBack:
-    """`revision` (the champion key's revision being replaced) makes a retried rollback
-    publish the same event id, and a later rollback a new one."""
+    """The announcement of rolling `champion` back to `target`. `revision` (the champion
+    key's revision being replaced) gives each rollback its own event id; a retry republishes
+    the one kept in ChampionRecord.pending_rollback rather than building a new one."""
     return ModelRolledBack(
         event_id=_event_id(champion.model_name, "rollback", revision, target.version),
         producer=producer,

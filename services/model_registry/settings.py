@@ -31,3 +31,10 @@ class RegistrySettings(ServiceSettings):
     kv_history: int = Field(
         default=16, ge=1, le=64, description="Revisions the bucket keeps per key (audit trail)"
     )
+    fleet_refresh_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="How often binloop_fleet_serving_bins is recomputed, so bins that went "
+        "silent drop out even when no heartbeat arrives at all",
+    )

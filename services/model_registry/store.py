@@ -16,7 +16,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from binloop.errors import TransientError
-from services.model_registry.core import ChampionRecord, VersionRecord, key_token
+from services.model_registry.core import ChampionRecord, RegistryError, VersionRecord, key_token
 
 
 class ChampionChangedError(TransientError):
@@ -34,8 +34,11 @@ def version_key(model_name: str, version: int) -> str:
     return f"{key_token(model_name)}.versions.{version:06d}"
 
 
+CHAMPION_SUFFIX = ".champion"
+
+
 def champion_key(model_name: str) -> str:
-    return f"{key_token(model_name)}.champion"
+    return f"{key_token(model_name)}{CHAMPION_SUFFIX}"
 
 
 class RegistryStore:
@@ -43,7 +46,23 @@ class RegistryStore:
         self.kv = kv
 
     @classmethod
-    async def open(cls, js: JetStreamContext, bucket: str, history: int = 16) -> RegistryStore:
+    async def open(cls, js: JetStreamContext, bucket: str) -> RegistryStore:
+        """An existing registry bucket. Never creates one: a mistyped bucket name must fail
+        as such, not read as an empty registry (and leave an empty bucket behind)."""
+        try:
+            return cls(await js.key_value(bucket))
+        except BucketNotFoundError as exc:
+            raise RegistryError(
+                f"there is no registry bucket {bucket!r} on this NATS server: check "
+                "BINLOOP_KV_BUCKET (the model-registry's kv_bucket) and that the "
+                "model-registry has run"
+            ) from exc
+
+    @classmethod
+    async def open_or_create(
+        cls, js: JetStreamContext, bucket: str, history: int = 16
+    ) -> RegistryStore:
+        """The registry service's bucket, created on its first start."""
         try:
             kv = await js.key_value(bucket)
         except BucketNotFoundError:
@@ -74,6 +93,16 @@ class RegistryStore:
         numbers = sorted(int(key[len(prefix) :]) for key in every_key if key.startswith(prefix))
         records = [await self.version(model_name, number) for number in numbers]
         return [record for record in records if record is not None]
+
+    async def champion_models(self) -> list[str]:
+        """Every model that has a champion, sorted."""
+        try:
+            every_key = await self.kv.keys()
+        except NoKeysError:
+            return []
+        return sorted(
+            key[: -len(CHAMPION_SUFFIX)] for key in every_key if key.endswith(CHAMPION_SUFFIX)
+        )
 
     async def champion(self, model_name: str) -> ChampionState:
         try:
