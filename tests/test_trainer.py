@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -470,21 +471,32 @@ async def test_service_trains_on_snapshots_and_requests(
         )
         await js.publish(DATASETS_SNAPSHOT.subject(), snapshot.model_dump_json().encode())
         first = (await completed.wait_for(1, timeout=60))[0]
+        # The same event again, as after a lost ack: announced again, not trained again.
+        await js.publish(DATASETS_SNAPSHOT.subject(), snapshot.model_dump_json().encode())
+        repeated = (await completed.wait_for(2, timeout=60))[1]
         await js.publish(
             TRAINING_REQUESTED.subject(),
             TrainingRequested(producer="test", dataset_name="seed").model_dump_json().encode(),
         )
         too_small = snapshot.model_copy(
-            update={"name": "tiny", "version": 1, "manifest": tiny_ref, "num_items": 3}
+            update={
+                "event_id": uuid.uuid4(),
+                "name": "tiny",
+                "version": 1,
+                "manifest": tiny_ref,
+                "num_items": 3,
+            }
         )
         await js.publish(DATASETS_SNAPSHOT.subject(), too_small.model_dump_json().encode())
-        second = (await completed.wait_for(2, timeout=60))[1]
+        second = (await completed.wait_for(3, timeout=60))[2]
         letters = await dead.wait_for(1, timeout=30)
     finally:
         await service.stop()
 
     assert (first.model_version, first.parent_version) == (1, 7)
+    assert repeated == first  # same model, same (derived) event id: JetStream keeps one
     assert (second.model_version, second.parent_version) == (2, 7)
+    assert not blob_store.exists(model_key("binloop-waste", 3, "model.onnx"))
     assert (first.dataset_name, first.dataset_version) == ("seed", seed.version)
     assert second.dataset_version == seed.version
     assert first.metrics.eval_items == 120

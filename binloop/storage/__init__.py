@@ -8,6 +8,7 @@ from binloop.storage.keys import (
     model_key,
     reconcile_cursor_key,
     spool_key,
+    training_run_key,
 )
 from binloop.storage.local import LocalBlobStore
 from binloop.storage.protocol import BlobStore, PresigningStore, sha256_hex
@@ -27,4 +28,5 @@ __all__ = [
     "reconcile_cursor_key",
     "sha256_hex",
     "spool_key",
+    "training_run_key",
 ]

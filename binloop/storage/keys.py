@@ -25,5 +25,10 @@ def model_key(model: str, version: int, name: str) -> str:
     return f"models/{model}/v{version:05d}/{name}"
 
 
+def training_run_key(model: str, cause_event_id: str) -> str:
+    """The training.completed a trainer announced for one input event (its outbox)."""
+    return f"training/{model}/runs/{cause_event_id}.json"
+
+
 def reconcile_cursor_key(dataset: str) -> str:
     return f"labeling/{dataset}/reconcile-cursor.json"

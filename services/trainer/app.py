@@ -20,7 +20,8 @@ from binloop.bus import Delivery, Outgoing, subscribe
 from binloop.datasets import DatasetManifest
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
-from binloop.storage import BlobStore, open_store
+from binloop.storage import BlobStore, open_store, training_run_key
+from schemas.base import Event
 from schemas.events import (
     DatasetSnapshot,
     ModelPromoted,
@@ -100,19 +101,39 @@ def create_app(settings: TrainerSettings, store: BlobStore | None = None) -> Ser
     service.on_start.extend([prepare_eval_set, seed_champion])
     service.ready_checks.append(lambda: state.eval_set is not None)
 
-    async def train(load_manifest: Callable[[], DatasetManifest]) -> list[Outgoing]:
+    async def train(load_manifest: Callable[[], DatasetManifest], cause: Event) -> list[Outgoing]:
+        """Trains once per input event. The announcement is stored before it is published, so
+        a redelivery (the input's ack was lost after training.completed went out) announces
+        that model again instead of training and registering another version."""
         eval_set = state.eval_set
         if eval_set is None:  # on_start loads it before any consumer runs
             raise RuntimeError("the evaluation set is not loaded")
+        record_key = training_run_key(settings.model_name, str(cause.event_id))
         async with state.one_run_at_a_time:
             parent = state.champion
+
+            def announced_before() -> TrainingCompleted | None:
+                if not blob_store.exists(record_key):
+                    return None
+                return TrainingCompleted.model_validate_json(blob_store.get(record_key))
 
             def work() -> TrainingCompleted:
                 outcome = run_training(
                     blob_store, load_manifest(), eval_set, settings, parent_version=parent
                 )
-                return outcome.completed_event(service.producer)
+                completed = outcome.completed_event(service.producer)
+                blob_store.put(record_key, completed.model_dump_json().encode(), "application/json")
+                return completed
 
+            earlier = await asyncio.to_thread(announced_before)
+            if earlier is not None:
+                log.info(
+                    "%s v%d was trained for event %s already: announcing it again",
+                    earlier.model_name,
+                    earlier.model_version,
+                    cause.event_id,
+                )
+                return [Outgoing(TRAINING_COMPLETED, earlier)]
             try:
                 completed = await asyncio.to_thread(work)
             except Exception as exc:  # counted, then retried or dead-lettered by the bus
@@ -134,10 +155,12 @@ def create_app(settings: TrainerSettings, store: BlobStore | None = None) -> Ser
         return [Outgoing(TRAINING_COMPLETED, completed)]
 
     async def on_snapshot(delivery: Delivery[DatasetSnapshot]) -> list[Outgoing]:
-        return await train(lambda: manifest_for_snapshot(blob_store, delivery.event))
+        return await train(
+            lambda: manifest_for_snapshot(blob_store, delivery.event), delivery.event
+        )
 
     async def on_request(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
-        return await train(lambda: manifest_for_request(blob_store, delivery.event))
+        return await train(lambda: manifest_for_request(blob_store, delivery.event), delivery.event)
 
     async def on_promoted(delivery: Delivery[ModelPromoted]) -> list[Outgoing]:
         if delivery.event.model_name == settings.model_name:
