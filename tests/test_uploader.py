@@ -1,9 +1,11 @@
 """uploader: verified, idempotent upload; spool markers and the sweep (injected clock); the
-service storing every frame once, dead-lettering corrupt spool entries and carrying on."""
+service storing every frame once, dead-lettering corrupt spool entries and carrying on; the
+forwarder outliving spool errors and setting aside a frame that keeps failing on its own."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -36,7 +38,8 @@ from services.uploader.core import FrameUploader, stored_event
 from services.uploader.forwarder import Announce, DeadLetterSink, Forwarder, ProgressHook
 from services.uploader.limits import SpoolLimits, plan_drops
 from services.uploader.queue import QueuedFrame, UploadQueue
-from services.uploader.spool import UPLOADED_SUFFIX, Spool
+from services.uploader.schedule import UploadSchedule
+from services.uploader.spool import DEAD_LETTERED_SUFFIX, UPLOADED_SUFFIX, Spool, SpoolIOError
 from tests.helpers import Collector
 
 DEMO_STREAM = Path(__file__).resolve().parent.parent / "data" / "demo" / "stream"
@@ -259,6 +262,8 @@ async def test_uploader_stores_each_frame_once_and_dead_letters_corrupt_ones(
     spool = Spool(settings.spool_root, BIN)
     assert all(spool.uploaded_at(e.spool.key) is not None for e in good)
     assert spool.store.exists(good[0].spool.key)  # kept for the retention, not deleted yet
+    # Dead-lettered by the bus at intake: marked, so the sweep reclaims it after the retention.
+    assert spool.dead_lettered_at(corrupt.spool.key) is not None
     assert _metric("binloop_uploaded_bytes_total") - bytes_before == sum(e.spool.size for e in good)
 
 
@@ -414,6 +419,7 @@ def _forwarder(
     announce: Announce = _forward_nothing,
     dead_letter: DeadLetterSink = _no_dead_letters,
     on_progress: ProgressHook | None = None,
+    set_aside_after: int = 3,
 ) -> Forwarder:
     spool = Spool(tmp_path / "spool", BIN)
     return Forwarder(
@@ -425,6 +431,7 @@ def _forwarder(
         announce=announce,
         dead_letter=dead_letter,
         producer="uploader",
+        set_aside_after=set_aside_after,
         clock=clock,
         on_progress=on_progress,
     )
@@ -560,6 +567,8 @@ async def test_the_forwarder_retries_until_the_store_answers_selected_frame_firs
         await until(lambda: steps.count("retry") >= 4)
         assert announced == []
         assert forwarder.backoff.failures >= 4
+        # The store fails every frame alike: nothing is set aside, the order stays.
+        assert forwarder.schedule.set_aside == []
         store.down = False
         await until(lambda: steps.count("stored") == 3)
     finally:
@@ -605,4 +614,315 @@ async def test_a_frame_corrupted_after_it_was_queued_is_dead_lettered_not_retrie
         await asyncio.gather(running, return_exceptions=True)
     assert letters == [(event.frame_sha256, "ChecksumMismatchError")]
     assert forwarder.queue.pending_frames == 0
-    assert forwarder.spool.store.exists(event.spool.key)  # kept for a look, never uploaded
+    spool = forwarder.spool
+    assert spool.store.exists(event.spool.key)  # kept for a look, never uploaded
+    marked_at = spool.dead_lettered_at(event.spool.key)
+    assert marked_at is not None
+    assert not spool.is_pending(event.spool.key)
+    # ... for the retention, like an uploaded frame; then the sweep reclaims file and marker.
+    assert spool.sweep(marked_at + 119, retention_s=120).kept == 1
+    reclaimed = spool.sweep(marked_at + 120, retention_s=120)
+    assert (reclaimed.pending, reclaimed.kept, reclaimed.deleted) == (0, 0, 1)
+    assert not spool.store.exists(event.spool.key)
+    assert not spool.store.exists(event.spool.key + DEAD_LETTERED_SUFFIX)
+
+
+# --- spool errors, frames that keep failing, dead-lettered frames in the sweep ----------------
+
+
+class SickSpool(LocalBlobStore):
+    """The spool folder on a disk that fails to read some frames (a bad block, a permission
+    an operator will fix): reading a key in `failing` raises the OSError the kernel would."""
+
+    def __init__(self, root: Path, failing: set[str], code: int = errno.EIO) -> None:
+        super().__init__(root)
+        self.failing = failing
+        self.code = code
+
+    def get(self, key: str) -> bytes:
+        if key in self.failing:
+            raise OSError(self.code, os.strerror(self.code), str(self.root / key))
+        return super().get(key)
+
+
+def test_spool_read_errors_are_mapped_to_transient_or_permanent(tmp_path: Path) -> None:
+    jpeg = _demo_jpegs(1)[0]
+    event = _spool_and_describe(tmp_path / "spool", jpeg, 0)
+    spool = Spool(tmp_path / "spool", BIN)
+    for code in (errno.EIO, errno.EACCES):
+        spool.store = SickSpool(tmp_path / "spool", {event.spool.key}, code)
+        with pytest.raises(SpoolIOError, match=os.strerror(code)) as error:
+            spool.read(event.spool.key, event.frame_sha256)
+        assert isinstance(error.value, StoreUnavailableError | TransientError)
+
+    # A folder where the frame should be can never be read: as good as missing.
+    spool.store = LocalBlobStore(tmp_path / "spool")
+    path = spool.store.root / event.spool.key
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(MissingBlobError, match="not a file"):
+        spool.read(event.spool.key, event.frame_sha256)
+
+
+def test_a_frame_that_fails_on_its_own_is_set_aside_and_retried_in_turn(tmp_path: Path) -> None:
+    events = [_spool_and_describe(tmp_path, jpeg, i) for i, jpeg in enumerate(_demo_jpegs(4))]
+    queue = UploadQueue(tmp_path, BIN)
+    a, b, c, d = frames = [QueuedFrame(e, float(i)) for i, e in enumerate(events)]
+    for frame in (a, b, c):
+        queue.add(frame)
+    now = [0.0]
+    schedule = UploadSchedule(
+        queue, set_aside_after=2, retry_delay_s=lambda n: 10.0 * n, clock=lambda: now[0]
+    )
+
+    def leave(frame: QueuedFrame) -> None:  # what the forwarder does after an upload
+        queue.remove(frame)
+        schedule.done(frame)
+
+    assert schedule.next() == (a, None)
+    assert schedule.failed(a) == (1, False)
+    assert schedule.next() == (None, 10.0)  # a keeps its place while it waits for its retry
+    now[0] = 10.0
+    assert schedule.next() == (a, None)
+    assert schedule.failed(a) == (2, True)  # 20 s until its next try
+    assert schedule.set_aside == [a.event_id]
+    assert schedule.next() == (b, None)  # a no longer blocks the frames behind it
+    leave(b)
+    assert schedule.next() == (c, None)
+    leave(c)
+    assert schedule.next() == (None, 20.0)  # only a is left, due at 30
+    now[0] = 30.0
+    assert schedule.next() == (a, None)
+    assert schedule.failed(a) == (3, False)  # still set aside, still retried
+    queue.add(d)
+    assert queue.want(d.sha256)
+    assert schedule.next() == (d, None)  # a newcomer, selected or not, goes before it
+    leave(d)
+    queue.remove(a)  # the spool-full policy dropped it
+    assert schedule.next() == (None, None)
+    assert schedule.set_aside == []
+    assert [f.event_id for f in frames if schedule.is_set_aside(f.event_id)] == []
+
+
+class Steps:
+    """The forwarder's progress hook: records each step; a test waits for a condition on them."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, str]] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, kind: str, sha256: str) -> None:
+        self.steps.append((kind, sha256))
+        self._changed.set()
+
+    def count(self, kind: str, sha256: str | None = None) -> int:
+        return sum(1 for k, s in self.steps if k == kind and sha256 in (None, s))
+
+    def order(self, kind: str) -> list[str]:
+        return [s for k, s in self.steps if k == kind]
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        async def loop() -> None:
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(loop(), 10)
+
+
+def _retries(error_type: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "binloop_uploader_retries_total", {"bin": BIN, "error_type": error_type}
+        )
+        or 0.0
+    )
+
+
+async def test_a_spool_read_error_does_not_stop_the_forwarder(tmp_path: Path) -> None:
+    announced: list[FrameStored] = []
+
+    async def announce(stored: FrameStored) -> None:
+        announced.append(stored)
+
+    steps = Steps()
+    store = LocalBlobStore(tmp_path / "blobs")
+    forwarder = _forwarder(
+        tmp_path, store, announce=announce, on_progress=steps, set_aside_after=1000
+    )
+    event = _spool_and_describe(tmp_path / "spool", _demo_jpegs(1)[0], 0)
+    sick = SickSpool(tmp_path / "spool", {event.spool.key}, errno.EACCES)
+    forwarder.spool.store = sick
+    before = _retries("SpoolIOError")
+    await forwarder.accept(event)  # unreadable for now: queued all the same
+    running = asyncio.create_task(forwarder.run())
+    try:
+        await steps.until(lambda: steps.count("retry") >= 3)
+        assert not running.done()
+        assert forwarder.running
+        assert announced == []
+        assert forwarder.backoff.failures == 0  # the store was never the problem
+        sick.failing.clear()  # the operator fixed the permissions
+        await steps.until(lambda: steps.count("stored") == 1)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    assert [s.frame_event_id for s in announced] == [str(event.event_id)]
+    key = frame_key(BIN, event.captured_at, event.frame_sha256)
+    assert sha256_hex(store.get(key)) == event.frame_sha256
+    assert forwarder.queue.pending_frames == 0
+    assert _retries("SpoolIOError") - before == steps.count("retry") >= 3
+
+
+async def test_a_queue_entry_that_cannot_be_removed_is_retried_until_it_can(
+    tmp_path: Path,
+) -> None:
+    announced: list[FrameStored] = []
+
+    async def announce(stored: FrameStored) -> None:
+        announced.append(stored)
+
+    steps = Steps()
+    forwarder = _forwarder(
+        tmp_path, LocalBlobStore(tmp_path / "blobs"), announce=announce, on_progress=steps
+    )
+    event = _spool_and_describe(tmp_path / "spool", _demo_jpegs(1)[0], 0)
+    await forwarder.accept(event)
+    entry = forwarder.queue.root / "queue" / f"{event.event_id}.json"
+    entry.unlink()
+    entry.mkdir()  # unlink(2) of a folder fails (EISDIR), as a broken queue folder would
+    running = asyncio.create_task(forwarder.run())
+    try:
+        await steps.until(lambda: steps.count("retry") >= 1)
+        assert forwarder.queue.pending_frames == 1  # still queued: on disk and in memory
+        entry.rmdir()
+        await steps.until(lambda: steps.count("stored") == 1)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    # Stored and announced on every attempt, under one event id: JetStream keeps one.
+    assert len(announced) >= 2
+    assert {s.event_id for s in announced} == {announced[0].event_id}
+    assert forwarder.queue.pending_frames == 0
+    assert UploadQueue(tmp_path / "spool", BIN).pending_frames == 0
+
+
+async def test_an_unexpected_error_is_logged_counted_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    announced: list[FrameStored] = []
+
+    async def announce(stored: FrameStored) -> None:
+        if not announced:
+            announced.append(stored)
+            raise RuntimeError("a bug in the announcement")
+        announced.append(stored)
+
+    steps = Steps()
+    forwarder = _forwarder(
+        tmp_path, LocalBlobStore(tmp_path / "blobs"), announce=announce, on_progress=steps
+    )
+    event = _spool_and_describe(tmp_path / "spool", _demo_jpegs(1)[0], 0)
+    before = _retries("RuntimeError")
+    await forwarder.accept(event)
+    running = asyncio.create_task(forwarder.run())
+    try:
+        with caplog.at_level(logging.WARNING, logger="services.uploader.forwarder"):
+            await steps.until(lambda: steps.count("stored") == 1)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    assert steps.count("retry") == 1
+    assert _retries("RuntimeError") - before == 1
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.levelno == logging.ERROR
+    assert "a bug in the announcement" in record.getMessage()
+    assert len(announced) == 2
+    assert forwarder.queue.pending_frames == 0
+
+
+async def test_a_frame_that_keeps_failing_does_not_block_the_frames_behind_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    announced: list[FrameStored] = []
+
+    async def announce(stored: FrameStored) -> None:
+        announced.append(stored)
+
+    steps = Steps()
+    forwarder = _forwarder(
+        tmp_path, LocalBlobStore(tmp_path / "blobs"), announce=announce, on_progress=steps
+    )
+    events = [_spool_and_describe(tmp_path / "spool", j, i) for i, j in enumerate(_demo_jpegs(4))]
+    bad = events[1]
+    sick = SickSpool(tmp_path / "spool", {bad.spool.key}, errno.EIO)
+    forwarder.spool.store = sick
+    for event in events:
+        await forwarder.accept(event)
+    assert await forwarder.prioritize(bad.frame_sha256)  # even a selected frame stands aside
+    others = [e.frame_sha256 for e in events if e is not bad]
+    running = asyncio.create_task(forwarder.run())
+    try:
+        with caplog.at_level(logging.WARNING, logger="services.uploader.forwarder"):
+            await steps.until(lambda: steps.count("stored") == len(others))
+            # It keeps being retried while it is set aside, and is never dropped for it.
+            await steps.until(lambda: steps.count("retry", bad.frame_sha256) >= 5)
+        assert forwarder.queue.pending_frames == 1
+        assert forwarder.schedule.set_aside == [str(bad.event_id)]
+        sick.failing.clear()  # the bad block was remapped
+        await steps.until(lambda: steps.count("stored") == len(events))
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    assert steps.order("set_aside") == [bad.frame_sha256]
+    assert steps.order("stored") == [*others, bad.frame_sha256]
+    assert steps.count("retry") == steps.count("retry", bad.frame_sha256)
+    assert steps.order("stored") == [s.frame_sha256 for s in announced]
+    assert steps.count("dropped") == 0
+    assert forwarder.queue.pending_frames == 0
+    assert forwarder.schedule.set_aside == []
+    assert forwarder.queue.wanted() == frozenset()
+    [warning] = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert "failed 3 times in a row" in warning
+    assert bad.spool.key in warning
+
+
+async def test_a_frame_dead_lettered_at_intake_is_reclaimed_by_the_sweep(tmp_path: Path) -> None:
+    now = [1000.0]
+    forwarder = _forwarder(tmp_path, LocalBlobStore(tmp_path / "blobs"), clock=lambda: now[0])
+    first, second = _demo_jpegs(2)
+    event = _spool_and_describe(tmp_path / "spool", first, 0)
+    spool = forwarder.spool
+    path = spool.store.root / event.spool.key
+    path.write_bytes(second)
+    os.utime(path, (now[0] - 1, now[0] - 1))
+    with pytest.raises(ChecksumMismatchError):
+        await forwarder.accept(event)  # the bus dead-letters it
+    assert forwarder.queue.pending_frames == 0
+    assert spool.dead_lettered_at(event.spool.key) == now[0]
+    assert spool.sweep(now[0] + 10, retention_s=120).kept == 1
+    assert spool.sweep(now[0] + 120, retention_s=120).deleted == 1
+    assert not spool.store.exists(event.spool.key)
+    assert not spool.store.exists(event.spool.key + DEAD_LETTERED_SUFFIX)
+
+
+def test_a_frame_spooled_again_after_it_was_dead_lettered_waits_for_its_upload(
+    tmp_path: Path,
+) -> None:
+    event = _spool_and_describe(tmp_path / "spool", _demo_jpegs(1)[0], 0)
+    spool = Spool(tmp_path / "spool", BIN)
+    marked_at = time.time()
+    spool.mark_dead_lettered(
+        event.spool.key, ChecksumMismatchError("spool frame", "a", "b"), marked_at
+    )
+    later = marked_at + 10  # the ingestor wrote the right bytes again and re-stamped the file
+    os.utime(spool.store.root / event.spool.key, (later, later))
+    scan = spool.sweep(marked_at + 1_000, retention_s=0)
+    assert (scan.pending, scan.deleted) == (1, 0)
+    assert spool.store.exists(event.spool.key)
+    # A marker whose frame is gone goes too, as an orphan upload marker does.
+    spool.store.delete(event.spool.key)
+    spool.sweep(marked_at + 1_000, retention_s=0)
+    assert not spool.store.exists(event.spool.key + DEAD_LETTERED_SUFFIX)

@@ -98,6 +98,7 @@ def create_app(
         announce=announce,
         dead_letter=dead_letter,
         producer=service.producer,
+        set_aside_after=settings.retry_set_aside_after,
         clock=clock,
         on_progress=on_progress,
     )

@@ -50,7 +50,8 @@ class FrameUploader:
 
     def upload(self, event: FrameCaptured) -> Upload:
         """Store the frame and only then mark its spool entry uploaded. Raises PermanentError
-        for a spool entry that is missing or corrupt, TransientError when a write fails."""
+        for a spool entry that is missing or corrupt, StoreUnavailableError when the object
+        store fails, and its subclass SpoolIOError when this frame's spool files do."""
         key = frame_key(event.bin_id, event.captured_at, event.frame_sha256)
         try:
             data = self.spool.read(event.spool.key, event.frame_sha256)
@@ -65,10 +66,7 @@ class FrameUploader:
             blob = self.store.put(key, data, "image/jpeg")
         except OSError as exc:
             raise StoreUnavailableError(f"object store write of {key} failed: {exc}") from exc
-        try:
-            self.spool.mark_uploaded(event.spool.key, key, self.clock())
-        except OSError as exc:
-            raise StoreUnavailableError(f"spool marker for {event.spool.key}: {exc}") from exc
+        self.spool.mark_uploaded(event.spool.key, key, self.clock())
         return Upload(blob, 0 if existed else len(data))
 
 

@@ -1,6 +1,7 @@
 """Store-and-forward on the edge: frames enter a durable queue as they are captured, and one
 forwarder drains it into the object store, selected frames first, backing off while the store
-does not answer. No bus here: announcing and dead-lettering are callables the app passes in.
+does not answer and setting aside a frame that keeps failing on its own (see schedule.py).
+No bus here: announcing and dead-lettering are callables the app passes in.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from binloop.errors import MissingBlobError, PermanentError, TransientError
+from binloop.errors import (
+    ChecksumMismatchError,
+    MissingBlobError,
+    PermanentError,
+    TransientError,
+)
 from binloop.observability import metrics
 from binloop.storage import spool_key
 from schemas.events import FrameCaptured, FrameStored
@@ -21,11 +27,14 @@ from services.uploader.backoff import Backoff
 from services.uploader.core import FrameUploader, stored_event
 from services.uploader.limits import Drop, DropPlan, SpoolLimits, plan_drops
 from services.uploader.queue import QueuedFrame, UploadQueue
-from services.uploader.spool import Spool
+from services.uploader.schedule import UploadSchedule
+from services.uploader.spool import Spool, SpoolIOError
 
 log = logging.getLogger(__name__)
 
-Progress = Literal["queued", "prioritized", "stored", "retry", "dropped", "dead_lettered"]
+Progress = Literal[
+    "queued", "prioritized", "stored", "retry", "set_aside", "dropped", "dead_lettered"
+]
 ProgressHook = Callable[[Progress, str], None]
 """Told (kind, frame sha256) after each step, on the event loop; tests wait on it."""
 Announce = Callable[[FrameStored], Awaitable[None]]
@@ -49,6 +58,7 @@ class Forwarder:
         announce: Announce,
         dead_letter: DeadLetterSink,
         producer: str,
+        set_aside_after: int,
         clock: Callable[[], float] = time.time,
         on_progress: ProgressHook | None = None,
     ) -> None:
@@ -57,6 +67,13 @@ class Forwarder:
         self.uploader = uploader
         self.limits = limits
         self.backoff = backoff
+        # Per-frame retries follow the store's backoff schedule and clock (monotonic).
+        self.schedule = UploadSchedule(
+            queue,
+            set_aside_after=set_aside_after,
+            retry_delay_s=backoff.delay_s,
+            clock=backoff.clock,
+        )
         self.announce = announce
         self.dead_letter = dead_letter
         self.producer = producer
@@ -96,8 +113,15 @@ class Forwarder:
     def _accept(self, event: FrameCaptured) -> DropPlan:
         # Gone from the spool is no error yet: a redelivery after the sweep, when the store
         # may well hold the frame. The forwarder asks the store (or dead-letters) once it can.
-        with contextlib.suppress(MissingBlobError):
+        # Unreadable for now: queued all the same, so the forwarder's retries (not the bus's,
+        # which give up after max_deliveries) decide; it verifies the bytes before uploading.
+        try:
             self.spool.read(event.spool.key, event.frame_sha256)
+        except (MissingBlobError, SpoolIOError):
+            pass
+        except ChecksumMismatchError as exc:
+            self._mark_dead_lettered(event, exc)  # the bus dead-letters it; the sweep reclaims
+            raise
         self.queue.add(QueuedFrame(event, self.clock()))
         plan = self.enforce_limits()
         self.measure()
@@ -217,8 +241,10 @@ class Forwarder:
                     # The store is known to be down: new frames wait too, rather than hammer it.
                     await asyncio.sleep(wait_s)
                     continue  # pick again: a selected frame may have come in meanwhile
-                frame = self._claim_next()
+                frame, due_in_s = self._claim_next()
                 if frame is None:
+                    # Only frames that failed on their own wait, each for its own retry time.
+                    await self._wait_for_work(due_in_s)
                     continue
                 self._attempt_task = asyncio.create_task(self._attempt(frame))
                 # Shielded: a service that stops lets the frame in flight finish (see drain),
@@ -226,6 +252,11 @@ class Forwarder:
                 await asyncio.shield(self._attempt_task)
         finally:
             self.running = False
+
+    async def _wait_for_work(self, timeout_s: float | None) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait for the attempt in flight, if any (the service is stopping)."""
@@ -237,11 +268,11 @@ class Forwarder:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    def _claim_next(self) -> QueuedFrame | None:
+    def _claim_next(self) -> tuple[QueuedFrame | None, float | None]:
         with self._claim_lock:
-            frame = self.queue.peek()
+            frame, due_in_s = self.schedule.next()
             self._in_flight = frame.event_id if frame else None
-            return frame
+            return frame, due_in_s
 
     def _release(self) -> None:
         with self._claim_lock:
@@ -256,20 +287,17 @@ class Forwarder:
     async def _attempt_claimed(self, frame: QueuedFrame) -> None:
         try:
             outcome = await self._forward(frame)
+            self._finish(frame)
+        except SpoolIOError as exc:  # before TransientError: it is one, but about this frame
+            self._frame_failed(frame, exc)
+            return
         except TransientError as exc:
             self._retry_later(frame, exc)
             return
-        if outcome == "stored":
-            if self.backoff.failures:
-                log.warning(
-                    "uploader %s: object store answers again after %d failed attempts; "
-                    "%d frames waiting",
-                    self.bin_id,
-                    self.backoff.failures,
-                    self.queue.pending_frames,
-                )
-            self.backoff.succeeded()
-        self._finish(frame)
+        except Exception as exc:  # a bug, or an error nobody mapped: it must not end the loop
+            self._frame_failed(frame, exc)
+            return
+        self.schedule.done(frame)
         self._notify(outcome, frame.sha256)
 
     async def _forward(self, frame: QueuedFrame) -> Progress:
@@ -277,11 +305,76 @@ class Forwarder:
         try:
             upload = await asyncio.to_thread(self.uploader.upload, frame.event)
         except PermanentError as exc:
+            if isinstance(exc, ChecksumMismatchError):
+                await asyncio.to_thread(self._mark_dead_lettered, frame.event, exc)
             await self.dead_letter(frame, exc)
             return "dead_lettered"
         await self.announce(stored_event(frame.event, upload.blob, self.producer))
         self._uploaded_bytes.inc(upload.written_bytes)
+        if self.backoff.failures:
+            log.warning(
+                "uploader %s: uploads go through again after %d failed attempts; %d frames waiting",
+                self.bin_id,
+                self.backoff.failures,
+                self.queue.pending_frames,
+            )
+        self.backoff.succeeded()
         return "stored"
+
+    def _mark_dead_lettered(self, event: FrameCaptured, error: PermanentError) -> None:
+        """Let the sweep reclaim a spooled frame that can never be uploaded. The dead letter
+        keeps the event and both hashes; the file stays for the retention, for a look."""
+        try:
+            self.spool.mark_dead_lettered(event.spool.key, error, self.clock())
+        except SpoolIOError as exc:
+            log.warning(
+                "uploader %s: frame %s is dead-lettered but its spool marker is not written "
+                "(%s); the sweep keeps the file until someone deletes it",
+                self.bin_id,
+                event.spool.key,
+                exc,
+            )
+
+    def _frame_failed(self, frame: QueuedFrame, error: Exception) -> None:
+        """This frame failed on its own account: it waits on its own backoff and, failing
+        again and again, is set aside behind the others. The store's backoff is untouched."""
+        failures, set_aside = self.schedule.failed(frame)
+        metrics.UPLOADER_RETRIES.labels(self.bin_id, type(error).__name__).inc()
+        # A traceback for what nobody expected, once per frame and when it is set aside.
+        details = None if isinstance(error, TransientError) else error
+        if set_aside:
+            log.warning(
+                "uploader %s: frame %s failed %d times in a row (%s: %s) while the store may "
+                "be fine; set aside behind the other %d waiting frames and retried after them",
+                self.bin_id,
+                frame.event.spool.key,
+                failures,
+                type(error).__name__,
+                error,
+                self.queue.pending_frames - 1,
+                exc_info=details,
+            )
+        elif failures == 1:
+            log.log(
+                logging.WARNING if details is None else logging.ERROR,
+                "uploader %s: frame %s failed (%s: %s); it is retried with backoff",
+                self.bin_id,
+                frame.event.spool.key,
+                type(error).__name__,
+                error,
+                exc_info=details,
+            )
+        else:
+            log.debug(
+                "uploader %s: frame %s failed again (%d in a row): %s",
+                self.bin_id,
+                frame.event.spool.key,
+                failures,
+                error,
+            )
+        self._notify("retry", frame.sha256)
+        if set_aside:
+            self._notify("set_aside", frame.sha256)
 
     def _retry_later(self, frame: QueuedFrame, error: TransientError) -> None:
         delay_s = self.backoff.failed()
@@ -302,7 +395,12 @@ class Forwarder:
 
     def _finish(self, frame: QueuedFrame) -> None:
         if self.queue.remove(frame):
-            self.queue.unwant(frame.sha256)
+            try:
+                self.queue.unwant(frame.sha256)
+            except OSError as exc:  # the frame is done; the sweep prunes the mark later
+                log.warning(
+                    "uploader %s: wanted mark of %s kept (%s)", self.bin_id, frame.sha256, exc
+                )
         self.measure()
 
     def _notify(self, kind: Progress, sha256: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 
 from binloop.storage.files import write_atomically
 from schemas.events import FrameCaptured
+from services.uploader.spool import SpoolIOError
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +111,14 @@ class UploadQueue:
 
     def remove(self, frame: QueuedFrame) -> bool:
         """Take a frame off the queue (disk first). True when no other queued event refers to
-        the same spooled file."""
+        the same spooled file. Raises SpoolIOError, with the frame still queued, when its entry
+        cannot be deleted."""
         with self._lock:
-            self._entry_path(frame.event_id).unlink(missing_ok=True)
+            path = self._entry_path(frame.event_id)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # still queued, on disk and here: the caller tries again
+                raise SpoolIOError(f"upload queue entry {path} cannot be removed: {exc}") from exc
             if self._entries.pop(frame.event_id, None) is None:
                 return frame.sha256 not in self._by_sha
             same_frame = self._by_sha[frame.sha256]
@@ -138,14 +145,22 @@ class UploadQueue:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def peek(self) -> QueuedFrame | None:
-        """The frame to upload next: the earliest wanted one, else the oldest."""
+    def peek(self, skip: Container[str] = ()) -> QueuedFrame | None:
+        """The frame to upload next: the earliest wanted one, else the oldest; frames whose
+        event id is in `skip` are passed over."""
         with self._lock:
             for sha256 in self._wanted:
-                same_frame = self._by_sha.get(sha256)
-                if same_frame:
-                    return self._entries[next(iter(same_frame))]
-            return next(iter(self._entries.values()), None)
+                for event_id in self._by_sha.get(sha256, {}):
+                    if event_id not in skip:
+                        return self._entries[event_id]
+            for event_id, frame in self._entries.items():
+                if event_id not in skip:
+                    return frame
+            return None
+
+    def get(self, event_id: str) -> QueuedFrame | None:
+        with self._lock:
+            return self._entries.get(event_id)
 
     def snapshot(self) -> list[QueuedFrame]:
         """Every queued frame, oldest first."""

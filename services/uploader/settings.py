@@ -67,6 +67,14 @@ class UploaderSettings(ServiceSettings):
         description="Fraction of each wait that is random (0: none, 1: full jitter), so a "
         "fleet of bins does not retry in step when the store comes back",
     )
+    retry_set_aside_after: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Failed attempts in a row after which a frame failing on its own account "
+        "(its spool file, marker or queue entry; not the object store) is set aside behind the "
+        "other waiting frames, so it does not block them; it keeps being retried",
+    )
     store_timeout_s: float = Field(
         default=10.0,
         gt=0,

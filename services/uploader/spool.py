@@ -1,9 +1,17 @@
-"""The edge spool as the uploader keeps it: which frames are safely stored, and the sweep that
-reclaims those older than the retention. State lives in files, so it survives a restart.
+"""The edge spool as the uploader keeps it: which frames are settled (safely stored, or given up
+as corrupt), and the sweep that reclaims those older than the retention. State lives in files,
+so it survives a restart.
 
-A frame `<bin>/<xx>/<sha>.jpg` is marked uploaded by a sibling `<sha>.jpg.uploaded` holding the
-upload time and the object key. The sweep never deletes an unmarked frame; only the spool-full
-policy gives one up (see limits.py), and never silently.
+A frame `<bin>/<xx>/<sha>.jpg` is marked by a sibling file holding the time it was settled:
+- `<sha>.jpg.uploaded`: the object store confirmed it (with the object key);
+- `<sha>.jpg.dead_lettered`: its bytes no longer match its sha256, so it was dead-lettered
+  (with the error); it can never be uploaded under that hash.
+The sweep never deletes an unmarked frame; only the spool-full policy gives one up (see
+limits.py), and never silently.
+
+Errors: a frame file that cannot be read or written for now (EACCES, EIO, a full disk) raises
+SpoolIOError, transient and about this one frame, not the object store; a path that can never
+hold the frame (a folder in its place) raises MissingBlobError, as a missing frame does.
 """
 
 from __future__ import annotations
@@ -13,20 +21,33 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from binloop.errors import ChecksumMismatchError
+from binloop.errors import (
+    ChecksumMismatchError,
+    MissingBlobError,
+    PermanentError,
+    StoreUnavailableError,
+)
 from binloop.storage import LocalBlobStore, sha256_hex
 
 log = logging.getLogger(__name__)
 
 UPLOADED_SUFFIX = ".uploaded"
+DEAD_LETTERED_SUFFIX = ".dead_lettered"
+MARKER_SUFFIXES = (UPLOADED_SUFFIX, DEAD_LETTERED_SUFFIX)
+
+
+class SpoolIOError(StoreUnavailableError):
+    """The bin's own disk failed to read or write one frame's files (the spooled frame, its
+    marker, its queue entry). Retryable; the forwarder retries that frame on its own schedule
+    rather than backing off the object store for every frame."""
 
 
 @dataclass(frozen=True)
 class SpoolScan:
     pending: int
-    """Frames not (or not since they were spooled again) confirmed by the object store."""
+    """Frames not (or not since they were spooled again) settled."""
     kept: int
-    """Uploaded frames still inside the retention."""
+    """Settled frames (uploaded or dead-lettered) still inside the retention."""
     deleted: int
 
 
@@ -36,33 +57,67 @@ class Spool:
         self.bin_id = bin_id
 
     def read(self, key: str, sha256: str) -> bytes:
-        """The spooled frame, checked against the hash its event promised.
-        Raises MissingBlobError or ChecksumMismatchError (both permanent)."""
-        data = self.store.get(key)
+        """The spooled frame, checked against the hash its event promised. Raises
+        MissingBlobError or ChecksumMismatchError (permanent), SpoolIOError (transient)."""
+        try:
+            data = self.store.get(key)
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            # No file can ever be read there; treated as gone (the store may still hold it).
+            raise MissingBlobError(f"spool frame {key} is not a file: {exc}") from exc
+        except OSError as exc:
+            raise SpoolIOError(f"spool frame {key} cannot be read: {exc}") from exc
         actual = sha256_hex(data)
         if actual != sha256:
             raise ChecksumMismatchError(f"spool frame {key}", sha256, actual)
         return data
 
     def mark_uploaded(self, key: str, object_key: str, uploaded_at: float) -> None:
-        marker = json.dumps({"uploaded_at": uploaded_at, "object_key": object_key})
-        self.store.put(key + UPLOADED_SUFFIX, marker.encode(), "application/json")
+        self._mark(key, UPLOADED_SUFFIX, {"uploaded_at": uploaded_at, "object_key": object_key})
+
+    def mark_dead_lettered(self, key: str, error: PermanentError, dead_lettered_at: float) -> None:
+        """The frame was dead-lettered: the sweep reclaims it after the retention, as it does
+        an uploaded one, unless it is spooled again before that."""
+        record = {
+            "dead_lettered_at": dead_lettered_at,
+            "error_type": type(error).__name__,
+            "error": str(error),
+        }
+        self._mark(key, DEAD_LETTERED_SUFFIX, record)
+
+    def _mark(self, key: str, suffix: str, record: dict[str, object]) -> None:
+        try:
+            self.store.put(key + suffix, json.dumps(record).encode(), "application/json")
+        except OSError as exc:
+            raise SpoolIOError(f"spool marker {key}{suffix} cannot be written: {exc}") from exc
 
     def is_pending(self, key: str) -> bool:
-        """The frame is in the spool and not (yet) confirmed by the object store."""
-        return self.store.exists(key) and self.uploaded_at(key) is None
+        """The frame is in the spool and not (yet) settled."""
+        return self.store.exists(key) and self.settled_at(key) is None
 
     def discard(self, key: str) -> None:
         """Give a frame up (the spool-full policy decided so): the frame and any marker."""
         self.store.delete(key)
-        self.store.delete(key + UPLOADED_SUFFIX)
+        for suffix in MARKER_SUFFIXES:
+            self.store.delete(key + suffix)
 
     def uploaded_at(self, key: str) -> float | None:
         """When the frame was uploaded, or None when it is not marked (or the mark is unreadable:
         then it counts as pending and is kept, the safe side)."""
-        path = self.store.root / (key + UPLOADED_SUFFIX)
+        return self._marker_time(key, UPLOADED_SUFFIX, "uploaded_at")
+
+    def dead_lettered_at(self, key: str) -> float | None:
+        """When the frame was dead-lettered, or None (as for uploaded_at)."""
+        return self._marker_time(key, DEAD_LETTERED_SUFFIX, "dead_lettered_at")
+
+    def settled_at(self, key: str) -> float | None:
+        """The latest of uploaded_at and dead_lettered_at; None when neither is marked."""
+        times = [t for t in (self.uploaded_at(key), self.dead_lettered_at(key)) if t is not None]
+        return max(times, default=None)
+
+    def _marker_time(self, key: str, suffix: str, field: str) -> float | None:
+        path = self.store.root / (key + suffix)
         try:
-            value = json.loads(path.read_bytes())["uploaded_at"]
+            value = json.loads(path.read_bytes())[field]
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -71,31 +126,33 @@ class Spool:
         return float(value) if isinstance(value, int | float) else None
 
     def sweep(self, now: float, retention_s: float) -> SpoolScan:
-        """Delete uploaded frames whose upload is older than `retention_s` and which were not
+        """Delete settled frames whose marker is older than `retention_s` and which were not
         spooled again since; drop markers whose frame is gone. Counts what is left."""
         keys = set(self.store.list(f"{self.bin_id}/"))
-        frames = sorted(k for k in keys if not k.endswith(UPLOADED_SUFFIX))
+        frames = sorted(k for k in keys if not k.endswith(MARKER_SUFFIXES))
         pending = kept = deleted = 0
         for key in frames:
-            uploaded_at = self.uploaded_at(key)
-            if uploaded_at is None:
+            settled_at = self.settled_at(key)
+            if settled_at is None:
                 pending += 1
                 continue
             try:
                 spooled_at = (self.store.root / key).stat().st_mtime
             except FileNotFoundError:
                 continue  # deleted under us; its marker goes on the next sweep
-            if spooled_at > uploaded_at:
-                pending += 1  # captured again after the upload: wait for that event's upload
-            elif now - uploaded_at >= retention_s:
-                # Frame first, marker second: a crash in between leaves an orphan marker,
+            if spooled_at > settled_at:
+                pending += 1  # captured again after it settled: wait for that event's upload
+            elif now - settled_at >= retention_s:
+                # Frame first, markers second: a crash in between leaves an orphan marker,
                 # never an unmarked frame that looks pending.
                 self.store.delete(key)
-                self.store.delete(key + UPLOADED_SUFFIX)
+                for suffix in MARKER_SUFFIXES:
+                    self.store.delete(key + suffix)
                 deleted += 1
             else:
                 kept += 1
         for marker in keys:
-            if marker.endswith(UPLOADED_SUFFIX) and marker[: -len(UPLOADED_SUFFIX)] not in keys:
-                self.store.delete(marker)
+            for suffix in MARKER_SUFFIXES:
+                if marker.endswith(suffix) and marker[: -len(suffix)] not in keys:
+                    self.store.delete(marker)
         return SpoolScan(pending=pending, kept=kept, deleted=deleted)

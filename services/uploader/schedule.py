@@ -1,0 +1,108 @@
+"""Which queued frame the forwarder tries next, so that one frame that keeps failing on its own
+never blocks the frames behind it.
+
+Two kinds of failure, told apart by who failed:
+- the object store or the bus (StoreUnavailableError, a TransientError from publishing): every
+  frame would fail the same way, so the forwarder's one shared backoff waits and the order of
+  the queue stays as it is (a selected frame is still the first up when the store returns);
+- this frame alone (SpoolIOError: its spool file, marker or queue entry; or an error nobody
+  mapped): the frame waits on its own backoff, and after `set_aside_after` failures in a row
+  it is set aside behind every other waiting frame. Set-aside frames are retried, in turn,
+  whenever no other frame is ready; nothing is dropped for failing.
+
+The state is in memory: after a restart a frame that still fails needs `set_aside_after`
+failures again before it is set aside.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.uploader.queue import QueuedFrame, UploadQueue
+
+
+@dataclass
+class _Trouble:
+    failures: int = 0
+    """Failed attempts in a row of this frame, on its own account."""
+    retry_at: float = 0.0
+
+
+class UploadSchedule:
+    def __init__(
+        self,
+        queue: UploadQueue,
+        *,
+        set_aside_after: int,
+        retry_delay_s: Callable[[int], float],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if set_aside_after < 1:
+            raise ValueError(f"set_aside_after {set_aside_after} is below 1")
+        self.queue = queue
+        self.set_aside_after = set_aside_after
+        self.retry_delay_s = retry_delay_s
+        """The wait after n failures of one frame (the store's backoff schedule)."""
+        self.clock = clock
+        self._trouble: dict[str, _Trouble] = {}
+        self._set_aside: dict[str, None] = {}  # event ids, the next to retry first
+
+    def next(self) -> tuple[QueuedFrame | None, float | None]:
+        """The frame to try now, or (None, seconds until one is due; None if none waits).
+
+        The head of the queue (selected frames first, then the oldest), set-aside frames
+        passed over. While that head waits for its own retry, the frames behind it wait too:
+        it keeps its place until it is set aside. With only set-aside frames left, the one
+        due first in turn."""
+        self._forget_gone()
+        now = self.clock()
+        head = self.queue.peek(skip=self._set_aside)
+        if head is not None:
+            wait_s = self._wait_s(head.event_id, now)
+            return (head, None) if wait_s <= 0 else (None, wait_s)
+        waits = []
+        for event_id in self._set_aside:
+            wait_s = self._wait_s(event_id, now)
+            if wait_s <= 0 and (frame := self.queue.get(event_id)) is not None:
+                return frame, None
+            waits.append(wait_s)
+        return None, min(waits, default=None)
+
+    def failed(self, frame: QueuedFrame) -> tuple[int, bool]:
+        """The frame failed on its own account: (its failures in a row, set aside just now)."""
+        trouble = self._trouble.setdefault(frame.event_id, _Trouble())
+        trouble.failures += 1
+        trouble.retry_at = self.clock() + self.retry_delay_s(trouble.failures)
+        if frame.event_id in self._set_aside:
+            del self._set_aside[frame.event_id]  # to the back of the set-aside frames
+            self._set_aside[frame.event_id] = None
+            return trouble.failures, False
+        if trouble.failures >= self.set_aside_after:
+            self._set_aside[frame.event_id] = None
+            return trouble.failures, True
+        return trouble.failures, False
+
+    def done(self, frame: QueuedFrame) -> None:
+        """The frame left the queue (stored or dead-lettered)."""
+        self._trouble.pop(frame.event_id, None)
+        self._set_aside.pop(frame.event_id, None)
+
+    def is_set_aside(self, event_id: str) -> bool:
+        return event_id in self._set_aside
+
+    @property
+    def set_aside(self) -> list[str]:
+        """Event ids of the set-aside frames, the next to retry first."""
+        return list(self._set_aside)
+
+    def _wait_s(self, event_id: str, now: float) -> float:
+        trouble = self._trouble.get(event_id)
+        return 0.0 if trouble is None else trouble.retry_at - now
+
+    def _forget_gone(self) -> None:
+        """Frames the spool-full policy dropped, or another path dequeued."""
+        for event_id in [e for e in self._trouble if self.queue.get(e) is None]:
+            del self._trouble[event_id]
+            self._set_aside.pop(event_id, None)
