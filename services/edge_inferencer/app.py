@@ -40,6 +40,7 @@ from services.edge_inferencer.core import (
     classify,
 )
 from services.edge_inferencer.models import (
+    MODEL_ACK_WAIT_S,
     ModelCache,
     ModelSlot,
     ModelUpdate,
@@ -51,8 +52,6 @@ from services.edge_inferencer.models import (
 from services.edge_inferencer.settings import EdgeInferencerSettings
 
 SERVICE = "edge-inferencer"
-MODEL_ACK_WAIT_S = 30.0
-"""Mirrors binloop.bus.subscribe's default, since the model consumers are created here."""
 
 log = logging.getLogger(__name__)
 

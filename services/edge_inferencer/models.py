@@ -32,6 +32,11 @@ _PATH_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 ONNX_FILE = "model.onnx"
 
 
+MODEL_ACK_WAIT_S = 30.0
+"""Ack wait of the consumers that install models (the edge's and the ML backend's): downloading
+a model and building its session takes longer than the bus's default ack wait (10 s)."""
+
+
 def card_path_for(onnx_path: Path) -> Path:
     """The card of `<dir>/<stem>.onnx` is `<dir>/<stem>.card.json`, else `<dir>/card.json`."""
     beside = onnx_path.with_name(f"{onnx_path.stem}.card.json")

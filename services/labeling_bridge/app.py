@@ -32,7 +32,7 @@ from schemas.routes import (
     MODELS_ROLLED_BACK,
     SAMPLES_SELECTED,
 )
-from services.edge_inferencer.models import ModelCache, ModelUpdate
+from services.edge_inferencer.models import MODEL_ACK_WAIT_S, ModelCache, ModelUpdate
 from services.labeling_bridge.backends import (
     LabelingBackend,
     LabelStudioBackend,
@@ -60,8 +60,6 @@ from services.labeling_bridge.web import (
 
 SERVICE = "labeling-bridge"
 ML_BACKEND_TITLE = "binloop champion"
-MODEL_ACK_WAIT_S = 30.0
-"""Downloading and loading a model takes longer than the bus's default ack wait."""
 
 log = logging.getLogger(__name__)
 _DEAD_LETTER_NAMESPACE = uuid.UUID("9c4e2f71-6a3b-4d08-8e5f-2b7d1a9c3e64")
