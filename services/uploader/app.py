@@ -9,6 +9,7 @@ samples.selected for this bin moves a frame to the front. See docs/uploader.md f
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from services.uploader.spool import Spool
 SERVICE = "uploader"
 PREVIEW_CHARS = 4096
 _DEAD_LETTER_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:uploader.dead-letter")
+
+log = logging.getLogger(__name__)
 
 
 def _open_store(settings: UploaderSettings) -> BlobStore:
@@ -114,8 +117,13 @@ def create_app(
 
     async def sweep_spool() -> None:
         while True:
-            await asyncio.to_thread(spool.sweep, clock(), settings.spool_retention_s)
-            await asyncio.to_thread(forwarder.prune_wanted)
+            try:
+                await asyncio.to_thread(spool.sweep, clock(), settings.spool_retention_s)
+                await asyncio.to_thread(forwarder.prune_wanted)
+            except OSError as exc:  # a disk that fails now may not next time: keep uploading
+                log.warning(
+                    "spool sweep failed, next one in %.0fs: %s", settings.sweep_interval_s, exc
+                )
             forwarder.report_drops()
             await asyncio.sleep(settings.sweep_interval_s)
 
