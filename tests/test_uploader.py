@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,8 @@ from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from prometheus_client import REGISTRY
 
+from binloop.bus import ensure_streams
+from binloop.bus.consumers import edge_inferencer_durable
 from binloop.errors import (
     ChecksumMismatchError,
     MissingBlobError,
@@ -38,6 +40,7 @@ from services.uploader.core import FrameUploader, stored_event
 from services.uploader.forwarder import Announce, DeadLetterSink, Forwarder, ProgressHook
 from services.uploader.limits import SpoolLimits, plan_drops
 from services.uploader.queue import QueuedFrame, UploadQueue
+from services.uploader.readers import SPOOL_TO_EVENT_SLACK_S, unread_since
 from services.uploader.schedule import UploadSchedule
 from services.uploader.spool import DEAD_LETTERED_SUFFIX, UPLOADED_SUFFIX, Spool, SpoolIOError
 from tests.helpers import Collector
@@ -190,6 +193,58 @@ def test_an_unreadable_marker_keeps_the_frame(tmp_path: Path) -> None:
     scan = spool.sweep(time.time() + 10_000, retention_s=0)
     assert (scan.pending, scan.deleted) == (1, 0)
     assert spool.store.exists(event.spool.key)
+
+
+def test_sweep_keeps_what_the_edge_inferencer_has_not_read(tmp_path: Path) -> None:
+    frames = _demo_jpegs(2)
+    read, unread = [
+        _spool_and_describe(tmp_path / "spool", jpeg, i) for i, jpeg in enumerate(frames)
+    ]
+    spool = Spool(tmp_path / "spool", BIN)
+    uploader = FrameUploader(spool, LocalBlobStore(tmp_path / "blobs"), clock=lambda: 2_000.0)
+    for event, spooled_at in ((read, 1_000.0), (unread, 1_500.0)):
+        uploader.upload(event)
+        os.utime(spool.store.root / event.spool.key, (spooled_at, spooled_at))
+
+    scan = spool.sweep(10_000.0, retention_s=120, keep_spooled_since=1_400.0)
+
+    assert (scan.kept, scan.deleted) == (1, 1)
+    assert not spool.store.exists(read.spool.key)
+    assert spool.store.exists(unread.spool.key)
+
+
+@pytest.mark.integration
+async def test_jetstream_says_from_when_the_edge_inferencer_has_frames_to_read(
+    js: JetStreamContext, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    await ensure_streams(js)
+    assert await unread_since(js, BIN) is None  # no inferencer on this bin (yet)
+    t0 = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    jpegs = _demo_jpegs(3)
+    events = [
+        _spool_and_describe(tmp_path / "spool", jpeg, i).model_copy(
+            update={"captured_at": t0 + timedelta(seconds=10 * i)}
+        )
+        for i, jpeg in enumerate(jpegs)
+    ]
+    other_bin = events[0].model_copy(update={"bin_id": "bin-2", "event_id": uuid.uuid4()})
+    await js.publish(FRAMES_CAPTURED.subject("bin-2"), other_bin.model_dump_json().encode())
+    for event in events:
+        await js.publish(FRAMES_CAPTURED.subject(BIN), event.model_dump_json().encode())
+    inferencer = await js.pull_subscribe(
+        FRAMES_CAPTURED.subject(BIN),
+        durable=edge_inferencer_durable(BIN),
+        stream=FRAMES_CAPTURED.stream,
+    )
+    (first,) = await inferencer.fetch(1, timeout=5)
+    await first.ack_sync()
+
+    keep_since = await unread_since(js, BIN)
+
+    assert keep_since == events[1].captured_at.timestamp() - SPOOL_TO_EVENT_SLACK_S
+    for msg in await inferencer.fetch(2, timeout=5):
+        await msg.ack_sync()
+    assert await unread_since(js, BIN) is None  # read them all
 
 
 # --- the service against a real nats-server ------------------------------------------------

@@ -23,6 +23,12 @@ UPDATABLE_FIELDS = ("ack_wait", "max_deliver")
 policy, filter) is fixed at creation."""
 
 
+def edge_inferencer_durable(bin_id: str) -> str:
+    """The edge-inferencer's frames consumer on a bin; the uploader's spool sweep asks it
+    which frames are still to be read."""
+    return f"edge-inferencer-{bin_id}"
+
+
 @dataclass(frozen=True)
 class DeclaredConsumer:
     stream: str

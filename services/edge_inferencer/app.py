@@ -13,6 +13,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.bus.consumers import edge_inferencer_durable
 from binloop.errors import (
     BinloopError,
     ConfigError,
@@ -82,7 +83,7 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
     reader = SpoolReader(settings.spool_root)
     cache = ModelCache(settings.model_cache, settings.intra_op_threads)
     policy = DecisionPolicy(settings.taxonomy, settings.confidence_threshold, settings.top_k)
-    durable = f"{SERVICE}-{bin_id}"
+    durable = edge_inferencer_durable(bin_id)
     promoted_durable = f"{durable}-promoted"
     rolled_back_durable = f"{durable}-rolledback"
     started = time.monotonic()

@@ -31,6 +31,7 @@ from services.uploader.core import FrameUploader
 from services.uploader.forwarder import Forwarder, ProgressHook
 from services.uploader.limits import SpoolLimits
 from services.uploader.queue import QueuedFrame, UploadQueue
+from services.uploader.readers import unread_since
 from services.uploader.settings import UploaderSettings
 from services.uploader.spool import Spool
 
@@ -118,7 +119,10 @@ def create_app(
     async def sweep_spool() -> None:
         while True:
             try:
-                await asyncio.to_thread(spool.sweep, clock(), settings.spool_retention_s)
+                keep_since = await unread_since(service.js, bin_id)
+                await asyncio.to_thread(
+                    spool.sweep, clock(), settings.spool_retention_s, keep_since
+                )
                 await asyncio.to_thread(forwarder.prune_wanted)
             except OSError as exc:  # a disk that fails now may not next time: keep uploading
                 log.warning(

@@ -125,9 +125,14 @@ class Spool:
             return None
         return float(value) if isinstance(value, int | float) else None
 
-    def sweep(self, now: float, retention_s: float) -> SpoolScan:
+    def sweep(
+        self, now: float, retention_s: float, keep_spooled_since: float | None = None
+    ) -> SpoolScan:
         """Delete settled frames whose marker is older than `retention_s` and which were not
-        spooled again since; drop markers whose frame is gone. Counts what is left."""
+        spooled again since; drop markers whose frame is gone. Counts what is left.
+
+        Frames spooled at or after `keep_spooled_since` are kept however long ago they
+        settled: the edge-inferencer, which reads them from here, has not got to them yet."""
         keys = set(self.store.list(f"{self.bin_id}/"))
         frames = sorted(k for k in keys if not k.endswith(MARKER_SUFFIXES))
         pending = kept = deleted = 0
@@ -142,6 +147,8 @@ class Spool:
                 continue  # deleted under us; its marker goes on the next sweep
             if spooled_at > settled_at:
                 pending += 1  # captured again after it settled: wait for that event's upload
+            elif keep_spooled_since is not None and spooled_at >= keep_spooled_since:
+                kept += 1  # not read by the edge-inferencer yet
             elif now - settled_at >= retention_s:
                 # Frame first, markers second: a crash in between leaves an orphan marker,
                 # never an unmarked frame that looks pending.
