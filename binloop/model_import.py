@@ -17,9 +17,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError
+from pydantic import ValidationError
 
 from binloop.bus import Publisher, ensure_streams
-from binloop.errors import BinloopError
+from binloop.errors import BinloopError, ConfigError
 from binloop.runtime import new_service
 from binloop.storage import open_store
 from schemas.events import ModelRegistered, TrainingCompleted
@@ -55,14 +56,24 @@ def _store_and_score(onnx: Path, card: Path | None, settings: TrainerSettings) -
     return ImportResult(outcome.completed_event(PRODUCER), outcome.card, None)
 
 
-async def registry_champion(js: JetStreamContext, model_name: str) -> int | None:
-    """The champion version the model-registry's bucket records for `model_name`; None when
+def configured_registry_bucket() -> str:
+    """The model-registry's bucket as its settings read it (BINLOOP_KV_BUCKET, else its
+    default): the import runs on the trainer's settings, which do not name it."""
+    from services.model_registry.settings import RegistrySettings
+
+    try:
+        return RegistrySettings().kv_bucket
+    except ValidationError as exc:
+        raise ConfigError(f"the model-registry's settings (BINLOOP_*) are invalid: {exc}") from exc
+
+
+async def registry_champion(js: JetStreamContext, model_name: str, bucket: str) -> int | None:
+    """The champion version the model-registry's `bucket` records for `model_name`; None when
     there is none (or no registry has run yet: the bucket is not created here)."""
-    from services.model_registry.settings import DEFAULT_KV_BUCKET
     from services.model_registry.store import RegistryStore
 
     try:
-        kv = await js.key_value(DEFAULT_KV_BUCKET)
+        kv = await js.key_value(bucket)
     except BucketNotFoundError:
         return None
     state = await RegistryStore(kv).champion(model_name)
@@ -76,6 +87,7 @@ async def import_model(
     *,
     wait_s: float = 0.0,
     only_first: bool = False,
+    registry_bucket: str | None = None,
 ) -> ImportResult:
     """Scores `onnx` on settings.eval_dir, stores it as the next version of
     settings.model_name in the services' object store, and publishes training.completed on
@@ -84,16 +96,22 @@ async def import_model(
 
     With `only_first`, raises AlreadyHasModelsError (and imports nothing) when the registry
     has a champion for the model already: safe at every start of a deployment, and an import
-    that was stored but never registered (the announcement failed) is simply done again."""
+    that was stored but never registered (the announcement failed) is simply done again. The
+    registry's bucket is `registry_bucket`, by default the model-registry's setting
+    (BINLOOP_KV_BUCKET, see configured_registry_bucket)."""
+    bucket = None
+    if only_first:
+        bucket = registry_bucket or configured_registry_bucket()
     service = new_service(PRODUCER, settings)
     await service.broker.connect()
     try:
         await ensure_streams(service.js)  # the registry may not have started yet
-        if only_first:
-            champion = await registry_champion(service.js, settings.model_name)
+        if bucket is not None:
+            champion = await registry_champion(service.js, settings.model_name, bucket)
             if champion is not None:
                 raise AlreadyHasModelsError(
-                    f"the registry's champion of {settings.model_name} is v{champion} already"
+                    f"the registry's champion of {settings.model_name} is v{champion} already "
+                    f"(bucket {bucket})"
                 )
         imported = await asyncio.to_thread(_store_and_score, onnx, card, settings)
         completed = imported.completed

@@ -14,16 +14,22 @@ import pytest
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
-from binloop.errors import ModelLoadError
+from binloop.errors import ConfigError, ModelLoadError
 from binloop.ml.card import ModelCard
 from binloop.ml.shipped import SHIPPED_MODEL
-from binloop.model_import import AlreadyHasModelsError, import_model, registry_champion
+from binloop.model_import import (
+    AlreadyHasModelsError,
+    configured_registry_bucket,
+    import_model,
+    registry_champion,
+)
 from binloop.natsserver import NatsServer
 from binloop.storage import LocalBlobStore, read_verified, sha256_hex
 from schemas.events import ModelPromoted, ModelRegistered
 from schemas.routes import MODELS_PROMOTED, MODELS_REGISTERED
 from services.model_registry import RegistrySettings
 from services.model_registry import create_app as create_registry
+from services.model_registry.settings import DEFAULT_KV_BUCKET
 from services.trainer.core import next_model_version
 from services.trainer.data import folder_content_id
 from services.trainer.external import import_external_model
@@ -113,21 +119,32 @@ async def test_imported_model_is_promoted_first_and_an_equal_one_is_rejected(
 
 @pytest.mark.integration
 async def test_only_first_imports_until_the_registry_has_a_champion(
-    nats_server: NatsServer, js: JetStreamContext, blob_store: LocalBlobStore, eval_dir: Path
+    nats_server: NatsServer,
+    js: JetStreamContext,
+    blob_store: LocalBlobStore,
+    eval_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The registry's bucket is configured (BINLOOP_KV_BUCKET), not the default: the import
+    # must look where the registry writes.
+    bucket = "import-models"
+    monkeypatch.setenv("BINLOOP_KV_BUCKET", bucket)
     settings = _settings(blob_store.root, eval_dir, nats_server.url)
     # Stored and announced, but no registry ran: nothing registered it, so it counts as not done.
     unregistered = await import_model(SHIPPED_MODEL, None, settings, only_first=True)
     assert unregistered.completed.model_version == 1
-    registry = create_registry(RegistrySettings(nats_url=nats_server.url, http_port=0))
+    registry = create_registry(
+        RegistrySettings(nats_url=nats_server.url, http_port=0, kv_bucket=bucket)
+    )
     await registry.start()
     try:
         # The registry reads the v1 announcement from JetStream and promotes it.
         for _ in range(200):
-            if await registry_champion(js, "binloop-waste") == 1:
+            if await registry_champion(js, "binloop-waste", bucket) == 1:
                 break
             await asyncio.sleep(0.05)
-        assert await registry_champion(js, "binloop-waste") == 1
+        assert await registry_champion(js, "binloop-waste", bucket) == 1
+        assert await registry_champion(js, "binloop-waste", DEFAULT_KV_BUCKET) is None
         with pytest.raises(AlreadyHasModelsError, match=r"champion of binloop-waste is v\d"):
             await import_model(SHIPPED_MODEL, None, settings, only_first=True)
         # What compose runs at every start: once there is a champion, nothing happens.
@@ -147,7 +164,19 @@ async def test_only_first_imports_until_the_registry_has_a_champion(
         await registry.stop()
     assert command.returncode == 0, output.decode()
     assert "nothing imported" in output.decode()
+    assert f"(bucket {bucket})" in " ".join(output.decode().split())
     assert next_model_version(blob_store, "binloop-waste") == 2  # v1 only
+
+
+def test_the_registry_bucket_comes_from_the_registry_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert configured_registry_bucket() == DEFAULT_KV_BUCKET
+    monkeypatch.setenv("BINLOOP_KV_BUCKET", "custom-models")
+    assert configured_registry_bucket() == "custom-models"
+    monkeypatch.setenv("BINLOOP_KV_BUCKET", "no.dots")
+    with pytest.raises(ConfigError, match="kv_bucket"):
+        configured_registry_bucket()
 
 
 def test_a_model_a_bin_could_not_serve_is_refused_before_anything_is_stored(

@@ -56,6 +56,7 @@ from services.model_registry.core import (
     pending_promotion,
     register,
     registration_events,
+    replay_state,
     rollback_target,
     rolled_back_champion,
     rolled_back_event,
@@ -106,7 +107,7 @@ def _completed(
 
 
 def _champion_of(event: TrainingCompleted) -> VersionRecord:
-    return register(event, None, None, 0.02, NOW)
+    return register(event, None, None, 0.02, NOW, 0)
 
 
 # --- the promotion rule ----------------------------------------------------------------------
@@ -149,30 +150,103 @@ def test_a_different_eval_set_is_rejected_whatever_the_accuracy() -> None:
 
 
 def test_promotion_stacks_the_champion_history() -> None:
-    first = register(_completed(1, 0.5), None, None, 0.02, NOW)
-    champion_1 = pending_promotion(first, None)
+    first = register(_completed(1, 0.5), None, None, 0.02, NOW, 0)
+    champion_1 = pending_promotion(first, None, 0)
     assert champion_1 is not None
-    assert (champion_1.version, champion_1.history) == (1, [])
+    assert (champion_1.version, champion_1.history, champion_1.promoted_versions) == (1, [], [1])
 
-    rejected = register(_completed(2, 0.51), champion_1, first, 0.02, NOW)
+    rejected = register(_completed(2, 0.51), champion_1, first, 0.02, NOW, 1)
     assert rejected.decision == "rejected"
-    assert rejected.champion_before == 1
-    assert pending_promotion(rejected, champion_1) is None
+    assert (rejected.champion_before, rejected.champion_revision) == (1, 1)
+    assert pending_promotion(rejected, champion_1, 1) is None
 
-    better = register(_completed(3, 0.53), champion_1, first, 0.02, NOW)
-    champion_3 = pending_promotion(better, champion_1)
+    better = register(_completed(3, 0.53), champion_1, first, 0.02, NOW, 1)
+    champion_3 = pending_promotion(better, champion_1, 1)
     assert champion_3 is not None
-    assert (champion_3.version, champion_3.history) == (3, [1])
-    # Already applied (or superseded): a replay has nothing left to do.
-    assert pending_promotion(better, champion_3) is None
+    assert (champion_3.version, champion_3.history, champion_3.promoted_versions) == (
+        3,
+        [1],
+        [1, 3],
+    )
+    # Already applied: a replay has nothing left to do.
+    assert replay_state(better, champion_3, 2) == "settled"
+    assert pending_promotion(better, champion_3, 2) is None
+
+
+def test_a_replay_tells_applied_unfinished_and_superseded_promotions_apart() -> None:
+    v4 = _champion_of(_completed(4, 0.50))
+    champion_4 = ChampionRecord(
+        model_name=MODEL, version=4, changed_at=NOW, reason="x", promoted_versions=[4]
+    )
+    v5 = register(_completed(5, 0.53), champion_4, v4, 0.02, NOW, 1)
+    assert v5.decision == "promoted"
+    # Recorded, then a crash before the champion key was written: the replay applies it.
+    assert replay_state(v5, champion_4, 1) == "unfinished"
+    # v6 was promoted over v4 first: v5 never served and is decided again.
+    champion_6 = ChampionRecord(
+        model_name=MODEL,
+        version=6,
+        history=[4],
+        changed_at=NOW,
+        reason="x",
+        promoted_versions=[4, 6],
+    )
+    assert replay_state(v5, champion_6, 2) == "superseded"
+    assert pending_promotion(v5, champion_6, 2) is None
+    # The champion went away and came back (a rollback to v4): still decided again, as the
+    # rollback was announced after the decision and a late promotion would lose to it.
+    assert replay_state(v5, champion_4, 3) == "superseded"
+    # v5 served, then was rolled back to v4: never applied again.
+    rolled_back_to_4 = champion_4.model_copy(update={"promoted_versions": [4, 5]})
+    assert replay_state(v5, rolled_back_to_4, 3) == "settled"
+    # v5 served, then v6 was promoted over it.
+    champion_6_over_5 = champion_6.model_copy(
+        update={"history": [4, 5], "promoted_versions": [4, 5, 6]}
+    )
+    assert replay_state(v5, champion_6_over_5, 3) == "settled"
+    rejected = v5.model_copy(update={"decision": "rejected"})
+    assert replay_state(rejected, champion_6, 2) == "settled"
+    # Records from before revisions were kept: the champion version decides.
+    legacy = v5.model_copy(update={"champion_revision": None})
+    assert replay_state(legacy, champion_4, 3) == "unfinished"
+    assert replay_state(legacy, champion_6, 3) == "superseded"
+
+
+def test_a_superseded_promotion_is_decided_again_against_the_new_champion() -> None:
+    v4, v6 = _champion_of(_completed(4, 0.50)), _champion_of(_completed(6, 0.56))
+    champion_4 = ChampionRecord(model_name=MODEL, version=4, changed_at=NOW, reason="x")
+    champion_6 = ChampionRecord(
+        model_name=MODEL,
+        version=6,
+        history=[4],
+        changed_at=NOW,
+        reason="x",
+        promoted_versions=[6],
+    )
+    event = _completed(5, 0.53)
+    first = register(event, champion_4, v4, 0.02, NOW, 1)
+    again = register(event, champion_6, v6, 0.02, NOW, 2, superseded=first)
+
+    assert (again.decision, again.champion_before, again.champion_revision) == ("rejected", 6, 2)
+    assert again.reason.startswith(
+        "decided again: the promotion over v4 never took effect, the champion became v6 first; "
+        "not better by the margin"
+    )
+    assert again.superseded is not None
+    assert (again.superseded.champion_before, again.superseded.reason) == (4, first.reason)
+    [registered] = registration_events(again, "reg", 6)
+    assert isinstance(registered, ModelRegistered)
+    assert (registered.decision, registered.champion_version) == ("rejected", 6)
+    # Another decision, another event id: the duplicate window must not drop it.
+    assert registered.event_id != registration_events(first, "reg", 4)[0].event_id
 
 
 def test_events_are_the_same_for_the_same_record() -> None:
     champion = _champion_of(_completed(1, 0.5))
-    record = register(_completed(3, 0.6), None, champion, 0.02, NOW).model_copy(
+    record = register(_completed(3, 0.6), None, champion, 0.02, NOW, 0).model_copy(
         update={"champion_before": 1}
     )
-    first, again = registration_events(record, "reg"), registration_events(record, "reg")
+    first, again = registration_events(record, "reg", 3), registration_events(record, "reg", 3)
     assert [e.event_id for e in first] == [e.event_id for e in again]
     registered, promoted = first
     assert isinstance(registered, ModelRegistered)
@@ -181,9 +255,12 @@ def test_events_are_the_same_for_the_same_record() -> None:
     assert (promoted.model_version, promoted.previous_version) == (3, 1)
     assert promoted.artifact == _ref(3, "model.onnx")
     rejected = record.model_copy(update={"decision": "rejected", "version": 4})
-    [only] = registration_events(rejected, "reg")
+    [only] = registration_events(rejected, "reg", 3)
     assert isinstance(only, ModelRegistered)
     assert only.event_id not in {e.event_id for e in first}
+    # Promoted, but not (or no longer) the champion: models.promoted stays silent.
+    assert registration_events(record, "reg", 5) == [registered]
+    assert registration_events(record, "reg", None) == [registered]
 
 
 def test_a_second_training_run_claiming_a_recorded_version_is_refused() -> None:
@@ -196,7 +273,12 @@ def test_a_second_training_run_claiming_a_recorded_version_is_refused() -> None:
 
 def test_rollback_goes_to_the_previous_champion_or_the_given_version() -> None:
     champion = ChampionRecord(
-        model_name=MODEL, version=5, history=[1, 3], changed_at=NOW, reason="x"
+        model_name=MODEL,
+        version=5,
+        history=[1, 3],
+        changed_at=NOW,
+        reason="x",
+        promoted_versions=[1, 3, 5],
     )
     assert rollback_target(champion, None) == 3
     assert rollback_target(champion, 1) == 1
@@ -204,6 +286,8 @@ def test_rollback_goes_to_the_previous_champion_or_the_given_version() -> None:
     event = rolled_back_event(champion, target_3, "bad in the field", "reg", revision=7)
     after = rolled_back_champion(champion, event)
     assert (after.version, after.history) == (3, [1])
+    # A rollback forgets v5 in the history, not that it was promoted.
+    assert after.promoted_versions == [1, 3, 5]
     assert "rollback from v5: bad in the field" in after.reason
     # The event waits in the record (an outbox) until it is published.
     assert after.pending_rollback == event
@@ -312,6 +396,135 @@ async def test_registry_promotes_rejects_dedups_and_rolls_back(
         (4, "rejected"),
     ]
     assert records[2].parent_version == 1
+
+
+# --- a redelivered training event: what its decision became ----------------------------------
+
+
+async def _crash_after_recording(
+    store: RegistryStore, event: TrainingCompleted, margin: float = 0.02
+) -> VersionRecord:
+    """What a registry that died between the version record and the champion key leaves."""
+    state = await store.champion(event.model_name)
+    assert state.record is not None
+    champion = await store.version(event.model_name, state.record.version)
+    record = register(event, state.record, champion, margin, NOW, state.revision)
+    assert await store.add_version(record)
+    return record
+
+
+def _decisions(model: str, decision: str) -> float:
+    return _sample("binloop_model_promotions_total", model, "decision", decision) or 0.0
+
+
+@pytest.mark.integration
+async def test_a_replayed_promotion_that_never_took_effect_is_decided_again_not_announced(
+    js: JetStreamContext, nats_client: Client, nats_server: NatsServer
+) -> None:
+    model = "replay-superseded"
+    settings = RegistrySettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        retry_delay_s=0.05,
+        kv_bucket="registry-replay",
+        model_name=model,
+    )
+    store = await RegistryStore.open_or_create(js, settings.kv_bucket)
+    await record_training(store, _completed(4, 0.50, model=model), 0.02, "test")
+    v5 = _completed(5, 0.53, parent=4, model=model)
+    crashed = await _crash_after_recording(store, v5)
+    assert (crashed.decision, crashed.champion_before) == ("promoted", 4)
+    rejected_before = _decisions(model, "rejected")
+
+    registered = await Collector(ModelRegistered).attach(nats_client, MODELS_REGISTERED.subject())
+    promoted = await Collector(ModelPromoted).attach(nats_client, MODELS_PROMOTED.subject())
+    service = create_app(settings)
+    await service.start()
+    subject = TRAINING_COMPLETED.subject()
+    try:
+        # v6 is promoted over v4 before v5's training.completed is redelivered.
+        await js.publish(
+            subject, _completed(6, 0.56, parent=4, model=model).model_dump_json().encode()
+        )
+        await registered.wait_for(1)
+        await js.publish(subject, v5.model_dump_json().encode())
+        await registered.wait_for(2)
+    finally:
+        await service.stop()
+    engine = await js.stream_info("ENGINE", subjects_filter=MODELS_PROMOTED.subject())
+    last = await js.get_last_msg("ENGINE", MODELS_PROMOTED.subject())
+    champion = (await store.champion(model)).record
+    record = await store.version(model, 5)
+
+    # Only v6 was announced as champion: bins, trainer and labeling bridge all read v6.
+    assert [(p.model_version, p.previous_version) for p in promoted.items] == [(6, 4)]
+    assert engine.state.subjects == {MODELS_PROMOTED.subject(): 1}
+    assert ModelPromoted.model_validate_json(last.data or b"").model_version == 6
+    assert champion is not None
+    assert (champion.version, champion.history, champion.promoted_versions) == (6, [4], [4, 6])
+    # v5 was decided again against the champion that serves, and the record says so.
+    replayed = registered.items[1]
+    assert (replayed.model_version, replayed.decision, replayed.champion_version) == (
+        5,
+        "rejected",
+        6,
+    )
+    assert record is not None
+    assert (record.decision, record.champion_before) == ("rejected", 6)
+    assert record.reason == replayed.reason
+    assert record.reason.startswith(
+        "decided again: the promotion over v4 never took effect, the champion became v6 first"
+    )
+    assert record.superseded is not None
+    assert (record.superseded.champion_before, record.superseded.reason) == (4, crashed.reason)
+    assert _decisions(model, "rejected") == rejected_before + 1
+
+
+@pytest.mark.integration
+async def test_a_replay_never_undoes_a_rollback_and_a_better_superseded_candidate_still_wins(
+    js: JetStreamContext, nats_server: NatsServer
+) -> None:
+    model, bucket = "replay-kept", "registry-replay-kept"
+    store = await RegistryStore.open_or_create(js, bucket)
+    v2 = _completed(2, 0.53, parent=1, model=model)
+    await record_training(store, _completed(1, 0.50, model=model), 0.02, "test")
+    await record_training(store, v2, 0.02, "test")
+    async with _operator(nats_server.url) as operator:
+        await rollback(operator.js, operator.publisher, model, bucket=bucket)
+
+    # v2's training.completed again, after the rollback to v1 it was decided against.
+    after_rollback = await record_training(store, v2, 0.02, "test")
+    rolled_back = (await store.champion(model)).record
+
+    # v3 is recorded as promoted over v1, the registry dies; v4 is promoted over v1; then v3
+    # is redelivered: decided again, it beats v4 too.
+    v3 = _completed(3, 0.60, parent=1, model=model)
+    await _crash_after_recording(store, v3)
+    await record_training(store, _completed(4, 0.55, parent=1, model=model), 0.02, "test")
+    redecided = await record_training(store, v3, 0.02, "test")
+    replayed_again = await record_training(store, v3, 0.02, "test")
+    champion = (await store.champion(model)).record
+    record = await store.version(model, 3)
+
+    assert [type(e) for e in after_rollback] == [ModelRegistered]
+    assert rolled_back is not None
+    assert (rolled_back.version, rolled_back.promoted_versions) == (1, [1, 2])
+    registered, promotion = redecided
+    assert isinstance(registered, ModelRegistered)
+    assert isinstance(promotion, ModelPromoted)
+    assert (registered.decision, registered.champion_version) == ("promoted", 4)
+    assert (promotion.model_version, promotion.previous_version) == (3, 4)
+    assert replayed_again == redecided  # same events, same ids
+    assert champion is not None
+    assert (champion.version, champion.history, champion.promoted_versions) == (
+        3,
+        [1, 4],
+        [1, 2, 4, 3],
+    )
+    assert record is not None
+    assert record.superseded is not None
+    assert (record.champion_before, record.superseded.champion_before) == (4, 1)
+    assert _sample("binloop_model_eval_accuracy_ratio", model, "role", "champion") == 0.60
 
 
 # --- rollback: announced exactly once, counted by the registry, in the configured bucket -----

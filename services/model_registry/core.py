@@ -38,6 +38,16 @@ class RollbackNotAnnouncedError(TransientError):
     replace that champion until it is (see ChampionRecord.pending_rollback)."""
 
 
+class SupersededDecision(Frozen):
+    """A decision to promote a version that never took effect: the champion changed before
+    the promotion was applied (a crash in between, or another registry or a rollback first)."""
+
+    champion_before: int | None
+    champion_revision: int | None
+    reason: str
+    recorded_at: AwareDatetime
+
+
 class VersionRecord(Frozen):
     """Everything the registry knows about one model version, and what it decided."""
 
@@ -55,7 +65,19 @@ class VersionRecord(Frozen):
     decision: Literal["promoted", "rejected"]
     reason: str
     champion_before: int | None = Field(description="Champion when the decision was made")
+    champion_revision: int | None = Field(
+        default=None,
+        ge=0,
+        description="Revision of the champion key the decision was made against (0: no "
+        "champion yet). A promotion takes effect only by replacing exactly that revision; "
+        "None in records written before it was kept",
+    )
     recorded_at: AwareDatetime
+    superseded: SupersededDecision | None = Field(
+        default=None,
+        description="The earlier decision to promote this version that never took effect, "
+        "when the champion changed first and the version was decided again against the new one",
+    )
 
 
 class ChampionRecord(Frozen):
@@ -72,6 +94,12 @@ class ChampionRecord(Frozen):
         "published (an outbox): written with the champion in one compare-and-set, so a "
         "rollback whose publish failed is announced again, with the same event id, instead "
         "of being lost or repeated one version further back",
+    )
+    promoted_versions: list[int] = Field(
+        default_factory=list,
+        description="Every version a promotion made champion, oldest first. Unlike history, "
+        "rollbacks never remove one: a redelivered training event tells by it a promotion "
+        "that took effect (never to be applied again) from one that never did",
     )
 
 
@@ -118,10 +146,28 @@ def register(
     champion_record: VersionRecord | None,
     margin: float,
     now: datetime,
+    champion_revision: int,
+    superseded: VersionRecord | None = None,
 ) -> VersionRecord:
-    """The record of a new candidate, with the decision against the current champion."""
+    """The record of a candidate, with the decision against the current champion (at
+    `champion_revision` of its key). `superseded`: this version's earlier record, whose
+    promotion never took effect; it is decided again and the record keeps what it replaced."""
     key_token(event.model_name)
     decision = decide(event.metrics, champion_record, margin)
+    reason = decision.reason
+    earlier = None
+    if superseded is not None:
+        earlier = SupersededDecision(
+            champion_before=superseded.champion_before,
+            champion_revision=superseded.champion_revision,
+            reason=superseded.reason,
+            recorded_at=superseded.recorded_at,
+        )
+        reason = (
+            f"decided again: the promotion over {_version_label(superseded.champion_before)} "
+            "never took effect, the champion became "
+            f"{_version_label(champion.version if champion else None)} first; {reason}"
+        )
     return VersionRecord(
         model_name=event.model_name,
         version=event.model_version,
@@ -135,26 +181,61 @@ def register(
         train_seconds=event.train_seconds,
         training_event_id=event.event_id,
         decision="promoted" if decision.promoted else "rejected",
-        reason=decision.reason[:512],
+        reason=reason[:512],
         champion_before=champion.version if champion else None,
+        champion_revision=champion_revision,
         recorded_at=now,
+        superseded=earlier,
     )
 
 
-def pending_promotion(
-    record: VersionRecord, champion: ChampionRecord | None
-) -> ChampionRecord | None:
-    """The champion `record` makes, if it is promoted and not applied yet.
+def _version_label(version: int | None) -> str:
+    return "no champion" if version is None else f"v{version}"
 
-    Used right after the decision and again on a redelivery: the record is written before the
-    champion key, so a crash in between leaves a promotion that the replay completes. Once the
-    champion has moved past `record.champion_before` (applied, or superseded) there is nothing
-    left to do.
+
+def took_effect(record: VersionRecord, champion: ChampionRecord | None) -> bool:
+    """Whether `record`'s version was made champion, whatever happened since. Champion
+    records written before promoted_versions was kept fall back on the history."""
+    if champion is None:
+        return False
+    return (
+        record.version == champion.version
+        or record.version in champion.promoted_versions
+        or record.version in champion.history
+    )
+
+
+ReplayState = Literal["settled", "unfinished", "superseded"]
+
+
+def replay_state(
+    record: VersionRecord, champion: ChampionRecord | None, champion_revision: int
+) -> ReplayState:
+    """Where a recorded decision stands, given the champion key now (at `champion_revision`).
+
+    settled: rejected, or its promotion took effect; nothing is left to do.
+    unfinished: a promotion over exactly the champion it was decided against, not applied yet
+    (the record is written before the champion key, and a crash may fall in between): apply it.
+    superseded: a promotion that never took effect and whose champion was replaced meanwhile;
+    the decision compared against a model that no longer serves: decide again.
     """
-    if record.decision != "promoted":
-        return None
-    current = champion.version if champion else None
-    if current != record.champion_before:
+    if record.decision != "promoted" or took_effect(record, champion):
+        return "settled"
+    if record.champion_revision is None:  # recorded before revisions were kept
+        unchanged = (champion.version if champion else None) == record.champion_before
+    else:
+        # The revision, not the version: a champion that changed and came back (a rollback)
+        # was announced after this decision, and announcing the decision now would lose to it.
+        unchanged = champion_revision == record.champion_revision
+    return "unfinished" if unchanged else "superseded"
+
+
+def pending_promotion(
+    record: VersionRecord, champion: ChampionRecord | None, champion_revision: int
+) -> ChampionRecord | None:
+    """The champion `record` makes, if it is promoted and not applied yet, to be written over
+    `champion_revision` (see replay_state)."""
+    if replay_state(record, champion, champion_revision) != "unfinished":
         return None
     return ChampionRecord(
         model_name=record.model_name,
@@ -162,6 +243,7 @@ def pending_promotion(
         history=[*champion.history, champion.version] if champion else [],
         changed_at=record.recorded_at,
         reason=record.reason,
+        promoted_versions=[*(champion.promoted_versions if champion else []), record.version],
     )
 
 
@@ -178,12 +260,26 @@ def _event_id(*parts: object) -> uuid.UUID:
     return uuid.uuid5(EVENT_NAMESPACE, "/".join(str(p) for p in parts))
 
 
+def _decision_event_id(record: VersionRecord, kind: str) -> uuid.UUID:
+    # A decision made again (against another champion revision) is another event, which
+    # JetStream's duplicate window must not drop.
+    if record.superseded is None:
+        return _event_id(record.model_name, record.version, kind)
+    return _event_id(record.model_name, record.version, kind, record.champion_revision)
+
+
 def registration_events(
-    record: VersionRecord, producer: str
+    record: VersionRecord, producer: str, champion_version: int | None
 ) -> list[ModelRegistered | ModelPromoted]:
-    """What the decision announces; the same record always yields the same events."""
+    """What the decision announces; the same record always yields the same events (ids).
+
+    models.promoted is announced only while `record` is the champion (`champion_version`):
+    the last promotion on the stream is what bins, the trainer and the labeling bridge take
+    for the champion, so a replayed promotion that never took effect, or that a later
+    promotion or rollback replaced, must not become it.
+    """
     registered = ModelRegistered(
-        event_id=_event_id(record.model_name, record.version, "registered"),
+        event_id=_decision_event_id(record, "registered"),
         occurred_at=record.recorded_at,
         producer=producer,
         model_name=record.model_name,
@@ -193,10 +289,10 @@ def registration_events(
         decision=record.decision,
         reason=record.reason,
     )
-    if record.decision == "rejected":
+    if record.decision == "rejected" or champion_version != record.version:
         return [registered]
     promoted = ModelPromoted(
-        event_id=_event_id(record.model_name, record.version, "promoted"),
+        event_id=_decision_event_id(record, "promoted"),
         occurred_at=record.recorded_at,
         producer=producer,
         model_name=record.model_name,
@@ -242,6 +338,7 @@ def rolled_back_champion(champion: ChampionRecord, event: ModelRolledBack) -> Ch
         changed_at=event.occurred_at,
         reason=f"rollback from v{champion.version}: {event.reason}"[:512],
         pending_rollback=event,
+        promoted_versions=champion.promoted_versions,
     )
 
 

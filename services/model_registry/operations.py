@@ -20,17 +20,19 @@ from services.model_registry.core import (
     ChampionRecord,
     RegistryError,
     RollbackNotAnnouncedError,
+    VersionRecord,
     check_replay,
     ensure_announced,
     pending_promotion,
     register,
     registration_events,
+    replay_state,
     rollback_target,
     rolled_back_champion,
     rolled_back_event,
 )
 from services.model_registry.settings import DEFAULT_KV_BUCKET
-from services.model_registry.store import ChampionChangedError, RegistryStore
+from services.model_registry.store import ChampionChangedError, ChampionState, RegistryStore
 
 CLEAR_ATTEMPTS = 5
 
@@ -44,40 +46,69 @@ async def record_training(
 ) -> list[ModelRegistered | ModelPromoted]:
     """Records the candidate, promotes it when it earns it, and returns the events to publish.
 
-    A redelivered event finds its record and returns the same events (same ids) again, after
-    finishing a promotion a crash may have interrupted. Raises RollbackNotAnnouncedError
-    (retried) while the champion's rollback is not published: see announce_pending_rollback.
+    A redelivered event finds its record (see replay_state): a decision that took effect, or
+    a rejection, returns the same events (same ids) again, announcing the promotion only while
+    the version is still champion; a promotion a crash interrupted is applied first; one whose
+    champion was replaced before it took effect is decided again against the current champion.
+    Raises RollbackNotAnnouncedError (retried) while the champion's rollback is not
+    published (see announce_pending_rollback), ChampionChangedError (retried) when the
+    champion changes while deciding: the retry decides again.
     """
     model = event.model_name
     state = await store.champion(model)
     ensure_announced(state.record)
-    existing = await store.version(model, event.model_version)
-    if existing is not None:
-        check_replay(existing, event)
-        unfinished = pending_promotion(existing, state.record)
-        if unfinished is not None:
-            await store.set_champion(unfinished, state.revision)
-        return registration_events(existing, producer)
+    existing = await store.version_entry(model, event.model_version)
+    if existing is None:
+        record = await _decide(store, state, event, margin, clock())
+        if not await store.add_version(record):
+            raise TransientError(f"{model} v{record.version} was recorded concurrently; retrying")
+        return await _apply(store, state, record, producer)
 
+    check_replay(existing.record, event)
+    replay = replay_state(existing.record, state.record, state.revision)
+    if replay == "settled":
+        serving = state.record.version if state.record is not None else None
+        return registration_events(existing.record, producer, serving)
+    if replay == "superseded":
+        record = await _decide(store, state, event, margin, clock(), superseded=existing.record)
+        await store.replace_version(record, existing.revision)
+        return await _apply(store, state, record, producer)
+    return await _apply(store, state, existing.record, producer)
+
+
+async def _decide(
+    store: RegistryStore,
+    state: ChampionState,
+    event: TrainingCompleted,
+    margin: float,
+    now: datetime,
+    superseded: VersionRecord | None = None,
+) -> VersionRecord:
     champion_record = None
     if state.record is not None:
-        champion_record = await store.version(model, state.record.version)
+        champion_record = await store.version(event.model_name, state.record.version)
         if champion_record is None:
-            raise RegistryError(f"champion {model} v{state.record.version} has no version record")
-    record = register(event, state.record, champion_record, margin, clock())
-    if not await store.add_version(record):
-        raise TransientError(f"{model} v{record.version} was recorded concurrently; retrying")
-    promotion = pending_promotion(record, state.record)
+            raise RegistryError(
+                f"champion {event.model_name} v{state.record.version} has no version record"
+            )
+    return register(event, state.record, champion_record, margin, now, state.revision, superseded)
+
+
+async def _apply(
+    store: RegistryStore, state: ChampionState, record: VersionRecord, producer: str
+) -> list[ModelRegistered | ModelPromoted]:
+    """Makes `record` champion when it is a promotion not applied yet, counts the decision and
+    returns its events. The champion is replaced only at the revision the decision was made
+    against: if it changed meanwhile, ChampionChangedError leaves the record as it is and the
+    retry finds it superseded and decides again (nothing is announced for it before)."""
+    serving = state.record.version if state.record is not None else None
+    promotion = pending_promotion(record, state.record, state.revision)
     if promotion is not None:
-        try:
-            await store.set_champion(promotion, state.revision)
-        except ChampionChangedError:
-            # Decided against a champion that is no longer current: decide again on retry.
-            await store.remove_version(model, record.version)
-            raise
-        metrics.MODEL_ACCURACY.labels(model, "champion").set(record.metrics.accuracy)
-    metrics.MODEL_PROMOTIONS.labels(model, record.decision).inc()
-    return registration_events(record, producer)
+        await store.set_champion(promotion, state.revision)
+        serving = promotion.version
+        metrics.MODEL_ACCURACY.labels(record.model_name, "champion").set(record.metrics.accuracy)
+    metrics.MODEL_PROMOTIONS.labels(record.model_name, record.decision).inc()
+    return registration_events(record, producer, serving)
 
 
 @dataclass(frozen=True)

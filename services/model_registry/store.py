@@ -30,6 +30,13 @@ class ChampionState:
     """Revision of the champion key; 0 when there is none yet."""
 
 
+@dataclass(frozen=True)
+class VersionEntry:
+    record: VersionRecord
+    revision: int
+    """Revision of the version key, for replace_version."""
+
+
 def version_key(model_name: str, version: int) -> str:
     return f"{key_token(model_name)}.versions.{version:06d}"
 
@@ -77,11 +84,17 @@ class RegistryStore:
         return cls(kv)
 
     async def version(self, model_name: str, version: int) -> VersionRecord | None:
+        entry = await self.version_entry(model_name, version)
+        return entry.record if entry is not None else None
+
+    async def version_entry(self, model_name: str, version: int) -> VersionEntry | None:
         try:
             entry = await self.kv.get(version_key(model_name, version))
         except KeyNotFoundError:
             return None
-        return VersionRecord.model_validate_json(entry.value or b"")
+        return VersionEntry(
+            VersionRecord.model_validate_json(entry.value or b""), entry.revision or 0
+        )
 
     async def versions(self, model_name: str) -> list[VersionRecord]:
         prefix = f"{key_token(model_name)}.versions."
@@ -122,9 +135,19 @@ class RegistryStore:
             return False
         return True
 
-    async def remove_version(self, model_name: str, version: int) -> None:
-        """Undoes add_version when the champion it was decided against changed meanwhile."""
-        await self.kv.delete(version_key(model_name, version))
+    async def replace_version(self, record: VersionRecord, expected_revision: int) -> None:
+        """Rewrites a version record (a decision made again) only if it is still at
+        `expected_revision`: two registries deciding it again cannot both win."""
+        try:
+            await self.kv.update(
+                version_key(record.model_name, record.version),
+                record.model_dump_json().encode(),
+                last=expected_revision,
+            )
+        except KeyWrongLastSequenceError as exc:
+            raise TransientError(
+                f"{record.model_name} v{record.version} was decided again concurrently; retrying"
+            ) from exc
 
     async def set_champion(self, record: ChampionRecord, expected_revision: int) -> int:
         """Replaces the champion only if it is still at `expected_revision` (0: none yet)."""
