@@ -22,6 +22,7 @@ __all__ = [
     "LocalBlobStore",
     "PresigningStore",
     "S3BlobStore",
+    "check_digest",
     "check_sha256",
     "open_store",
     "read_verified",
@@ -50,9 +51,14 @@ def read_verified(ref: BlobRef) -> bytes:
 
 def check_sha256(ref: BlobRef, data: bytes) -> bytes:
     """`data` if it is what `ref` promises, else ChecksumMismatchError."""
+    return check_digest(data, ref.sha256, ref.uri)
+
+
+def check_digest(data: bytes, expected_sha256: str, where: str) -> bytes:
+    """`data` if its sha256 is `expected_sha256`, else ChecksumMismatchError naming `where`."""
     actual = sha256_hex(data)
-    if actual != ref.sha256:
-        raise ChecksumMismatchError(ref.uri, ref.sha256, actual)
+    if actual != expected_sha256:
+        raise ChecksumMismatchError(where, expected_sha256, actual)
     return data
 
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from binloop.errors import ChecksumMismatchError, PermanentError, TransientError
-from binloop.storage import BlobStore, sha256_hex
+from binloop.errors import PermanentError, TransientError
+from binloop.storage import BlobStore
+from binloop.storage.blobstore import check_digest
 from schemas.base import BlobRef
 from schemas.events import DatasetSnapshot, LabelAnnotated, SampleSelected
 from schemas.taxonomy import Taxonomy
@@ -82,12 +83,11 @@ class LabelingBridge:
         if not self.store.exists(key):
             # The uploader stores frames on its own schedule (and later when a bin is offline).
             raise TransientError(f"frame {key} is not in the object store yet")
-        data = self.store.get(key)
-        digest = sha256_hex(data)
-        if digest != frame_sha256:
-            raise ChecksumMismatchError(self.store.uri(key), frame_sha256, digest)
         uri = self.store.uri(key)
-        return BlobRef(key=key, uri=uri, sha256=digest, size=len(data), content_type="image/jpeg")
+        data = check_digest(self.store.get(key), frame_sha256, uri)
+        return BlobRef(
+            key=key, uri=uri, sha256=frame_sha256, size=len(data), content_type="image/jpeg"
+        )
 
     def handle(self, sample: SampleSelected, attempt: int = 1) -> BridgeOutcome:
         frame = self.frame_ref(sample)

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from binloop.datasets import DatasetManifest, latest_version, read_manifest
-from binloop.errors import ChecksumMismatchError, PermanentError
+from binloop.errors import PermanentError
 from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import FloatArray, Preprocessor
-from binloop.storage import BlobStore, dataset_key, model_key, sha256_hex
+from binloop.storage import BlobStore, dataset_key, model_key
+from binloop.storage.blobstore import check_digest
 from schemas.base import BlobRef, utc_now
 from schemas.events import DatasetSnapshot, ModelMetrics, TrainingCompleted, TrainingRequested
 from schemas.taxonomy import Taxonomy
@@ -159,10 +160,9 @@ def load_eval_set(
 
 
 def manifest_for_snapshot(store: BlobStore, snapshot: DatasetSnapshot) -> DatasetManifest:
-    data = store.get(snapshot.manifest.key)
-    actual = sha256_hex(data)
-    if actual != snapshot.manifest.sha256:
-        raise ChecksumMismatchError(snapshot.manifest.key, snapshot.manifest.sha256, actual)
+    data = check_digest(
+        store.get(snapshot.manifest.key), snapshot.manifest.sha256, snapshot.manifest.key
+    )
     manifest = DatasetManifest.model_validate_json(data)
     if (manifest.name, manifest.version) != (snapshot.name, snapshot.version):
         raise PermanentError(

@@ -28,6 +28,7 @@ from binloop.datasets import (
 from binloop.errors import ChecksumMismatchError, ConfigError, CorruptFrameError, MissingBlobError
 from binloop.ml.preprocess import FloatArray, Preprocessor, decode_rgb
 from binloop.storage import BlobStore, dataset_key, sha256_hex
+from binloop.storage.blobstore import check_digest
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,7 @@ def model_classes(manifest: DatasetManifest) -> list[str]:
 
 
 def _read_item(store: BlobStore, item: ManifestItem, preprocessor: Preprocessor) -> FloatArray:
-    data = store.get(item.key)
-    actual = sha256_hex(data)
-    if actual != item.sha256:
-        raise ChecksumMismatchError(item.key, item.sha256, actual)
+    data = check_digest(store.get(item.key), item.sha256, item.key)
     return preprocessor(decode_rgb(data))
 
 

@@ -28,6 +28,7 @@ from binloop.datasets import split_for as split_by_hash
 from binloop.errors import ChecksumMismatchError, CorruptFrameError, MissingBlobError
 from binloop.ml.preprocess import FloatArray, Preprocessor, decode_rgb
 from binloop.storage import BlobStore, dataset_key, sha256_hex
+from binloop.storage.blobstore import check_digest
 from services.trainer.data import LoadedItems
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,7 @@ def image_folder(folder: Path) -> SourceImages:
 
 def _verified_blob(store: BlobStore, key: str, sha256: str) -> Callable[[], bytes]:
     def read() -> bytes:
-        data = store.get(key)
-        actual = sha256_hex(data)
-        if actual != sha256:
-            raise ChecksumMismatchError(key, sha256, actual)
-        return data
+        return check_digest(store.get(key), sha256, key)
 
     return read
 

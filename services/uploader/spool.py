@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from binloop.errors import (
-    ChecksumMismatchError,
     MissingBlobError,
     PermanentError,
     StoreUnavailableError,
 )
-from binloop.storage import LocalBlobStore, sha256_hex
+from binloop.storage import LocalBlobStore
+from binloop.storage.blobstore import check_digest
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,7 @@ class Spool:
             raise MissingBlobError(f"spool frame {key} is not a file: {exc}") from exc
         except OSError as exc:
             raise SpoolIOError(f"spool frame {key} cannot be read: {exc}") from exc
-        actual = sha256_hex(data)
-        if actual != sha256:
-            raise ChecksumMismatchError(f"spool frame {key}", sha256, actual)
-        return data
+        return check_digest(data, sha256, f"spool frame {key}")
 
     def mark_uploaded(self, key: str, object_key: str, uploaded_at: float) -> None:
         self._mark(key, UPLOADED_SUFFIX, {"uploaded_at": uploaded_at, "object_key": object_key})
