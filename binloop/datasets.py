@@ -50,6 +50,11 @@ class DatasetManifest(Frozen):
         description="Items of earlier versions that a taxonomy change left out (their class was "
         "split or dropped), with their old labels: they come back once labeled again.",
     )
+    migrated_from: str | None = Field(
+        default=None,
+        description="The taxonomy version of the version before, when a taxonomy change cut "
+        "this one",
+    )
 
     def class_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(item.label for item in self.items).items()))

@@ -822,3 +822,42 @@ async def test_a_promotion_waits_for_the_store_instead_of_being_dead_lettered(
     assert slot.current is not None
     assert (slot.current.card.version, slot.current.onnx_sha256) == (2, artifact.sha256)
     assert dead.items == []
+
+
+@pytest.mark.integration
+async def test_a_restart_with_the_store_away_and_no_cache_restores_the_champion_later(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    models: dict[int, ModelFiles],
+    own_moto_s3: MotoS3,
+) -> None:
+    _, _, dead = await _collectors(nats_client)
+    settings = _settings(nats_server, tmp_path, SHIPPED_MODEL, **own_moto_s3.overrides())
+    store = open_store(settings)
+    artifact = store.put(model_key("tiny-cnn", 2, "model.onnx"), models[2].onnx.read_bytes())
+    card = store.put(model_key("tiny-cnn", 2, "card.json"), models[2].card.read_bytes())
+    promotion = _promotion(LocalBlobStore(tmp_path / "unused"), models, 2, occurred_at=T0)
+    await _publish(
+        js, MODELS_PROMOTED, promotion.model_copy(update={"artifact": artifact, "card": card})
+    )
+    first = await _started(create_app(settings, ModelSlot(BIN)))  # the durable acks it
+    await first.stop()
+
+    own_moto_s3.stop()
+    slot = ModelSlot(BIN)
+    swapped = asyncio.Event()
+    slot.add_listener(lambda model: swapped.set() if model.installed_by else None)
+    fresh_cache = settings.model_copy(update={"model_cache": tmp_path / "new-disk"})
+    app = await _started(create_app(fresh_cache, slot))
+    try:
+        assert slot.current is not None
+        assert slot.current.card.name == "binloop-waste"  # the shipped model meanwhile
+        own_moto_s3.start()  # same port, objects kept
+        await asyncio.wait_for(swapped.wait(), 60)
+    finally:
+        await app.stop()
+
+    assert (slot.current.card.version, slot.current.onnx_sha256) == (2, artifact.sha256)
+    assert dead.items == []

@@ -59,7 +59,7 @@ from services.labeling_bridge import LabelingBridgeSettings, create_app
 from services.labeling_bridge.app import LabelStudioParts
 from services.labeling_bridge.backends import OracleBackend
 from services.labeling_bridge.client import LabelStudioClient, ProjectSpec
-from services.labeling_bridge.core import LabelingBridge
+from services.labeling_bridge.core import LabelingBridge, Migration
 from services.labeling_bridge.intake import parse_webhook
 from services.labeling_bridge.label_studio import (
     CONDITION_NAME,
@@ -420,18 +420,21 @@ def test_a_migrated_version_keeps_what_waits_for_a_new_label_until_it_has_one(
         return LabelingBridge(blob_store, OracleBackend(), book, SPLIT_TAXONOMY, "test")
 
     first = bridge()
-    announced = first.migrate()
-    assert announced is not None
+    migration = first.migrate()
+    assert migration is not None
+    assert migration.written
+    announced = migration.announced
     assert (announced.version, announced.taxonomy_version) == (2, "bins-7")
     assert announced.class_counts == {"glass": 1, "plastic_metal": 1}
     trash_item = as_item(old[1])
     assert first.book.needs_relabel == [trash_item]
-    assert first.migrate() is None  # already in the book's taxonomy
+    # Already in the book's taxonomy: announced again (same event), not written again.
+    assert first.migrate() == Migration(announced, written=False)
 
     # Restarted: the old records (renamed, or waiting for a new label) are not new labels.
     restarted = bridge()
     assert restarted.book.pending == []
-    assert restarted.migrate() is None
+    assert restarted.migrate() == Migration(announced, written=False)
     (request,) = waiting_relabels(restarted)
     assert (request.frame.sha256, request.bin_id, request.old_label) == (
         old[1].frame_sha256,
@@ -447,6 +450,7 @@ def test_a_migrated_version_keeps_what_waits_for_a_new_label_until_it_has_one(
     assert third is not None
     assert third.version == 3
     assert restarted.book.needs_relabel == [trash_item]
+    assert restarted.migrate() is None  # the latest version was not cut by the change
 
     # Labeled again: it is back, with its new label, and nothing waits any more.
     again = record_for(blob_store, b"frame 1", "napkin", SPLIT_TAXONOMY)
@@ -457,6 +461,50 @@ def test_a_migrated_version_keeps_what_waits_for_a_new_label_until_it_has_one(
     assert fourth.class_counts == {"glass": 1, "napkin": 1, "paper": 1, "plastic_metal": 1}
     assert restarted.book.needs_relabel == []
     assert bridge().book.needs_relabel == []
+
+
+BINS_8 = Taxonomy(
+    version="bins-8",
+    label_to_compartment={
+        **{k: v for k, v in SPLIT_TAXONOMY.label_to_compartment.items() if k != "paper"},
+        "office_paper": Compartment.PAPER_CARDBOARD,
+    },
+)
+
+
+def test_a_new_label_given_between_two_taxonomy_changes_is_kept(
+    blob_store: LocalBlobStore,
+) -> None:
+    old = record_for(blob_store, b"frame 1", "trash", TAXONOMY)
+    write_manifest(
+        blob_store,
+        DatasetManifest(
+            name="binloop",
+            version=1,
+            created_at=CAPTURED_AT,
+            taxonomy_version="trashnet-6",
+            classes=TAXONOMY.labels,
+            items=[as_item(old)],
+        ),
+    )
+    migrations = [
+        MIGRATION,
+        TaxonomyMigration(source="bins-7", target="bins-8", renames={"paper": "office_paper"}),
+    ]
+    seven = DatasetBook(blob_store, "binloop", SPLIT_TAXONOMY, 100, migrations=migrations)
+    assert seven.migrate() is not None
+    assert seven.needs_relabel == [as_item(old)]
+    napkin = record_for(blob_store, b"frame 1", "napkin", SPLIT_TAXONOMY)  # not in a version yet
+
+    eight = DatasetBook(blob_store, "binloop", BINS_8, 100, migrations=migrations)
+    migrated = eight.migrate()
+
+    assert migrated is not None
+    assert migrated.manifest.taxonomy_version == "bins-8"
+    assert [(i.sha256, i.label) for i in migrated.manifest.items] == [
+        (napkin.frame_sha256, "napkin")
+    ]
+    assert migrated.manifest.needs_relabel == []
 
 
 # --- against a real Label Studio -----------------------------------------------------------------
@@ -751,13 +799,15 @@ async def test_a_new_taxonomy_cuts_a_migrated_version_and_asks_again_for_split_f
         assert bridge.parts.reconcile_once is not None
         reconciled = await bridge.parts.reconcile_once()
         relabel_task = await bridge.task_for(samples[1].frame_sha256)
-        await annotate(harness.label_studio, relabel_task, choices("napkin"))
-        await labels.wait_for(3)
     finally:
         await service.stop()
-    service, bridge = await harness.start(**split)  # once more: nothing is asked twice
+    # Restarted before anyone answered: the frame still waits, and its task is found again.
+    service, bridge = await harness.start(**split)
     try:
         await asyncio.wait_for(bridge.parts.relabels_asked.wait(), 60)
+        assert bridge.tasks[samples[1].frame_sha256] == relabel_task
+        await annotate(harness.label_studio, relabel_task, choices("napkin"))
+        await labels.wait_for(3)
     finally:
         await service.stop()
 
@@ -958,8 +1008,10 @@ async def test_the_ml_backend_serves_the_champion_to_label_studio(
                 },
             }
             stranger = {"id": 999, "data": {"image": "http://elsewhere/x.jpg"}}
+            # Asking for the frame's label again after a taxonomy change: no champion guess.
+            again = {"id": 1000, "data": {**task["data"], "relabel_for": "bins-7"}}
             async with http.post(
-                bridge.parts.url + "/predict", json={"tasks": [task, stranger]}
+                bridge.parts.url + "/predict", json={"tasks": [task, stranger, again]}
             ) as response:
                 assert response.status == 200
                 predicted = await response.json()
@@ -978,12 +1030,13 @@ async def test_the_ml_backend_serves_the_champion_to_label_studio(
 
     assert health == {"status": "UP", "model_version": "tiny-cnn:v1"}
     assert setup == {"model_version": "tiny-cnn:v1"}
-    mine, theirs = predicted["results"]
+    mine, theirs, relabel = predicted["results"]
     (region,) = mine["result"]
     assert (region["from_name"], region["to_name"]) == (FROM_NAME, TO_NAME)
     assert region["value"]["choices"][0] in TAXONOMY.labels
     assert 1 / len(TAXONOMY.labels) <= mine["score"] <= 1
     assert mine["model_version"] == "tiny-cnn:v1"
     assert theirs == {"result": [], "score": 0.0, "model_version": "tiny-cnn:v1"}
+    assert relabel == theirs
     assert connected.url == bridge.parts.url
     assert connected.title == "binloop champion"

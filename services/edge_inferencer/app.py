@@ -8,9 +8,11 @@ import logging
 import time
 from functools import partial
 
+from nats.errors import Error as NatsError
 from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
+from pydantic import ValidationError
 
 from binloop.bus import Delivery, Outgoing, subscribe
 from binloop.bus.consumers import edge_inferencer_durable
@@ -20,6 +22,7 @@ from binloop.errors import (
     ModelLoadError,
     NotReadyError,
     StoreUnavailableError,
+    TransientError,
 )
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
@@ -144,30 +147,56 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
         await apply_update(update_for(event), event.artifact, event.card)
         return []
 
+    unrestored: list[ModelPromoted | ModelRolledBack] = []
+    """The champion's event while its model cannot be fetched yet (the store is away)."""
+
+    async def restore(event: ModelPromoted | ModelRolledBack) -> None:
+        try:
+            await apply_update(update_for(event), event.artifact, event.card)
+        except TransientError as exc:
+            unrestored.append(event)
+            log.warning(
+                "bin %s: the champion named by %s cannot be fetched yet (%s); trying again",
+                bin_id,
+                type(event).__name__,
+                exc,
+            )
+        except BinloopError as exc:
+            log.warning(
+                "bin %s: the champion named by %s cannot be served (%s); the next promotion "
+                "or rollback replaces the model served now",
+                bin_id,
+                type(event).__name__,
+                exc,
+            )
+
     async def restore_champion(js: JetStreamContext) -> None:
         """The last promotion and rollback in the stream, oldest first (the verdict skips the
         stale one). A restarted bin's durable consumers acked them long ago and will not
         deliver them again; on a leaf node they are in the bin's own ENGINE stream, and a
-        model fetched before is loaded from the cache, so this works offline too."""
+        model fetched before is loaded from the cache, so this works offline too. One that
+        cannot be read is left to the consumers (it never stops the bin from starting)."""
         events: list[ModelPromoted | ModelRolledBack] = []
         for route in (MODELS_PROMOTED, MODELS_ROLLED_BACK):
             try:
                 raw = await js.get_last_msg(route.stream, route.subject())
+                if raw.data is not None:
+                    events.append(route.model.model_validate_json(raw.data))  # type: ignore[arg-type]
             except NotFoundError:
                 continue
-            if raw.data is not None:
-                events.append(route.model.model_validate_json(raw.data))  # type: ignore[arg-type]
+            except (NatsError, TimeoutError, ValidationError) as exc:
+                log.warning("bin %s: cannot read the last %s: %s", bin_id, route.name, exc)
         for event in sorted(events, key=lambda e: e.occurred_at):
-            try:
-                await apply_update(update_for(event), event.artifact, event.card)
-            except BinloopError as exc:
-                log.warning(
-                    "bin %s: the champion named by %s cannot be served yet (%s); the next "
-                    "promotion or rollback replaces the model served now",
-                    bin_id,
-                    type(event).__name__,
-                    exc,
-                )
+            await restore(event)
+
+    async def keep_restoring() -> None:
+        """Fetches the champion a start could not, once the store is back."""
+        while unrestored:
+            await asyncio.sleep(settings.retry_delay_s)
+            waiting = list(unrestored)
+            unrestored.clear()
+            for event in waiting:
+                await restore(event)
 
     async def prepare(js: JetStreamContext) -> None:
         if settings.default_model is not None:
@@ -185,6 +214,7 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
         await restore_champion(js)
 
     service.on_start.append(prepare)
+    service.background.append(keep_restoring)
     service.ready_checks.append(lambda: model_slot.current is not None)
 
     subscribe(

@@ -95,6 +95,9 @@ async def emit_until_stored(
             await emit(event)
             return
         except (NatsError, TimeoutError, TransientError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from exc  # nats-py may turn a stop into this
             if stop is not None and stop.is_set():
                 raise
             wait = delay * random.uniform(0.5, 1.0)

@@ -18,7 +18,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from binloop.bus import Delivery, Outgoing, subscribe
-from binloop.errors import ConfigError, TransientError
+from binloop.errors import ConfigError, PermanentError, TransientError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from binloop.storage import BlobStore, PresigningStore, open_store, reconcile_cursor_key
@@ -125,11 +125,14 @@ def create_app(
     async def migrate_dataset(_: JetStreamContext) -> None:
         """A bridge started with a new taxonomy cuts a version in it before taking samples."""
         async with lock:
-            announced = await asyncio.to_thread(bridge.migrate)
-        if announced is None:
+            migration = await asyncio.to_thread(bridge.migrate)
+        if migration is None:
+            return
+        announced = migration.announced
+        await service.publisher.publish(DATASETS_SNAPSHOT, announced)
+        if not migration.written:
             return
         metrics.DATASET_SNAPSHOTS.inc()
-        await service.publisher.publish(DATASETS_SNAPSHOT, announced)
         waiting = len(book.needs_relabel)
         log.info(
             "dataset %s v%d: migrated to taxonomy %s, %d items to label again",
@@ -277,7 +280,14 @@ def _attach_label_studio(
         async with lock:
             requests = await asyncio.to_thread(waiting_relabels, bridge)
         for request in requests:
-            await asyncio.to_thread(parts.backend.request_relabel, request)
+            try:
+                await asyncio.to_thread(parts.backend.request_relabel, request)
+            except PermanentError as exc:  # this frame's task was refused: ask for the others
+                log.error(
+                    "Label Studio refused the task asking for frame %s again: %s",
+                    request.frame.sha256,
+                    exc,
+                )
         if requests:
             log.info("asked Label Studio to label %d frames again", len(requests))
         parts.relabels_asked.set()

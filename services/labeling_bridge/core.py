@@ -51,6 +51,13 @@ class BridgeOutcome:
 
 
 @dataclass(frozen=True)
+class Migration:
+    announced: DatasetSnapshot
+    written: bool
+    """False when `announced` is a version an earlier start wrote (announced again)."""
+
+
+@dataclass(frozen=True)
 class PreparedLabel:
     """An annotation from Label Studio, checked, not stored yet. Publish `annotated` first,
     then `commit` the record: a stored record means its event went out."""
@@ -106,12 +113,18 @@ class LabelingBridge:
             return BridgeOutcome(annotated, new_label, self._announce(latest))
         return BridgeOutcome(annotated, new_label)
 
-    def migrate(self) -> DatasetSnapshot | None:
+    def migrate(self) -> Migration | None:
         """Cuts a version in the bridge's taxonomy now when the latest is in an older one (the
         bridge runs with a new taxonomy), so training moves to the new classes without waiting
-        for `snapshot_every` new labels. Returns its announcement."""
+        for `snapshot_every` new labels. A latest version that a taxonomy change cut is
+        announced again (same event id): the bridge may have stopped before announcing it."""
         written = self.book.migrate()
-        return self._announce(written) if written is not None else None
+        if written is not None:
+            return Migration(self._announce(written), written=True)
+        latest = self.book.latest
+        if latest is not None and latest.manifest.migrated_from is not None:
+            return Migration(self._announce(latest), written=False)
+        return None
 
     def prepare(self, annotation: SeenAnnotation) -> PreparedLabel | None:
         """An annotation from Label Studio -> its label record and event; None when the stored

@@ -70,7 +70,8 @@ class Champion:
         """One Label Studio prediction per task, in order. Blocking (store reads, inference).
 
         A task that is not one of ours (no frame reference) or whose frame is gone gets an
-        empty prediction, so the others still get theirs."""
+        empty prediction, so the others still get theirs; so does a task asking for a label
+        again after a taxonomy change (the champion knows only the classes it replaced)."""
         model = self._current
         if model is None:
             raise NotReadyError("no champion model yet: waiting for models.promoted")
@@ -78,6 +79,8 @@ class Champion:
         images = []
         positions = []
         for position, task in enumerate(tasks):
+            if _asks_for_a_new_label(task):
+                continue
             frame = _frame_bytes(store, task)
             if frame is None:
                 continue
@@ -100,6 +103,11 @@ class Champion:
                     "model_version": version,
                 }
         return results
+
+
+def _asks_for_a_new_label(task: dict[str, Any]) -> bool:
+    data = task.get("data")
+    return isinstance(data, dict) and bool(data.get("relabel_for"))
 
 
 def _frame_bytes(store: BlobStore, task: dict[str, Any]) -> bytes | None:

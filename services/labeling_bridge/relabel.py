@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from binloop.datasets import ManifestItem
-from binloop.errors import BinloopError
+from binloop.errors import PermanentError
 from schemas.base import BlobRef
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge.records import stored_label
@@ -66,9 +66,12 @@ def waiting_relabels(bridge: LabelingBridge) -> list[RelabelRequest]:
         stored = stored_label(bridge.store, book.name, item.sha256)
         if stored is not None and stored.taxonomy_version == bridge.taxonomy.version:
             continue  # labeled again: the next version has it
+        if not bridge.store.exists(item.key):
+            log.error("cannot ask for a new label of frame %s: %s is gone", item.sha256, item.key)
+            continue
         try:
             frame = bridge.frame(item.key, item.sha256)
-        except BinloopError as exc:  # gone or changed: nobody can label it again
+        except PermanentError as exc:  # changed: nobody can label it again
             log.error("cannot ask for a new label of frame %s: %s", item.sha256, exc)
             continue
         requests.append(

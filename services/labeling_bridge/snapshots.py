@@ -146,7 +146,8 @@ class DatasetBook:
         self.migrations = list(migrations)
         self._latest: Snapshot | None = None
         self._in_latest: dict[str, str] = {}
-        self._relabel: set[str] = set()
+        self._relabel: dict[str, str] = {}
+        """sha256 -> the old label of each item the latest version lists as needs_relabel."""
         self._pending: dict[str, LabelRecord] = {}
         self._loaded = False
 
@@ -201,7 +202,9 @@ class DatasetBook:
 
     def _remember(self, manifest: DatasetManifest | None) -> None:
         self._in_latest = {item.sha256: item.label for item in manifest.items} if manifest else {}
-        self._relabel = {item.sha256 for item in manifest.needs_relabel} if manifest else set()
+        self._relabel = (
+            {item.sha256: item.label for item in manifest.needs_relabel} if manifest else {}
+        )
 
     def _note(self, record: LabelRecord) -> None:
         """Pending unless the latest version already says what `record` says (in the book's
@@ -209,7 +212,7 @@ class DatasetBook:
         sha = record.frame_sha256
         if record.taxonomy_version == self.taxonomy.version:
             in_latest = self._in_latest.get(sha) == record.label
-        elif sha in self._relabel:
+        elif self._relabel.get(sha) == record.label:
             in_latest = True  # its old label, which the latest version lists as needs_relabel
         else:
             in_latest = self._in_latest.get(sha) == self._carried(record)
@@ -287,6 +290,11 @@ class DatasetBook:
             classes=self.taxonomy.labels,
             items=items,
             needs_relabel=list({item.sha256: item for item in relabel}.values()),
+            migrated_from=(
+                previous.taxonomy_version
+                if previous is not None and previous.taxonomy_version != self.taxonomy.version
+                else None
+            ),
         )
         ref = write_manifest(self.store, manifest)
         self._latest = Snapshot(manifest, ref)
