@@ -333,9 +333,12 @@ def test_a_closed_port_is_unavailable_not_missing(own_moto_s3: MotoS3) -> None:
 class _Overloaded(http.server.BaseHTTPRequestHandler):
     """Answers every request like an S3 front end that is overloaded."""
 
+    status = 503
+    code = "SlowDown"
+
     def _unavailable(self) -> None:
-        body = b"<Error><Code>SlowDown</Code><Message>Please reduce your rate</Message></Error>"
-        self.send_response(503)
+        body = f"<Error><Code>{self.code}</Code><Message>not now</Message></Error>".encode()
+        self.send_response(self.status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -348,9 +351,14 @@ class _Overloaded(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def overloaded_endpoint() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Overloaded)
+@pytest.fixture(
+    params=[(503, "SlowDown"), (507, "XMinioStorageFull"), (429, "NoSuchCodeAnywhere")],
+    ids=["overloaded", "disk-full", "throttled"],
+)
+def overloaded_endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
+    status, code = request.param
+    handler = type("_Answer", (_Overloaded,), {"status": status, "code": code})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"127.0.0.1:{server.server_address[1]}"
@@ -359,7 +367,10 @@ def overloaded_endpoint() -> Iterator[str]:
     thread.join()
 
 
-def test_a_5xx_answer_is_unavailable(overloaded_endpoint: str, moto_s3: MotoS3) -> None:
+def test_a_busy_full_or_throttling_store_is_unavailable_not_refused(
+    overloaded_endpoint: str, moto_s3: MotoS3
+) -> None:
+    """Nothing is dead-lettered for what an operator fixes: the blob waits."""
     overrides = {**moto_s3.overrides(), "s3_endpoint": overloaded_endpoint}
     store = _fast_failing(overrides)
 

@@ -54,8 +54,12 @@ _RETRYABLE_CODES = frozenset(
         "InvalidAccessKeyId",
         "SignatureDoesNotMatch",
         "ExpiredToken",
+        "XMinioStorageFull",
+        "XMinioAdminBucketQuotaExceeded",
     }
 )
+_RETRYABLE_STATUS = frozenset({408, 429})
+"""Besides any 5xx: a store that timed out or throttles, whatever code it names."""
 
 
 def http_client(*, timeout_s: float = 10.0, retries: int = 2) -> urllib3.PoolManager:
@@ -114,7 +118,10 @@ class S3BlobStore:
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
                 raise MissingBlobError(f"no blob at {self.uri(key)} ({exc.code})") from exc
-            if exc.code in _RETRYABLE_CODES:
+            status = exc.response.status if exc.response is not None else 0
+            if exc.code in _RETRYABLE_CODES or status >= 500 or status in _RETRYABLE_STATUS:
+                # A full disk or a quota is fixed by an operator, not by changing the blob:
+                # the blob waits (and nothing is dead-lettered) until it is.
                 raise StoreUnavailableError(f"{where}: {exc.code}: {exc.message}") from exc
             raise PermanentError(f"{where} refused: {exc.code}: {exc.message}") from exc
         except (ServerError, InvalidResponseError) as exc:
