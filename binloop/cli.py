@@ -45,7 +45,10 @@ def up(
     stream: Annotated[Path, typer.Option(help="Image folder replayed as the camera")] = DEMO_DIR
     / "stream",
     fps: Annotated[float, typer.Option(help="Frames per second of the replay")] = 20.0,
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 900.0,
+    timeout: Annotated[
+        float,
+        typer.Option(help="Give up after this many seconds (a final drain of at most 120 s aside)"),
+    ] = 900.0,
     start_model: Annotated[
         str,
         typer.Option(
@@ -59,6 +62,8 @@ def up(
 ) -> None:
     """Start nats-server, a local blob store and every service; run the loop on a replay."""
     _setup_logging(log_level)
+    if not stream.is_dir():
+        raise typer.BadParameter(f"{stream} is not an image folder", param_hint="--stream")
     config = LoopConfig(
         data_dir=data_dir,
         stream_dir=stream,
@@ -78,7 +83,11 @@ def up(
                 if view is not None:
                     view.update(render(stats))  # type: ignore[arg-type]
 
-            outcome = await run_loop(config, tick)
+            try:
+                outcome = await run_loop(config, tick)
+            except (BinloopError, OSError) as exc:  # a bad data folder, model or stream
+                console.print(f"[red]binloop up: {exc}", soft_wrap=True)
+                return 1
         console.print(summary(outcome.stats, outcome.reason))
         lost = sum(outcome.stats.lost().values()) + sum(outcome.stats.duplicates().values())
         return 0 if outcome.finished and lost == 0 else 1
@@ -125,6 +134,13 @@ def run(
     settings_cls, factory = SERVICES[service].load()
     settings = _settings_or_exit(settings_cls)
     if validate_config:
+        # Building the service (nothing is connected yet) runs its own start-up checks: the
+        # sampler's policy file, the frame source, the labeling backend's settings.
+        try:
+            factory(settings)
+        except (BinloopError, ValueError, OSError) as exc:
+            console.print(f"[red]{service}: {exc}", soft_wrap=True)
+            raise typer.Exit(1) from exc
         console.print(f"{service}: configuration is valid")
         console.print_json(settings.model_dump_json())
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +174,9 @@ async def run_loop(
     config: LoopConfig, on_tick: Callable[[LoopStats], None] = lambda _: None
 ) -> LoopOutcome:
     """Runs the whole loop until the registry has decided on a retrained candidate and a
-    promoted one has been served on enough frames (see _loop_verdict), or the timeout."""
+    promoted one has been served on enough frames (see _loop_verdict), or the timeout, which
+    counts from here (the drain after the loop, at most 120 s, comes on top)."""
+    deadline = time.monotonic() + config.timeout_s
     _prepare_data_dir(config.data_dir, fresh=config.fresh)
     server = NatsServer(config.data_dir / "jetstream").start()
     monitor = BusMonitor(server.url)
@@ -199,7 +202,7 @@ async def run_loop(
 
         if start_version is None:
             await _publish_seed(seed, server.url)
-        first = await _first_champion(start_version, stats, config.timeout_s, tick)
+        first = await _first_champion(start_version, stats, _left(deadline), tick)
         if first is None:
             why = next((r for v, _, r in stats.registered if v == start_version), "no decision")
             reason = (
@@ -218,7 +221,7 @@ async def run_loop(
                 stats, first, config.frames_on_new_model, until_promoted=until_promoted
             )
 
-        finished = await _wait_until(lambda: verdict() is not None, config.timeout_s, tick)
+        finished = await _wait_until(lambda: verdict() is not None, _left(deadline), tick)
         await apps["frame-ingestor"].stop()
         started.remove(apps["frame-ingestor"])
         # Drain: every captured frame decided, actuated and safely stored before stopping.
@@ -229,6 +232,10 @@ async def run_loop(
         return LoopOutcome(stats, server.url, champion, finished, outcome)
     finally:
         await _stop_all(started, monitor, server)
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)
 
 
 async def _stop_all(apps: list[ServiceApp], monitor: BusMonitor, server: NatsServer) -> None:

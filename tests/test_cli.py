@@ -1,0 +1,62 @@
+"""`binloop run <service> --validate-config` checks what the service checks at start, without
+connecting to anything: settings, and what building the service reads (a policy file, a frame
+source)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from binloop.cli import app as binloop_cli
+
+DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
+
+
+def _validate(service: str, env: dict[str, str]) -> tuple[int, str]:
+    result = CliRunner().invoke(binloop_cli, ["run", service, "--validate-config"], env=env)
+    return result.exit_code, result.output
+
+
+def test_a_missing_policy_file_fails_validation_as_it_would_fail_the_start(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "policy.yaml"
+    code, output = _validate("sampler", {"BINLOOP_POLICY_FILE": str(missing)})
+    assert code == 1
+    assert f"{missing}: cannot read" in output
+
+    missing.write_text("strategies:\n  margin: {treshold: 0.2}\n")
+    code, output = _validate("sampler", {"BINLOOP_POLICY_FILE": str(missing)})
+    assert code == 1
+    assert "treshold" in output
+
+
+def test_a_frame_source_that_is_not_there_fails_validation(tmp_path: Path) -> None:
+    code, output = _validate("frame-ingestor", {"BINLOOP_SOURCE": str(tmp_path / "nowhere")})
+    assert code == 1
+    assert "is not an image folder" in output
+    code, output = _validate(
+        "frame-ingestor",
+        {"BINLOOP_SOURCE": str(DEMO / "stream"), "BINLOOP_SPOOL_ROOT": str(tmp_path / "s")},
+    )
+    assert code == 0, output
+    assert "frame-ingestor: configuration is valid" in output
+
+
+def test_up_refuses_a_missing_stream_and_a_foreign_data_folder_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(binloop_cli, ["up", "--stream", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2  # a usage error, before anything starts
+    assert "--stream" in missing.output
+
+    foreign = tmp_path / "checkout"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    refused = runner.invoke(binloop_cli, ["up", "--no-live", "--data-dir", str(foreign)])
+    assert refused.exit_code == 1
+    assert "was not created by `binloop up`" in refused.output
+    assert refused.exception is None or isinstance(refused.exception, SystemExit)
+    assert (foreign / "precious.txt").read_text() == "keep me"
