@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from nats.errors import NoServersError as NatsNoServersError
 from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
@@ -195,7 +196,11 @@ def record(
             max_messages=max_messages,
         )
 
-    count = asyncio.run(main())
+    try:
+        count = asyncio.run(main())
+    except (NatsNoServersError, OSError) as exc:
+        console.print(f"[red]binloop record: cannot reach {nats_url} ({exc})", soft_wrap=True)
+        raise typer.Exit(1) from exc
     console.print(f"recorded {count} messages to {out}")
 
 
@@ -210,8 +215,20 @@ def replay(
     """Publish a recorded stream again."""
     from binloop.replay import replay as replay_file
 
-    count = asyncio.run(replay_file(nats_url, path, speed=speed))
-    console.print(f"replayed {count} messages from {path}")
+    if not path.is_file():
+        console.print(f"[red]binloop replay: no replay file at {path}", soft_wrap=True)
+        raise typer.Exit(1)
+    try:
+        outcome = asyncio.run(replay_file(nats_url, path, speed=speed))
+    except (NatsNoServersError, OSError) as exc:
+        console.print(f"[red]binloop replay: cannot reach {nats_url} ({exc})", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    console.print(
+        f"replayed {outcome.published} messages from {path} ({outcome.duplicates} already "
+        f"stored, {outcome.bad_lines} bad lines, {outcome.unroutable} without a stream)"
+    )
+    if outcome.bad_lines or outcome.unroutable:
+        raise typer.Exit(1)
 
 
 @app.command("import-model")

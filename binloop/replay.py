@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import nats
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.errors import NoStreamResponseError
 from pydantic import ValidationError
@@ -216,7 +217,7 @@ async def record(
     Returns the number of lines written."""
     if not subjects:
         raise ValueError("record needs at least one subject")
-    client = await nats.connect(nats_url)
+    client = await connect(nats_url)
     inbox: asyncio.Queue[tuple[float, Msg]] = asyncio.Queue()
 
     async def on_msg(msg: Msg) -> None:
@@ -252,13 +253,35 @@ async def record(
         await client.drain()
 
 
-async def replay(nats_url: str, path: Path, *, speed: float = 1.0) -> int:
+@dataclass(frozen=True)
+class ReplayOutcome:
+    published: int
+    """Messages JetStream acknowledged (duplicates included)."""
+    duplicates: int
+    bad_lines: int
+    unroutable: int
+    """Messages no stream stores (skipped)."""
+
+
+async def connect(nats_url: str) -> NatsClient:
+    """A client for a one-off command: a server that is not there is reported after a few
+    seconds (NoServersError), without nats-py's error log on every try."""
+
+    async def quiet(_: Exception) -> None:
+        return None
+
+    return await nats.connect(
+        nats_url, connect_timeout=3, max_reconnect_attempts=1, reconnect_time_wait=1, error_cb=quiet
+    )
+
+
+async def replay(nats_url: str, path: Path, *, speed: float = 1.0) -> ReplayOutcome:
     """Publish every message of a replay file to JetStream again, `speed` times faster than
     recorded (0: as fast as possible). Nats-Msg-Id is kept, so replaying twice within the
-    duplicate window stores each message once. Returns the number JetStream acknowledged."""
+    duplicate window stores each message once."""
     if speed < 0:
         raise ValueError(f"speed must be >= 0, got {speed}")
-    client = await nats.connect(nats_url)
+    client = await connect(nats_url)
     stats = ReplayStats()
     published = duplicates = unroutable = 0
     try:
@@ -284,12 +307,4 @@ async def replay(nats_url: str, path: Path, *, speed: float = 1.0) -> int:
             duplicates += bool(ack.duplicate)
     finally:
         await client.drain()
-    log.info(
-        "replayed %d messages from %s (%d already stored, %d bad lines, %d without a stream)",
-        published,
-        path,
-        duplicates,
-        stats.bad_lines,
-        unroutable,
-    )
-    return published
+    return ReplayOutcome(published, duplicates, stats.bad_lines, unroutable)

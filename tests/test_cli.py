@@ -60,3 +60,19 @@ def test_up_refuses_a_missing_stream_and_a_foreign_data_folder_without_a_traceba
     assert "was not created by `binloop up`" in refused.output
     assert refused.exception is None or isinstance(refused.exception, SystemExit)
     assert (foreign / "precious.txt").read_text() == "keep me"
+
+
+def test_replay_reports_a_missing_file_and_an_unreachable_server_in_one_line(
+    tmp_path: Path,
+) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(binloop_cli, ["replay", str(tmp_path / "none.jsonl")])
+    assert missing.exit_code == 1
+    assert "no replay file at" in missing.output
+
+    recorded = tmp_path / "one.jsonl"
+    recorded.write_text('{"t": 0, "subject": "fleet.heartbeat.v1.bin-1", "data": {}}\n')
+    down = runner.invoke(binloop_cli, ["replay", str(recorded), "--nats-url", "nats://127.0.0.1:9"])
+    assert down.exit_code == 1
+    assert "cannot reach nats://127.0.0.1:9" in down.output
+    assert down.exception is None or isinstance(down.exception, SystemExit)
