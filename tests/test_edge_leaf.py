@@ -94,7 +94,8 @@ class Hub:
 def hub(tmp_path: Path) -> Iterator[Hub]:
     leaf_port = free_port()
     config = tmp_path / "hub.conf"
-    # edge/nats/hub.conf on loopback ports (the store folder comes from NatsServer's -sd).
+    # The hub's JetStream domain and leafnode listener (deploy/k8s/base/nats/nats.conf), on
+    # loopback ports and without credentials (the store folder comes from NatsServer's -sd).
     config.write_text(
         "server_name: binloop-hub\n"
         "jetstream { domain: hub }\n"
