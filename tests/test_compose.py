@@ -362,3 +362,32 @@ def test_grafana_loads_the_provisioned_datasource_and_dashboards(compose: dict[s
     urls = {interpolate_defaults(source["url"]) for source in datasources}
     assert urls == {"http://prometheus:9090"}
     assert "9090:9090" in compose["services"]["prometheus"]["ports"]
+
+
+def test_the_labeling_bridge_is_reachable_from_label_studio_and_from_browsers(
+    compose: dict[str, Any],
+) -> None:
+    """One base URL (BINLOOP_PUBLIC_URL) carries the webhook and the ML backend that Label
+    Studio's container calls AND every task's frame URL that annotators' browsers on the host
+    load: its name must resolve on the compose network to the bridge and, on the host, to
+    loopback (`localhost` or a `*.localhost` name), where the bridge publishes its web port."""
+    services = compose["services"]
+    bridge = services["labeling-bridge"]
+    studio = services["label-studio"]["environment"]
+    env = {key: interpolate_defaults(str(value)) for key, value in bridge["environment"].items()}
+    assert env["BINLOOP_BACKEND"] == "label-studio"
+    assert env["BINLOOP_LABEL_STUDIO_URL"] == "http://label-studio:8080"
+    assert bridge["environment"]["BINLOOP_LABEL_STUDIO_TOKEN"] == studio["LABEL_STUDIO_USER_TOKEN"]
+    assert studio["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
+    # The bridge is on the compose network's private addresses.
+    assert (studio["SSRF_PROTECTION_ENABLED"], studio["ML_BLOCK_LOCAL_IP"]) == ("false", "false")
+    assert env["BINLOOP_FRAME_URLS"] == "served"
+    assert "BINLOOP_EXPORT_DIR" not in env, "the export backend's folder is not used"
+    scheme, _, location = env["BINLOOP_PUBLIC_URL"].partition("://")
+    assert scheme == "http"
+    host, _, port = location.rstrip("/").partition(":")
+    assert port == env["BINLOOP_WEB_PORT"]
+    assert f"{port}:{port}" in bridge["ports"], "browsers reach the web port on the host"
+    assert host == "localhost" or host.endswith(".localhost"), f"a browser cannot resolve {host}"
+    aliases = {"labeling-bridge", *bridge["networks"]["default"]["aliases"]}
+    assert host in aliases, f"Label Studio's container cannot resolve {host}"

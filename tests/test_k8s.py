@@ -33,7 +33,16 @@ CLOUD_SERVICES = [name for name, spec in SERVICES.items() if spec.runs_on == "cl
 # Services that run as batch jobs (`binloop run <name> --until-idle`); the others are Deployments.
 BATCH_SERVICES = {"trainer"}
 LONG_RUNNING_SERVICES = [name for name in CLOUD_SERVICES if name not in BATCH_SERVICES]
-SECRETS = {"minio-root", "binloop-s3", "label-studio-db", "label-studio-admin", "nats-leafnode"}
+SECRETS = {
+    "minio-root",
+    "binloop-s3",
+    "label-studio-db",
+    "label-studio-admin",
+    "nats-leafnode",
+    "labeling-bridge",
+}
+# The labeling-bridge's web server (webhook, frames, ML backend), beside the health port 8000.
+BRIDGE_WEB_PORT = 8090
 RESTRICTED_VOLUME_TYPES = {
     "configMap",
     "csi",
@@ -327,7 +336,9 @@ def test_binloop_services_have_probes_budgets_and_a_read_only_root(
         assert container["args"][0] == name
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-        assert container["ports"] == [{"name": "http", "containerPort": 8000}]
+        web = [{"name": "web", "containerPort": BRIDGE_WEB_PORT}]
+        extra = web if name == "labeling-bridge" else []
+        assert container["ports"] == [{"name": "http", "containerPort": 8000}, *extra], name
     for name in LONG_RUNNING_SERVICES:
         (container,) = containers(find(manifests, "Deployment", name))
         assert container["args"] == [name]
@@ -363,6 +374,67 @@ def test_every_service_environment_is_made_of_real_settings(dev: list[Manifest])
         assert environment["BINLOOP_S3_SECRET_KEY"] == "from-a-secret"
         errors.extend(settings_errors(name, environment))
     assert not errors, "\n".join(errors)
+
+
+def _env_sources(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {variable["name"]: variable for variable in container.get("env", [])}
+
+
+def test_the_labeling_bridge_closes_the_loop_through_label_studio(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    """As in compose: the label-studio backend, its credentials from the labeling-bridge
+    Secret, the web port (webhook, frames, ML backend) on the Service, and a public URL that
+    names that Service in-cluster (dev) or its Ingress (prod)."""
+    overlay, manifests = rendered
+    bridge = find(manifests, "Deployment", "labeling-bridge")
+    (container,) = containers(bridge)
+    env = _env_sources(container)
+    values = {name: v["value"] for name, v in env.items() if "value" in v}
+    assert values["BINLOOP_BACKEND"] == "label-studio", overlay
+    assert "BINLOOP_EXPORT_DIR" not in env
+    assert values["BINLOOP_FRAME_URLS"] == "served"
+    # Label Studio's Service, from inside the cluster.
+    studio_service = find(manifests, "Service", "label-studio")
+    studio_port = studio_service["spec"]["ports"][0]["port"]
+    assert values["BINLOOP_LABEL_STUDIO_URL"] == f"http://label-studio:{studio_port}"
+    token_ref = env["BINLOOP_LABEL_STUDIO_TOKEN"]["valueFrom"]["secretKeyRef"]
+    secret_ref = env["BINLOOP_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert token_ref["name"] == secret_ref["name"]
+    assert token_ref["name"].startswith("labeling-bridge")
+    assert (token_ref["key"], secret_ref["key"]) == ("label-studio-token", "webhook-secret")
+    # Label Studio's first user holds the token the bridge calls the API with.
+    (studio,) = containers(find(manifests, "Deployment", "label-studio"))
+    studio_env = _env_sources(studio)
+    assert studio_env["LABEL_STUDIO_USER_TOKEN"]["valueFrom"]["secretKeyRef"] == token_ref
+    assert studio_env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"]["value"] == "true"
+    assert studio_env["ML_BLOCK_LOCAL_IP"]["value"] == "false"  # the bridge's private address
+    # The web port, on the container and on the Service, apart from health and metrics.
+    assert values["BINLOOP_WEB_PORT"] == str(BRIDGE_WEB_PORT)
+    service = find(manifests, "Service", "labeling-bridge")
+    web = {p["name"]: p for p in service["spec"]["ports"]}["web"]
+    assert (web["port"], web["targetPort"]) == (BRIDGE_WEB_PORT, "web")
+    # No leftover of the export backend.
+    assert [v["name"] for v in pod_spec(bridge)["volumes"]] == ["tmp"]
+    assert not [m for m in manifests if m["metadata"]["name"] == "labeling-exports"]
+    public_url = values["BINLOOP_PUBLIC_URL"]
+    ingresses = [
+        (rule["host"], path["backend"]["service"], ingress)
+        for ingress in (m for m in manifests if m["kind"] == "Ingress")
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    ]
+    if overlay == "dev":
+        assert public_url == f"http://labeling-bridge:{BRIDGE_WEB_PORT}"
+        assert not ingresses
+        return
+    # prod: annotators' browsers and Label Studio both reach the bridge's Ingress.
+    host = public_url.removeprefix("https://")
+    assert public_url.startswith("https://"), public_url
+    assert "/" not in host, public_url
+    ((backend, ingress),) = [(b, i) for h, b, i in ingresses if h == host]
+    assert backend == {"name": "labeling-bridge", "port": {"name": "web"}}
+    assert host in {h for tls in ingress["spec"]["tls"] for h in tls["hosts"]}
 
 
 def _secret_references(manifests: list[Manifest]) -> set[str]:
@@ -582,12 +654,15 @@ class Cluster:
     def reachable_from_outside(self, target: str, port: int) -> bool:
         return self._allows("Ingress", self.pods[target], None, None, port)
 
+    def reaches_namespace(self, source: str, namespace: str, port: int) -> bool:
+        return self._allows("Egress", self.pods[source], {}, namespace, port)
+
 
 ALLOWED_FLOWS = {
     *((service, "nats", 4222) for service in CLOUD_SERVICES),
     *((service, "minio", 9000) for service in CLOUD_SERVICES),
     ("labeling-bridge", "label-studio", 8080),
-    ("label-studio", "labeling-bridge", 8000),
+    ("label-studio", "labeling-bridge", BRIDGE_WEB_PORT),  # webhooks, ML backend
     ("label-studio", "label-studio-db", 5432),
     ("label-studio", "minio", 9000),
     ("minio-setup", "minio", 9000),
@@ -602,7 +677,7 @@ def test_network_policies_allow_exactly_the_designed_flows(
 ) -> None:
     overlay, manifests = rendered
     cluster = Cluster(manifests)
-    ports = {4222, 6222, 7422, 8000, 8080, 8222, 9000, 9001, 5432, 7777}
+    ports = {443, 4222, 6222, 7422, 8000, BRIDGE_WEB_PORT, 8080, 8222, 9000, 9001, 5432, 7777}
     allowed = {
         (source, target, port)
         for source in cluster.pods
@@ -617,6 +692,14 @@ def test_network_policies_allow_exactly_the_designed_flows(
     assert cluster.reachable_from_namespace("ingress-nginx", "label-studio", 8080)
     assert cluster.reachable_from_namespace("ingress-nginx", "minio", 9000)
     assert not cluster.reachable_from_namespace("ingress-nginx", "sampler", 8000)
+    # Annotators' browsers load frames from the bridge's web port, never its metrics port.
+    assert cluster.reachable_from_namespace("ingress-nginx", "labeling-bridge", BRIDGE_WEB_PORT)
+    assert not cluster.reachable_from_namespace("ingress-nginx", "labeling-bridge", 8000)
+    # Label Studio reaches a public bridge URL through the ingress controller; nothing else
+    # leaves for it.
+    assert cluster.reaches_namespace("label-studio", "ingress-nginx", 443)
+    assert not cluster.reaches_namespace("label-studio", "ingress-nginx", 80)
+    assert not cluster.reaches_namespace("labeling-bridge", "ingress-nginx", 443)
     for name in CLOUD_SERVICES:
         assert cluster.reachable_from_namespace("monitoring", name, 8000)
 
