@@ -26,7 +26,7 @@ from nats.js.client import JetStreamContext
 from prometheus_client import REGISTRY
 
 from binloop.datasets import DatasetManifest, ManifestItem, split_for, write_manifest
-from binloop.errors import PermanentError
+from binloop.errors import NotReadyError, PermanentError
 from binloop.natsserver import NatsServer
 from binloop.runtime import ServiceApp
 from binloop.storage import (
@@ -540,6 +540,42 @@ async def test_project_creation_is_idempotent_and_follows_taxonomy_changes(
     ids, stored_config = await asyncio.to_thread(read)
     assert ids == [first]
     assert stored_config == changed.strip()
+
+
+@pytest.mark.integration
+async def test_a_deleted_project_makes_calls_wait_and_is_made_again(
+    label_studio: LabelStudioServer,
+) -> None:
+    title = f"binloop-test-{uuid.uuid4().hex[:10]}"
+    spec = ProjectSpec(title, label_config_xml(TAXONOMY, ["cup"], ["soiled"]), "test")
+    client = LabelStudioClient(label_studio.url, label_studio.token, spec, 30)
+    data = {"image": "http://bridge/x.jpg", "frame_sha256": "0" * 64, "frame_key": "k"}
+
+    def delete_then(call: Any) -> tuple[int, str]:
+        """(the deleted project, what the call raised)."""
+        project = client.project_id()
+        sdk(label_studio).projects.delete(id=project)
+        with pytest.raises(NotReadyError) as raised:
+            call()
+        return project, str(raised.value)
+
+    try:
+        calls = [
+            lambda: client.import_task({"data": data}),  # a sample (a 404)
+            lambda: client.annotated_tasks(None),  # reconciliation (a 404)
+            lambda: client.ensure_webhook("http://bridge/hook", {}, "/hook"),  # a 400
+        ]
+        outcomes = [await asyncio.to_thread(delete_then, call) for call in calls]
+        made_again = await asyncio.to_thread(client.project_id)
+        task_id = await asyncio.to_thread(client.import_task, {"data": data})
+    finally:
+        client.close()
+
+    for project, error in outcomes:
+        assert f"project {project} is gone" in error
+    assert made_again not in [project for project, _ in outcomes]
+    (task,) = await tasks_of(label_studio, title)
+    assert task.id == task_id
 
 
 @pytest.mark.integration

@@ -4,19 +4,35 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import xml.etree.ElementTree as ET
 from collections import Counter
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
+from aiohttp import web
+from aiohttp.streams import StreamReader
+from aiohttp.test_utils import make_mocked_request
+from label_studio_sdk.core.api_error import ApiError
 from nats.aio.client import Client
+from nats.errors import NoServersError
 from nats.js.client import JetStreamContext
+from pydantic import ValidationError
 
+from binloop.bus.publish import PublishTimeoutError
 from binloop.datasets import DatasetManifest, import_image_folder, split_for
-from binloop.errors import ChecksumMismatchError, PermanentError, TransientError
+from binloop.errors import (
+    ChecksumMismatchError,
+    NotReadyError,
+    PermanentError,
+    StoreUnavailableError,
+    TransientError,
+)
 from binloop.natsserver import NatsServer
 from binloop.storage import (
     LocalBlobStore,
@@ -34,19 +50,30 @@ from schemas.events import (
     LabelAnnotated,
     SampleSelected,
 )
-from schemas.routes import DATASETS_SNAPSHOT, LABELS_ANNOTATED, SAMPLES_SELECTED, dlq_subject
+from schemas.routes import (
+    DATASETS_SNAPSHOT,
+    LABELS_ANNOTATED,
+    SAMPLES_SELECTED,
+    Route,
+    dlq_subject,
+)
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge import LabelingBridgeSettings, create_app
+from services.labeling_bridge.app import LabelStudioParts
 from services.labeling_bridge.backends import (
     LabelStudioBackend,
     LabelStudioExportBackend,
     OracleBackend,
 )
+from services.labeling_bridge.client import LabelStudioClient, ProjectCounts, ProjectSpec
 from services.labeling_bridge.core import LabelingBridge, snapshot_event_id
 from services.labeling_bridge.cursor import SavedCursor
+from services.labeling_bridge.intake import parse_tasks
 from services.labeling_bridge.label_studio import FROM_NAME, TO_NAME
+from services.labeling_bridge.link import LabelStudioLink, ReconcilePass
 from services.labeling_bridge.records import LabelRecord
 from services.labeling_bridge.snapshots import DatasetBook
+from services.labeling_bridge.web import MAX_PREDICT_TASKS, FrameSigner, WebParts, make_web_app
 from tests.helpers import Collector
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
@@ -493,3 +520,377 @@ def test_a_refused_prediction_leaves_the_task_to_be_labeled(
     assert task_id == 7
     assert prediction["model_version"] == "mobilenet:v3"
     assert "refused the prediction for task 7" in caplog.text
+
+
+# --- Label Studio link, loop and web, without a server ---------------------------------------
+
+
+class _ListingClient:
+    """Label Studio listing fixed tasks: what reconciliation reads, nothing else."""
+
+    def __init__(self, tasks: list[dict[str, Any]]) -> None:
+        self.tasks = tasks
+
+    def project_id(self) -> int:
+        return 5
+
+    def annotated_tasks(self, changed_after: datetime | None) -> list[dict[str, Any]]:
+        return self.tasks
+
+    def counts(self) -> ProjectCounts:
+        return ProjectCounts(tasks=len(self.tasks), annotated=len(self.tasks))
+
+
+class _RecordingPublisher:
+    """Publishes nowhere. A snapshot announcement can be held until `gate` is set, or fail."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, Any]] = []
+        self.failing_versions: set[int] = set()
+        self.held_version: int | None = None
+        self.gate = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def publish(self, route: Route, event: Any, bin_id: str | None = None) -> None:
+        if isinstance(event, DatasetSnapshot):
+            if event.version == self.held_version:
+                self.holding.set()
+                await self.gate.wait()
+            if event.version in self.failing_versions:
+                raise PublishTimeoutError(f"no ack for version {event.version}")
+        self.published.append((route.name, event))
+
+    def versions(self) -> list[int]:
+        return [e.version for _, e in self.published if isinstance(e, DatasetSnapshot)]
+
+
+def ls_task(
+    task_id: int,
+    data: dict[str, Any],
+    result: list[dict[str, Any]],
+    updated_at: datetime | None,
+) -> dict[str, Any]:
+    annotation: dict[str, Any] = {"id": task_id * 10, "result": result}
+    if updated_at is not None:
+        annotation["updated_at"] = updated_at.isoformat()
+    return {
+        "id": task_id,
+        "updated_at": (updated_at or CAPTURED_AT).isoformat(),
+        "data": data,
+        "annotations": [annotation],
+    }
+
+
+def material(label: str | None) -> list[dict[str, Any]]:
+    choices = [label] if label else []
+    return [
+        {
+            "from_name": FROM_NAME,
+            "to_name": TO_NAME,
+            "type": "choices",
+            "value": {"choices": choices},
+        }
+    ]
+
+
+def our_task_data(store: LocalBlobStore, data: bytes) -> dict[str, Any]:
+    sample = make_sample(data, None)
+    store_frame(store, sample, data)
+    return {"frame_sha256": sample.frame_sha256, "frame_key": sample.frame_key, "bin_id": "bin-a"}
+
+
+def make_link(
+    store: LocalBlobStore, tasks: list[dict[str, Any]], snapshot_every: int = 100
+) -> tuple[LabelStudioLink, _RecordingPublisher]:
+    publisher = _RecordingPublisher()
+    link = LabelStudioLink(
+        make_bridge(store, snapshot_every),
+        _ListingClient(tasks),  # type: ignore[arg-type]
+        publisher,  # type: ignore[arg-type]
+        asyncio.Lock(),
+        overlap_s=3600,
+    )
+    return link, publisher
+
+
+class _DeadLetters:
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str, str]] = []
+
+    async def __call__(self, origin: str, payload: bytes, error: Exception) -> None:
+        self.entries.append((origin, payload.decode(), str(error)))
+
+
+async def test_reconciliation_dead_letters_each_task_it_cannot_read_once(
+    blob_store: LocalBlobStore,
+) -> None:
+    (good, _), (other, _) = demo_frames(2)
+    at = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+    tasks = [
+        ls_task(1, {"image": "http://elsewhere/x.jpg"}, material("glass"), at),  # not ours
+        ls_task(2, our_task_data(blob_store, other), material(None), at),  # names no material
+        ls_task(3, our_task_data(blob_store, other), material("glass"), None),  # no updated_at
+        ls_task(4, our_task_data(blob_store, good), material("glass"), at + timedelta(seconds=1)),
+    ]
+    link, publisher = make_link(blob_store, tasks)
+    dead = _DeadLetters()
+
+    first = await link.reconcile(dead)
+    assert [origin for origin, _, _ in dead.entries] == ["task 1", "task 2", "task 3"]
+    assert "task 1 was not imported by the bridge" in dead.entries[0][2]
+    assert dead.entries[1][1] == f"label-studio:5:20 updated {at.isoformat()}"
+    assert "must choose exactly one 'material'" in dead.entries[1][2]
+    assert "task 3 is not readable: annotations.0.updated_at" in dead.entries[2][2]
+    assert (first.listed, first.published, len(first.rejected)) == (4, 1, 3)
+    assert [name for name, _ in publisher.published] == ["labels.annotated"]
+    assert link.cursor == at + timedelta(seconds=1)  # past them: they are dead-lettered
+
+    again = await link.reconcile(dead)  # listed again within the overlap: no new entries
+    assert (again.listed, again.published, len(dead.entries)) == (4, 0, 3)
+
+    # A later edit that is still bad is a new entry.
+    tasks[1] = ls_task(2, tasks[1]["data"], material(None), at + timedelta(seconds=5))
+    await link.reconcile(dead)
+    assert [origin for origin, _, _ in dead.entries[3:]] == ["task 2"]
+
+
+async def test_a_corrupt_label_record_dead_letters_the_annotation_and_the_pass_goes_on(
+    blob_store: LocalBlobStore,
+) -> None:
+    (bad, _), (good, _) = demo_frames(2)
+    at = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+    corrupt = our_task_data(blob_store, bad)
+    tasks = [
+        ls_task(1, corrupt, material("glass"), at),
+        ls_task(2, our_task_data(blob_store, good), material("paper"), at),
+    ]
+    link, _ = make_link(blob_store, tasks)
+    link.bridge.book.load()  # a running bridge: the record is damaged after it started
+    blob_store.put(label_key("binloop", corrupt["frame_sha256"]), b'{"label": ')
+    dead = _DeadLetters()
+    reconciled = await link.reconcile(dead)
+    ((origin, _, error),) = dead.entries
+    assert origin == "task 1"
+    assert f"label record of frame {corrupt['frame_sha256']} cannot be read" in error
+    assert reconciled.published == 1
+
+
+async def test_a_version_cut_while_another_is_announced_again_is_not_forgotten(
+    blob_store: LocalBlobStore,
+) -> None:
+    (first, _), (second, _) = demo_frames(2)
+    at = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+    link, publisher = make_link(blob_store, [], snapshot_every=1)
+    labels = [
+        parse_tasks(5, [ls_task(i, our_task_data(blob_store, data), material("glass"), at)]).found[
+            0
+        ]
+        for i, data in [(1, first), (2, second)]
+    ]
+    publisher.failing_versions = {1}
+    with pytest.raises(PublishTimeoutError):
+        await link.take(labels[0], "webhook")  # version 1 is stored, its announcement failed
+
+    # Reconciliation announces version 1 again and is held there; meanwhile a label cuts
+    # version 2, whose announcement fails too.
+    publisher.failing_versions, publisher.held_version = {2}, 1
+    dead = _DeadLetters()
+    reconciling = asyncio.create_task(link.reconcile(dead))
+    await publisher.holding.wait()
+    taking = asyncio.create_task(link.take(labels[1], "webhook"))
+    if not link.lock.locked():  # nothing stops the label while version 1 is out: let it run
+        with pytest.raises(PublishTimeoutError):
+            await taking
+    publisher.gate.set()
+    with pytest.raises(PublishTimeoutError):
+        await taking
+    await reconciling
+    assert publisher.versions() == [1]
+
+    publisher.failing_versions, publisher.held_version = set(), None
+    await link.reconcile(dead)  # version 2 is still waiting, and goes out now
+    assert publisher.versions() == [1, 2]
+    assert dead.entries == []
+
+
+async def test_keep_in_step_outlives_failed_passes_and_sets_up_a_new_project(
+    blob_store: LocalBlobStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = LabelingBridgeSettings(
+        backend="label-studio",
+        label_studio_url="http://127.0.0.1:9",  # never asked: the client is stubbed below
+        label_studio_token="token",
+        webhook_secret="secret",
+        blob_root=blob_store.root,
+        register_ml_backend=False,
+        reconcile_every_s=0.001,
+    )
+    parts = LabelStudioParts()
+    service = create_app(settings, store=blob_store, parts=parts)
+    assert parts.client is not None
+    assert parts.link is not None
+    assert parts.web is not None
+    parts.web.port = 8090  # the URL the webhook is set up with; no server runs
+    project = {"id": 1}
+    webhooks_for: list[int] = []
+    monkeypatch.setattr(parts.client, "project_id", lambda: project["id"])
+
+    def ensure_webhook(url: str, headers: dict[str, str], path: str) -> int:
+        webhooks_for.append(project["id"])
+        return 1
+
+    monkeypatch.setattr(parts.client, "ensure_webhook", ensure_webhook)
+    try:
+        LabelRecord.model_validate_json(b'{"label": ')
+    except ValidationError as exc:
+        corrupt_record = exc
+    failures: list[Exception] = [
+        PermanentError("Label Studio list_tasks: HTTP 400: {'detail': 'bad filter'}"),
+        NoServersError(),  # a dead letter that could not be published
+        corrupt_record,
+        NotReadyError("Label Studio list_tasks: project 1 is gone"),
+    ]
+    passed = asyncio.Event()
+
+    async def reconcile(dead_letter: object) -> ReconcilePass:
+        if failures:
+            failure = failures.pop(0)
+            if isinstance(failure, NotReadyError):
+                project["id"] = 2  # the next project_id() finds it made again
+            raise failure
+        passed.set()
+        return ReconcilePass(0, 0, [])
+
+    monkeypatch.setattr(parts.link, "reconcile", reconcile)
+    (keep_in_step,) = [t for t in service.background if t.__name__ == "keep_in_step"]
+    running = asyncio.ensure_future(keep_in_step())
+    try:
+        await asyncio.wait_for(passed.wait(), 30)
+        assert not running.done()
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        parts.client.close()
+
+    assert webhooks_for == [1, 2]  # the new project got its webhook
+    assert parts.remote_ready.is_set()
+    assert parts.relabels_asked.is_set()
+    assert caplog.text.count("reconciliation pass failed") == 3
+
+
+def _unreachable_client() -> LabelStudioClient:
+    return LabelStudioClient("http://127.0.0.1:9", "token", ProjectSpec("p", "<View/>", "d"), 1)
+
+
+def test_the_reconciliation_cursor_is_sent_in_utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = _unreachable_client()
+    queries: list[str] = []
+
+    def listed(**kwargs: Any) -> list[Any]:
+        queries.append(kwargs["query"])
+        return []
+
+    monkeypatch.setattr(client, "project_id", lambda: 3)
+    monkeypatch.setattr(client.sdk.tasks, "list", listed)
+    cursor = datetime(2025, 3, 14, 13, 0, 1, 500, tzinfo=timezone(timedelta(hours=1)))
+    assert client.annotated_tasks(cursor) == []
+    client.close()
+    (query,) = queries
+    values = [item["value"] for item in json.loads(query)["filters"]["items"]]
+    assert values[-1] == "2025-03-14T12:00:01.000500Z"
+
+
+def test_a_404_for_a_deleted_project_forgets_it_and_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = _unreachable_client()
+    made = iter([3, 4])
+    monkeypatch.setattr(client, "_ensure_project", lambda: next(made))
+    project_exists = {"answer": True}
+
+    def tasks_list(**kwargs: Any) -> list[Any]:
+        raise ApiError(status_code=404, body={"detail": "Not found."})
+
+    def project_get(id: int) -> object:
+        if not project_exists["answer"]:
+            raise ApiError(status_code=404, body={"detail": "Not found."})
+        return object()
+
+    monkeypatch.setattr(client.sdk.tasks, "list", tasks_list)
+    monkeypatch.setattr(client.sdk.projects, "get", project_get)
+    try:
+        # The project is there: a 404 about something else is Label Studio's last word.
+        with pytest.raises(PermanentError, match="HTTP 404"):
+            client.find_task("0" * 64)
+        assert client.project_id() == 3
+        project_exists["answer"] = False
+        with pytest.raises(NotReadyError, match="project 3 is gone"):
+            client.find_task("0" * 64)
+        assert client.project_id() == 4  # found again, or made
+    finally:
+        client.close()
+
+
+class _StubChampion:
+    model_version = "tiny-cnn:v1"
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.asked: list[int] = []
+
+    def predict(self, store: object, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.asked.append(len(tasks))
+        if self.error is not None:
+            raise self.error
+        return [{"result": [], "score": 0.0, "model_version": self.model_version} for _ in tasks]
+
+
+async def post_json(app: web.Application, path: str, body: object) -> tuple[int, Any]:
+    """The app's answer to a POST, without a server or a socket."""
+    payload = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
+    payload.feed_data(json.dumps(body).encode())
+    payload.feed_eof()
+    request = make_mocked_request(
+        "POST", path, headers={"Content-Type": "application/json"}, app=app, payload=payload
+    )
+    match = await app.router.resolve(request)
+    response = await match.handler(request)
+    assert isinstance(response, web.Response)
+    assert response.text is not None
+    return response.status, json.loads(response.text)
+
+
+def predict_app(store: LocalBlobStore, champion: _StubChampion) -> web.Application:
+    parts = WebParts(
+        "secret",
+        None,  # type: ignore[arg-type]  # /predict does not take annotations
+        store,
+        FrameSigner("secret", lambda: "http://bridge"),
+        champion,  # type: ignore[arg-type]
+        _DeadLetters(),
+    )
+    return make_web_app(parts)
+
+
+async def test_predict_caps_the_tasks_per_request_and_answers_503_while_it_cannot(
+    blob_store: LocalBlobStore,
+) -> None:
+    champion = _StubChampion()
+    app = predict_app(blob_store, champion)
+    task = {"id": 1, "data": {}}
+    status, body = await post_json(app, "/predict", {"tasks": [task] * MAX_PREDICT_TASKS})
+    assert (status, len(body["results"])) == (200, MAX_PREDICT_TASKS)
+    status, body = await post_json(app, "/predict", {"tasks": [task] * (MAX_PREDICT_TASKS + 1)})
+    assert status == 413
+    assert (
+        f"{MAX_PREDICT_TASKS + 1} tasks in one request, at most {MAX_PREDICT_TASKS}"
+        in body["error"]
+    )
+    assert champion.asked == [MAX_PREDICT_TASKS]  # the big one was not looked at
+
+    unavailable = StoreUnavailableError("minio: connection refused")
+    status, body = await post_json(
+        predict_app(blob_store, _StubChampion(unavailable)), "/predict", {"tasks": [task]}
+    )
+    assert (status, body["error"]) == (503, "minio: connection refused")

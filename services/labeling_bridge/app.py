@@ -14,11 +14,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from nats.errors import Error as NatsError
 from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
+from pydantic import ValidationError
 
 from binloop.bus import Delivery, Outgoing, subscribe
-from binloop.errors import ConfigError, PermanentError, TransientError
+from binloop.errors import BinloopError, ConfigError, PermanentError, TransientError
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from binloop.storage import BlobStore, PresigningStore, open_store, reconcile_cursor_key
@@ -295,21 +297,32 @@ def _attach_label_studio(
     parts.reconcile_once = reconcile_once
     web_parts = WebParts(secret, link, store, signer, champion, dead_letter)
 
-    def ensure_remote() -> None:
-        client.project_id()
+    def ensure_remote() -> int:
+        """Sets up the project's webhook and ML backend; returns the project's id."""
+        project = client.project_id()
         client.ensure_webhook(public_url() + WEBHOOK_PATH, {SECRET_HEADER: secret}, WEBHOOK_PATH)
         if settings.register_ml_backend:
             client.ensure_ml_backend(public_url(), ML_BACKEND_TITLE)
+        return project
 
     async def start_web(_: JetStreamContext) -> None:
         await web_server.start(make_web_app(web_parts))
 
     async def keep_in_step() -> None:
-        """Sets up the project (once Label Studio answers), then reconciles periodically."""
+        """Sets up the project (once Label Studio answers), then reconciles periodically.
+        A failed pass is logged and the next one tries again: this task must outlive any
+        answer from Label Studio, the bus or the store, or /healthz would fail for good."""
+        set_up_for: int | None = None  # the project the webhook and ML backend are set up in
         while True:
             try:
-                if not parts.remote_ready.is_set():
-                    await asyncio.to_thread(ensure_remote)
+                project = await asyncio.to_thread(client.project_id)
+                if project != set_up_for:
+                    # First pass, or the project was deleted and made again: it has no
+                    # webhook, ML backend or relabel tasks yet.
+                    parts.remote_ready.clear()
+                    if set_up_for is not None:
+                        parts.relabels_asked.clear()
+                    set_up_for = await asyncio.to_thread(ensure_remote)
                     parts.remote_ready.set()
                 if not parts.relabels_asked.is_set():
                     await ask_for_relabels()
@@ -320,6 +333,21 @@ def _attach_label_studio(
                     settings.reconcile_every_s,
                     exc,
                 )
+            except (BinloopError, NatsError, TimeoutError, ValidationError) as exc:
+                # A request Label Studio refuses, a publish or a dead letter that did not go
+                # out, a label record that cannot be read: the cursor stays, so the next pass
+                # lists the same tasks again.
+                log.error(
+                    "reconciliation pass failed, next try in %.0fs: %s: %s",
+                    settings.reconcile_every_s,
+                    type(exc).__name__,
+                    exc,
+                )
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Stopped while publishing, and nats-py turned the cancel into an error:
+                # sleeping on would keep the service's stop waiting.
+                raise asyncio.CancelledError
             await asyncio.sleep(settings.reconcile_every_s)
 
     async def stop() -> None:

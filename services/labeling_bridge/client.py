@@ -5,7 +5,9 @@ Errors are translated to binloop's tree, so the bus does the right thing with a 
 - Label Studio unreachable, timing out, answering 5xx, 401, 403 or 429 -> NotReadyError: the
   sample waits in JetStream (the backlog), retried after a delay without limit, until Label
   Studio is back; none is dropped or dead-lettered for it;
-- another 4xx -> PermanentError (a request Label Studio will never accept): dead-lettered.
+- another 4xx -> PermanentError (a request Label Studio will never accept): dead-lettered;
+- except a 400 or 404 because the project itself is gone (deleted in Label Studio): NotReadyError,
+  and the cached project id is forgotten, so the next call finds the project again or creates it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 WAIT_STATUSES = frozenset({401, 403, 429})
 """4xx that a person fixes (a token, a permission) or that pass (rate limit): samples wait."""
+GONE_STATUSES = frozenset({400, 404})
+"""What Label Studio answers a call naming a deleted project (400: a webhook or ML backend
+list validates the project id): the project is then looked up to tell."""
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]
 PAGE_SIZE = 100
 LS_DATETIME = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -90,9 +95,37 @@ class LabelStudioClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, operation: str, call: Callable[[], T]) -> T:
-        with translated_errors(operation):
-            return call()
+    def _call(self, operation: str, call: Callable[[], T], project: int | None = None) -> T:
+        """`project`: the project id the call used, checked when Label Studio answers 404."""
+        try:
+            with translated_errors(operation):
+                return call()
+        except PermanentError as exc:
+            if (
+                project is not None
+                and _http_status(exc) in GONE_STATUSES
+                and self._forget_if_gone(project)
+            ):
+                raise NotReadyError(
+                    f"Label Studio {operation}: project {project} is gone; the next call finds "
+                    f"{self.spec.title!r} again or creates it"
+                ) from exc
+            raise
+
+    def _forget_if_gone(self, project: int) -> bool:
+        """Whether the project no longer exists (its cached id is then forgotten)."""
+        try:
+            with translated_errors("check_project"):
+                self._sdk.projects.get(id=project)
+        except PermanentError as exc:
+            if _http_status(exc) != 404:
+                raise
+            with self._project_lock:
+                if self._project_id == project:
+                    self._project_id = None
+            log.warning("Label Studio project %d is gone: it will be found or created", project)
+            return True
+        return False
 
     def project_id(self) -> int:
         """The project's id, creating the project (or updating its config) the first time."""
@@ -153,7 +186,7 @@ class LabelStudioClient:
                 raise TransientError("Label Studio created a webhook without an id")
             return int(created.id)
 
-        return self._call("ensure_webhook", ensure)
+        return self._call("ensure_webhook", ensure, project)
 
     def ensure_ml_backend(self, url: str, title: str) -> int:
         """Connects `url` as the project's ML backend `title` (Label Studio checks its /health
@@ -172,7 +205,7 @@ class LabelStudioClient:
                 raise TransientError("Label Studio created an ML backend without an id")
             return int(created.id)
 
-        return self._call("ensure_ml_backend", ensure)
+        return self._call("ensure_ml_backend", ensure, project)
 
     def find_task(self, frame_sha256: str, relabel_for: str | None = None) -> int | None:
         """The task already made for this frame (a redelivered sample), if any; with
@@ -202,7 +235,7 @@ class LabelStudioClient:
                     return int(task.id)
             return None
 
-        return self._call("find_task", find)
+        return self._call("find_task", find, project)
 
     def import_task(self, task: dict[str, Any]) -> int:
         project = self.project_id()
@@ -222,7 +255,7 @@ class LabelStudioClient:
                 raise TransientError(f"Label Studio imported {len(ids)} tasks, expected 1")
             return int(ids[0])
 
-        return self._call("import_task", create)
+        return self._call("import_task", create, project)
 
     def ensure_prediction(self, task_id: int, prediction: dict[str, Any]) -> bool:
         """Adds `prediction` to the task when it has none; True if it had to. A task imported
@@ -267,7 +300,7 @@ class LabelStudioClient:
                     "filter": "filter:tasks:updated_at",
                     "operator": "greater",
                     "type": "Datetime",
-                    "value": changed_after.strftime(LS_DATETIME),
+                    "value": changed_after.astimezone(UTC).strftime(LS_DATETIME),
                 }
             )
         query = _filters(items, ordering=["tasks:updated_at"])
@@ -290,7 +323,7 @@ class LabelStudioClient:
                 for task in pager
             ]
 
-        return self._call("list_tasks", listed)
+        return self._call("list_tasks", listed, project)
 
     def counts(self) -> ProjectCounts:
         project = self.project_id()
@@ -301,7 +334,13 @@ class LabelStudioClient:
                 tasks=found.task_number or 0, annotated=found.num_tasks_with_annotations or 0
             )
 
-        return self._call("project_counts", read)
+        return self._call("project_counts", read, project)
+
+
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status behind an error `translated_errors` raised, if Label Studio answered."""
+    cause = error.__cause__
+    return cause.status_code if isinstance(cause, ApiError) else None
 
 
 def _filters(items: list[dict[str, Any]], ordering: list[str] | None = None) -> str:

@@ -76,7 +76,11 @@ class SeenAnnotation:
     @property
     def key(self) -> str:
         """Names the annotation across Label Studio projects (a label record's annotation_id)."""
-        return f"label-studio:{self.project_id}:{self.annotation_id}"
+        return annotation_key(self.project_id, self.annotation_id)
+
+
+def annotation_key(project_id: int, annotation_id: int) -> str:
+    return f"label-studio:{project_id}:{annotation_id}"
 
 
 def _annotator(completed_by: int | dict[str, Any] | None) -> str:
@@ -138,27 +142,62 @@ def parse_webhook(body: bytes) -> SeenAnnotation | None:
 
 
 @dataclass(frozen=True)
+class RejectedTask:
+    """A listed task whose current annotation can never become a label: not a task the bridge
+    made, an annotation that names no material, or a task Label Studio lists in a shape the
+    bridge cannot read."""
+
+    task_id: str
+    key: str
+    """The annotation's key, or the task's when no annotation could be read."""
+    updated_at: datetime | None
+    """The annotation's (else the task's) last change: with `key`, the version that is
+    dead-lettered once."""
+    error: PermanentError
+
+
+@dataclass(frozen=True)
 class ListedAnnotations:
     found: list[SeenAnnotation]
-    rejected: list[str]
-    """Why each task that could not be read was left out (one bad task must not stop the rest)."""
+    rejected: list[RejectedTask]
+    """Tasks that could not be read (one bad task must not stop the rest)."""
 
 
 def parse_tasks(project_id: int, tasks: Sequence[dict[str, Any]]) -> ListedAnnotations:
     """Listed tasks -> the current annotation of each."""
     found: list[SeenAnnotation] = []
-    rejected: list[str] = []
+    rejected: list[RejectedTask] = []
     for raw in tasks:
+        task_id = str(raw.get("id"))
         try:
             task = RawTask.model_validate(raw)
-            annotation = current_annotation(task)
-            if annotation is not None:
-                found.append(seen(project_id, task, annotation))
         except ValidationError as exc:
-            rejected.append(f"task {raw.get('id')}: {_first_error(exc)}")
+            error = PermanentError(f"task {task_id} is not readable: {_first_error(exc)}")
+            task_key = f"label-studio:{project_id}:task:{task_id}"
+            rejected.append(RejectedTask(task_id, task_key, changed_at(raw), error))
+            continue
+        annotation = current_annotation(task)
+        if annotation is None:
+            continue
+        try:
+            found.append(seen(project_id, task, annotation))
         except PermanentError as exc:
-            rejected.append(f"task {raw.get('id')}: {exc}")
+            key = annotation_key(project_id, annotation.id)
+            rejected.append(RejectedTask(task_id, key, annotation.updated_at, exc))
     return ListedAnnotations(found, rejected)
+
+
+def changed_at(task: dict[str, Any]) -> datetime | None:
+    """A listed task's last change (Label Studio's clock), if it can be read."""
+    value = task.get("updated_at")
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -16,7 +16,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
+
+from pydantic import ValidationError
 
 from binloop.bus import Publisher
 from binloop.errors import BinloopError, PermanentError
@@ -26,7 +28,7 @@ from schemas.routes import DATASETS_SNAPSHOT, LABELS_ANNOTATED
 from services.labeling_bridge.client import LabelStudioClient
 from services.labeling_bridge.core import LabelingBridge
 from services.labeling_bridge.cursor import SavedCursor
-from services.labeling_bridge.intake import SeenAnnotation, parse_tasks
+from services.labeling_bridge.intake import SeenAnnotation, changed_at, parse_tasks
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class ReconcilePass:
     listed: int
     published: int
     rejected: list[str]
+    """Why each listed task that can never become a label was dead-lettered (or had been)."""
 
 
 class LabelStudioLink:
@@ -74,7 +77,7 @@ class LabelStudioLink:
         so the first pass lists every annotated task."""
         self._saved_cursor = saved_cursor
         self._cursor_loaded = saved_cursor is None
-        self._dead_lettered: OrderedDict[tuple[str, datetime], None] = OrderedDict()
+        self._dead_lettered: OrderedDict[tuple[str, datetime | None], None] = OrderedDict()
         """Annotation versions reconciliation has dead-lettered: an idle project keeps listing
         the newest change on every pass (it is within the overlap), and one entry is enough."""
         self._one_pass = asyncio.Lock()
@@ -87,9 +90,16 @@ class LabelStudioLink:
 
     async def take(self, annotation: SeenAnnotation, source: Source) -> Taken:
         """PermanentError for an annotation that can never become a label (unknown material,
-        a task whose frame does not match); TransientError when the store is not reachable."""
+        a task whose frame does not match, a stored label record of the frame that cannot be
+        read); TransientError when the store is not reachable."""
         async with self.lock:
-            prepared = await asyncio.to_thread(self.bridge.prepare, annotation)
+            try:
+                prepared = await asyncio.to_thread(self.bridge.prepare, annotation)
+            except ValidationError as exc:  # left as it is, for someone to look at
+                raise PermanentError(
+                    f"the stored label record of frame {annotation.task.frame_sha256} cannot "
+                    f"be read: {exc.error_count()} errors, e.g. {exc.errors()[0]['msg']}"
+                ) from exc
             published = False
             if prepared is not None:
                 if prepared.annotated is not None:
@@ -115,11 +125,13 @@ class LabelStudioLink:
             metrics.LABELING_LEAD_TIME.labels(self.bridge.backend.name).observe(max(lead_time, 0))
 
     async def _announce(self, snapshot: DatasetSnapshot) -> None:
+        """Called holding `self.lock`, so a version cut meanwhile cannot be forgotten."""
         # Kept until it is out: the label that completed the version is stored already, so
         # nothing else would announce it again.
         self._unannounced = snapshot
         await self.publisher.publish(DATASETS_SNAPSHOT, snapshot)
-        self._unannounced = None
+        if self._unannounced is snapshot:
+            self._unannounced = None
 
     async def reconcile(self, dead_letter: DeadLetterSink) -> ReconcilePass:
         """One pass: every task changed since the cursor (minus the overlap), oldest first.
@@ -130,8 +142,9 @@ class LabelStudioLink:
             return await self._reconcile(dead_letter)
 
     async def _reconcile(self, dead_letter: DeadLetterSink) -> ReconcilePass:
-        if self._unannounced is not None:
-            await self._announce(self._unannounced)
+        async with self.lock:
+            if self._unannounced is not None:
+                await self._announce(self._unannounced)
         if not self._cursor_loaded and self._saved_cursor is not None:
             self.cursor = await asyncio.to_thread(self._saved_cursor.load)
             self._cursor_loaded = True
@@ -140,29 +153,24 @@ class LabelStudioLink:
         project_id = await asyncio.to_thread(self.client.project_id)
         listed = parse_tasks(project_id, tasks)
         published = 0
+        for rejected in listed.rejected:
+            await self._dead_letter_once(
+                dead_letter, rejected.task_id, rejected.key, rejected.updated_at, rejected.error
+            )
         for annotation in listed.found:
-            version = (annotation.key, annotation.updated_at)
-            if version in self._dead_lettered:
+            if (annotation.key, annotation.updated_at) in self._dead_lettered:
                 continue
             try:
                 taken = await self.take(annotation, "reconcile")
             except PermanentError as exc:
-                # The annotation's version as the payload: a later, still bad edit of the
-                # same annotation is a new entry, a repeat of this one is not.
-                seen = f"{annotation.key} updated {annotation.updated_at.isoformat()}"
-                await dead_letter(f"task {annotation.task_id}", seen.encode(), exc)
-                self._remember_dead_letter(version)
+                await self._dead_letter_once(
+                    dead_letter, str(annotation.task_id), annotation.key, annotation.updated_at, exc
+                )
                 continue
             if taken.published:
                 metrics.LABEL_STUDIO_RECONCILED.inc()
                 published += 1
-        if listed.rejected:
-            log.warning(
-                "reconciliation left out %d tasks the bridge cannot read, e.g. %s",
-                len(listed.rejected),
-                listed.rejected[0],
-            )
-        changes = [_changed_at(task) for task in tasks]
+        changes = [changed_at(task) for task in tasks]
         newest = max((c for c in changes if c is not None), default=None)
         if newest is not None and (self.cursor is None or newest > self.cursor):
             self.cursor = newest
@@ -171,9 +179,26 @@ class LabelStudioLink:
         metrics.LABELING_BACKLOG.labels(self.bridge.backend.name).set(
             max(counts.tasks - counts.annotated, 0)
         )
-        return ReconcilePass(len(tasks), published, listed.rejected)
+        return ReconcilePass(len(tasks), published, [str(r.error) for r in listed.rejected])
 
-    def _remember_dead_letter(self, version: tuple[str, datetime]) -> None:
+    async def _dead_letter_once(
+        self,
+        dead_letter: DeadLetterSink,
+        task_id: str,
+        key: str,
+        updated_at: datetime | None,
+        error: PermanentError,
+    ) -> None:
+        version = (key, updated_at)
+        if version in self._dead_lettered:
+            return
+        # The annotation's version as the payload: a later, still bad edit of the same
+        # annotation is a new entry, a repeat of this one is not.
+        when = updated_at.isoformat() if updated_at is not None else "at an unknown time"
+        await dead_letter(f"task {task_id}", f"{key} updated {when}".encode(), error)
+        self._remember_dead_letter(version)
+
+    def _remember_dead_letter(self, version: tuple[str, datetime | None]) -> None:
         self._dead_lettered[version] = None
         while len(self._dead_lettered) > DEAD_LETTERS_REMEMBERED:
             self._dead_lettered.popitem(last=False)
@@ -185,15 +210,3 @@ class LabelStudioLink:
             await asyncio.to_thread(self._saved_cursor.save, cursor)
         except BinloopError as exc:  # only costs a longer first pass after a restart
             log.warning("could not save the reconciliation cursor: %s", exc)
-
-
-def _changed_at(task: dict[str, Any]) -> datetime | None:
-    value = task.get("updated_at")
-    if isinstance(value, datetime):
-        return value
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value)
-        except ValueError:
-            return None
-    return None

@@ -5,6 +5,9 @@ Webhook answers: 401 without the shared secret (counted); 400 for a body that is
 annotation payload and 422 for an annotation that can never become a label (both
 dead-lettered with the reason); 503 when the label could not be stored or published now
 (reconciliation brings it later); 200 otherwise.
+
+/predict answers 400 for a body that is not {"tasks": [task, ...]}, 413 for more than
+MAX_PREDICT_TASKS tasks, and 503 while there is no champion or the store does not answer.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from binloop.errors import MissingBlobError, NotReadyError, PermanentError, TransientError
+from binloop.errors import MissingBlobError, PermanentError, TransientError
 from binloop.observability import metrics
 from binloop.storage import BlobStore
 from schemas.base import BlobRef
@@ -35,6 +38,10 @@ FRAMES_PATH = "/frames/"
 SECRET_HEADER = "X-Binloop-Webhook-Secret"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 """Label Studio sends the whole project (label config included) with each annotation."""
+MAX_PREDICT_TASKS = 256
+"""Tasks one /predict may ask about: each is a frame read, decoded and held in memory for the
+batch. Label Studio sends one task as an annotator opens it; its "Retrieve Predictions" action
+sends every selected task in one request."""
 
 
 class FrameSigner:
@@ -104,6 +111,8 @@ def make_web_app(parts: WebParts) -> web.Application:
             data = await asyncio.to_thread(parts.store.get, key)
         except MissingBlobError:
             return _json(404, error=f"no frame {key}")
+        except TransientError as exc:
+            return _json(503, error=str(exc))
         return web.Response(body=data, content_type="image/jpeg")
 
     async def health(_: web.Request) -> web.Response:
@@ -120,9 +129,15 @@ def make_web_app(parts: WebParts) -> web.Application:
         tasks = payload.get("tasks") if isinstance(payload, dict) else None
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
             return _json(400, error="expected {'tasks': [task, ...]}")
+        if len(tasks) > MAX_PREDICT_TASKS:
+            return _json(
+                413,
+                error=f"{len(tasks)} tasks in one request, at most {MAX_PREDICT_TASKS}: "
+                "ask for predictions of fewer tasks at a time",
+            )
         try:
             results = await asyncio.to_thread(parts.champion.predict, parts.store, tasks)
-        except NotReadyError as exc:
+        except TransientError as exc:  # no champion yet, or the store did not answer
             return _json(503, error=str(exc))
         return _json(200, results=results, model_version=parts.champion.model_version)
 
