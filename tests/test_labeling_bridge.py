@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import shutil
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -71,7 +72,7 @@ from services.labeling_bridge.cursor import SavedCursor
 from services.labeling_bridge.intake import parse_tasks
 from services.labeling_bridge.label_studio import FROM_NAME, TO_NAME
 from services.labeling_bridge.link import LabelStudioLink, ReconcilePass
-from services.labeling_bridge.records import LabelRecord
+from services.labeling_bridge.records import LabelRecord, load_labels
 from services.labeling_bridge.snapshots import DatasetBook
 from services.labeling_bridge.web import MAX_PREDICT_TASKS, FrameSigner, WebParts, make_web_app
 from tests.helpers import Collector
@@ -894,3 +895,13 @@ async def test_predict_caps_the_tasks_per_request_and_answers_503_while_it_canno
         predict_app(blob_store, _StubChampion(unavailable)), "/predict", {"tasks": [task]}
     )
     assert (status, body["error"]) == (503, "minio: connection refused")
+
+
+def test_an_unreadable_label_record_is_left_out_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    store.put(label_key("binloop", "a" * 64), b"{not json", "application/json")
+    with caplog.at_level(logging.ERROR):
+        assert load_labels(store, "binloop") == []
+    assert "unreadable and left out" in caplog.text

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import posixpath
 
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, ValidationError
 
 from binloop.storage import BlobStore, label_key
 from schemas.base import BinId, BlobRef, Frozen, Name, Sha256
 from schemas.events import Label
 from schemas.taxonomy import Compartment
+
+log = logging.getLogger(__name__)
 
 
 class LabelRecord(Frozen):
@@ -69,9 +72,14 @@ def save_label(store: BlobStore, record: LabelRecord) -> tuple[LabelRecord, bool
 
 
 def load_labels(store: BlobStore, dataset: str) -> list[LabelRecord]:
-    prefix = label_prefix(dataset)
-    return [
-        LabelRecord.model_validate_json(store.get(key))
-        for key in store.list(prefix)
-        if key.endswith(".json")
-    ]
+    """Every readable record of the dataset. One that cannot be read is left out with an
+    error naming it (its frame waits for a new annotation), so it cannot stop every version."""
+    records = []
+    for key in store.list(label_prefix(dataset)):
+        if not key.endswith(".json"):
+            continue
+        try:
+            records.append(LabelRecord.model_validate_json(store.get(key)))
+        except ValidationError as exc:
+            log.error("label record %s is unreadable and left out: %s", key, exc)
+    return records
