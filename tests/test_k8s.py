@@ -417,22 +417,26 @@ def test_the_labeling_bridge_closes_the_loop_through_label_studio(
     # No leftover of the export backend.
     assert [v["name"] for v in pod_spec(bridge)["volumes"]] == ["tmp"]
     assert not [m for m in manifests if m["metadata"]["name"] == "labeling-exports"]
-    public_url = values["BINLOOP_PUBLIC_URL"]
+    # Label Studio calls the webhook and the ML backend inside the cluster, in every overlay.
+    assert values["BINLOOP_PUBLIC_URL"] == f"http://labeling-bridge:{BRIDGE_WEB_PORT}"
     ingresses = [
-        (rule["host"], path["backend"]["service"], ingress)
+        (rule["host"], path["path"], path["backend"]["service"], ingress)
         for ingress in (m for m in manifests if m["kind"] == "Ingress")
         for rule in ingress["spec"]["rules"]
         for path in rule["http"]["paths"]
+        if path["backend"]["service"]["name"] == "labeling-bridge"
     ]
     if overlay == "dev":
-        assert public_url == f"http://labeling-bridge:{BRIDGE_WEB_PORT}"
+        assert "BINLOOP_FRAMES_URL" not in values  # browsers: the port-forwarded Service
         assert not ingresses
         return
-    # prod: annotators' browsers and Label Studio both reach the bridge's Ingress.
-    host = public_url.removeprefix("https://")
-    assert public_url.startswith("https://"), public_url
-    assert "/" not in host, public_url
-    ((backend, ingress),) = [(b, i) for h, b, i in ingresses if h == host]
+    # prod: browsers load frames through an Ingress that exposes /frames/ and nothing else.
+    frames_url = values["BINLOOP_FRAMES_URL"]
+    host = frames_url.removeprefix("https://")
+    assert frames_url.startswith("https://"), frames_url
+    assert "/" not in host, frames_url
+    ((path, backend, ingress),) = [(p, b, i) for h, p, b, i in ingresses if h == host]
+    assert path == "/frames/"
     assert backend == {"name": "labeling-bridge", "port": {"name": "web"}}
     assert host in {h for tls in ingress["spec"]["tls"] for h in tls["hosts"]}
 
@@ -695,10 +699,8 @@ def test_network_policies_allow_exactly_the_designed_flows(
     # Annotators' browsers load frames from the bridge's web port, never its metrics port.
     assert cluster.reachable_from_namespace("ingress-nginx", "labeling-bridge", BRIDGE_WEB_PORT)
     assert not cluster.reachable_from_namespace("ingress-nginx", "labeling-bridge", 8000)
-    # Label Studio reaches a public bridge URL through the ingress controller; nothing else
-    # leaves for it.
-    assert cluster.reaches_namespace("label-studio", "ingress-nginx", 443)
-    assert not cluster.reaches_namespace("label-studio", "ingress-nginx", 80)
+    # Label Studio reaches the bridge inside the cluster: nothing leaves for the ingress.
+    assert not cluster.reaches_namespace("label-studio", "ingress-nginx", 443)
     assert not cluster.reaches_namespace("labeling-bridge", "ingress-nginx", 443)
     for name in CLOUD_SERVICES:
         assert cluster.reachable_from_namespace("monitoring", name, 8000)

@@ -905,3 +905,29 @@ def test_an_unreadable_label_record_is_left_out_not_fatal(
     with caplog.at_level(logging.ERROR):
         assert load_labels(store, "binloop") == []
     assert "unreadable and left out" in caplog.text
+
+
+def test_frames_can_be_served_to_browsers_under_another_url_than_label_studio_uses(
+    blob_store: LocalBlobStore,
+) -> None:
+    """Label Studio calls the webhook and the ML backend at public_url (inside the cluster);
+    annotators' browsers load frames from frames_url (an Ingress exposing /frames/ only)."""
+    values: dict[str, Any] = {
+        "backend": "label-studio",
+        "label_studio_url": "http://127.0.0.1:9",  # nothing is asked of it here
+        "label_studio_token": "token",
+        "webhook_secret": "secret",
+        "blob_root": blob_store.root,
+        "public_url": "http://labeling-bridge:8090",
+    }
+    frame = blob_store.put("frames/bin-a/2025/03/14/" + "c" * 64 + ".jpg", b"jpeg")
+    for frames_url, base in (
+        ("", "http://labeling-bridge:8090"),
+        ("https://frames.binloop.example/", "https://frames.binloop.example"),
+    ):
+        parts = LabelStudioParts()
+        create_app(
+            LabelingBridgeSettings(**values, frames_url=frames_url), store=blob_store, parts=parts
+        )
+        assert parts.signer is not None
+        assert parts.signer.url(frame).startswith(f"{base}/frames/{frame.key}?sig=")

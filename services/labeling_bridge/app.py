@@ -204,7 +204,11 @@ def _label_studio_backend(
         spec,
         settings.label_studio_timeout_s,
     )
-    signer = FrameSigner(settings.webhook_secret.get_secret_value(), public_url)
+
+    def frames_url() -> str:
+        return settings.frames_url.rstrip("/") or public_url()
+
+    signer = FrameSigner(settings.webhook_secret.get_secret_value(), frames_url)
 
     if settings.frame_urls == "presigned" and not isinstance(store, PresigningStore):
         raise ConfigError(f"frame_urls=presigned needs a store that presigns, not {store!r}")

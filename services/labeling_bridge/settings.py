@@ -90,8 +90,15 @@ class LabelingBridgeSettings(ServiceSettings):
     )
     public_url: str = Field(
         default="",
-        description="The bridge's web server as Label Studio and annotators' browsers reach it "
-        "(webhook, frame URLs, ML backend); empty: http://127.0.0.1:<web port>",
+        description="The bridge's web server as Label Studio reaches it (webhook, ML backend) "
+        "and, unless frames_url is set, as browsers load frames; empty: "
+        "http://127.0.0.1:<web port>",
+    )
+    frames_url: str = Field(
+        default="",
+        description="Base of the frame URLs annotators' browsers load (frame_urls=served), when "
+        "they reach the bridge otherwise than Label Studio does (e.g. an Ingress that exposes "
+        "only /frames/); empty: public_url",
     )
     frame_urls: Literal["served", "presigned", "uri"] = Field(
         default="served",

@@ -48,9 +48,10 @@ class FrameSigner:
     """Signs frame URLs so only tasks the bridge made can fetch frames: the browser's <img>
     cannot send a header, so the signature travels in the query, like a presigned URL."""
 
-    def __init__(self, secret: str, public_url: Callable[[], str]) -> None:
+    def __init__(self, secret: str, base_url: Callable[[], str]) -> None:
         self._secret = secret.encode()
-        self._public_url = public_url
+        self._base_url = base_url
+        """Where browsers reach this bridge's frames (frames_url, else public_url)."""
 
     def signature(self, key: str) -> str:
         return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()[:32]
@@ -60,7 +61,7 @@ class FrameSigner:
 
     def url(self, frame: BlobRef) -> str:
         path = quote(frame.key, safe="/")
-        return f"{self._public_url()}{FRAMES_PATH}{path}?sig={self.signature(frame.key)}"
+        return f"{self._base_url()}{FRAMES_PATH}{path}?sig={self.signature(frame.key)}"
 
 
 @dataclass
