@@ -781,6 +781,17 @@ def _retries(route: str) -> float:
     return REGISTRY.get_sample_value("binloop_messages_retried_total", labels) or 0.0
 
 
+def _promotion_in_s3(
+    settings: EdgeInferencerSettings, models: dict[int, ModelFiles], tmp_path: Path
+) -> ModelPromoted:
+    """Version 2's promotion, its artifact and card in the settings' S3 bucket."""
+    store = open_store(settings)
+    artifact = store.put(model_key("tiny-cnn", 2, "model.onnx"), models[2].onnx.read_bytes())
+    card = store.put(model_key("tiny-cnn", 2, "card.json"), models[2].card.read_bytes())
+    promotion = _promotion(LocalBlobStore(tmp_path / "unused"), models, 2, occurred_at=T0)
+    return promotion.model_copy(update={"artifact": artifact, "card": card})
+
+
 @pytest.mark.integration
 async def test_a_promotion_waits_for_the_store_instead_of_being_dead_lettered(
     js: JetStreamContext,
@@ -792,11 +803,7 @@ async def test_a_promotion_waits_for_the_store_instead_of_being_dead_lettered(
 ) -> None:
     _, _, dead = await _collectors(nats_client)
     settings = _settings(nats_server, tmp_path, SHIPPED_MODEL, **own_moto_s3.overrides())
-    store = open_store(settings)
-    artifact = store.put(model_key("tiny-cnn", 2, "model.onnx"), models[2].onnx.read_bytes())
-    card = store.put(model_key("tiny-cnn", 2, "card.json"), models[2].card.read_bytes())
-    promotion = _promotion(LocalBlobStore(tmp_path / "unused"), models, 2, occurred_at=T0)
-    promotion = promotion.model_copy(update={"artifact": artifact, "card": card})
+    promotion = _promotion_in_s3(settings, models, tmp_path)
     slot = ModelSlot(BIN)
     swapped = asyncio.Event()
     slot.add_listener(lambda model: swapped.set() if model.installed_by else None)
@@ -820,7 +827,7 @@ async def test_a_promotion_waits_for_the_store_instead_of_being_dead_lettered(
         await app.stop()
 
     assert slot.current is not None
-    assert (slot.current.card.version, slot.current.onnx_sha256) == (2, artifact.sha256)
+    assert (slot.current.card.version, slot.current.onnx_sha256) == (2, promotion.artifact.sha256)
     assert dead.items == []
 
 
@@ -835,13 +842,8 @@ async def test_a_restart_with_the_store_away_and_no_cache_restores_the_champion_
 ) -> None:
     _, _, dead = await _collectors(nats_client)
     settings = _settings(nats_server, tmp_path, SHIPPED_MODEL, **own_moto_s3.overrides())
-    store = open_store(settings)
-    artifact = store.put(model_key("tiny-cnn", 2, "model.onnx"), models[2].onnx.read_bytes())
-    card = store.put(model_key("tiny-cnn", 2, "card.json"), models[2].card.read_bytes())
-    promotion = _promotion(LocalBlobStore(tmp_path / "unused"), models, 2, occurred_at=T0)
-    await _publish(
-        js, MODELS_PROMOTED, promotion.model_copy(update={"artifact": artifact, "card": card})
-    )
+    promotion = _promotion_in_s3(settings, models, tmp_path)
+    await _publish(js, MODELS_PROMOTED, promotion)
     first = await _started(create_app(settings, ModelSlot(BIN)))  # the durable acks it
     await first.stop()
 
@@ -859,5 +861,5 @@ async def test_a_restart_with_the_store_away_and_no_cache_restores_the_champion_
     finally:
         await app.stop()
 
-    assert (slot.current.card.version, slot.current.onnx_sha256) == (2, artifact.sha256)
+    assert (slot.current.card.version, slot.current.onnx_sha256) == (2, promotion.artifact.sha256)
     assert dead.items == []
