@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field, StringConstraints
+from pydantic import AwareDatetime, Field, FiniteFloat, StringConstraints
 
 from schemas.base import BinId, BlobRef, Event, Frozen, Name, Sha256
 from schemas.taxonomy import Compartment
@@ -60,7 +60,12 @@ class InferenceResult(Event):
     compartment: Compartment
     abstained: bool = Field(description="Confidence below threshold: sent to trash instead.")
     latency: StageLatency
-    embedding: list[float] | None = Field(default=None, max_length=1024)
+    embedding: list[FiniteFloat] | None = Field(
+        default=None,
+        max_length=1024,
+        description="The model's embedding of the frame; finite values only (one NaN or "
+        "infinity would poison every distance the sampler's diversity strategies take).",
+    )
     ground_truth: Label | None = None
     phash: str | None = Field(
         default=None,

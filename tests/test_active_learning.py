@@ -4,9 +4,13 @@ policy and its errors, and the edge inferencer filling InferenceResult.embedding
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
+import tracemalloc
 import uuid
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +24,25 @@ from binloop.ml.card import ModelCard
 from binloop.ml.phash import hamming, phash
 from binloop.ml.preprocess import FloatArray, Preprocessor
 from schemas.base import BlobRef
-from schemas.events import ClassScore, FrameCaptured, InferenceResult, StageLatency
+from schemas.events import (
+    ClassScore,
+    FrameCaptured,
+    InferenceResult,
+    SamplingStrategy,
+    StageLatency,
+)
 from schemas.taxonomy import Compartment, Taxonomy
 from services.edge_inferencer.core import DecisionPolicy, build_events, classify
 from services.edge_inferencer.models import LoadedModel
-from services.sampler.core import Candidate, Sampler, build_sampler, build_strategies, combine
+from services.sampler import strategies as strategies_module
+from services.sampler.core import (
+    Candidate,
+    Sampler,
+    Weighted,
+    build_sampler,
+    build_strategies,
+    combine,
+)
 from services.sampler.dedup import NearDuplicateFilter
 from services.sampler.policy import PolicyError, SamplingPolicy, load_policy, main, parse_policy
 from services.sampler.ratelimit import DAY_S, HOUR_S, RateLimits
@@ -33,12 +51,14 @@ from services.sampler.strategies import (
     Disagreement,
     Diversity,
     Entropy,
+    LeastConfidence,
     Margin,
     Representative,
     ThresholdBand,
     Verdict,
     k_center_greedy,
     k_means,
+    nearest_center_distance,
     typicality,
 )
 from tests.modelfactory import make_card
@@ -298,6 +318,188 @@ def test_disagreement_needs_a_second_model_on_the_same_frame() -> None:
     ) == [None, None]
 
 
+def test_disagreement_keeps_the_top_k_of_each_answer_not_the_result() -> None:
+    disagreement = Disagreement(min_disagreement=0.2)
+    champion = result_from({"plastic": 0.8, "glass": 0.2}, 7, model_version=3, embedding=[0.5] * 64)
+    assert disagreement.score_batch([champion]) == [None]
+    gone = weakref.ref(champion)
+    del champion
+    gc.collect()
+    assert gone() is None
+    (verdict,) = disagreement.score_batch(
+        [result_from({"glass": 0.7, "plastic": 0.3}, 7, model_version=4)]
+    )
+    assert verdict is not None
+    assert verdict.reason == "v4 says glass 0.70, v3 says plastic 0.80: distance 0.50"
+
+
+def test_disagreement_keeps_the_last_few_versions_of_a_frame_and_the_last_frames() -> None:
+    disagreement = Disagreement(min_disagreement=0.2, remember=2)
+    kept = Disagreement.versions_per_frame
+    assert disagreement.score_batch([result_from({"glass": 1.0}, 7, model_version=1)]) == [None]
+    for version in range(2, kept + 2):  # agree with each other, not with v1
+        disagreement.score_batch([result_from({"plastic": 1.0}, 7, model_version=version)])
+    # v1 has been pushed out of frame 7's answers: nobody left to disagree with.
+    newest = result_from({"plastic": 1.0}, 7, model_version=kept + 2)
+    assert disagreement.score_batch([newest]) == [None]
+
+    disagreement.score_batch([result_from({"glass": 1.0}, n, model_version=1) for n in (8, 9)])
+    # Frame 7 was the least recently answered of the three: forgotten.
+    late = result_from({"glass": 1.0}, 7, model_version=1)
+    assert disagreement.score_batch([late]) == [None]
+    (verdict,) = disagreement.score_batch([result_from({"plastic": 1.0}, 9, model_version=2)])
+    assert verdict is not None
+    assert verdict.score == pytest.approx(1.0)
+
+
+def test_disagreement_keeps_about_a_kib_per_frame_answered_twice() -> None:
+    # It kept the whole InferenceResult: about 10 KiB per answer with a 128-d embedding.
+    rng = np.random.default_rng(0)
+    batches = [
+        [
+            result_from(
+                dict(zip(LABELS, rng.dirichlet(np.ones(6)).tolist(), strict=True)),
+                n,
+                model_version=version,
+                embedding=rng.normal(size=128).tolist(),
+            )
+            for n in range(300)
+        ]
+        for version in (1, 2)
+    ]
+    disagreement = Disagreement(min_disagreement=0.2)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for batch in batches:
+            disagreement.score_batch(batch)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept / 300 < 2048
+
+
+# --- embeddings with NaN or infinity ---------------------------------------------------------
+
+
+def _non_finite(result: InferenceResult, value: float) -> InferenceResult:
+    """A result the schema would reject, as a bug or a model_construct could still make."""
+    embedding = list(result.embedding or [])
+    embedding[1] = value
+    return result.model_copy(update={"embedding": embedding})
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_diversity_and_representative_skip_embeddings_that_are_not_finite(value: float) -> None:
+    east, north, west = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]
+    clean = [
+        result_from({"plastic": 0.9, "glass": 0.1}, n, embedding=vector)
+        for n, vector in enumerate([east, north, west])
+    ]
+    poisoned = _non_finite(result_from({"plastic": 0.9}, 9, embedding=[0.0, 0.0, 1.0]), value)
+
+    diversity = Diversity(per_batch=3, min_distance=0.1)
+    expected = Diversity(per_batch=3, min_distance=0.1).score_batch(clean)
+    verdicts = diversity.score_batch([poisoned, *clean])
+    assert verdicts == [None, *expected]
+    assert all(v is not None and math.isfinite(v.score) for v in expected)
+    diversity.record(poisoned)  # selected by another strategy: its embedding is not kept
+    assert diversity.score_batch(clean) == expected
+
+    points, _ = _blobs([10, 10])
+    blobs = [
+        result_from({"plastic": 0.9}, 100 + n, embedding=point.tolist())
+        for n, point in enumerate(points)
+    ]
+    representative = Representative(per_batch=2, neighbours=5, seed=0)
+    expected = Representative(per_batch=2, neighbours=5, seed=0).score_batch(blobs)
+    assert any(v is not None for v in expected)
+    assert representative.score_batch([poisoned, *blobs]) == [None, *expected]
+    representative.record(poisoned)
+    assert representative.score_batch(blobs) == expected
+
+
+class _NaNScores:
+    """A strategy gone wrong: it wants every frame with a score of NaN."""
+
+    name: SamplingStrategy = "diversity"
+
+    def score_batch(self, results: Sequence[InferenceResult]) -> list[Verdict | None]:
+        return [Verdict(math.nan, "broken") for _ in results]
+
+    def record(self, result: InferenceResult) -> None:
+        return None
+
+
+def test_a_nan_score_does_not_drop_a_frame_other_strategies_want() -> None:
+    sampler = Sampler(
+        [Weighted(LeastConfidence(0.6), 1.0), Weighted(_NaNScores(), 1.0)],
+        RateLimits.per_hour_and_day(100, 100, FakeClock()),
+        "sampler",
+        min_score=0.1,
+    )
+    (selection,) = sampler.select_batch([make_result(1, 0.3), make_result(2, 0.9)]).selected
+    assert (selection.frame_sha256, selection.strategy) == (frame_sha(1), "least_confidence")
+    assert selection.score == pytest.approx(0.7)
+    assert "broken" not in selection.reason
+
+
+# --- memory and time bounds ------------------------------------------------------------------
+
+
+def test_blocked_distances_equal_the_whole_matrices(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    points = rng.normal(size=(23, 6))
+    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+    centers = unit[15:].astype(np.float32)
+    whole = (
+        nearest_center_distance(unit[:15], centers),
+        typicality(points, neighbours=4),
+        k_means(points, 5, seed=1),
+    )
+    monkeypatch.setattr(strategies_module, "BLOCK_ELEMENTS", 7)  # blocks of 1 or 2 rows
+    blocked = (
+        nearest_center_distance(unit[:15], centers),
+        typicality(points, neighbours=4),
+        k_means(points, 5, seed=1),
+    )
+    expected = ((1 - unit[:15] @ centers.T.astype(np.float64)) / 2).min(axis=1)
+    assert blocked[0] == pytest.approx(expected)
+    assert blocked[0] == pytest.approx(whole[0])
+    assert blocked[1] == pytest.approx(whole[1])
+    assert blocked[2].tolist() == whole[2].tolist()
+
+
+def test_embedding_memory_keeps_the_last_picks_of_each_space_as_float32() -> None:
+    diversity = Diversity(per_batch=1, min_distance=0.0, remember=100)
+    for n in range(250):
+        angle = n / 250 * math.pi
+        result = result_from({"plastic": 1.0}, n, embedding=[math.cos(angle), math.sin(angle)])
+        diversity.record(result)
+    kept = diversity.memory.earlier(("mobilenet", 1), 2)
+    assert kept.dtype == np.float32
+    assert kept.shape == (100, 2)
+    angles = np.sort(np.arctan2(kept[:, 1], kept[:, 0]))
+    assert angles == pytest.approx([n / 250 * math.pi for n in range(150, 250)], abs=1e-6)
+    assert diversity.memory.earlier(("mobilenet", 1), 3).shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "largest"),
+    [("diversity", 10_000), ("representative", 1000), ("disagreement", 100_000)],
+)
+def test_remember_is_bounded_by_what_one_batch_can_compute(strategy: str, largest: int) -> None:
+    parse_policy(f"strategies: {{{strategy}: {{remember: {largest}}}}}\n")
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(f"strategies: {{{strategy}: {{remember: {largest + 1}}}}}\n")
+    assert (
+        f"strategies.{strategy}.remember: Input should be less than or equal to {largest}"
+        in str(caught.value)
+    )
+
+
 # --- combining strategies -------------------------------------------------------------------
 
 
@@ -362,7 +564,7 @@ def test_frames_below_min_score_are_counted_and_not_selected() -> None:
     )
     outcome = sampler.select_batch([make_result(1, 0.7), make_result(2, 0.3), make_result(3, 0.9)])
     assert [s.frame_sha256 for s in outcome.selected] == [frame_sha(2)]
-    assert outcome.below_min_score == 1
+    assert outcome.below_min_score == {"bin-a": 1}
 
 
 def test_default_policy_runs_every_strategy_on_a_realistic_batch() -> None:

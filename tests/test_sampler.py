@@ -5,15 +5,19 @@ policy validation are in test_active_learning.py."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
+import tracemalloc
 import uuid
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
+from prometheus_client import REGISTRY
 
 from binloop.natsserver import NatsServer
 from binloop.storage.keys import frame_key
@@ -27,7 +31,8 @@ from schemas.events import (
 from schemas.routes import INFERENCE_RESULT, SAMPLES_SELECTED, dlq_subject
 from schemas.taxonomy import Compartment
 from services.sampler import SamplerSettings, create_app
-from services.sampler.core import Sampler, build_sampler, selection_id
+from services.sampler.app import count_outcome
+from services.sampler.core import BatchOutcome, Sampler, build_sampler, selection_id
 from services.sampler.policy import SamplingPolicy
 from services.sampler.ratelimit import SlidingWindowLimiter
 from services.sampler.strategies import LeastConfidence, RandomBaseline, uniform_draw
@@ -190,7 +195,8 @@ def test_a_frame_is_selected_once_per_model_version_and_redeliveries_republish()
     assert redelivered.republished == [selection]
 
     seen_again = sampler.select_batch([make_result(1, 0.25)])
-    assert (seen_again.selected, seen_again.republished, seen_again.repeats) == ([], [], 1)
+    assert (seen_again.selected, seen_again.republished) == ([], [])
+    assert seen_again.repeats == {"bin-a": 1}
 
     new_model = sampler.select_batch([make_result(1, 0.2, model_version=2)])
     (for_v2,) = new_model.selected
@@ -203,7 +209,40 @@ def test_remembered_selections_are_bounded() -> None:
     # The oldest was forgotten: a new result for it is a fresh selection (same event_id, so
     # JetStream's duplicate window still catches it); the newest are still remembered.
     assert len(sampler.select_batch([make_result(0, 0.2)]).selected) == 1
-    assert sampler.select_batch([make_result(2, 0.2)]).repeats == 1
+    assert sampler.select_batch([make_result(2, 0.2)]).repeats == {"bin-a": 1}
+
+
+def test_the_sampler_remembers_a_compact_record_not_the_selection_or_the_result() -> None:
+    sampler = make_sampler()
+    result = make_result(1, 0.2)
+    source, outcome = result.model_dump_json(), sampler.select_batch([result])
+    (selection,) = outcome.selected
+    published = selection.model_dump_json()
+    gone = weakref.ref(selection), weakref.ref(result)
+    del outcome, selection, result
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+    # A redelivery (the same result, the same event_id) still republishes the same event.
+    redelivered = sampler.select_batch([InferenceResult.model_validate_json(source)])
+    assert [s.model_dump_json() for s in redelivered.republished] == [published]
+
+
+def test_remembered_selections_cost_well_under_a_kib_each() -> None:
+    # Each remembered SampleSelected took about 5 KiB: 100,000 (the default) filled the
+    # sampler's 512 MiB limit on their own.
+    sampler = make_sampler(per_hour=10_000)
+    batches = [[make_result(n, 0.2) for n in range(start, start + 250)] for start in (0, 250)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for batch in batches:
+            assert len(sampler.select_batch(batch).selected) == len(batch)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept / 500 < 1024
 
 
 # --- rate limit -----------------------------------------------------------------------------
@@ -244,6 +283,34 @@ def test_sliding_window_counts_each_grant_for_exactly_one_window() -> None:
     assert not limiter.try_acquire("x")
 
 
+# --- metrics --------------------------------------------------------------------------------
+
+
+def test_every_count_of_a_batch_outcome_is_exported_by_bin() -> None:
+    def value(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    counted = {
+        "binloop_sampler_rate_limited_total": "rate_limited",
+        "binloop_sampler_near_duplicates_total": "near_duplicates",
+        "binloop_sampler_below_min_score_total": "below_min_score",
+        "binloop_sampler_repeats_total": "repeats",
+    }
+    bin_id = f"bin-metrics-{uuid.uuid4().hex[:8]}"
+    outcome = BatchOutcome()
+    for offset, field in enumerate(counted.values()):
+        getattr(outcome, field)[bin_id] += 2 + offset
+    before = {name: value(name, {"bin": bin_id}) for name in counted}
+    selections = {"strategy": "least_confidence"}
+    selected_before = value("binloop_sampler_selections_total", selections)
+    outcome.selected += make_sampler().select_batch([make_result(1, 0.2)]).selected
+    count_outcome(outcome)
+    assert {name: value(name, {"bin": bin_id}) - before[name] for name in counted} == {
+        name: 2.0 + offset for offset, name in enumerate(counted)
+    }
+    assert value("binloop_sampler_selections_total", selections) - selected_before == 1.0
+
+
 # --- against a real nats-server ---------------------------------------------------------------
 
 
@@ -278,6 +345,10 @@ async def test_sampler_service_selects_a_batch_exactly_once_and_dead_letters_gar
     for result in results[:6]:
         await js.publish(INFERENCE_RESULT.subject(result.bin_id), result.model_dump_json().encode())
     await js.publish(INFERENCE_RESULT.subject("bin-a"), b'{"bin_id": "bin-a", "confid')
+    # pydantic's JSON parser reads NaN; the schema turns it away before any strategy sees it.
+    with_embedding = make_result(500, 0.2).model_copy(update={"embedding": [0.5, 0.25]})
+    nan_embedding = with_embedding.model_dump_json().replace("[0.5,0.25]", "[NaN,0.25]")
+    await js.publish(INFERENCE_RESULT.subject("bin-a"), nan_embedding.encode())
     for result in [*results[6:], results[0], sentinel]:  # results[0] is delivered twice
         await js.publish(INFERENCE_RESULT.subject(result.bin_id), result.model_dump_json().encode())
 
@@ -289,13 +360,18 @@ async def test_sampler_service_selects_a_batch_exactly_once_and_dead_letters_gar
         await selected.wait_for(
             lambda items: any(s.frame_sha256 == sentinel.frame_sha256 for s in items)
         )
-        (letter,) = await dlq.wait_for(1)
+        letters = await dlq.wait_for(2)
     finally:
         await service.stop()
 
-    assert letter.error_type == "ValidationError"
-    assert letter.original_subject == INFERENCE_RESULT.subject("bin-a")
-    assert letter.service == "sampler"
+    assert len(letters) == 2
+    for letter in letters:
+        assert letter.error_type == "ValidationError"
+        assert letter.original_subject == INFERENCE_RESULT.subject("bin-a")
+        assert letter.service == "sampler"
+    (non_finite,) = [letter for letter in letters if "embedding" in letter.error]
+    assert "embedding.0" in non_finite.error
+    assert "Input should be a finite number" in non_finite.error
 
     # What the stream holds, not what core subscribers saw: duplicates are dropped there.
     info = await js.stream_info("ENGINE")

@@ -7,7 +7,7 @@ from datetime import datetime
 import pytest
 from pydantic import ValidationError
 
-from schemas import ROUTES, STREAMS, FrameCaptured
+from schemas import ROUTES, STREAMS, FrameCaptured, InferenceResult
 from schemas.export import JSONSCHEMA_DIR, render_json_schemas
 from schemas.routes import route_for_subject
 from schemas.taxonomy import Compartment, Taxonomy
@@ -70,6 +70,20 @@ def test_garbage_is_rejected_with_a_clear_message() -> None:
         with pytest.raises(ValidationError) as info:
             FrameCaptured.model_validate(payload)
         assert field in str(info.value)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_an_embedding_that_is_not_finite_is_rejected(literal: str) -> None:
+    # pydantic's JSON parser reads these literals as floats; one of them in an embedding would
+    # poison the sampler's distances, so the result is refused (and dead-lettered) instead.
+    from tests.test_sampler import make_result
+
+    good = make_result(1, 0.3).model_copy(update={"embedding": [0.5, 0.25, 0.125]})
+    text = good.model_dump_json()
+    assert InferenceResult.model_validate_json(text) == good
+    with pytest.raises(ValidationError) as info:
+        InferenceResult.model_validate_json(text.replace("[0.5,0.25,", f"[0.5,{literal},"))
+    assert "embedding.1\n  Input should be a finite number" in str(info.value)
 
 
 def test_events_are_frozen_and_timezone_aware() -> None:

@@ -382,8 +382,9 @@ def benchmark_policy(strategy: str, budget: int, seed: int) -> SamplingPolicy:
         "entropy": {"min_normalized": 0.0},
         "threshold_band": {"decision_threshold": 0.5, "half_width": 1.0},
         "class_balance": {"window": 100_000},
-        "diversity": {"per_batch": budget, "min_distance": 0.0, "remember": 100_000},
-        "representative": {"per_batch": budget, "neighbours": 20, "remember": 100_000},
+        # The pool is at most 858 frames: every pick is remembered at the policy's bounds.
+        "diversity": {"per_batch": budget, "min_distance": 0.0, "remember": 10_000},
+        "representative": {"per_batch": budget, "neighbours": 20, "remember": 1_000},
         "disagreement": {"min_disagreement": 0.01},
     }
     on = {"enabled": True}

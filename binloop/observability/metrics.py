@@ -114,6 +114,16 @@ SAMPLER_NEAR_DUPLICATES = Counter(
     "Candidates dropped as near-duplicates (pHash) of an earlier selection",
     ["bin"],
 )
+SAMPLER_BELOW_MIN_SCORE = Counter(
+    "binloop_sampler_below_min_score_total",
+    "Frames some strategy wanted whose combined weighted score stayed below min_score",
+    ["bin"],
+)
+SAMPLER_REPEATS = Counter(
+    "binloop_sampler_repeats_total",
+    "Results (not redeliveries) for a frame already selected for the same model version",
+    ["bin"],
+)
 LABEL_STUDIO_ERRORS = Counter(
     "binloop_label_studio_errors_total",
     "Failed calls to Label Studio, by operation and HTTP status or transport error",

@@ -11,13 +11,16 @@ is a near-duplicate (pHash) of an earlier selection is dropped before it costs a
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from binloop.storage.keys import frame_key
+from schemas.base import utc_now
 from schemas.events import InferenceResult, SampleSelected, SamplingStrategy
 from services.sampler.dedup import HashSource, NearDuplicateFilter, event_phash
 from services.sampler.policy import SamplingPolicy
@@ -39,12 +42,10 @@ from services.sampler.strategies import (
 SELECTION_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:samples.selected")
 REASON_MAX_CHARS = 512
 
-SelectionKey = tuple[str, int, str]
-"""(model name, model version, frame sha256): one selection per frame and model."""
-
 
 def selection_id(result: InferenceResult) -> uuid.UUID:
-    """Deterministic, so JetStream drops the selection a redelivered batch produces again."""
+    """Deterministic, so JetStream drops the selection a redelivered batch produces again.
+    One per (model name, model version, frame): also the key of the sampler's memory."""
     return uuid.uuid5(
         SELECTION_NAMESPACE, f"{result.model_name}:{result.model_version}:{result.frame_sha256}"
     )
@@ -92,6 +93,20 @@ def combine(
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Remembered:
+    """What the sampler keeps of a selection: the rest of it follows from the inference result,
+    and a redelivery brings the same result again. About 0.5 KiB, where the SampleSelected
+    itself took about 5 KiB (100,000 of them alone would fill the sampler's 512 MiB)."""
+
+    source_event_id: uuid.UUID
+    """event_id of the inference result it was made for."""
+    occurred_at: datetime
+    strategy: SamplingStrategy
+    score: float
+    reason: str
+
+
 @dataclass
 class BatchOutcome:
     selected: list[SampleSelected] = field(default_factory=list)
@@ -102,10 +117,11 @@ class BatchOutcome:
     """Candidates dropped by a per-bin limit, by bin."""
     near_duplicates: Counter[str] = field(default_factory=Counter)
     """Candidates dropped as near-duplicates of an earlier selection, by bin."""
-    below_min_score: int = 0
-    """Frames some strategy wanted whose combined score stayed below min_score."""
-    repeats: int = 0
-    """Results for a frame already selected for the same model (other than redeliveries)."""
+    below_min_score: Counter[str] = field(default_factory=Counter)
+    """Frames some strategy wanted whose combined score stayed below min_score, by bin."""
+    repeats: Counter[str] = field(default_factory=Counter)
+    """Results for a frame already selected for the same model (other than redeliveries), by
+    bin."""
 
 
 class Sampler:
@@ -127,8 +143,8 @@ class Sampler:
         self.producer = producer
         self.min_score = min_score
         self.remember = remember
-        # key -> (event_id of the inference result, the selection it produced)
-        self._selected: OrderedDict[SelectionKey, tuple[uuid.UUID, SampleSelected]] = OrderedDict()
+        # selection_id(result).int -> the selection made for it
+        self._selected: OrderedDict[int, Remembered] = OrderedDict()
 
     def candidates(self, results: Sequence[InferenceResult]) -> list[tuple[Candidate | None, bool]]:
         """Every strategy's verdicts on the batch, combined per frame, with whether any
@@ -139,10 +155,11 @@ class Sampler:
         randoms = self.random.score_batch(results) if self.random else [None] * len(results)
         combined: list[tuple[Candidate | None, bool]] = []
         for index in range(len(results)):
+            # A NaN score would fail `>= min_score` and drop what the other strategies wanted.
             verdicts = [
                 (weighted.strategy.name, weighted.weight, verdict)
                 for weighted, verdicts in by_strategy
-                if (verdict := verdicts[index]) is not None
+                if (verdict := verdicts[index]) is not None and math.isfinite(verdict.score)
             ]
             combined.append((combine(verdicts, randoms[index], self.min_score), bool(verdicts)))
         return combined
@@ -154,9 +171,9 @@ class Sampler:
             if not self._seen_before(result, outcome):
                 fresh.append(result)
         candidates = self.candidates(fresh)
-        outcome.below_min_score = sum(
-            1
-            for candidate, wanted in candidates
+        outcome.below_min_score.update(
+            result.bin_id
+            for result, (candidate, wanted) in zip(fresh, candidates, strict=True)
             if wanted and (candidate is None or not candidate.informative)
         )
         ranked = sorted(
@@ -177,7 +194,9 @@ class Sampler:
             if not self.limits.try_acquire(result.bin_id):
                 outcome.rate_limited[result.bin_id] += 1
                 continue
-            selection = self._selection(result, candidate)
+            selection = self._selection(
+                result, candidate.strategy, candidate.score, candidate.reason
+            )
             self._remember(result, selection)
             for weighted in self.strategies:
                 weighted.strategy.record(result)
@@ -187,29 +206,45 @@ class Sampler:
         return outcome
 
     def _seen_before(self, result: InferenceResult, outcome: BatchOutcome) -> bool:
-        earlier = self._selected.get((result.model_name, result.model_version, result.frame_sha256))
+        earlier = self._selected.get(selection_id(result).int)
         if earlier is None:
             return False
-        source_event_id, selection = earlier
-        if source_event_id == result.event_id:
+        if earlier.source_event_id == result.event_id:
             # A redelivery: its selection may not have been published yet. The same event_id
-            # again lets JetStream drop it if it was.
-            outcome.republished.append(selection)
+            # again lets JetStream drop it if it was; the same result rebuilds the same event.
+            outcome.republished.append(
+                self._selection(
+                    result,
+                    earlier.strategy,
+                    earlier.score,
+                    earlier.reason,
+                    occurred_at=earlier.occurred_at,
+                )
+            )
         else:
-            outcome.repeats += 1
+            outcome.repeats[result.bin_id] += 1
         return True
 
-    def _selection(self, result: InferenceResult, candidate: Candidate) -> SampleSelected:
+    def _selection(
+        self,
+        result: InferenceResult,
+        strategy: SamplingStrategy,
+        score: float,
+        reason: str,
+        *,
+        occurred_at: datetime | None = None,
+    ) -> SampleSelected:
         return SampleSelected(
             event_id=selection_id(result),
+            occurred_at=occurred_at or utc_now(),
             producer=self.producer,
             bin_id=result.bin_id,
             frame_sha256=result.frame_sha256,
             frame_key=frame_key(result.bin_id, result.captured_at, result.frame_sha256),
             captured_at=result.captured_at,
-            strategy=candidate.strategy,
-            score=candidate.score,
-            reason=candidate.reason,
+            strategy=strategy,
+            score=score,
+            reason=reason,
             predicted=result.top_k,
             model_name=result.model_name,
             model_version=result.model_version,
@@ -217,8 +252,13 @@ class Sampler:
         )
 
     def _remember(self, result: InferenceResult, selection: SampleSelected) -> None:
-        key = (result.model_name, result.model_version, result.frame_sha256)
-        self._selected[key] = (result.event_id, selection)
+        self._selected[selection.event_id.int] = Remembered(
+            result.event_id,
+            selection.occurred_at,
+            selection.strategy,
+            selection.score,
+            selection.reason,
+        )
         while len(self._selected) > self.remember:
             self._selected.popitem(last=False)
 

@@ -104,7 +104,11 @@ class DiversityPolicy(_Strict):
         description="Cosine distance / 2 to every earlier pick below which a frame adds nothing",
     )
     remember: int = Field(
-        default=2000, ge=1, le=100_000, description="Embeddings of earlier picks kept as centers"
+        default=2000,
+        ge=1,
+        le=10_000,
+        description="Embeddings of earlier picks kept as centers, per model version (at 10,000: "
+        "about 0.2 s per batch of 256 and 40 MiB per version of 1024-d embeddings)",
     )
 
 
@@ -123,9 +127,10 @@ class RepresentativePolicy(_Strict):
     remember: int = Field(
         default=500,
         ge=1,
-        le=100_000,
-        description="Earlier picks that count as covering their cluster (k-means cost grows "
-        "with it)",
+        le=1000,
+        description="Earlier picks that count as covering their cluster; k-means cost grows "
+        "with its square (at 1000: about 0.3 s per batch of 256 with 128-d embeddings, 2 s "
+        "with 1024-d)",
     )
 
 
@@ -139,7 +144,11 @@ class DisagreementPolicy(_Strict):
         description="Fires when the total-variation distance of two models' top-k reaches this",
     )
     remember: int = Field(
-        default=20_000, ge=1, le=1_000_000, description="Frames whose first result is kept"
+        default=20_000,
+        ge=1,
+        le=100_000,
+        description="Frames whose answers (each model version's top-k) are kept, about 1 KiB "
+        "per frame answered by two versions",
     )
 
 

@@ -19,8 +19,9 @@ class SamplerSettings(ServiceSettings):
     remember_selected: int = Field(
         default=100_000,
         ge=1,
-        le=10_000_000,
-        description="Selected frames remembered so one frame is not picked twice per model",
+        le=1_000_000,
+        description="Selected frames remembered so one frame is not picked twice per model "
+        "(about 0.5 KiB each, 1 KiB with the longest reasons)",
     )
     batch_size: int = Field(
         default=256, ge=1, le=4096, description="Inference results taken off the bus per pass"

@@ -4,18 +4,20 @@ reason). The sampler weighs and combines their verdicts (see core.py).
 
 Per-frame strategies (confidence, margin, entropy, threshold band, random) need only the result;
 the others keep a little state: class balance counts recent selections, diversity and
-representative keep the embeddings of earlier picks, disagreement keeps the first model's
-answer for each frame until a second model (a challenger in shadow) answers too.
+representative keep the embeddings of earlier picks, disagreement keeps each model version's
+top-k for recent frames, so that a second model (a challenger in shadow) answering for the
+same frame is compared with the first. All of it is bounded by the policy's `remember` values.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -222,6 +224,27 @@ class ClassBalance:
 
 
 FloatMatrix = npt.NDArray[np.float64]
+Vectors = npt.NDArray[np.floating[Any]]
+"""Unit vectors as kept (float32) or computed with (float64)."""
+
+BLOCK_ELEMENTS = 1 << 20
+"""Most values (1 Mi float64, 8 MiB) in one pairwise matrix that diversity, representative or
+typicality builds: larger products are taken a block of rows at a time, so a batch's peak
+memory does not grow with batch size x remembered picks."""
+
+
+def _block_rows(columns: int) -> int:
+    return max(1, BLOCK_ELEMENTS // max(1, columns))
+
+
+def finite_embedding(result: InferenceResult) -> list[float] | None:
+    """The result's embedding, or None when it has none or any value is NaN or infinite. The
+    schema rejects those; this keeps a result built without validation from poisoning its
+    embedding space (NaN wins argmax and spreads through every minimum it takes part in)."""
+    embedding = result.embedding
+    if not embedding or not all(map(math.isfinite, embedding)):
+        return None
+    return embedding
 
 
 def _unit_rows(vectors: Sequence[Sequence[float]]) -> FloatMatrix:
@@ -231,30 +254,59 @@ def _unit_rows(vectors: Sequence[Sequence[float]]) -> FloatMatrix:
     return unit
 
 
+class _Rows:
+    """The last `capacity` unit vectors of one embedding space in one float32 array (half the
+    memory of float64; a cosine distance moves by about 1e-7), grown by doubling up to
+    `capacity` rows and then overwriting the oldest row, so reading them copies nothing."""
+
+    def __init__(self, capacity: int, dims: int) -> None:
+        self.capacity = capacity
+        self._rows = np.empty((min(capacity, 64), dims), dtype=np.float32)
+        self._size = 0
+        self._next = 0
+
+    def add(self, row: FloatMatrix) -> None:
+        if self._size == len(self._rows) < self.capacity:
+            grown = np.empty((min(2 * self._size, self.capacity), row.shape[0]), np.float32)
+            grown[: self._size] = self._rows
+            self._rows = grown
+        self._rows[self._next] = row
+        self._next = (self._next + 1) % self.capacity
+        self._size = min(self._size + 1, self.capacity)
+
+    def view(self) -> npt.NDArray[np.float32]:
+        return self._rows[: self._size]
+
+
 class EmbeddingMemory:
     """Embeddings of the frames selected so far, per model version (different versions have
-    different embedding spaces), the last `remember` of each, for the last few versions."""
+    different embedding spaces), the last `remember` of each, for the last few versions: at
+    most models_kept x remember x width x 4 bytes (164 MB at the policy's largest `remember`,
+    10,000, and the schema's widest embedding, 1024; 20 MB at 128 values)."""
 
     models_kept = 4
 
     def __init__(self, remember: int) -> None:
         self.remember = remember
-        self._kept: OrderedDict[ModelKey, deque[FloatMatrix]] = OrderedDict()
+        self._kept: OrderedDict[tuple[ModelKey, int], _Rows] = OrderedDict()
 
-    def earlier(self, key: ModelKey, dims: int) -> FloatMatrix:
+    def earlier(self, key: ModelKey, dims: int) -> Vectors:
         """Unit vectors of earlier picks in this space; none if the width changed."""
-        same_width = [vector for vector in self._kept.get(key, ()) if len(vector) == dims]
-        if not same_width:
+        kept = self._kept.get((key, dims))
+        if kept is None:
             return np.zeros((0, dims))
-        return np.stack(same_width)
+        return kept.view()
 
     def record(self, result: InferenceResult) -> None:
-        if not result.embedding:
+        embedding = finite_embedding(result)
+        if embedding is None:
             return
-        key = (result.model_name, result.model_version)
-        kept = self._kept.setdefault(key, deque(maxlen=self.remember))
-        self._kept.move_to_end(key)
-        kept.append(_unit_rows([result.embedding])[0])
+        space = ((result.model_name, result.model_version), len(embedding))
+        kept = self._kept.get(space)
+        if kept is None:
+            kept = self._kept[space] = _Rows(self.remember, len(embedding))
+        self._kept.move_to_end(space)
+        kept.add(_unit_rows([embedding])[0])
         while len(self._kept) > self.models_kept:
             self._kept.popitem(last=False)
 
@@ -262,27 +314,39 @@ class EmbeddingMemory:
 def embedding_spaces(
     results: Sequence[InferenceResult],
 ) -> dict[tuple[ModelKey, int], list[int]]:
-    """Indices of the results that carry an embedding, by (model version, width)."""
+    """Indices of the results that carry a finite embedding, by (model version, width)."""
     groups: dict[tuple[ModelKey, int], list[int]] = {}
     for index, result in enumerate(results):
-        if result.embedding:
+        embedding = finite_embedding(result)
+        if embedding is not None:
             key = (result.model_name, result.model_version)
-            groups.setdefault((key, len(result.embedding)), []).append(index)
+            groups.setdefault((key, len(embedding)), []).append(index)
     return groups
 
 
+def nearest_center_distance(candidates: FloatMatrix, centers: Vectors) -> FloatMatrix:
+    """Cosine distance / 2 from each candidate to its nearest center (1 without centers),
+    taking the centers a block at a time."""
+    if not len(centers):
+        return np.ones(len(candidates))
+    nearest: FloatMatrix = np.full(len(candidates), np.inf)
+    step = _block_rows(max(len(candidates), centers.shape[1]))
+    for start in range(0, len(centers), step):
+        block = centers[start : start + step].astype(np.float64)
+        similarity = candidates @ block.T
+        np.minimum(nearest, (1.0 - similarity.max(axis=1)) / 2.0, out=nearest)
+    return nearest
+
+
 def k_center_greedy(
-    candidates: FloatMatrix, centers: FloatMatrix, k: int, min_distance: float
+    candidates: FloatMatrix, centers: Vectors, k: int, min_distance: float
 ) -> list[tuple[int, float]]:
     """Greedy k-center on unit vectors: repeatedly take the candidate farthest (cosine distance
     / 2, in [0, 1]) from every center and earlier pick. Returns (index, distance) in pick order;
     stops early when nothing is at least `min_distance` away."""
     if len(candidates) == 0:
         return []
-    if len(centers):
-        nearest = ((1.0 - candidates @ centers.T) / 2.0).min(axis=1)
-    else:
-        nearest = np.ones(len(candidates))
+    nearest = nearest_center_distance(candidates, centers)
     picks: list[tuple[int, float]] = []
     for _ in range(min(k, len(candidates))):
         index = int(np.argmax(nearest))
@@ -343,10 +407,9 @@ def k_means(points: FloatMatrix, k: int, seed: int, iterations: int = 25) -> npt
             nearest, np.maximum(squared - 2 * points @ points[pick] + squared[pick], 0.0)
         )
     means = np.stack(centers)
-    assignment = np.zeros(count, dtype=np.intp)
+    assignment: npt.NDArray[np.intp] = np.zeros(count, dtype=np.intp)
     for iteration in range(iterations):
-        distances = squared[:, None] - 2 * points @ means.T + (means * means).sum(axis=1)[None]
-        updated = distances.argmin(axis=1)
+        updated = _nearest_mean(points, squared, means)
         if iteration > 0 and np.array_equal(updated, assignment):
             break  # converged
         assignment = updated
@@ -358,17 +421,42 @@ def k_means(points: FloatMatrix, k: int, seed: int, iterations: int = 25) -> npt
     return assignment
 
 
+def _nearest_mean(
+    points: FloatMatrix, squared: FloatMatrix, means: FloatMatrix
+) -> npt.NDArray[np.intp]:
+    """Index of the nearest mean of each point, a block of points at a time."""
+    means_squared = (means * means).sum(axis=1)
+    nearest = np.empty(len(points), dtype=np.intp)
+    step = _block_rows(len(means))
+    for start in range(0, len(points), step):
+        distances = points[start : start + step] @ means.T
+        distances *= -2.0
+        distances += squared[start : start + step, None]
+        distances += means_squared[None]
+        nearest[start : start + step] = distances.argmin(axis=1)
+    return nearest
+
+
 def typicality(points: FloatMatrix, neighbours: int) -> npt.NDArray[np.float64]:
     """Inverse mean Euclidean distance to each point's nearest neighbours: high in dense regions,
-    low for outliers (TypiClust, Hacohen et al. 2022)."""
-    if len(points) < 2:
-        return np.ones(len(points))
+    low for outliers (TypiClust, Hacohen et al. 2022). Computed a block of points at a time."""
+    count = len(points)
+    if count < 2:
+        return np.ones(count)
     squared = (points * points).sum(axis=1)
-    distances = np.sqrt(np.maximum(squared[:, None] - 2 * points @ points.T + squared[None], 0.0))
-    np.fill_diagonal(distances, np.inf)
-    k = min(neighbours, len(points) - 1)
-    nearest = np.partition(distances, k - 1, axis=1)[:, :k]
-    result: npt.NDArray[np.float64] = 1.0 / (nearest.mean(axis=1) + 1e-12)
+    k = min(neighbours, count - 1)
+    mean_nearest = np.empty(count)
+    step = _block_rows(count)
+    for start in range(0, count, step):
+        stop = min(start + step, count)
+        distances = points[start:stop] @ points.T
+        distances *= -2.0
+        distances += squared[start:stop, None]
+        distances += squared[None]
+        np.sqrt(np.maximum(distances, 0.0, out=distances), out=distances)
+        distances[np.arange(stop - start), np.arange(start, stop)] = np.inf  # not its own
+        mean_nearest[start:stop] = np.partition(distances, k - 1, axis=1)[:, :k].mean(axis=1)
+    result: npt.NDArray[np.float64] = 1.0 / (mean_nearest + 1e-12)
     return result
 
 
@@ -380,8 +468,10 @@ class Representative:
     boundary, which is mostly noise while the model has seen few labels, this spends labels
     on what the stream is mostly made of. Embedding spaces are per model version, as in
     Diversity. A batch with fewer than 2 x per_batch frames in a space is not judged (every
-    frame would be its own cluster). The cost grows with the picks remembered: k-means over
-    batch + remember points into remember + per_batch clusters, in the sampler's loop."""
+    frame would be its own cluster). The cost grows with the square of the picks remembered:
+    k-means over batch + remember points into remember + per_batch clusters (its k-means++
+    seeding alone reads every point once per cluster); hence the policy's bound on `remember`
+    (docs/active-learning.md has the measured cost per batch)."""
 
     name: SamplingStrategy = "representative"
 
@@ -406,9 +496,11 @@ class Representative:
                 )
         return verdicts
 
-    def _pick(self, candidates: FloatMatrix, earlier: FloatMatrix) -> list[tuple[int, int, int]]:
+    def _pick(self, candidates: FloatMatrix, earlier: Vectors) -> list[tuple[int, int, int]]:
         """(candidate index, its cluster's size, k) per pick, in pick order."""
-        points = np.concatenate([candidates, earlier]) if len(earlier) else candidates
+        points: FloatMatrix = (
+            np.concatenate([candidates, earlier], dtype=np.float64) if len(earlier) else candidates
+        )
         k = min(len(earlier) + self.per_batch, len(points))
         clusters = k_means(points, k, self.seed + len(points))
         own = clusters[: len(candidates)]
@@ -435,33 +527,66 @@ def total_variation(first: Mapping[str, float], second: Mapping[str, float]) -> 
     return 0.5 * sum(abs(first.get(label, 0.0) - second.get(label, 0.0)) for label in labels)
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What disagreement keeps of one model version's answer for a frame: its top-1 (for the
+    reason) and its top-k (for the distance). Not the result itself: its embedding alone is
+    a few KiB as Python floats, and 20,000 of them took hundreds of MiB."""
+
+    model_name: str
+    model_version: int
+    label: str
+    confidence: float
+    labels: tuple[str, ...]
+    probabilities: tuple[float, ...]
+
+    @classmethod
+    def of(cls, result: InferenceResult) -> Answer:
+        # Model names and labels repeat on every result: interned, each is stored once.
+        return cls(
+            sys.intern(result.model_name),
+            result.model_version,
+            sys.intern(result.label),
+            result.confidence,
+            tuple(sys.intern(score.label) for score in result.top_k),
+            tuple(score.probability for score in result.top_k),
+        )
+
+    def distribution(self) -> dict[str, float]:
+        return dict(zip(self.labels, self.probabilities, strict=True))
+
+
 class Disagreement:
     """Two model versions answered for the same frame (a challenger in shadow next to the
-    champion): the frame is worth labeling when their distributions differ."""
+    champion): the frame is worth labeling when their distributions differ. Keeps the latest
+    answer of each model version (at most `versions_per_frame`) for the last `remember`
+    frames: about 1 KiB per frame answered by two versions."""
 
     name: SamplingStrategy = "disagreement"
+    versions_per_frame = 4
 
     def __init__(self, min_disagreement: float, remember: int = 20_000) -> None:
         self.min_disagreement = min_disagreement
         self.remember = remember
-        self._answers: OrderedDict[str, dict[ModelKey, InferenceResult]] = OrderedDict()
+        self._answers: OrderedDict[str, tuple[Answer, ...]] = OrderedDict()
 
     def score_batch(self, results: Sequence[InferenceResult]) -> list[Verdict | None]:
         return [self._score(result) for result in results]
 
     def _score(self, result: InferenceResult) -> Verdict | None:
-        key = (result.model_name, result.model_version)
-        answers = self._answers.setdefault(result.frame_sha256, {})
-        self._answers.move_to_end(result.frame_sha256)
-        answers[key] = result
+        mine = Answer.of(result)
+        others = tuple(
+            answer
+            for answer in self._answers.pop(result.frame_sha256, ())
+            if (answer.model_name, answer.model_version) != (mine.model_name, mine.model_version)
+        )
+        self._answers[result.frame_sha256] = (*others, mine)[-self.versions_per_frame :]
         while len(self._answers) > self.remember:
             self._answers.popitem(last=False)
-        mine = {s.label: s.probability for s in result.top_k}
-        best: tuple[float, InferenceResult] | None = None
-        for other_key, other in answers.items():
-            if other_key == key:
-                continue
-            distance = total_variation(mine, {s.label: s.probability for s in other.top_k})
+        distribution = mine.distribution()
+        best: tuple[float, Answer] | None = None
+        for other in others:
+            distance = total_variation(distribution, other.distribution())
             if best is None or distance > best[0]:
                 best = (distance, other)
         if best is None or best[0] < self.min_disagreement:
