@@ -5,12 +5,13 @@ and promotions published at the hub reach the bin."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nats
@@ -284,3 +285,94 @@ def test_leaf_config_denies_what_sourcing_carries() -> None:
     assert re.findall(r'"([^"]+)"', exports.group(1)) == list(EDGE_SUBJECTS)
     assert re.findall(r'"([^"]+)"', imports.group(1)) == [*EDGE_SUBJECTS, HUB_TO_BIN_SUBJECT]
     assert "domain: $BINLOOP_BIN_ID" in text
+
+
+def _issue_tls(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a certificate for 127.0.0.1 signed by it: (ca, cert, key) PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+
+    def build(
+        subject: str,
+        issuer: x509.Name | None,
+        key: ec.EllipticCurvePrivateKey,
+        signer: ec.EllipticCurvePrivateKey,
+        ca: bool,
+    ) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer or name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            address = ipaddress.ip_address("127.0.0.1")
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(address)]), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = build("binloop test CA", None, ca_key, ca_key, ca=True)
+    hub_key = ec.generate_private_key(ec.SECP256R1())
+    hub_cert = build("hub", ca_cert.subject, hub_key, ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    paths = folder / "ca.pem", folder / "hub.pem", folder / "hub-key.pem"
+    paths[0].write_bytes(ca_cert.public_bytes(pem))
+    paths[1].write_bytes(hub_cert.public_bytes(pem))
+    paths[2].write_bytes(
+        hub_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+async def test_a_bin_joins_a_hub_that_wants_tls_and_a_password_with_the_shipped_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub's leafnode listener as deploy/k8s/base/nats/nats.conf has it (user, password,
+    TLS), the bin's as edge/nats/leaf.conf + leaf-auth.conf ship."""
+    ca, cert, key = _issue_tls(tmp_path)
+    leaf_port = free_port()
+    hub_conf = tmp_path / "hub.conf"
+    hub_conf.write_text(
+        "server_name: binloop-hub\n"
+        "jetstream { domain: hub }\n"
+        f"leafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n"
+        '  authorization { user: bin, password: "s3cret-leaf" }\n'
+        f'  tls {{ cert_file: "{cert}", key_file: "{key}", timeout: 5 }}\n}}\n',
+        encoding="utf-8",
+    )
+    folder = tmp_path / "leaf-conf"
+    folder.mkdir()
+    shutil.copy(LEAF_CONF, folder / "leaf.conf")
+    shutil.copy(LEAF_CONF.with_name("leaf-auth.conf"), folder / "leaf-auth.conf")
+    monkeypatch.setenv("BINLOOP_BIN_ID", BIN_ID)
+    monkeypatch.setenv("BINLOOP_HUB_CA_FILE", str(ca))
+    monkeypatch.setenv("BINLOOP_HUB_LEAF_URL", f"tls://bin:s3cret-leaf@127.0.0.1:{leaf_port}")
+    with (
+        NatsServer(tmp_path / "hub-js", extra_args=["-c", str(hub_conf)]) as hub,
+        NatsServer(
+            tmp_path / "leaf-js", extra_args=["-c", str(folder / "leaf.conf"), "-m", "-1"]
+        ) as leaf,
+    ):
+        async for leaf_client in _connect(leaf):
+            leaf_js = leaf_client.jetstream()
+            await ensure_streams(leaf_js)
+            await source_models_into_bin(leaf_js)
+            arrived: asyncio.Queue[Msg] = asyncio.Queue()
+            await leaf_js.subscribe(MODELS_PROMOTED.wildcard, cb=arrived.put, ordered_consumer=True)
+            async for hub_client in _connect(hub):
+                hub_js = hub_client.jetstream()
+                await ensure_streams(hub_js)
+                await hub_js.publish(MODELS_PROMOTED.subject(), b'{"probe": true}')
+                msg = await asyncio.wait_for(arrived.get(), 30)  # only across the TLS link
+                assert msg.data == b'{"probe": true}'

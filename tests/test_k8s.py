@@ -768,3 +768,35 @@ def test_nats_is_a_three_server_jetstream_cluster(dev: list[Manifest]) -> None:
     headless = find(dev, "Service", nats["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
     assert find(dev, "PodDisruptionBudget", "nats")["spec"]["maxUnavailable"] == 1
+
+
+def test_bins_join_the_hub_over_tls_with_the_leaf_password(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    """The hub's side of what tests/test_edge_leaf.py runs for real: the leafnode listener
+    takes the nats-leafnode user and password and (outside dev) TLS from nats-leafnode-tls."""
+    overlay, manifests = rendered
+    files = next(
+        m
+        for m in manifests
+        if m["kind"] == "ConfigMap" and m["metadata"]["name"].startswith("nats-config")
+    )["data"]
+    leafnodes = files["nats.conf"].split("leafnodes {", 1)[1]
+    assert "user: $LEAF_USER" in leafnodes
+    assert "password: $LEAF_PASSWORD" in leafnodes
+    assert 'include "leafnode-tls.conf"' in leafnodes
+    nats = find(manifests, "StatefulSet", "nats")
+    (server,) = [c for c in containers(nats) if c["name"] == "nats"]
+    mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(nats)["volumes"]}
+    assert volumes["leaf-tls"]["secret"]["secretName"] == "nats-leafnode-tls"
+    if overlay == "dev":
+        settings = [
+            line for line in files["leafnode-tls.conf"].splitlines() if not line.startswith("#")
+        ]
+        assert not [line for line in settings if line.strip()]  # no bins dial in: no TLS
+        return
+    tls = files["leafnode-tls.conf"]
+    assert f'cert_file: "{mounts["leaf-tls"]}/tls.crt"' in tls
+    assert f'key_file: "{mounts["leaf-tls"]}/tls.key"' in tls
+    assert "`nats-leafnode-tls`" in (ROOT / "docs/deploy.md").read_text()
