@@ -51,6 +51,32 @@ def test_fleet_view_counts_live_bins_per_version_from_their_latest_beat() -> Non
     assert view.serving(NOW) == {("waste", 2): 2}
 
 
+def _uploader_beat(bin_id: str, backlog: int, at: datetime) -> FleetHeartbeat:
+    return FleetHeartbeat(
+        producer="uploader",
+        bin_id=bin_id,
+        service="uploader",
+        frames_processed=10,
+        spool_backlog=backlog,
+        uptime_s=1,
+        occurred_at=at,
+    )
+
+
+def test_fleet_view_keeps_each_live_uploaders_backlog() -> None:
+    view = FleetView(stale_after=timedelta(minutes=5))
+    view.observe(
+        [
+            _uploader_beat("bin-1", 40, NOW - timedelta(seconds=30)),
+            _uploader_beat("bin-1", 12, NOW - timedelta(seconds=10)),
+            _uploader_beat("bin-2", 0, NOW),
+            _uploader_beat("bin-3", 900, NOW - timedelta(minutes=10)),  # silent: left out
+            _beat("bin-4", 2, NOW),  # an inferencer's beat says nothing about uploads
+        ]
+    )
+    assert view.spool_backlog(NOW) == {"bin-1": 12, "bin-2": 0}
+
+
 @pytest.mark.integration
 async def test_a_service_publishes_heartbeats_on_the_fleet_stream(
     nats_server: NatsServer, js: JetStreamContext
@@ -78,6 +104,10 @@ def _serving_bins(model: str, version: int) -> float | None:
     return REGISTRY.get_sample_value(
         "binloop_fleet_serving_bins", {"model": model, "version": str(version)}
     )
+
+
+def _backlog(bin_id: str) -> float | None:
+    return REGISTRY.get_sample_value("binloop_fleet_spool_backlog_frames", {"bin": bin_id})
 
 
 async def _eventually(condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -110,8 +140,12 @@ async def test_the_fleet_gauge_drops_silent_bins_without_a_new_heartbeat(
             beat = _beat(bin_id, 7, NOW - timedelta(seconds=5), model)
             await js.publish(FLEET_HEARTBEAT.subject(bin_id), beat.model_dump_json().encode())
         await _eventually(lambda: _serving_bins(model, 7) == 2)
+        beat = _uploader_beat("bin-quiet", 37, NOW - timedelta(seconds=5))
+        await js.publish(FLEET_HEARTBEAT.subject("bin-quiet"), beat.model_dump_json().encode())
+        await _eventually(lambda: _backlog("bin-quiet") == 37)
         # Every bin falls silent: no heartbeat arrives any more, only time passes.
         now = NOW + timedelta(minutes=10)
         await _eventually(lambda: _serving_bins(model, 7) == 0)
+        await _eventually(lambda: _backlog("bin-quiet") is None)  # unknown, not 0
     finally:
         await registry.stop()

@@ -32,8 +32,8 @@ from binloop.errors import (
 from binloop.natsserver import NatsServer
 from binloop.storage import BlobStore, LocalBlobStore, frame_key, sha256_hex, spool_key
 from schemas.base import BlobRef
-from schemas.events import DeadLetter, FrameCaptured, FrameStored
-from schemas.routes import DLQ, FRAMES_CAPTURED, FRAMES_STORED
+from schemas.events import DeadLetter, FleetHeartbeat, FrameCaptured, FrameStored
+from schemas.routes import DLQ, FLEET_HEARTBEAT, FRAMES_CAPTURED, FRAMES_STORED
 from services.uploader import UploaderSettings, create_app
 from services.uploader.backoff import Backoff
 from services.uploader.core import FrameUploader, stored_event
@@ -981,3 +981,32 @@ def test_a_frame_spooled_again_after_it_was_dead_lettered_waits_for_its_upload(
     spool.store.delete(event.spool.key)
     spool.sweep(marked_at + 1_000, retention_s=0)
     assert not spool.store.exists(event.spool.key + DEAD_LETTERED_SUFFIX)
+
+
+@pytest.mark.integration
+async def test_the_uploader_tells_the_fleet_view_its_backlog(
+    js: JetStreamContext, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Bins are not scraped from the cloud: the heartbeat carries what is still to upload."""
+    settings = UploaderSettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        http_host="127.0.0.1",
+        bin_id=BIN,
+        spool_root=tmp_path / "spool",
+        retry_initial_s=0.02,
+        retry_max_s=0.05,
+        heartbeat_interval_s=0.05,
+    )
+    queue = UploadQueue(settings.spool_root, BIN)
+    for i, jpeg in enumerate(_demo_jpegs(3)):
+        queue.add(QueuedFrame(_spool_and_describe(settings.spool_root, jpeg, i), time.time()))
+    beats = await Collector(FleetHeartbeat).attach_stream(js, FLEET_HEARTBEAT.subject(BIN))
+    service = create_app(settings, store=FailingStore(tmp_path / "blobs"))  # nothing leaves
+    await service.start()
+    try:
+        (beat, *_) = await beats.wait_for(1)
+    finally:
+        await service.stop()
+    assert (beat.service, beat.bin_id) == ("uploader", BIN)
+    assert (beat.spool_backlog, beat.frames_processed) == (3, 0)

@@ -144,6 +144,11 @@ FLEET_SERVING_BINS = Gauge(
     "Bins whose heartbeat says they serve this model version (fleet view)",
     ["model", "version"],
 )
+FLEET_SPOOL_BACKLOG = Gauge(
+    "binloop_fleet_spool_backlog_frames",
+    "Frames a bin's uploader still has to store, from its heartbeat (fleet view)",
+    ["bin"],
+)
 UPLOADER_DROPPED = Counter(
     "binloop_uploader_dropped_frames_total",
     "Frames the uploader gave up before they reached the object store, by reason "

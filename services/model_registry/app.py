@@ -58,10 +58,12 @@ class _Registry:
 
 @dataclass
 class _FleetGauge:
-    """binloop_fleet_serving_bins from the fleet view; a version no live bin serves reads 0."""
+    """binloop_fleet_serving_bins and binloop_fleet_spool_backlog_frames from the fleet view;
+    a version no live bin serves reads 0, a bin whose uploader fell silent is dropped."""
 
     view: FleetView = field(default_factory=FleetView)
     published: set[tuple[str, int]] = field(default_factory=set)
+    backlog_bins: set[str] = field(default_factory=set)
 
     def refresh(self, now: datetime) -> None:
         serving = self.view.serving(now)
@@ -70,6 +72,12 @@ class _FleetGauge:
         for (model, version), bins in serving.items():
             metrics.FLEET_SERVING_BINS.labels(model, str(version)).set(bins)
         self.published.update(serving)
+        backlog = self.view.spool_backlog(now)
+        for bin_id in self.backlog_bins - set(backlog):
+            metrics.FLEET_SPOOL_BACKLOG.remove(bin_id)  # unknown now, not 0
+        for bin_id, frames in backlog.items():
+            metrics.FLEET_SPOOL_BACKLOG.labels(bin_id).set(frames)
+        self.backlog_bins = set(backlog)
 
 
 def create_app(

@@ -23,6 +23,14 @@ class FleetView:
             if known is None or beat.occurred_at >= known.occurred_at:
                 self.latest[key] = beat
 
+    def spool_backlog(self, now: datetime) -> dict[str, int]:
+        """bin -> frames its uploader has still to store, for bins whose uploader is live."""
+        return {
+            beat.bin_id: beat.spool_backlog
+            for (_, service), beat in self.latest.items()
+            if service == "uploader" and now - beat.occurred_at <= self.stale_after
+        }
+
     def serving(self, now: datetime) -> Counter[tuple[str, int]]:
         """(model, version) -> number of live bins serving it."""
         counts: Counter[tuple[str, int]] = Counter()

@@ -24,7 +24,13 @@ from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from binloop.storage import BlobStore, S3BlobStore, open_store
 from schemas.base import Event
-from schemas.events import DeadLetter, FrameCaptured, FrameStored, SampleSelected
+from schemas.events import (
+    DeadLetter,
+    FleetHeartbeat,
+    FrameCaptured,
+    FrameStored,
+    SampleSelected,
+)
 from schemas.routes import DLQ, FRAMES_CAPTURED, FRAMES_STORED, SAMPLES_SELECTED, Route
 from services.uploader.backoff import Backoff
 from services.uploader.core import FrameUploader
@@ -68,8 +74,13 @@ def create_app(
         except (nats.errors.Error, TimeoutError, ConnectionError) as exc:
             raise TransientError(f"publishing {route.name}: {type(exc).__name__}: {exc}") from exc
 
+    started = time.monotonic()
+    announced = 0
+
     async def announce(stored: FrameStored) -> None:
+        nonlocal announced
         await publish(FRAMES_STORED, stored, bin_id)
+        announced += 1
 
     async def dead_letter(frame: QueuedFrame, error: PermanentError) -> None:
         """What the bus consumer does for a failed message, for a frame already acked."""
@@ -106,6 +117,19 @@ def create_app(
         clock=clock,
         on_progress=on_progress,
     )
+
+    def heartbeat() -> FleetHeartbeat:
+        """The fleet view's one look at this bin's uploads (bins are not scraped from the cloud)."""
+        return FleetHeartbeat(
+            producer=service.producer,
+            bin_id=bin_id,
+            service=SERVICE,
+            frames_processed=announced,
+            spool_backlog=forwarder.queue.pending_frames,
+            uptime_s=time.monotonic() - started,
+        )
+
+    service.send_heartbeats(heartbeat)
 
     async def on_frame(delivery: Delivery[FrameCaptured]) -> list[Outgoing]:
         await forwarder.accept(delivery.event)
