@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,11 +18,15 @@ from rich.live import Live
 
 from binloop.embedded import DEMO_DIR, LoopConfig, run_loop
 from binloop.errors import BinloopError
-from binloop.liveview import render, summary
+from binloop.liveview import progress_line, render, summary
 from binloop.ml.shipped import SHIPPED_MODEL
+from binloop.monitor import LoopStats
 from binloop.settings import ServiceSettings
 from binloop.train_command import train_command
 from services.registry import SERVICES
+
+NO_LIVE_PROGRESS_EVERY_S = 10.0
+"""How often `binloop up --no-live` prints where the loop is."""
 
 app = typer.Typer(
     help="binloop: the ML data engine for smart waste-sorting bins.",
@@ -79,10 +84,15 @@ def up(
             if live
             else (contextlib.nullcontext()) as view
         ):
+            last_line = 0.0
 
-            def tick(stats: object) -> None:
+            def tick(stats: LoopStats) -> None:
+                nonlocal last_line
                 if view is not None:
-                    view.update(render(stats))  # type: ignore[arg-type]
+                    view.update(render(stats))
+                elif time.monotonic() - last_line >= NO_LIVE_PROGRESS_EVERY_S:
+                    last_line = time.monotonic()
+                    console.print(progress_line(stats), soft_wrap=True)
 
             try:
                 outcome = await run_loop(config, tick)

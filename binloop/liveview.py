@@ -65,6 +65,17 @@ def render(stats: LoopStats, title: str = "binloop: the data engine loop") -> Ta
     return table
 
 
+def progress_line(stats: LoopStats) -> str:
+    """One line of the live table's figures, for runs without it (`up --no-live`, logs)."""
+    decided = ", ".join(f"v{version} {decision}" for version, decision, _ in stats.registered)
+    return (
+        f"{stats.elapsed_s:.0f} s: frames captured {stats.frames_captured}, "
+        f"inferred {sum(stats.frame_ids_inferred.values())}, stored {stats.frames_stored}; "
+        f"samples {sum(stats.samples.values())}, labels {stats.labels}, "
+        f"trainings {len(stats.trainings)}; registry: {decided or 'no decision yet'}"
+    )
+
+
 def summary(stats: LoopStats, reason: str) -> Group:
     checks = Table(title="integrity", show_header=True, header_style="bold")
     checks.add_column("check")

@@ -9,6 +9,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from binloop.cli import app as binloop_cli
+from binloop.liveview import progress_line
+from binloop.monitor import LoopStats
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 
@@ -76,3 +78,15 @@ def test_replay_reports_a_missing_file_and_an_unreachable_server_in_one_line(
     assert down.exit_code == 1
     assert "cannot reach nats://127.0.0.1:9" in down.output
     assert down.exception is None or isinstance(down.exception, SystemExit)
+
+
+def test_a_run_without_the_live_table_still_says_where_the_loop_is() -> None:
+    stats = LoopStats()
+    stats.frames_captured, stats.frames_stored, stats.labels = 120, 118, 9
+    stats.registered.append((2, "promoted", "better on the evaluation set"))
+    line = progress_line(stats)
+    assert "frames captured 120" in line
+    assert "stored 118" in line
+    assert "labels 9" in line
+    assert "registry: v2 promoted" in line
+    assert "registry: no decision yet" in progress_line(LoopStats())
