@@ -223,12 +223,20 @@ def fleet_overview() -> Dashboard:
                         f"sum by (bin, error) (rate(binloop_actuator_errors_total[{RATE}]))",
                         "{{bin}} {{error}}",
                     ),
+                    q(
+                        f"sum by (bin) (rate(binloop_actuator_stale_commands_total[{RATE}]))",
+                        "{{bin}} stale (flap not moved)",
+                    ),
                 ),
                 unit="ops",
             ),
             Panel(
                 "Uploader backlog per bin",
-                (q("max by (bin) (binloop_uploader_backlog_frames)", "{{bin}}"),),
+                (
+                    q("max by (bin) (binloop_uploader_backlog_frames)", "{{bin}}"),
+                    # Bins are not scraped from the cloud: their heartbeats say it there.
+                    q("max by (bin) (binloop_fleet_spool_backlog_frames)", "{{bin}} (heartbeat)"),
+                ),
                 unit="short",
             ),
             Panel(
@@ -397,6 +405,14 @@ def data_engine_loop() -> Dashboard:
                     q(
                         f"sum(rate(binloop_sampler_near_duplicates_total[{RATE}]))",
                         "dropped as near-duplicates",
+                    ),
+                    q(
+                        f"sum(rate(binloop_sampler_below_min_score_total[{RATE}]))",
+                        "wanted, below min_score",
+                    ),
+                    q(
+                        f"sum(rate(binloop_sampler_repeats_total[{RATE}]))",
+                        "repeats (selected before)",
                     ),
                 ),
                 unit="ops",
