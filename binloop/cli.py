@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -25,8 +26,9 @@ from binloop.settings import ServiceSettings
 from binloop.train_command import train_command
 from services.registry import SERVICES
 
-NO_LIVE_PROGRESS_EVERY_S = 10.0
-"""How often `binloop up --no-live` prints where the loop is."""
+PROGRESS_EVERY_S = 10.0
+"""How often a long command without a live view (`up --no-live`, `replay`, `record`) prints
+where it is."""
 
 app = typer.Typer(
     help="binloop: the ML data engine for smart waste-sorting bins.",
@@ -90,7 +92,7 @@ def up(
                 nonlocal last_line
                 if view is not None:
                     view.update(render(stats))
-                elif time.monotonic() - last_line >= NO_LIVE_PROGRESS_EVERY_S:
+                elif time.monotonic() - last_line >= PROGRESS_EVERY_S:
                     last_line = time.monotonic()
                     console.print(progress_line(stats), soft_wrap=True)
 
@@ -104,6 +106,19 @@ def up(
         return 0 if outcome.finished and lost == 0 else 1
 
     raise typer.Exit(asyncio.run(main()))
+
+
+def _every(seconds: float, template: str) -> Callable[[int], None]:
+    """A progress callback that prints `template` with the count at most every `seconds`."""
+    last = time.monotonic()
+
+    def report(count: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= seconds:
+            last = time.monotonic()
+            console.print(template.format(count))
+
+    return report
 
 
 def _start_model(choice: str) -> Path | None:
@@ -204,6 +219,7 @@ def record(
             embed_frames_from=embed_frames_from,
             stop=stop,
             max_messages=max_messages,
+            on_progress=_every(PROGRESS_EVERY_S, "recorded {} messages so far"),
         )
 
     try:
@@ -229,7 +245,14 @@ def replay(
         console.print(f"[red]binloop replay: no replay file at {path}", soft_wrap=True)
         raise typer.Exit(1)
     try:
-        outcome = asyncio.run(replay_file(nats_url, path, speed=speed))
+        outcome = asyncio.run(
+            replay_file(
+                nats_url,
+                path,
+                speed=speed,
+                on_progress=_every(PROGRESS_EVERY_S, "replayed {} messages so far"),
+            )
+        )
     except (NatsNoServersError, OSError) as exc:
         console.print(f"[red]binloop replay: cannot reach {nats_url} ({exc})", soft_wrap=True)
         raise typer.Exit(1) from exc

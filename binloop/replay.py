@@ -211,10 +211,11 @@ async def record(
     stop: asyncio.Event,
     max_messages: int | None = None,
     ready: asyncio.Event | None = None,
+    on_progress: Callable[[int], None] = lambda _: None,
 ) -> int:
     """Write every message on `subjects` (core NATS) to `path` until `stop` is set or
-    `max_messages` were written. `ready` is set once the subscriptions are in place.
-    Returns the number of lines written."""
+    `max_messages` were written. `ready` is set once the subscriptions are in place;
+    `on_progress` gets the count after each line. Returns the number of lines written."""
     if not subjects:
         raise ValueError("record needs at least one subject")
     client = await connect(nats_url)
@@ -239,6 +240,7 @@ async def record(
 
             while not full() and (received := await _next_message(inbox, stop)) is not None:
                 await recorder.write(*received)
+                on_progress(recorder.written)
             # Stopped: what had already arrived is written too, what arrives now is not.
             for _ in range(inbox.qsize()):
                 if full():
@@ -275,10 +277,16 @@ async def connect(nats_url: str) -> NatsClient:
     )
 
 
-async def replay(nats_url: str, path: Path, *, speed: float = 1.0) -> ReplayOutcome:
+async def replay(
+    nats_url: str,
+    path: Path,
+    *,
+    speed: float = 1.0,
+    on_progress: Callable[[int], None] = lambda _: None,
+) -> ReplayOutcome:
     """Publish every message of a replay file to JetStream again, `speed` times faster than
     recorded (0: as fast as possible). Nats-Msg-Id is kept, so replaying twice within the
-    duplicate window stores each message once."""
+    duplicate window stores each message once. `on_progress` gets the count published."""
     if speed < 0:
         raise ValueError(f"speed must be >= 0, got {speed}")
     client = await connect(nats_url)
@@ -305,6 +313,7 @@ async def replay(nats_url: str, path: Path, *, speed: float = 1.0) -> ReplayOutc
                 continue
             published += 1
             duplicates += bool(ack.duplicate)
+            on_progress(published)
     finally:
         await client.drain()
     return ReplayOutcome(published, duplicates, stats.bad_lines, unroutable)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
+from binloop import cli
 from binloop.cli import app as binloop_cli
 from binloop.liveview import progress_line
 from binloop.monitor import LoopStats
@@ -90,3 +92,20 @@ def test_a_run_without_the_live_table_still_says_where_the_loop_is() -> None:
     assert "labels 9" in line
     assert "registry: v2 promoted" in line
     assert "registry: no decision yet" in progress_line(LoopStats())
+
+
+def test_long_commands_report_progress_at_most_every_interval(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
+    report = cli._every(10.0, "replayed {} messages so far")
+    report(1)  # too soon
+    now[0] = 10.0
+    report(2)
+    now[0] = 15.0
+    report(3)  # too soon again
+    now[0] = 21.0
+    report(4)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert lines == ["replayed 2 messages so far", "replayed 4 messages so far"]
