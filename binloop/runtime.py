@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 BackgroundTask = Callable[[], Awaitable[None]]
 
 
+STOP_CANCEL_ATTEMPTS = 10
+STOP_CANCEL_WAIT_S = 1.0
+"""A background task gets this long after each cancel before it is cancelled again."""
+
+
 @dataclass
 class ServiceApp:
     """A service: its broker, publisher, retry policy, readiness and background tasks."""
@@ -179,6 +184,24 @@ class ServiceApp:
             self._tasks.append(asyncio.create_task(self._supervise(task)))
         self._started = True
 
+    async def _cancel_tasks(self) -> None:
+        """Cancel the background tasks and wait for them. A cancel that a library swallowed
+        (nats-py around a publish, asyncio.wait_for in a race) is sent again, so a stop never
+        waits for ever on a task that went back to its loop."""
+        pending = set(self._tasks)
+        for _ in range(STOP_CANCEL_ATTEMPTS):
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=STOP_CANCEL_WAIT_S)
+        if pending:
+            log.error("%s: background tasks still running after the stop: %s", self.name, pending)
+        for task in self._tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # already logged by _supervise; retrieved so asyncio stays quiet
+        self._tasks.clear()
+
     async def stop_extras(self) -> None:
         """Consumers stop first (no new work), then tasks and hooks (drivers, servers)."""
         self._started = False
@@ -186,10 +209,7 @@ class ServiceApp:
             await subscriber.stop()
         for unfinished in self.publisher.unfinished:
             await unfinished()  # acks of outputs already sent, while the connection is up
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._cancel_tasks()
         for hook in self.on_stop:
             await hook()
         if self.health is not None:

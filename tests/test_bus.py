@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
@@ -498,3 +499,29 @@ def test_a_publish_timeout_is_transient_and_a_nats_timeout() -> None:
     assert isinstance(error, TransientError)  # retried by consumers
     assert isinstance(error, nats.errors.TimeoutError)  # and handled where nats timeouts are
     assert isinstance(error, TimeoutError)
+
+
+@pytest.mark.integration
+async def test_a_stop_does_not_wait_for_ever_on_a_task_that_swallowed_its_cancel(
+    nats_server: Any,
+) -> None:
+    """nats-py (around a publish) and asyncio.wait_for (in a race) can each swallow a cancel:
+    the task goes back to its loop, and a stop that cancelled it once would wait for ever."""
+    service = new_service("stubborn", _settings(nats_server.url))
+    cancels = 0
+
+    async def stubborn() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels > 1:
+                    raise  # the second cancel ends it
+
+    service.background.append(stubborn)
+    await service.start()
+    await asyncio.sleep(0)  # the task is running
+    await asyncio.wait_for(service.stop(), 30)
+    assert cancels == 2
