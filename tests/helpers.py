@@ -60,3 +60,14 @@ class Collector(Generic[M]):
 
         await asyncio.wait_for(loop(), timeout)
         return self.items
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Waits until `condition()` holds. For what has nothing to wait on (a metric set inside
+    a service): it is polled."""
+
+    async def poll() -> None:
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)

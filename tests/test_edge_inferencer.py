@@ -75,7 +75,7 @@ from services.edge_inferencer.models import (
     load_model,
     update_verdict,
 )
-from tests.helpers import Collector
+from tests.helpers import Collector, eventually
 from tests.modelfactory import make_onnx_model
 
 if TYPE_CHECKING:
@@ -814,12 +814,8 @@ async def test_a_promotion_waits_for_the_store_instead_of_being_dead_lettered(
         await _publish(js, MODELS_PROMOTED, promotion)
 
         # More tries than max_deliveries (3), after which any other error is dead-lettered.
-        async def retried_past_the_limit() -> None:
-            # A counter has nothing to wait on: poll it.
-            while _retries(MODELS_PROMOTED.name) < before + settings.max_deliveries + 1:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(retried_past_the_limit(), 60)
+        limit = before + settings.max_deliveries + 1
+        await eventually(lambda: _retries(MODELS_PROMOTED.name) >= limit, 60)
         assert not swapped.is_set()
         own_moto_s3.start()  # same port, objects kept
         await asyncio.wait_for(swapped.wait(), 60)

@@ -3,8 +3,6 @@ model version."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,7 +16,7 @@ from services.actuator import ActuatorSettings, create_app
 from services.model_registry import RegistrySettings
 from services.model_registry import create_app as create_registry
 from services.model_registry.fleet import FleetView
-from tests.helpers import Collector
+from tests.helpers import Collector, eventually
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -110,16 +108,6 @@ def _backlog(bin_id: str) -> float | None:
     return REGISTRY.get_sample_value("binloop_fleet_spool_backlog_frames", {"bin": bin_id})
 
 
-async def _eventually(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    """A gauge set inside the service has nothing to wait on: poll it."""
-
-    async def poll() -> None:
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
 @pytest.mark.integration
 async def test_the_fleet_gauge_drops_silent_bins_without_a_new_heartbeat(
     nats_server: NatsServer, js: JetStreamContext
@@ -139,13 +127,13 @@ async def test_the_fleet_gauge_drops_silent_bins_without_a_new_heartbeat(
         for bin_id in ("bin-1", "bin-2"):
             beat = _beat(bin_id, 7, NOW - timedelta(seconds=5), model)
             await js.publish(FLEET_HEARTBEAT.subject(bin_id), beat.model_dump_json().encode())
-        await _eventually(lambda: _serving_bins(model, 7) == 2)
+        await eventually(lambda: _serving_bins(model, 7) == 2)
         beat = _uploader_beat("bin-quiet", 37, NOW - timedelta(seconds=5))
         await js.publish(FLEET_HEARTBEAT.subject("bin-quiet"), beat.model_dump_json().encode())
-        await _eventually(lambda: _backlog("bin-quiet") == 37)
+        await eventually(lambda: _backlog("bin-quiet") == 37)
         # Every bin falls silent: no heartbeat arrives any more, only time passes.
         now = NOW + timedelta(minutes=10)
-        await _eventually(lambda: _serving_bins(model, 7) == 0)
-        await _eventually(lambda: _backlog("bin-quiet") is None)  # unknown, not 0
+        await eventually(lambda: _serving_bins(model, 7) == 0)
+        await eventually(lambda: _backlog("bin-quiet") is None)  # unknown, not 0
     finally:
         await registry.stop()

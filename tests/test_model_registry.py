@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
@@ -64,7 +64,7 @@ from services.model_registry.core import (
 from services.model_registry.operations import record_training
 from services.model_registry.settings import DEFAULT_KV_BUCKET
 from services.model_registry.store import RegistryStore
-from tests.helpers import Collector
+from tests.helpers import Collector, eventually
 
 EVAL_SET = "e" * 64
 OTHER_EVAL_SET = "f" * 64
@@ -562,16 +562,6 @@ def _rollbacks_counted(model: str) -> float:
     return _sample("binloop_model_promotions_total", model, "decision", "rolled_back") or 0.0
 
 
-async def _eventually(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Metrics change inside the service and have nothing to wait on: poll them."""
-
-    async def poll() -> None:
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
 @pytest.mark.integration
 async def test_a_rollback_whose_publish_failed_is_announced_by_a_retry_not_repeated(
     js: JetStreamContext, nats_server: NatsServer
@@ -655,7 +645,7 @@ async def test_the_registry_counts_rollbacks_and_publishes_an_interrupted_one_at
     await second.start()
     try:
         await rolled.wait_for(2)
-        await _eventually(lambda: _rollbacks_counted(model) == counted_before + 2)
+        await eventually(lambda: _rollbacks_counted(model) == counted_before + 2)
         store = await RegistryStore.open(js, settings.kv_bucket)
         champion = (await store.champion(model)).record
     finally:
