@@ -409,6 +409,11 @@ def test_the_labeling_bridge_closes_the_loop_through_label_studio(
     assert studio_env["LABEL_STUDIO_USER_TOKEN"]["valueFrom"]["secretKeyRef"] == token_ref
     assert studio_env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"]["value"] == "true"
     assert studio_env["ML_BLOCK_LOCAL_IP"]["value"] == "false"  # the bridge's private address
+    # Nothing calls home, as in compose (same variables, same values).
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    compose_env = compose["services"]["label-studio"]["environment"]
+    for name in ("SENTRY_DSN", "FRONTEND_SENTRY_DSN", "LATEST_VERSION_CHECK", "COLLECT_ANALYTICS"):
+        assert studio_env[name]["value"] == compose_env[name], name
     # The web port, on the container and on the Service, apart from health and metrics.
     assert values["BINLOOP_WEB_PORT"] == str(BRIDGE_WEB_PORT)
     service = find(manifests, "Service", "labeling-bridge")
