@@ -43,6 +43,14 @@ class ServiceSettings(BaseSettings):
         default=SecretStr("minioadmin"), description="S3 secret key (never logged)"
     )
     s3_secure: bool = Field(default=False, description="Talk to the S3 endpoint over TLS")
+    s3_public_url: str = Field(
+        default="",
+        pattern=r"^(https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?)?$",
+        description="Base URL (scheme://host[:port]) that browsers reach the store at, when it "
+        "differs from s3_endpoint (an in-cluster name such as minio:9000); presigned URLs are "
+        "signed for it, so the proxy in front must pass the Host header through. Empty: "
+        "s3_endpoint",
+    )
     s3_region: str = Field(
         default="us-east-1", description="S3 region (saves a bucket-location lookup)"
     )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 from binloop.errors import (
     ChecksumMismatchError,
@@ -282,6 +283,34 @@ def test_a_presigned_put_url_writes_an_object_readers_can_verify(s3_store: S3Blo
     assert s3_store.stored_sha256(key) is None  # nobody recorded one: the event's sha256 rules
     ref = BlobRef(key=key, uri=s3_store.uri(key), sha256=sha256_hex(data), size=len(data))
     assert read_verified(ref) == data
+
+
+def test_presigned_urls_name_the_public_host_that_browsers_reach(
+    s3_overrides: dict[str, Any],
+) -> None:
+    """In a cluster the services reach the store as minio:9000, which a browser cannot; with
+    s3_public_url the URLs name (and are signed for) the public host, and they still work."""
+    endpoint = s3_overrides["s3_endpoint"]
+    public_url = "http://localhost:" + endpoint.rsplit(":", 1)[1]
+    store = S3BlobStore.from_settings(ServiceSettings(**s3_overrides, s3_public_url=public_url))
+    data = _photo()
+    ref = store.put(f"frames/bin-3/2025/01/01/{sha256_hex(data)}.jpg", data, "image/jpeg")
+
+    url = store.presigned_get_url(ref.key)
+
+    assert url.startswith(f"{public_url}/{store.bucket}/"), url
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == data
+    put_url = store.presigned_put_url(ref.key + ".copy")
+    assert put_url.startswith(f"{public_url}/"), put_url
+    # The host is part of what is signed (moto does not check signatures; MinIO and S3 do).
+    assert "X-Amz-SignedHeaders=host" in url
+
+
+@pytest.mark.parametrize("bad", ["minio:9000", "ftp://files.example.org", "https://a/b"])
+def test_s3_public_url_must_be_a_bare_http_base_url(bad: str) -> None:
+    with pytest.raises(ValidationError, match="s3_public_url"):
+        ServiceSettings(s3_public_url=bad)
 
 
 def test_read_verified_needs_an_open_store_for_the_bucket() -> None:

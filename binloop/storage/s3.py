@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import certifi
 import urllib3
@@ -82,12 +83,21 @@ class S3BlobStore:
     backend = "s3"
 
     def __init__(
-        self, client: Minio, bucket: str, *, endpoint: str, part_size: int = DEFAULT_PART_SIZE
+        self,
+        client: Minio,
+        bucket: str,
+        *,
+        endpoint: str,
+        part_size: int = DEFAULT_PART_SIZE,
+        presigning_client: Minio | None = None,
     ) -> None:
         self.client = client
         self.bucket = bucket
         self.endpoint = endpoint
         self.part_size = part_size
+        # A URL is signed for the host in it: one that browsers open must name the host they
+        # reach the store at, which in a cluster is not the service name this client uses.
+        self.presigning_client = presigning_client or client
         self._bucket_ready = False
 
     @classmethod
@@ -99,15 +109,27 @@ class S3BlobStore:
         timeout_s: float = 10.0,
         retries: int = 2,
     ) -> S3BlobStore:
-        client = Minio(
-            settings.s3_endpoint,
-            access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key.get_secret_value(),
-            secure=settings.s3_secure,
-            region=settings.s3_region,
-            http_client=http_client(timeout_s=timeout_s, retries=retries),
+        def client_for(endpoint: str, secure: bool) -> Minio:
+            return Minio(
+                endpoint,
+                access_key=settings.s3_access_key,
+                secret_key=settings.s3_secret_key.get_secret_value(),
+                secure=secure,
+                region=settings.s3_region,
+                http_client=http_client(timeout_s=timeout_s, retries=retries),
+            )
+
+        presigning_client = None
+        if settings.s3_public_url:
+            public = urlsplit(settings.s3_public_url)
+            presigning_client = client_for(public.netloc, public.scheme == "https")
+        return cls(
+            client_for(settings.s3_endpoint, settings.s3_secure),
+            settings.s3_bucket,
+            endpoint=settings.s3_endpoint,
+            part_size=part_size,
+            presigning_client=presigning_client,
         )
-        return cls(client, settings.s3_bucket, endpoint=settings.s3_endpoint, part_size=part_size)
 
     @contextmanager
     def _errors(self, action: str, key: str) -> Iterator[None]:
@@ -228,7 +250,9 @@ class S3BlobStore:
     def presigned_get_url(self, key: str, expires: timedelta = DEFAULT_PRESIGN_EXPIRY) -> str:
         """A URL that reads `key` without credentials until it expires (for Label Studio)."""
         with self._errors("presign GET", key):
-            return str(self.client.presigned_get_object(self.bucket, key, expires=expires))
+            return str(
+                self.presigning_client.presigned_get_object(self.bucket, key, expires=expires)
+            )
 
     def presigned_put_url(self, key: str, expires: timedelta = DEFAULT_PRESIGN_EXPIRY) -> str:
         """A URL that writes `key` without credentials until it expires. The uploader must send
@@ -236,4 +260,6 @@ class S3BlobStore:
         has no recorded sha256: readers check it against the sha256 of the event instead."""
         self._ensure_bucket()
         with self._errors("presign PUT", key):
-            return str(self.client.presigned_put_object(self.bucket, key, expires=expires))
+            return str(
+                self.presigning_client.presigned_put_object(self.bucket, key, expires=expires)
+            )
