@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import AwareDatetime, Field, FiniteFloat, StringConstraints
+from pydantic import AwareDatetime, Field, FiniteFloat, StringConstraints, model_validator
 
 from schemas.base import BinId, BlobRef, Event, Frozen, Name, Sha256
 from schemas.taxonomy import Compartment
@@ -12,6 +12,8 @@ from schemas.taxonomy import Compartment
 Label = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,64}$")]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Version = Annotated[int, Field(ge=1)]
+Milliseconds = Annotated[FiniteFloat, Field(ge=0)]
+"""A duration: infinity (which JSON's `Infinity` literal parses to) is no time a step took."""
 
 
 class FrameCaptured(Event):
@@ -38,14 +40,16 @@ class ClassScore(Frozen):
 class StageLatency(Frozen):
     """Milliseconds spent in each step of the edge inferencer's per-frame path."""
 
-    read_ms: float = Field(ge=0)
-    decode_ms: float = Field(ge=0)
-    preprocess_ms: float = Field(ge=0)
-    infer_ms: float = Field(ge=0)
-    postprocess_ms: float = Field(ge=0)
+    read_ms: Milliseconds
+    decode_ms: Milliseconds
+    preprocess_ms: Milliseconds
+    infer_ms: Milliseconds
+    postprocess_ms: Milliseconds
 
 
 class InferenceResult(Event):
+    """What the edge decided for one frame, and the class count and threshold it decided by."""
+
     bin_id: BinId
     frame_sha256: Sha256
     frame_event_id: str = Field(description="event_id of the frames.captured event it answers.")
@@ -55,7 +59,7 @@ class InferenceResult(Event):
     label: Label
     confidence: Probability
     margin: Probability = Field(description="top-1 minus top-2 probability")
-    entropy: float = Field(ge=0, description="Shannon entropy of the distribution, in nats")
+    entropy: FiniteFloat = Field(ge=0, description="Shannon entropy of the distribution, in nats")
     top_k: list[ClassScore] = Field(min_length=1, max_length=16)
     compartment: Compartment
     abstained: bool = Field(description="Confidence below threshold: sent to trash instead.")
@@ -73,6 +77,38 @@ class InferenceResult(Event):
         description="64-bit perceptual hash of the frame (16 hex digits), computed on the edge "
         "from the decoded image; the sampler drops near-duplicates by Hamming distance.",
     )
+    num_classes: int | None = Field(
+        default=None,
+        ge=2,
+        le=100_000,
+        description="Classes the model scores (the length of its card's class list): the "
+        "sampler's entropy strategy divides entropy by ln(num_classes). None from an edge older "
+        "than this field.",
+    )
+    confidence_threshold: Probability | None = Field(
+        default=None,
+        description="The edge's confidence_threshold this decision was made with: `abstained` "
+        "is confidence below it; the sampler's threshold band is centred on it. None from an "
+        "edge older than this field.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        # Each of these contradicts the result itself, so the sampler would aim at a wrong
+        # threshold or normalise by a wrong class count.
+        if self.num_classes is not None and len(self.top_k) > self.num_classes:
+            raise ValueError(
+                f"top_k lists {len(self.top_k)} classes, more than num_classes ({self.num_classes})"
+            )
+        if self.confidence_threshold is not None and self.abstained != (
+            self.confidence < self.confidence_threshold
+        ):
+            relation = "below" if self.confidence < self.confidence_threshold else "not below"
+            raise ValueError(
+                f"abstained is {str(self.abstained).lower()} but confidence {self.confidence} "
+                f"is {relation} confidence_threshold {self.confidence_threshold}"
+            )
+        return self
 
 
 class ActuationCommand(Event):

@@ -75,8 +75,10 @@ def result_from(
     model_version: int = 1,
     bin_id: str = "bin-a",
     embedding: list[float] | None = None,
+    num_classes: int | None = len(LABELS),
 ) -> InferenceResult:
-    """A result for a hand-made distribution over LABELS (missing classes get 0)."""
+    """A result for a hand-made distribution over LABELS (missing classes get 0), decided with
+    a confidence threshold of 0.5; `num_classes` is the class count the edge reports."""
     full = {label: probabilities.get(label, 0.0) for label in LABELS}
     ranked = sorted(full.items(), key=lambda item: -item[1])
     positive = [p for p in full.values() if p > 0]
@@ -92,13 +94,15 @@ def result_from(
         confidence=ranked[0][1],
         margin=ranked[0][1] - ranked[1][1],
         entropy=-sum(p * math.log(p) for p in positive),
-        top_k=[ClassScore(label=label, probability=p) for label, p in ranked],
+        top_k=[ClassScore(label=label, probability=p) for label, p in ranked[: num_classes or 16]],
         compartment=Compartment.PLASTIC_METAL,
         abstained=ranked[0][1] < 0.5,
         latency=StageLatency(
             read_ms=0.1, decode_ms=1.0, preprocess_ms=0.5, infer_ms=3.0, postprocess_ms=0.1
         ),
         embedding=embedding,
+        num_classes=num_classes,
+        confidence_threshold=0.5,
     )
 
 
@@ -136,28 +140,56 @@ def test_margin_scores_close_calls_between_the_two_best_classes() -> None:
 
 
 def test_entropy_is_normalised_by_the_number_of_classes() -> None:
-    strategy = Entropy(min_normalized=0.5, num_classes=6)
+    strategy = Entropy(min_normalized=0.5)
     uniform = strategy.score(result_from(dict.fromkeys(LABELS, 1 / 6)))
     assert uniform is not None
     assert uniform.score == pytest.approx(1.0)
     two_way = strategy.score(result_from({"plastic": 0.5, "glass": 0.5}))
     assert two_way is None  # ln 2 / ln 6 = 0.39 < 0.5
-    assert Entropy(0.3, 6).score(result_from({"plastic": 0.5, "glass": 0.5})) == Verdict(
+    assert Entropy(0.3).score(result_from({"plastic": 0.5, "glass": 0.5})) == Verdict(
         pytest.approx(math.log(2) / math.log(6)), "entropy 0.39 of max >= 0.30"
     )
 
 
+def test_entropy_is_normalised_by_the_class_count_each_result_carries() -> None:
+    # The same distribution from a model of 6 classes and from one of 3 (missing classes at 0):
+    # each is divided by its own ln(classes); nothing in the policy has to match either model.
+    spread = {"plastic": 0.5, "glass": 0.3, "paper": 0.2}
+    six, three = result_from(spread, 1), result_from(spread, 2, num_classes=3)
+    entropy = -sum(p * math.log(p) for p in spread.values())
+    verdicts = Entropy(0.5).score_batch([six, three])
+    assert [v.score if v else None for v in verdicts] == [
+        pytest.approx(entropy / math.log(6)),
+        pytest.approx(entropy / math.log(3)),
+    ]
+    # An older edge does not say: the frame is not judged by entropy rather than misjudged.
+    assert Entropy(0.0).score(result_from(spread, 3, num_classes=None)) is None
+
+
 def test_threshold_band_peaks_at_the_decision_threshold() -> None:
-    band = ThresholdBand(decision_threshold=0.5, half_width=0.1)
+    band = ThresholdBand(half_width=0.1)
     at = band.score(make_result(1, 0.5))
     near = band.score(make_result(2, 0.55))
     assert at is not None
     assert near is not None
     assert at.score == pytest.approx(1.0)
     assert near.score == pytest.approx(0.5)
-    assert near.reason == "confidence 0.55 within 0.10 of the decision threshold 0.50"
+    assert near.reason == "confidence 0.55 within 0.10 of the edge's threshold 0.50"
     assert band.score(make_result(3, 0.65)) is None
     assert band.score(make_result(4, 0.3)) is None
+
+
+def test_threshold_band_follows_the_threshold_each_result_was_decided_with() -> None:
+    band = ThresholdBand(half_width=0.1)
+    # Two bins at the same confidence, one with the threshold raised to 0.7.
+    default, raised = make_result(1, 0.7), make_result(2, 0.7, bin_id="bin-b", threshold=0.7)
+    verdicts = band.score_batch([default, raised])
+    assert verdicts[0] is None  # 0.2 from its threshold 0.5
+    assert verdicts[1] is not None
+    assert verdicts[1].score == pytest.approx(1.0)
+    assert verdicts[1].reason.endswith("of the edge's threshold 0.70")
+    older_edge = make_result(3, 0.5).model_copy(update={"confidence_threshold": None})
+    assert band.score(older_edge) is None
 
 
 # --- stateful strategies --------------------------------------------------------------------
@@ -715,6 +747,24 @@ def test_the_example_policy_file_documents_the_defaults() -> None:
     ]
 
 
+def test_a_policy_setting_what_each_result_now_carries_is_refused_saying_why() -> None:
+    # The policy used to repeat the edge's threshold and the model's class count; a file that
+    # still sets them would otherwise look as if it changed something.
+    text = "num_classes: 6\nstrategies:\n  threshold_band: {decision_threshold: 0.5}\n"
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, "policy.yaml")
+    message = str(caught.value)
+    assert message.startswith("policy.yaml: 2 errors\n")
+    assert (
+        "  num_classes: Extra inputs are not permitted (removed: each inference result carries "
+        "the class count of the model that scored it)"
+    ) in message
+    assert (
+        "  strategies.threshold_band.decision_threshold: Extra inputs are not permitted "
+        "(removed: each inference result carries the confidence_threshold the edge decided with)"
+    ) in message
+
+
 def test_policy_errors_name_every_bad_key() -> None:
     text = (
         "strategies:\n"
@@ -825,8 +875,10 @@ def test_edge_results_carry_the_model_embedding_when_it_fits_the_schema(
         assert result.embedding == [float(v) for v in range(expected)]
 
 
-def _edge_result(model: LoadedModel, data: bytes, bin_id: str = "bin-a") -> InferenceResult:
-    """What the edge inferencer publishes for these JPEG bytes."""
+def _edge_result(
+    model: LoadedModel, data: bytes, bin_id: str = "bin-a", threshold: float = 0.5
+) -> InferenceResult:
+    """What the edge inferencer publishes for these JPEG bytes, deciding with `threshold`."""
     sha = hashlib.sha256(data).hexdigest()
     frame = FrameCaptured(
         producer="frame-ingestor",
@@ -839,8 +891,42 @@ def _edge_result(model: LoadedModel, data: bytes, bin_id: str = "bin-a") -> Infe
         source="test",
         sequence=0,
     )
-    outcome = classify(lambda: data, model, DecisionPolicy(Taxonomy(), 0.5, 3))
+    outcome = classify(lambda: data, model, DecisionPolicy(Taxonomy(), threshold, 3))
     return build_events(frame, model, outcome, "edge-inferencer")[0]
+
+
+def test_the_sampler_judges_edge_results_by_the_threshold_and_classes_they_carry() -> None:
+    backend = EmbeddingBackend(8)  # plastic at 0.9, the five other classes at 0.02
+    model = LoadedModel(backend.card, backend, Preprocessor.from_card(backend.card))
+    first, second = (p.read_bytes() for p in sorted((DEMO / "plastic").glob("*.jpg"))[:2])
+    default = _edge_result(model, first, threshold=0.5)
+    raised = _edge_result(model, second, bin_id="bin-b", threshold=0.85)
+    assert (default.confidence_threshold, raised.confidence_threshold) == (0.5, 0.85)
+    assert default.num_classes == raised.num_classes == len(backend.card.classes)
+
+    sampler = build_sampler(
+        policy(
+            strategies={
+                "threshold_band": {"enabled": True, "half_width": 0.1},
+                "entropy": {"enabled": True, "min_normalized": 0.0},
+            },
+            dedup={"enabled": False},
+        ),
+        "sampler",
+        FakeClock(),
+    )
+    outcome = sampler.select_batch([default, raised])
+
+    by_frame = {s.frame_sha256: s for s in outcome.selected}
+    assert by_frame.keys() == {default.frame_sha256, raised.frame_sha256}
+    # Only the bin whose edge decides at 0.85 has its 0.9 in the band.
+    assert by_frame[raised.frame_sha256].strategy == "threshold_band"
+    assert "of the edge's threshold 0.85" in by_frame[raised.frame_sha256].reason
+    assert "threshold_band" not in by_frame[default.frame_sha256].reason
+    # Entropy by the model's own six classes: 0.9 and five times 0.02.
+    expected = -(0.9 * math.log(0.9) + 5 * 0.02 * math.log(0.02)) / math.log(6)
+    assert by_frame[default.frame_sha256].strategy == "entropy"
+    assert by_frame[default.frame_sha256].score == pytest.approx(expected, abs=1e-6)
 
 
 def test_the_sampler_drops_near_duplicates_by_the_phash_the_edge_computed() -> None:

@@ -174,7 +174,7 @@ def test_low_confidence_abstains_to_the_fallback_compartment() -> None:
 )
 def test_confident_labels_map_through_the_taxonomy(label: str, compartment: Compartment) -> None:
     decision = decide(_stats(label, 0.9), Taxonomy(), threshold=0.5)
-    assert decision == Decision(compartment, abstained=False)
+    assert decision == Decision(compartment, abstained=False, threshold=0.5)
 
 
 def test_a_custom_taxonomy_changes_the_mapping() -> None:
@@ -366,6 +366,8 @@ def test_classify_times_every_stage_and_builds_matching_events(
     assert len(result.top_k) == 3
     assert result.top_k[0].label == result.label
     assert result.abstained is False  # threshold 0
+    # What the sampler needs to judge it, from the decision and the model themselves.
+    assert (result.confidence_threshold, result.num_classes) == (0.0, len(CLASSES))
     assert result.compartment == Taxonomy().compartment_for(result.label)
     assert (result.ground_truth, result.frame_event_id) == ("metal", str(frame.event_id))
     assert (command.compartment, command.model_version) == (result.compartment, 1)
@@ -497,6 +499,7 @@ async def test_every_frame_gets_one_result_and_one_command(
         assert result.frame_sha256 == frame.frame_sha256
         assert result.phash == phashes[frame.frame_sha256]
         assert result.abstained == (result.confidence < 0.3)
+        assert (result.confidence_threshold, result.num_classes) == (0.3, len(CLASSES))
         expected = (
             Taxonomy().fallback if result.abstained else Taxonomy().compartment_for(result.label)
         )

@@ -54,8 +54,10 @@ def make_result(
     model_version: int = 1,
     label: str = "plastic",
     ground_truth: str | None = "glass",
+    threshold: float = 0.5,
 ) -> InferenceResult:
-    """A well-formed result whose top-1 is `label` at `confidence`, the rest spread evenly."""
+    """A well-formed result whose top-1 is `label` at `confidence`, the rest spread evenly,
+    decided by an edge whose confidence threshold is `threshold`."""
     rest = (1.0 - confidence) / (len(LABELS) - 1)
     probabilities = {name: (confidence if name == label else rest) for name in LABELS}
     top_k = sorted(
@@ -76,11 +78,13 @@ def make_result(
         entropy=-sum(p * math.log(p) for p in probabilities.values() if p > 0),
         top_k=top_k,
         compartment=Compartment.PLASTIC_METAL,
-        abstained=confidence < 0.5,
+        abstained=confidence < threshold,
         latency=StageLatency(
             read_ms=0.1, decode_ms=1.0, preprocess_ms=0.5, infer_ms=3.0, postprocess_ms=0.1
         ),
         ground_truth=ground_truth,
+        num_classes=len(LABELS),
+        confidence_threshold=threshold,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import pytest
@@ -84,6 +85,64 @@ def test_an_embedding_that_is_not_finite_is_rejected(literal: str) -> None:
     with pytest.raises(ValidationError) as info:
         InferenceResult.model_validate_json(text.replace("[0.5,0.25,", f"[0.5,{literal},"))
     assert "embedding.1\n  Input should be a finite number" in str(info.value)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "entropy",
+        "latency.read_ms",
+        "latency.decode_ms",
+        "latency.preprocess_ms",
+        "latency.infer_ms",
+        "latency.postprocess_ms",
+    ],
+)
+def test_entropy_and_stage_latencies_must_be_finite(field: str, literal: str) -> None:
+    # An infinite entropy would top every entropy ranking, an infinite stage time every latency
+    # average; JSON's NaN and Infinity literals parse as floats, so the schema turns them away.
+    from tests.test_sampler import make_result
+
+    payload = make_result(1, 0.3).model_dump(mode="json")
+    *parents, key = field.split(".")
+    target = payload[parents[0]] if parents else payload
+    target[key] = float(literal)
+    text = json.dumps(payload)
+    assert f'"{key}": {literal}' in text
+    with pytest.raises(ValidationError) as info:
+        InferenceResult.model_validate_json(text)
+    assert f"{field}\n  Input should be a finite number" in str(info.value)
+
+
+def test_a_result_must_agree_with_the_class_count_and_threshold_it_carries() -> None:
+    from tests.test_sampler import make_result
+
+    fields = make_result(1, 0.45, threshold=0.5).model_dump()
+    assert fields["abstained"] is True
+    lower = {**fields, "confidence_threshold": 0.4, "abstained": False}
+    assert InferenceResult.model_validate(lower).confidence_threshold == 0.4
+    cases: dict[str, dict[str, object]] = {
+        "abstained is true but confidence 0.45 is not below confidence_threshold 0.4": {
+            "confidence_threshold": 0.4,
+            "abstained": True,
+        },
+        "abstained is false but confidence 0.45 is below confidence_threshold 0.5": {
+            "abstained": False
+        },
+        "top_k lists 6 classes, more than num_classes (5)": {"num_classes": 5},
+        "num_classes\n  Input should be greater than or equal to 2": {"num_classes": 1},
+        "confidence_threshold\n  Input should be less than or equal to 1": {
+            "confidence_threshold": 1.5
+        },
+    }
+    for message, changes in cases.items():
+        with pytest.raises(ValidationError) as info:
+            InferenceResult.model_validate({**fields, **changes})
+        assert message in str(info.value)
+    # A result from an edge older than both fields is still valid.
+    older = {**fields, "num_classes": None, "confidence_threshold": None}
+    assert InferenceResult.model_validate(older).confidence_threshold is None
 
 
 def test_events_are_frozen_and_timezone_aware() -> None:

@@ -63,6 +63,9 @@ IntArray = npt.NDArray[np.int64]
 L2 = 0.02
 CAPTURED_AT = datetime(2025, 1, 1, tzinfo=UTC)
 LATENCY = StageLatency(read_ms=0, decode_ms=0, preprocess_ms=0, infer_ms=0, postprocess_ms=0)
+CONFIDENCE_THRESHOLD = 0.5
+"""The simulated edge's confidence_threshold (the edge inferencer's default): each result
+carries it, and the threshold band is centred on it."""
 BIN = "benchmark-bin"
 CHALLENGER_OFFSET = 100_000
 
@@ -380,7 +383,7 @@ def benchmark_policy(strategy: str, budget: int, seed: int) -> SamplingPolicy:
         "least_confidence": {"threshold": 1.0},
         "margin": {"threshold": 1.0},
         "entropy": {"min_normalized": 0.0},
-        "threshold_band": {"decision_threshold": 0.5, "half_width": 1.0},
+        "threshold_band": {"half_width": 1.0},
         "class_balance": {"window": 100_000},
         # The pool is at most 858 frames: every pick is remembered at the policy's bounds.
         "diversity": {"per_batch": budget, "min_distance": 0.0, "remember": 10_000},
@@ -435,11 +438,13 @@ def inference_results(
             entropy=max(float(-(positive * np.log(positive)).sum()), 0.0),
             top_k=[ClassScore(label=label, probability=q) for label, q in ranked],
             compartment=TRASHNET_TO_COMPARTMENT[ranked[0][0]],
-            abstained=ranked[0][1] < 0.5,
+            abstained=ranked[0][1] < CONFIDENCE_THRESHOLD,
             latency=LATENCY,
             embedding=data.features[index].tolist(),
             ground_truth=data.classes[int(data.labels[index])],
             phash=data.phash[index],
+            num_classes=len(data.classes),
+            confidence_threshold=CONFIDENCE_THRESHOLD,
         )
 
 

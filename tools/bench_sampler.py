@@ -30,6 +30,8 @@ BATCH = 256
 BINS = 20
 EMBEDDING = 128
 """compact-cnn's embedding width."""
+CONFIDENCE_THRESHOLD = 0.5
+"""The edge inferencer's default."""
 
 
 def _results(count: int, rng: np.random.Generator) -> list[InferenceResult]:
@@ -56,12 +58,14 @@ def _results(count: int, rng: np.random.Generator) -> list[InferenceResult]:
                     ClassScore(label=labels[k], probability=float(probabilities[k])) for k in order
                 ],
                 compartment=Compartment.TRASH,
-                abstained=bool(top < 0.5),
+                abstained=bool(top < CONFIDENCE_THRESHOLD),
                 latency=StageLatency(
                     read_ms=0.1, decode_ms=1, preprocess_ms=0.3, infer_ms=3, postprocess_ms=0.1
                 ),
                 embedding=rng.normal(size=EMBEDDING).tolist(),
                 phash=f"{int(rng.integers(0, 2**63)):016x}",
+                num_classes=len(labels),
+                confidence_threshold=CONFIDENCE_THRESHOLD,
             )
         )
     return results

@@ -72,13 +72,15 @@ def probability_stats(probs: FloatArray, classes: Sequence[str], top_k: int) -> 
 class Decision:
     compartment: Compartment
     abstained: bool
+    threshold: float
+    """The confidence threshold it was made with; the result carries it to the sampler."""
 
 
 def decide(stats: ProbabilityStats, taxonomy: Taxonomy, threshold: float) -> Decision:
     """Unsure items go to the fallback compartment: a wrong recycling bin costs more than trash."""
     if stats.confidence < threshold:
-        return Decision(taxonomy.fallback, abstained=True)
-    return Decision(taxonomy.compartment_for(stats.label), abstained=False)
+        return Decision(taxonomy.fallback, abstained=True, threshold=threshold)
+    return Decision(taxonomy.compartment_for(stats.label), abstained=False, threshold=threshold)
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ def build_events(
         embedding=outcome.embedding,
         ground_truth=frame.ground_truth,
         phash=outcome.phash,
+        num_classes=len(model.card.classes),
+        confidence_threshold=decision.threshold,
     )
     command = ActuationCommand(
         event_id=uuid.uuid5(_COMMAND_NAMESPACE, frame_event_id),

@@ -276,14 +276,12 @@ def build_strategies(policy: SamplingPolicy) -> list[Weighted]:
         (
             config.entropy.enabled,
             config.entropy.weight,
-            Entropy(config.entropy.min_normalized, policy.num_classes),
+            Entropy(config.entropy.min_normalized),
         ),
         (
             config.threshold_band.enabled,
             config.threshold_band.weight,
-            ThresholdBand(
-                config.threshold_band.decision_threshold, config.threshold_band.half_width
-            ),
+            ThresholdBand(config.threshold_band.half_width),
         ),
         (
             config.class_balance.enabled,

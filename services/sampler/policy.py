@@ -58,21 +58,20 @@ class EntropyPolicy(_Strict):
         default=0.5,
         ge=0,
         lt=1,
-        description="Fires when entropy / ln(num_classes) is at least this",
+        description="Fires when entropy / ln(classes) is at least this (the class count of "
+        "the model, from each result)",
     )
 
 
 class ThresholdBandPolicy(_Strict):
     enabled: bool = Field(default=True, description="Run this strategy")
     weight: Weight = 1.0
-    decision_threshold: float = Field(
-        default=0.5,
-        ge=0,
-        le=1,
-        description="The edge's abstain threshold (edge-inferencer confidence_threshold)",
-    )
     half_width: float = Field(
-        default=0.1, gt=0, le=1, description="Fires within this distance of the threshold"
+        default=0.1,
+        gt=0,
+        le=1,
+        description="Fires within this distance of the confidence threshold the edge decided "
+        "with (from each result)",
     )
 
 
@@ -207,9 +206,6 @@ class SamplingPolicy(_Strict):
 
     version: Literal[1] = Field(default=1, description="Format of this file")
     seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Seed of the random baseline")
-    num_classes: int = Field(
-        default=6, ge=2, le=1000, description="Classes the model scores (normalises entropy)"
-    )
     min_score: float = Field(
         default=0.0,
         ge=0,
@@ -221,11 +217,24 @@ class SamplingPolicy(_Strict):
     rate_limits: RateLimitPolicy = RateLimitPolicy()
 
 
+REMOVED_KEYS = {
+    "num_classes": "each inference result carries the class count of the model that scored it",
+    "strategies.threshold_band.decision_threshold": (
+        "each inference result carries the confidence_threshold the edge decided with"
+    ),
+}
+"""Keys an earlier policy had, and where their value comes from now: a file that still sets one
+is refused, saying so, rather than run with a value nothing reads."""
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {where}: {item['msg']}")
+        message = item["msg"]
+        if item["type"] == "extra_forbidden" and where in REMOVED_KEYS:
+            message += f" (removed: {REMOVED_KEYS[where]})"
+        lines.append(f"  {where}: {message}")
     return "\n".join(lines)
 
 

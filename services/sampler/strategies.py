@@ -98,18 +98,26 @@ class Margin(PerFrameStrategy):
         )
 
 
+def normalized_entropy(result: InferenceResult) -> float | None:
+    """Entropy / ln(classes) of the result's distribution, in [0, 1], by the class count of the
+    model that scored it (the result's own `num_classes`); None when the result does not say
+    (an edge older than the field)."""
+    if result.num_classes is None:
+        return None
+    return min(result.entropy / math.log(result.num_classes), 1.0)
+
+
 class Entropy(PerFrameStrategy):
     """Frames whose whole distribution is spread out: entropy / ln(classes) above a minimum."""
 
     name: SamplingStrategy = "entropy"
 
-    def __init__(self, min_normalized: float, num_classes: int) -> None:
+    def __init__(self, min_normalized: float) -> None:
         self.min_normalized = min_normalized
-        self.max_entropy = math.log(num_classes)
 
     def score(self, result: InferenceResult) -> Verdict | None:
-        normalized = min(result.entropy / self.max_entropy, 1.0)
-        if normalized < self.min_normalized:
+        normalized = normalized_entropy(result)
+        if normalized is None or normalized < self.min_normalized:
             return None
         return Verdict(
             score=normalized,
@@ -119,23 +127,27 @@ class Entropy(PerFrameStrategy):
 
 class ThresholdBand(PerFrameStrategy):
     """Frames near the edge's abstain threshold: the ones where a better model changes which
-    compartment the item falls into, so they matter most for the bin's behaviour."""
+    compartment the item falls into, so they matter most for the bin's behaviour. The threshold
+    is the one each result was decided with (its `confidence_threshold`), so the band follows a
+    bin whose threshold changes; a result that does not carry one (an older edge) is skipped."""
 
     name: SamplingStrategy = "threshold_band"
 
-    def __init__(self, decision_threshold: float, half_width: float) -> None:
-        self.decision_threshold = decision_threshold
+    def __init__(self, half_width: float) -> None:
         self.half_width = half_width
 
     def score(self, result: InferenceResult) -> Verdict | None:
-        distance = abs(result.confidence - self.decision_threshold)
+        threshold = result.confidence_threshold
+        if threshold is None:
+            return None
+        distance = abs(result.confidence - threshold)
         if distance > self.half_width:
             return None
         return Verdict(
             score=1.0 - distance / self.half_width,
             reason=(
                 f"confidence {result.confidence:.2f} within {self.half_width:.2f} "
-                f"of the decision threshold {self.decision_threshold:.2f}"
+                f"of the edge's threshold {threshold:.2f}"
             ),
         )
 
