@@ -19,9 +19,10 @@ def utc_now() -> datetime:
 
 
 class Frozen(BaseModel):
-    """Immutable, strict about unknown keys: garbage is rejected, not silently dropped."""
+    """Immutable, strict about unknown keys and non-finite numbers (JSON's NaN and Infinity
+    literals, which Python's parser accepts): garbage is rejected, not silently dropped."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Event(Frozen):

@@ -160,3 +160,32 @@ def test_taxonomy_maps_labels_and_falls_back_to_trash() -> None:
     assert taxonomy.compartment_for("banana_peel") is Compartment.TRASH
     with pytest.raises(ValidationError):
         Taxonomy(label_to_compartment={"Glass": Compartment.GLASS})
+
+
+def test_no_schema_model_accepts_nan_or_infinity() -> None:
+    """Every wire and stored model (events, cards, manifests, registry records) derives from
+    Frozen, which refuses non-finite floats: a score, duration or metric of NaN or Infinity
+    would poison every ranking, average and comparison it enters."""
+    import importlib
+
+    from schemas.base import Frozen
+
+    for module in (  # models that subclass Frozen outside schemas/
+        "binloop.datasets",
+        "binloop.ml.card",
+        "services.labeling_bridge.records",
+        "services.labeling_bridge.snapshots",
+        "services.model_registry.core",
+    ):
+        importlib.import_module(module)
+    from schemas.events import SampleSelected
+
+    def subclasses(cls: type[Frozen]) -> list[type[Frozen]]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    models = subclasses(Frozen)
+    assert len(models) > 20
+    lenient = [m.__name__ for m in models if m.model_config.get("allow_inf_nan", True)]
+    assert not lenient
+    with pytest.raises(ValidationError, match="finite number"):
+        SampleSelected.model_validate_json('{"score": Infinity}')
