@@ -97,7 +97,7 @@ def _service_overrides(config: LoopConfig, nats_url: str) -> dict[str, dict[str,
             "model_cache": data / "edge-models",
             "default_model": _start_model_file(config) if config.start_model is not None else None,
         },
-        "actuator": {"bin_id": config.bin_id},
+        "actuator": {"bin_id": config.bin_id, "state_dir": data / "actuator"},
         "uploader": {**spool, "bin_id": config.bin_id},
         "sampler": {},
         "labeling-bridge": {

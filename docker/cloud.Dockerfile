@@ -20,7 +20,7 @@ FROM ${PYTHON_IMAGE}
 # The data folders exist, owned by the service user, so that volumes mounted there
 # (named volumes copy the ownership) are writable on a read-only root filesystem.
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp binloop \
-    && mkdir -p /data/blobs /data/spool /data/models /data/label-studio/import \
+    && mkdir -p /data/blobs /data/spool /data/models /data/actuator /data/label-studio/import \
     && chown -R 10001:10001 /data
 COPY --from=build /opt/venv /opt/venv
 COPY docker/healthcheck.py /opt/binloop/healthcheck.py

@@ -34,7 +34,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp \
         --groups video binloop \
-    && mkdir -p /data/blobs /data/spool /data/models \
+    && mkdir -p /data/blobs /data/spool /data/models /data/actuator \
     && chown -R 10001:10001 /data
 COPY --from=build /opt/venv /opt/venv
 COPY docker/healthcheck.py /opt/binloop/healthcheck.py
@@ -45,7 +45,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     BINLOOP_HTTP_PORT=8000 \
     BINLOOP_BLOB_ROOT=/data/blobs \
     BINLOOP_SPOOL_ROOT=/data/spool \
-    BINLOOP_MODEL_CACHE=/data/models
+    BINLOOP_MODEL_CACHE=/data/models \
+    BINLOOP_STATE_DIR=/data/actuator
 # The video group opens the camera (/dev/video*); GPIO access is granted by the gpio group
 # that the device's udev rules create, added at run time (--group-add gpio).
 USER 10001:10001

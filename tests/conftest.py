@@ -18,10 +18,13 @@ from binloop.storage import LocalBlobStore
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for key in list(os.environ):
         if key.startswith("BINLOOP_"):
             monkeypatch.delenv(key)
+    # The actuator's journal outlives a process on purpose; each test starts with none, not
+    # with what an earlier test (or run) left in the working directory.
+    monkeypatch.setenv("BINLOOP_STATE_DIR", str(tmp_path / "actuator-state"))
 
 
 @pytest.fixture

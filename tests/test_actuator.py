@@ -1,6 +1,7 @@
 """The actuator moves each item's flap at most once, and never for an item that is long gone:
 the core logic on its own (a recording driver, a hand-set clock), then the service on a real
-nats-server with a publish that fails after the flap moved."""
+nats-server with a publish that fails after the flap moved. Its journal across restarts:
+tests/test_edge_actuator_journal.py and tests/test_restart.py."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from nats.js.client import JetStreamContext
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from binloop.bus import Outgoing
 from binloop.bus.publish import PendingAcks, PublishTimeoutError
+from binloop.cli import app as binloop_cli
+from binloop.errors import ConfigError
 from binloop.natsserver import NatsServer
 from schemas.events import ActuationCommand, ActuationDone
 from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE
@@ -165,10 +170,14 @@ async def _publish(js: JetStreamContext, command: ActuationCommand) -> None:
 
 @pytest.mark.integration
 async def test_a_command_retried_after_a_publish_timeout_moves_the_flap_once(
-    js: JetStreamContext, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+    js: JetStreamContext, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     settings = ActuatorSettings(
-        nats_url=nats_server.url, http_port=0, bin_id="retry-bin", retry_delay_s=0.05
+        nats_url=nats_server.url,
+        http_port=0,
+        bin_id="retry-bin",
+        retry_delay_s=0.05,
+        state_dir=tmp_path,
     )
     driver = CountingDriver()
     service = create_app(settings, driver, clock=Clock(SEEN + timedelta(seconds=0.5)))
@@ -212,10 +221,14 @@ def _stale_count(bin_id: str) -> float:
 
 @pytest.mark.integration
 async def test_the_service_refuses_a_stale_command_and_counts_it(
-    js: JetStreamContext, nats_server: NatsServer
+    js: JetStreamContext, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     settings = ActuatorSettings(
-        nats_url=nats_server.url, http_port=0, bin_id="stale-bin", max_command_age_s=2
+        nats_url=nats_server.url,
+        http_port=0,
+        bin_id="stale-bin",
+        max_command_age_s=2,
+        state_dir=tmp_path,
     )
     driver = CountingDriver()
     service = create_app(settings, driver, clock=Clock(SEEN + timedelta(seconds=60)))
@@ -233,3 +246,20 @@ async def test_the_service_refuses_a_stale_command_and_counts_it(
     assert "(limit 2 s)" in (result.error or "")
     assert driver.moves == []
     assert _stale_count("stale-bin") == before + 1
+
+
+def test_a_state_dir_the_service_cannot_write_is_a_configuration_error(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    settings = ActuatorSettings(http_port=0, state_dir=blocked / "actuator")
+    with pytest.raises(ConfigError, match=r"state_dir .* cannot be created"):
+        create_app(settings, CountingDriver())
+    # `binloop run actuator --validate-config` (the unit's ExecStartPre) says so too.
+    env = {"BINLOOP_STATE_DIR": str(blocked / "actuator"), "BINLOOP_HTTP_PORT": "0"}
+    result = CliRunner().invoke(binloop_cli, ["run", "actuator", "--validate-config"], env=env)
+    assert result.exit_code == 1
+    assert "cannot be created" in result.output
+
+    create_app(ActuatorSettings(http_port=0, state_dir=tmp_path / "state"), CountingDriver())
+    assert (tmp_path / "state").is_dir()
+    assert list((tmp_path / "state").iterdir()) == []  # the journal comes with the first item

@@ -386,3 +386,16 @@ def test_the_labeling_bridge_is_reachable_from_label_studio_and_from_browsers(
     assert env["BINLOOP_PUBLIC_URL"] == f"http://labeling-bridge:{port}"
     assert env["BINLOOP_FRAMES_URL"] == f"http://localhost:{port}"
     assert f"{port}:{port}" in bridge["ports"], "browsers reach the web port on the host"
+
+
+def test_what_an_edge_service_keeps_across_restarts_is_on_a_volume(
+    compose: dict[str, Any],
+) -> None:
+    """The uploader's spool and the actuator's journal of handled items must survive a
+    container being recreated, or frames are lost and a flap moves twice for one item."""
+    services = compose["services"]
+    kept = {"uploader": "BINLOOP_SPOOL_ROOT", "actuator": "BINLOOP_STATE_DIR"}
+    for name, variable in kept.items():
+        folder = services[name]["environment"][variable]
+        mounted = {entry.split(":")[1] for entry in services[name]["volumes"]}
+        assert folder in mounted, (name, folder, mounted)

@@ -4,6 +4,9 @@ nothing is lost and nothing is counted twice."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import sys
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,14 +14,17 @@ from pathlib import Path
 import pytest
 from nats.js.client import JetStreamContext
 
+from binloop.bus.publish import PublishTimeoutError
 from binloop.natsserver import NatsServer
 from schemas import ActuationCommand, ActuationDone
 from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE
 from schemas.taxonomy import Compartment
 from services.actuator import ActuatorSettings, create_app
-from tests.helpers import Collector
+from services.actuator.journal import decode
+from tests.helpers import Collector, eventually
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _command(i: int) -> ActuationCommand:
@@ -107,3 +113,148 @@ def test_a_fresh_run_never_wipes_a_folder_it_did_not_create(tmp_path: Path) -> N
     (run / "old-state").write_text("x")
     _prepare_data_dir(run, fresh=True)
     assert sorted(p.name for p in run.iterdir()) == [RUN_MARKER]
+
+
+# -- the actuator's memory of handled items survives a restart ----------------------------
+
+
+class _Flaps:
+    """The driver of one actuator instance: records each flap it moves."""
+
+    def __init__(self) -> None:
+        self.moves: list[str] = []
+
+    async def actuate(self, compartment: Compartment, item_key: str) -> None:
+        self.moves.append(item_key)
+
+
+def _journaled_settings(nats_server: NatsServer, tmp_path: Path, bin_id: str) -> ActuatorSettings:
+    return ActuatorSettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        bin_id=bin_id,
+        state_dir=tmp_path / "actuator-state",
+        # Far above the consumer's 10 s ack wait: the age check cannot be what saves the flap.
+        max_command_age_s=600,
+        retry_delay_s=1.0,
+    )
+
+
+async def _publish_one(js: JetStreamContext, bin_id: str) -> ActuationCommand:
+    command = _command(0).model_copy(
+        update={"bin_id": bin_id, "frame_event_id": f"frame-of-{bin_id}"}
+    )
+    await js.publish(
+        ACTUATION_COMMAND.subject(bin_id),
+        command.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": str(command.event_id)},
+    )
+    return command
+
+
+async def test_a_command_redelivered_after_a_restart_does_not_move_the_flap_again(
+    nats_server: NatsServer,
+    js: JetStreamContext,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The flap moved, then the answer never reached JetStream (the bin lost power, say):
+    the command comes back to the next instance, well inside the age limit."""
+    settings = _journaled_settings(nats_server, tmp_path, "journal-bin")
+    done = await Collector(ActuationDone).attach_stream(js, ACTUATION_DONE.subject("journal-bin"))
+
+    first_flaps = _Flaps()
+    first = create_app(settings, first_flaps)
+    answer_lost = asyncio.Event()
+
+    async def publish_fails(outgoing: object) -> None:
+        answer_lost.set()
+        raise PublishTimeoutError("no JetStream ack within 5.0s")
+
+    first.publisher.send_all = publish_fails  # type: ignore[assignment,method-assign]
+    await first.start()
+    try:
+        command = await _publish_one(js, "journal-bin")
+        await asyncio.wait_for(answer_lost.wait(), 20)
+    finally:
+        await first.stop()
+    assert first_flaps.moves == [command.frame_event_id]
+
+    second_flaps = _Flaps()
+    second = create_app(settings, second_flaps)
+    caplog.set_level(logging.INFO, logger="services.actuator.app")
+    await second.start()
+    try:
+        (answer,) = await done.wait_for(1, timeout=30)
+    finally:
+        await second.stop()
+
+    assert second_flaps.moves == []  # the flap moved once, in the first instance
+    assert answer.ok
+    assert answer.frame_event_id == command.frame_event_id
+    assert answer.actuation_ms >= 0
+    assert any(
+        "came again" in r.getMessage() and command.frame_event_id in r.getMessage()
+        for r in caplog.records
+    )
+    info = await js.consumer_info("ACTUATION", "actuator-journal-bin")
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+async def test_an_actuator_killed_mid_actuation_does_not_run_the_command_again(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    """A real crash: the service runs as its own process and is killed (SIGKILL) while a flap
+    moves, after the intent is on disk and before the outcome is. Whether the item dropped is
+    unknown, so the command that comes back (after the ack wait) is answered as interrupted
+    and the flap stays put: at most once."""
+    settings = _journaled_settings(nats_server, tmp_path, "cut-bin")
+    done = await Collector(ActuationDone).attach_stream(js, ACTUATION_DONE.subject("cut-bin"))
+    env = {
+        **os.environ,
+        "BINLOOP_NATS_URL": nats_server.url,
+        "BINLOOP_HTTP_PORT": "0",
+        "BINLOOP_HTTP_HOST": "127.0.0.1",
+        "BINLOOP_BIN_ID": "cut-bin",
+        "BINLOOP_STATE_DIR": str(settings.state_dir),
+        "BINLOOP_MAX_COMMAND_AGE_S": "600",
+        "BINLOOP_SIM_ACTUATION_MS": "10000",  # the flap is still moving when the kill comes
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "binloop.cli",
+        "run",
+        "actuator",
+        env=env,
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    journal = settings.state_dir / "handled-cut-bin.journal"
+    try:
+        command = await _publish_one(js, "cut-bin")
+
+        def moving() -> bool:
+            lines = journal.read_bytes().splitlines() if journal.exists() else []
+            return [decode(line).state for line in lines] == ["moving"]
+
+        await eventually(moving, timeout=30)
+    finally:
+        process.kill()
+        await process.wait()
+
+    second_flaps = _Flaps()
+    second = create_app(settings, second_flaps)
+    await second.start()
+    try:
+        (answer,) = await done.wait_for(1, timeout=30)  # after the 10 s ack wait
+    finally:
+        await second.stop()
+
+    assert second_flaps.moves == []
+    assert not answer.ok
+    assert (answer.error or "").startswith("interrupted:")
+    assert answer.frame_event_id == command.frame_event_id
+    states = [decode(line).state for line in journal.read_bytes().splitlines()]
+    assert states[-1] == "done"  # answered once: a later repeat is a plain repeat

@@ -759,6 +759,104 @@ def test_a_frame_that_fails_on_its_own_is_set_aside_and_retried_in_turn(tmp_path
     assert [f.event_id for f in frames if schedule.is_set_aside(f.event_id)] == []
 
 
+def test_a_restart_keeps_each_frames_failures_and_its_place_behind_the_others(
+    tmp_path: Path,
+) -> None:
+    events = [_spool_and_describe(tmp_path, jpeg, i) for i, jpeg in enumerate(_demo_jpegs(4))]
+    queue = UploadQueue(tmp_path, BIN)
+    a, b, c, d = [QueuedFrame(e, float(i)) for i, e in enumerate(events)]
+    for frame in (a, b, c, d):
+        queue.add(frame)
+    now = [0.0]
+
+    def schedule_on(queue: UploadQueue) -> UploadSchedule:
+        return UploadSchedule(
+            queue, set_aside_after=3, retry_delay_s=lambda n: 10.0 * n, clock=lambda: now[0]
+        )
+
+    before = schedule_on(queue)
+    for _ in range(3):
+        before.failed(a)
+    assert before.set_aside == [a.event_id]
+    assert before.failed(b) == (1, False)
+    for _ in range(3):
+        before.failed(c)
+    assert before.set_aside == [a.event_id, c.event_id]
+    assert before.failed(a) == (4, False)  # to the back of the set-aside frames
+    assert before.set_aside == [c.event_id, a.event_id]
+
+    now[0] = 1.0  # a new process: another monotonic clock
+    after = schedule_on(UploadQueue(tmp_path, BIN))
+    assert after.set_aside == [c.event_id, a.event_id]
+    assert after.next() == (b, None)  # due at once, keeping its place at the head
+    assert after.failed(b) == (2, False)  # its second failure, not its first
+    assert after.failed(b) == (3, True)
+    assert after.next() == (d, None)  # no poison frame holds the head again
+    assert after.failed(a) == (5, False)
+    assert after.set_aside == [c.event_id, b.event_id, a.event_id]
+
+    # A frame that leaves the queue takes its record with it.
+    queue = after.queue
+    queue.remove(c)
+    after.done(c)
+    records = sorted(p.name for p in (queue.root / "failures").iterdir())
+    assert records == sorted(f"{f.event_id}.json" for f in (a, b))
+    assert UploadQueue(tmp_path, BIN).recorded_failures.keys() == {a.event_id, b.event_id}
+
+
+def test_damaged_failure_records_are_dropped_with_a_warning_and_the_queue_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    events = [_spool_and_describe(tmp_path, jpeg, i) for i, jpeg in enumerate(_demo_jpegs(6))]
+    queue = UploadQueue(tmp_path, BIN)
+    frames = [QueuedFrame(e, float(i)) for i, e in enumerate(events)]
+    for frame in frames[:5]:
+        queue.add(frame)
+    schedule = UploadSchedule(queue, set_aside_after=1, retry_delay_s=lambda n: 1.0)
+    for frame in frames[:5]:
+        schedule.failed(frame)
+    failures = queue.root / "failures"
+    damaged = {
+        frames[0]: b'{"failures": 3, "set_aside": tr',  # cut short by a power cut
+        frames[1]: b"\x00" * 64,  # zeroes where the data should be
+        frames[2]: b'{"failures": -2, "set_aside": true, "turn": 1}',
+        frames[3]: b'{"failures": 2, "set_aside": "yes", "turn": 1}',
+    }
+    for frame, data in damaged.items():
+        (failures / f"{frame.event_id}.json").write_bytes(data)
+    (failures / f"{frames[5].event_id}.json").write_bytes(b"{}")  # its frame is not queued
+    (failures / ".tmp-leftover").write_bytes(b"half")
+
+    with caplog.at_level(logging.WARNING, logger="services.uploader.queue"):
+        reloaded = UploadQueue(tmp_path, BIN)
+    assert reloaded.pending_frames == 5  # the frames themselves are untouched
+    assert list(reloaded.recorded_failures) == [frames[4].event_id]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == len(damaged)  # orphans and leftovers go quietly
+    assert all("counts its failures anew" in w for w in warnings)
+    assert sorted(p.name for p in failures.iterdir()) == [f"{frames[4].event_id}.json"]
+    after = UploadSchedule(reloaded, set_aside_after=2, retry_delay_s=lambda n: 1.0)
+    assert after.set_aside == [frames[4].event_id]
+    assert after.failed(frames[0]) == (1, False)  # from zero: nothing worse
+
+
+def test_a_failure_that_cannot_be_recorded_is_kept_in_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    event = _spool_and_describe(tmp_path, _demo_jpegs(1)[0], 0)
+    queue = UploadQueue(tmp_path, BIN)
+    frame = QueuedFrame(event, 0.0)
+    queue.add(frame)
+    schedule = UploadSchedule(queue, set_aside_after=2, retry_delay_s=lambda n: 0.0)
+    (queue.root / "failures" / f"{frame.event_id}.json").mkdir()  # cannot be replaced
+    with caplog.at_level(logging.WARNING, logger="services.uploader.schedule"):
+        assert schedule.failed(frame) == (1, False)
+        assert schedule.failed(frame) == (2, True)
+    [warning] = [r.getMessage() for r in caplog.records]  # once per frame
+    assert "cannot be written" in warning
+    assert schedule.set_aside == [frame.event_id]
+
+
 class Steps:
     """The forwarder's progress hook: records each step; a test waits for a condition on them."""
 

@@ -22,7 +22,7 @@ from schemas.routes import FRAMES_CAPTURED, FRAMES_STORED, SAMPLES_SELECTED
 from services.uploader import UploaderSettings, create_app
 from services.uploader.forwarder import Progress
 from services.uploader.queue import UploadQueue
-from services.uploader.spool import Spool
+from services.uploader.spool import UPLOADED_SUFFIX, Spool
 from tests.helpers import Collector
 
 if TYPE_CHECKING:
@@ -269,3 +269,67 @@ async def test_an_uploader_restarted_while_the_store_is_down_resumes_its_queue(
         e.frame_sha256 for e in events if e is not selected
     ]
     assert UploadQueue(settings.spool_root, BIN).wanted() == frozenset()
+
+
+@pytest.mark.integration
+async def test_a_frame_set_aside_before_a_restart_stays_set_aside_with_its_failures(
+    js: JetStreamContext, nats_server: NatsServer, tmp_path: Path, own_moto_s3: MotoS3
+) -> None:
+    """A poison frame (its uploaded marker cannot be written) is set aside; then the store goes
+    down, another frame waits behind it, and the uploader restarts. The next run keeps the
+    poison frame's failures and its place behind the others: the waiting frame goes up first,
+    and the poison frame is not set aside a second time from zero."""
+    settings = _settings(nats_server, tmp_path, own_moto_s3).model_copy(
+        update={"retry_set_aside_after": 3}
+    )
+    poison, waiting = _spooled_frames(settings.spool_root, 2)
+    marker = settings.spool_root / f"{poison.spool.key}{UPLOADED_SUFFIX}"
+    marker.mkdir()  # the marker can never be written: the frame fails on its own account
+    stored = await Collector(FrameStored).attach_stream(js, FRAMES_STORED.subject(BIN))
+
+    first_run = ProgressLog()
+    service = create_app(settings, on_progress=first_run)
+    await service.start()
+    try:
+        await _capture(js, [poison])
+        await first_run.wait_for(lambda: first_run.count("set_aside") == 1)
+        own_moto_s3.stop()
+        await _capture(js, [waiting])
+        await first_run.wait_for(lambda: _steps_of(first_run, waiting)[-1:] == ["retry"])
+    finally:
+        await service.stop()
+    recorded = UploadQueue(settings.spool_root, BIN).recorded_failures[str(poison.event_id)]
+    assert recorded.set_aside
+    assert recorded.failures >= 3  # its own failures; the store's outage does not count
+    assert stored.items == []
+
+    own_moto_s3.start()
+    second_run = ProgressLog()
+    service = create_app(settings, on_progress=second_run)
+    await service.start()
+    try:
+        await second_run.wait_for(
+            lambda: (
+                second_run.count("stored") == 1
+                and _steps_of(second_run, poison).count("retry") >= 3
+            )
+        )
+        # Until now it failed as often as its limit allows before a set-aside, and it was
+        # never set aside again: it still was.
+        assert second_run.count("set_aside") == 0
+        assert second_run.steps[0] == ("stored", waiting.frame_sha256)
+        retried = _steps_of(second_run, poison).count("retry")  # the store is up: its own
+        failures = UploadQueue(settings.spool_root, BIN).recorded_failures
+        assert failures[str(poison.event_id)].failures == recorded.failures + retried
+        marker.rmdir()  # the fault cleared: the frame goes up on its next turn
+        await stored.wait_for(2)
+    finally:
+        await service.stop()
+
+    await _assert_stored_exactly_once(js, stored, [poison, waiting], settings)
+    assert [s.frame_sha256 for s in stored.items] == [waiting.frame_sha256, poison.frame_sha256]
+    assert not any((UploadQueue(settings.spool_root, BIN).root / "failures").iterdir())
+
+
+def _steps_of(progress: ProgressLog, event: FrameCaptured) -> list[Progress]:
+    return [kind for kind, sha256 in progress.steps if sha256 == event.frame_sha256]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
+
+from nats.js.client import JetStreamContext
 
 from binloop.bus import Delivery, Outgoing, subscribe
 from binloop.errors import ConfigError
@@ -34,6 +38,19 @@ def make_driver(settings: ActuatorSettings) -> ActuatorDriver:
     return jetson_driver()  # "gpio": a bin whose GPIO is broken must not fake its flaps
 
 
+def journal_path(settings: ActuatorSettings) -> Path:
+    """The actuator's memory of handled items (see journal.py); its folder must be writable,
+    checked here so that `--validate-config` catches a state_dir the service cannot use."""
+    folder = settings.state_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"actuator state_dir {folder} cannot be created: {exc}") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"actuator state_dir {folder} is not writable by this user")
+    return folder / f"handled-{settings.bin_id}.journal"
+
+
 def create_app(
     settings: ActuatorSettings,
     driver: ActuatorDriver | None = None,
@@ -45,8 +62,21 @@ def create_app(
         active_driver,
         service.producer,
         max_command_age_s=settings.max_command_age_s,
+        journal_path=journal_path(settings),
         clock=clock,
     )
+
+    async def load_journal(_: JetStreamContext) -> None:
+        await actuator.open()
+
+    async def close_journal() -> None:
+        actuator.close()
+
+    # Loaded at start (not in create_app, which --validate-config also runs next to a live
+    # service): a damaged journal is reported before the first item; closed after the
+    # consumer stopped.
+    service.on_start.append(load_journal)
+    service.on_stop.append(close_journal)
     service.declare_publishes(ACTUATION_DONE, bin_id=settings.bin_id)
     if isinstance(active_driver, GpioDriver):
         gpio_driver = active_driver
@@ -70,6 +100,14 @@ def create_app(
         elif outcome.kind == "stale":
             metrics.ACTUATOR_STALE_COMMANDS.labels(bin_id).inc()
             log.warning("actuator: frame %s not actuated: %s", done.frame_event_id, done.error)
+        elif outcome.kind == "interrupted":
+            metrics.ACTUATOR_ERRORS.labels(bin_id, "interrupted").inc()
+            log.warning(
+                "actuator: command for frame %s came again (attempt %d) after an attempt that "
+                "set out to move the flap and never finished; the flap stays put",
+                done.frame_event_id,
+                delivery.attempt,
+            )
         else:
             if not done.ok:
                 metrics.ACTUATOR_ERRORS.labels(bin_id, "jam").inc()

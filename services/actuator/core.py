@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Literal, Protocol
 
 from schemas.base import utc_now
 from schemas.events import ActuationCommand, ActuationDone
 from schemas.taxonomy import Compartment
+from services.actuator.journal import Handled, HandledJournal, JournalWriteError
+
+log = logging.getLogger(__name__)
 
 
 class ActuatorJamError(Exception):
@@ -48,8 +52,14 @@ class SimulatedDriver:
 _DONE_NAMESPACE = uuid.UUID("5d0c6f0e-8a51-4f1e-9b7a-2c4e8f3a61d9")
 
 DEFAULT_REMEMBERED = 4096
-"""Frames whose outcome the actuator remembers. A redelivery later than the age limit is
-refused as stale anyway, so this only has to cover the items of a few seconds."""
+"""Frames whose outcome the actuator remembers, across restarts with a journal. It has to
+cover every command that can come again: those the consumer had handed out and not seen acked
+when the actuator stopped, a few at most at a bin's pace of an item a second or slower."""
+
+INTERRUPTED_ERROR = (
+    "interrupted: the actuator stopped (or its driver failed) after it set out to move the "
+    "flap; not moved again, at most once per item"
+)
 
 
 def done_event_id(bin_id: str, frame_event_id: str) -> uuid.UUID:
@@ -88,14 +98,16 @@ async def execute(
     return _done(command, producer, error, (time.perf_counter() - started) * 1000)
 
 
-OutcomeKind = Literal["actuated", "repeated", "stale"]
+OutcomeKind = Literal["actuated", "repeated", "stale", "interrupted"]
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What became of one command. `actuated`: the flap was driven (`done.ok` says whether it
     moved); `repeated`: the item was handled before, `done` is the answer given then and the
-    flap did not move again; `stale`: refused, the item was seen too long ago."""
+    flap did not move again; `stale`: refused, the item was seen too long ago; `interrupted`:
+    an earlier attempt set out to move the flap and never said how it went (the process
+    stopped, or the driver raised), so the flap is not moved again and `done` says so."""
 
     kind: OutcomeKind
     done: ActuationDone
@@ -108,9 +120,9 @@ class Actuator:
     retries it) or when the process stopped before the ack; a bin must not drop a second item
     into the compartment the first one chose. So the outcome of the last `remember` frames is
     kept, and a repeated command gets the same `ActuationDone` back without moving the flap.
-    Memory does not survive a crash, but a command redelivered after one comes back only after
-    the consumer's ack wait (10 s), past the default age limit: refused as stale, and its answer
-    carries the same event id as the first one, so JetStream drops it if that one was stored.
+    With a `journal_path` that memory is on disk (see journal.py) and survives a restart: the
+    intent is fsynced before the flap moves and the outcome right after, so a crash between
+    the two answers the command, when it comes again, as interrupted instead of moving twice.
     """
 
     def __init__(
@@ -120,18 +132,25 @@ class Actuator:
         *,
         max_command_age_s: float,
         remember: int = DEFAULT_REMEMBERED,
+        journal_path: Path | None = None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         if max_command_age_s <= 0:
             raise ValueError(f"max_command_age_s must be > 0, got {max_command_age_s}")
-        if remember < 1:
-            raise ValueError(f"remember must be >= 1, got {remember}")
         self.driver = driver
         self.producer = producer
         self.max_command_age_s = max_command_age_s
-        self.remember = remember
+        self.journal = HandledJournal(journal_path, remember=remember)
         self.clock = clock
-        self._outcomes: OrderedDict[str, ActuationDone] = OrderedDict()
+        self._one_at_a_time = asyncio.Lock()
+
+    async def open(self) -> None:
+        """Load the journal now (else the first command does): a damaged one is reported at
+        start-up. Raises JournalError when it cannot be read at all."""
+        await asyncio.to_thread(self.journal.open)
+
+    def close(self) -> None:
+        self.journal.close()
 
     def command_age_s(self, command: ActuationCommand) -> float:
         # captured_at, not the command's occurred_at: the camera's timestamp says when the
@@ -142,9 +161,19 @@ class Actuator:
         return (self.clock() - command.captured_at).total_seconds()
 
     async def handle(self, command: ActuationCommand) -> Outcome:
-        known = self._outcomes.get(command.frame_event_id)
+        # One at a time: a repeated command must find its first attempt's record.
+        async with self._one_at_a_time:
+            return await self._handle(command)
+
+    async def _handle(self, command: ActuationCommand) -> Outcome:
+        if not self.journal.loaded:
+            await self.open()
+        known = self.journal.get(command.frame_event_id)
         if known is not None:
-            return Outcome("repeated", known)
+            if known.state == "done":
+                return Outcome("repeated", known.done)
+            await self._settle(known.done)  # later repeats are plain "repeated"
+            return Outcome("interrupted", known.done)
         age_s = self.command_age_s(command)
         if age_s > self.max_command_age_s:
             error = (
@@ -153,8 +182,27 @@ class Actuator:
             )
             outcome = Outcome("stale", _done(command, self.producer, error, 0.0))
         else:
+            # On disk before the flap moves; a JournalWriteError here leaves the flap alone
+            # and the command is retried (see JournalWriteError).
+            intent = Handled("moving", _done(command, self.producer, INTERRUPTED_ERROR, 0.0))
+            await self._append(intent)
             outcome = Outcome("actuated", await execute(self.driver, command, self.producer))
-        self._outcomes[command.frame_event_id] = outcome.done
-        while len(self._outcomes) > self.remember:
-            self._outcomes.popitem(last=False)
+        await self._settle(outcome.done)
         return outcome
+
+    async def _settle(self, done: ActuationDone) -> None:
+        """Record the answer. If the disk does not take it, this process still remembers it,
+        and after a restart the intent written before the flap moved answers "interrupted":
+        still at most once."""
+        entry = Handled("done", done)
+        try:
+            await self._append(entry)
+        except JournalWriteError as exc:
+            log.warning("actuator: %s; remembered in memory only", exc)
+            self.journal.remember_only(entry)
+
+    async def _append(self, entry: Handled) -> None:
+        if self.journal.durable:  # an fsync: off the event loop
+            await asyncio.to_thread(self.journal.append, entry)
+        else:
+            self.journal.append(entry)

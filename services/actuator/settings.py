@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -24,9 +25,15 @@ class ActuatorSettings(ServiceSettings):
         le=600,
         description=(
             "A command whose item was captured longer ago than this is refused, the flap left "
-            "alone (the item is gone): actuation.done says ok=false, stale. Below the "
-            "consumer's 10 s ack wait, a command redelivered after a crash is refused "
-            "rather than run twice"
+            "alone (the item is gone): actuation.done says ok=false, stale"
+        ),
+    )
+    state_dir: Path = Field(
+        default=Path(".binloop/actuator"),
+        description=(
+            "Folder of the actuator's journal of handled items (handled-<bin_id>.journal, a "
+            "few MB at most), so that a command redelivered after a restart does not move a "
+            "flap twice; on the bin's own disk, kept across restarts and upgrades"
         ),
     )
     sim_actuation_ms: float = Field(default=5.0, ge=0, le=10_000)

@@ -10,17 +10,24 @@ Two kinds of failure, told apart by who failed:
   it is set aside behind every other waiting frame. Set-aside frames are retried, in turn,
   whenever no other frame is ready; nothing is dropped for failing.
 
-The state is in memory: after a restart a frame that still fails needs `set_aside_after`
-failures again before it is set aside.
+Each failure is recorded next to the frame's queue entry (queue.py, `failures/`), so after a
+restart a frame keeps its count and, if it was set aside, its place behind the others: a
+poison frame does not hold the head of the queue again for `set_aside_after` more failures. Its
+retry is due at once after the restart (the fault may have gone with it). A record that cannot
+be written only costs that: the count lives on in memory until the next restart.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.uploader.queue import QueuedFrame, UploadQueue
+from services.uploader.queue import FrameFailures, QueuedFrame, UploadQueue
+from services.uploader.spool import SpoolIOError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +55,25 @@ class UploadSchedule:
         self.clock = clock
         self._trouble: dict[str, _Trouble] = {}
         self._set_aside: dict[str, None] = {}  # event ids, the next to retry first
+        self._turn = 0
+        self._unrecorded: set[str] = set()  # warned about once
+        self._resume(queue.recorded_failures)
+
+    def _resume(self, recorded: dict[str, FrameFailures]) -> None:
+        """Take up the failures recorded before a restart, set-aside frames in their turn."""
+        now = self.clock()
+        for event_id, record in sorted(recorded.items(), key=lambda item: item[1].turn):
+            self._trouble[event_id] = _Trouble(record.failures, retry_at=now)
+            if record.set_aside:
+                self._set_aside[event_id] = None
+            self._turn = max(self._turn, record.turn)
+        if recorded:
+            log.info(
+                "uploader %s: %d queued frames resume with their failures, %d of them set aside",
+                self.queue.root.name,
+                len(recorded),
+                len(self._set_aside),
+            )
 
     def next(self) -> tuple[QueuedFrame | None, float | None]:
         """The frame to try now, or (None, seconds until one is due; None if none waits).
@@ -75,19 +101,34 @@ class UploadSchedule:
         trouble = self._trouble.setdefault(frame.event_id, _Trouble())
         trouble.failures += 1
         trouble.retry_at = self.clock() + self.retry_delay_s(trouble.failures)
+        newly_set_aside = False
         if frame.event_id in self._set_aside:
             del self._set_aside[frame.event_id]  # to the back of the set-aside frames
             self._set_aside[frame.event_id] = None
-            return trouble.failures, False
-        if trouble.failures >= self.set_aside_after:
+        elif trouble.failures >= self.set_aside_after:
             self._set_aside[frame.event_id] = None
-            return trouble.failures, True
-        return trouble.failures, False
+            newly_set_aside = True
+        self._record(frame.event_id, trouble.failures)
+        return trouble.failures, newly_set_aside
+
+    def _record(self, event_id: str, failures: int) -> None:
+        self._turn += 1
+        record = FrameFailures(failures, event_id in self._set_aside, self._turn)
+        try:
+            self.queue.record_failures(event_id, record)
+        except SpoolIOError as exc:  # the frame's own disk trouble, most likely
+            log.log(
+                logging.DEBUG if event_id in self._unrecorded else logging.WARNING,
+                "%s; after a restart the frame counts its failures anew",
+                exc,
+            )
+            self._unrecorded.add(event_id)
 
     def done(self, frame: QueuedFrame) -> None:
         """The frame left the queue (stored or dead-lettered)."""
         self._trouble.pop(frame.event_id, None)
         self._set_aside.pop(frame.event_id, None)
+        self._unrecorded.discard(frame.event_id)
 
     def is_set_aside(self, event_id: str) -> bool:
         return event_id in self._set_aside
@@ -106,3 +147,4 @@ class UploadSchedule:
         for event_id in [e for e in self._trouble if self.queue.get(e) is None]:
             del self._trouble[event_id]
             self._set_aside.pop(event_id, None)
+            self._unrecorded.discard(event_id)
