@@ -56,9 +56,10 @@ from schemas.routes import (
 )
 from schemas.taxonomy import Compartment, Taxonomy
 from services.labeling_bridge import LabelingBridgeSettings, create_app
+from services.labeling_bridge import client as client_module
 from services.labeling_bridge.app import LabelStudioParts
 from services.labeling_bridge.backends import OracleBackend
-from services.labeling_bridge.client import LabelStudioClient, ProjectSpec
+from services.labeling_bridge.client import LabelStudioClient, ProjectSpec, _AnnotatedTaskPages
 from services.labeling_bridge.core import LabelingBridge, Migration
 from services.labeling_bridge.intake import parse_webhook
 from services.labeling_bridge.label_studio import (
@@ -579,6 +580,62 @@ async def test_a_deleted_project_makes_calls_wait_and_is_made_again(
 
 
 @pytest.mark.integration
+async def test_reconciliation_lists_every_task_when_one_is_edited_between_two_pages(
+    label_studio: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real server's filters (`updated_at` greater, at least, equal; `id` greater) and
+    ordering, with pages of two tasks and a real edit made between the first two requests."""
+    title = f"binloop-test-{uuid.uuid4().hex[:10]}"
+    spec = ProjectSpec(title, label_config_xml(TAXONOMY, ["cup"], ["soiled"]), "test")
+    monkeypatch.setattr(client_module, "PAGE_SIZE", 2)
+    client = LabelStudioClient(label_studio.url, label_studio.token, spec, 30)
+    server = sdk(label_studio)
+
+    def annotated_tasks() -> list[tuple[int, int]]:
+        """(task, annotation) ids, made and annotated one after the other."""
+        made = []
+        for n in range(5):
+            data = {"image": "http://bridge/x.jpg", "frame_sha256": f"{n:064x}", "frame_key": "k"}
+            task_id = client.import_task({"data": data})
+            annotation = server.annotations.create(id=task_id, result=choices("glass"))
+            assert annotation.id is not None
+            made.append((task_id, annotation.id))
+        return made
+
+    requests: list[dict[str, Any]] = []
+    listing = client.sdk.tasks.list
+
+    def list_then_edit(**kwargs: Any) -> Any:
+        page: Any = listing(**kwargs)
+        requests.append(kwargs)
+        if len(requests) == 1:  # an annotator corrects the first task while the pass reads on
+            server.annotations.update(id=made[0][1], result=choices("paper"))
+        return page
+
+    try:
+        made = await asyncio.to_thread(annotated_tasks)
+        monkeypatch.setattr(client.sdk.tasks, "list", list_then_edit)
+        listed = await asyncio.to_thread(client.annotated_tasks, None)
+        monkeypatch.setattr(client.sdk.tasks, "list", listing)
+        second, second_at = listed[1], datetime.fromisoformat(listed[1]["updated_at"])
+        later = await asyncio.to_thread(client.annotated_tasks, second_at)
+        pages = _AnnotatedTaskPages(client.sdk, await asyncio.to_thread(client.project_id), 2)
+        at_once = await asyncio.to_thread(pages.changed_at, second_at, None)
+        after_it = await asyncio.to_thread(pages.changed_at, second_at, second["id"])
+    finally:
+        client.close()
+
+    task_ids = [task_id for task_id, _ in made]
+    # Every task once, the edited one last, as it is now.
+    assert [t["id"] for t in listed] == task_ids[1:] + task_ids[:1]
+    (edited,) = listed[-1]["annotations"]
+    assert edited["result"][0]["value"]["choices"] == ["paper"]
+    assert [t["id"] for t in later] == task_ids[3:] + task_ids[:1]
+    assert [t["id"] for t in at_once.tasks] == [second["id"]]
+    assert after_it.tasks == []
+
+
+@pytest.mark.integration
 async def test_a_task_that_lost_its_prediction_gets_it_back(
     harness: Harness, js: JetStreamContext, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -590,7 +647,7 @@ async def test_a_task_that_lost_its_prediction_gets_it_back(
         assert bridge.parts.client is not None
         # What Label Studio leaves when it drops a prediction on import: the task alone.
         frame = harness.store.put(sample.frame_key, data)
-        bare = import_task(sample, frame)
+        bare = import_task(sample, frame, TAXONOMY.version)
         bare.pop("predictions")
         bare_id = await asyncio.to_thread(bridge.parts.client.import_task, bare)
         with caplog.at_level(logging.WARNING):
@@ -874,6 +931,53 @@ async def test_a_new_taxonomy_cuts_a_migrated_version_and_asks_again_for_split_f
     assert [(a.frame_sha256, a.label, a.taxonomy_version) for a in labels.items[2:]] == [
         (samples[1].frame_sha256, "napkin", "bins-7")
     ]
+
+
+@pytest.mark.integration
+async def test_annotations_made_under_the_old_taxonomy_while_the_bridge_switched_are_kept(
+    harness: Harness, js: JetStreamContext, nats_client: Client
+) -> None:
+    by_truth = {truth: data for data, truth in demo_frames(len(TAXONOMY.labels))}
+    frames = [(by_truth["plastic"], "plastic"), (by_truth["trash"], "trash")]
+    samples = [stored_sample(harness.store, data) for data, _ in frames]
+    labels = await Collector(LabelAnnotated).attach(nats_client, LABELS_ANNOTATED.subject())
+    dead = await Collector(DeadLetter).attach(nats_client, dlq_subject("labeling-bridge"))
+    service, bridge = await harness.start()
+    try:
+        await asyncio.wait_for(bridge.parts.remote_ready.wait(), 60)
+        for sample in samples:
+            await publish(js, sample)
+        task_ids = [await bridge.task_for(s.frame_sha256) for s in samples]
+    finally:
+        await service.stop()
+    # Annotated while the bridge switches to the new taxonomy: no webhook reaches it.
+    for task_id, (_, truth) in zip(task_ids, frames, strict=True):
+        await annotate(harness.label_studio, task_id, choices(truth))
+
+    split = {"taxonomy": SPLIT_TAXONOMY, "taxonomy_migrations": [MIGRATION]}
+    service, bridge = await harness.start(**split)
+    try:
+        # Reconciliation carries "plastic" over and sends the "trash" frame back: its task
+        # asking for a label in bins-7 is made.
+        relabel_task = await bridge.task_for(samples[1].frame_sha256)
+        await labels.wait_for(2)
+        await annotate(harness.label_studio, relabel_task, choices("napkin"))
+        await labels.wait_for(3)
+    finally:
+        await service.stop()
+
+    assert relabel_task not in task_ids
+    tasks = {t.id: t for t in await tasks_of(harness.label_studio, harness.project)}
+    assert [tasks[t].data["taxonomy_version"] for t in task_ids] == ["trashnet-6"] * 2
+    asked = tasks[relabel_task]
+    assert (asked.data["relabel_for"], asked.data["previous_label"]) == ("bins-7", "trash")
+    assert "split into napkin, food_waste" in asked.data["reason"]
+    assert [(a.frame_sha256, a.label, a.taxonomy_version) for a in labels.items] == [
+        (samples[0].frame_sha256, "plastic_metal", "bins-7"),
+        (samples[1].frame_sha256, "trash", "trashnet-6"),
+        (samples[1].frame_sha256, "napkin", "bins-7"),
+    ]
+    assert dead.items == []
 
 
 @pytest.mark.integration

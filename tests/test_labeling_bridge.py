@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.test_utils import make_mocked_request
 from label_studio_sdk.core.api_error import ApiError
+from label_studio_sdk.core.pagination import SyncPager
 from nats.aio.client import Client
 from nats.errors import NoServersError
 from nats.js.client import JetStreamContext
@@ -39,6 +40,7 @@ from binloop.storage import (
     LocalBlobStore,
     frame_key,
     label_key,
+    model_key,
     reconcile_cursor_key,
     sha256_hex,
 )
@@ -59,6 +61,7 @@ from schemas.routes import (
     dlq_subject,
 )
 from schemas.taxonomy import Taxonomy
+from services.edge_inferencer.models import ModelCache, ModelUpdate
 from services.labeling_bridge import LabelingBridgeSettings, create_app
 from services.labeling_bridge.app import LabelStudioParts
 from services.labeling_bridge.backends import (
@@ -72,6 +75,7 @@ from services.labeling_bridge.cursor import SavedCursor
 from services.labeling_bridge.intake import parse_tasks
 from services.labeling_bridge.label_studio import FROM_NAME, TO_NAME
 from services.labeling_bridge.link import LabelStudioLink, ReconcilePass
+from services.labeling_bridge.ml_backend import Champion
 from services.labeling_bridge.records import LabelRecord, load_labels
 from services.labeling_bridge.snapshots import DatasetBook
 from services.labeling_bridge.web import MAX_PREDICT_TASKS, FrameSigner, WebParts, make_web_app
@@ -511,7 +515,7 @@ def test_a_refused_prediction_leaves_the_task_to_be_labeled(
     sample = make_sample(data, None, predicted="metal")
     frame = store_frame(blob_store, sample, data)
     client = _RefusingClient()
-    backend = LabelStudioBackend(client, lambda ref: ref.uri)  # type: ignore[arg-type]
+    backend = LabelStudioBackend(client, lambda ref: ref.uri, TAXONOMY.version)  # type: ignore[arg-type]
     tasks: list[tuple[str, int]] = []
     backend.add_listener(lambda sha, task_id: tasks.append((sha, task_id)))
 
@@ -788,9 +792,9 @@ def test_the_reconciliation_cursor_is_sent_in_utc(monkeypatch: pytest.MonkeyPatc
     client = _unreachable_client()
     queries: list[str] = []
 
-    def listed(**kwargs: Any) -> list[Any]:
+    def listed(**kwargs: Any) -> SyncPager[Any, Any]:
         queries.append(kwargs["query"])
-        return []
+        return SyncPager(has_next=False, items=[], get_next=None, response=None)
 
     monkeypatch.setattr(client, "project_id", lambda: 3)
     monkeypatch.setattr(client.sdk.tasks, "list", listed)
@@ -862,7 +866,7 @@ async def post_json(app: web.Application, path: str, body: object) -> tuple[int,
     return response.status, json.loads(response.text)
 
 
-def predict_app(store: LocalBlobStore, champion: _StubChampion) -> web.Application:
+def predict_app(store: LocalBlobStore, champion: _StubChampion | Champion) -> web.Application:
     parts = WebParts(
         "secret",
         None,  # type: ignore[arg-type]  # /predict does not take annotations
@@ -895,6 +899,57 @@ async def test_predict_caps_the_tasks_per_request_and_answers_503_while_it_canno
         predict_app(blob_store, _StubChampion(unavailable)), "/predict", {"tasks": [task]}
     )
     assert (status, body["error"]) == (503, "minio: connection refused")
+
+
+class _FailingReadStore(LocalBlobStore):
+    """A frame that exists until the ML backend reads it: deleted just before the read (a
+    retention sweep), or found damaged at rest by the read (S3 checks the recorded sha256)."""
+
+    def __init__(self, root: Path, key: str, damage: str) -> None:
+        super().__init__(root)
+        self.key = key
+        self.damage = damage
+
+    def get(self, key: str) -> bytes:
+        if key == self.key:
+            if self.damage == "damaged":
+                raise ChecksumMismatchError(self.uri(key), "a" * 64, "b" * 64)
+            self.delete(key)
+        return super().get(key)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "damaged"])
+async def test_predict_answers_a_frame_lost_while_it_reads_with_an_empty_prediction(
+    tmp_path: Path, damage: str
+) -> None:
+    # Imported here: torch takes seconds to import and only this test needs it.
+    from tests.modelfactory import make_onnx_model
+
+    frames = demo_frames(2)
+    samples = [make_sample(data, None) for data, _ in frames]
+    store = _FailingReadStore(tmp_path / "blobs", samples[1].frame_key, damage)
+    for sample, (data, _) in zip(samples, frames, strict=True):
+        store_frame(store, sample, data)
+    onnx_path, card_path = make_onnx_model(tmp_path / "tiny", TAXONOMY.labels)
+    artifact = store.put(model_key("tiny-cnn", 1, "model.onnx"), onnx_path.read_bytes())
+    card = store.put(model_key("tiny-cnn", 1, "card.json"), card_path.read_bytes())
+    champion = Champion(ModelCache(tmp_path / "models"))
+    update = ModelUpdate("tiny-cnn", 1, datetime.now(UTC), artifact_sha256=artifact.sha256)
+    assert champion.install(update, artifact, card) is None
+    tasks = [
+        {
+            "id": n,
+            "data": {"frame_sha256": s.frame_sha256, "frame_key": s.frame_key, "bin_id": "bin-a"},
+        }
+        for n, s in enumerate(samples)
+    ]
+
+    status, body = await post_json(predict_app(store, champion), "/predict", {"tasks": tasks})
+
+    assert status == 200
+    kept, lost = body["results"]
+    assert kept["result"][0]["value"]["choices"][0] in TAXONOMY.labels
+    assert lost == {"result": [], "score": 0.0, "model_version": "tiny-cnn:v1"}
 
 
 def test_an_unreadable_label_record_is_left_out_not_fatal(

@@ -46,7 +46,7 @@ from services.labeling_bridge.core import LabelingBridge
 from services.labeling_bridge.cursor import SavedCursor
 from services.labeling_bridge.intake import preview
 from services.labeling_bridge.label_studio import label_config_xml
-from services.labeling_bridge.link import LabelStudioLink, ReconcilePass
+from services.labeling_bridge.link import LabelStudioLink, ReconcilePass, Taken
 from services.labeling_bridge.ml_backend import Champion
 from services.labeling_bridge.relabel import waiting_relabels
 from services.labeling_bridge.settings import LabelingBridgeSettings
@@ -221,7 +221,7 @@ def _label_studio_backend(
         return frame.uri
 
     parts.web, parts.client, parts.signer, parts.public_url = web_server, client, signer, public_url
-    parts.backend = LabelStudioBackend(client, image_url)
+    parts.backend = LabelStudioBackend(client, image_url, settings.taxonomy.version)
     return parts.backend
 
 
@@ -298,6 +298,11 @@ def _attach_label_studio(
             log.info("asked Label Studio to label %d frames again", len(requests))
         parts.relabels_asked.set()
 
+    def on_taken(taken: Taken) -> None:
+        if taken.sent_back:  # made under an older taxonomy: ask for the frame's label again
+            parts.relabels_asked.clear()
+
+    link.add_listener(on_taken)
     parts.reconcile_once = reconcile_once
     web_parts = WebParts(secret, link, store, signer, champion, dead_letter)
 
@@ -331,6 +336,8 @@ def _attach_label_studio(
                 if not parts.relabels_asked.is_set():
                     await ask_for_relabels()
                 await reconcile_once()
+                if not parts.relabels_asked.is_set():  # the pass (or a webhook) sent some back
+                    await ask_for_relabels()
             except TransientError as exc:  # Label Studio down or slow: the next pass catches up
                 log.warning(
                     "Label Studio not in step, next try in %.0fs: %s",

@@ -82,7 +82,7 @@ class LabelStudioExportBackend:
     def submit(self, sample: SampleSelected, frame: BlobRef) -> Annotation | None:
         if not self._config_written:
             self._write_config()
-        task = import_task(sample, frame)
+        task = import_task(sample, frame, self.taxonomy.version)
         write_text_atomically(self.task_path(sample.frame_sha256), json.dumps(task, indent=1))
         return None
 
@@ -94,9 +94,15 @@ class LabelStudioBackend:
 
     name = "label-studio"
 
-    def __init__(self, client: LabelStudioClient, image_url: Callable[[BlobRef], str]) -> None:
+    def __init__(
+        self,
+        client: LabelStudioClient,
+        image_url: Callable[[BlobRef], str],
+        taxonomy_version: str,
+    ) -> None:
         self.client = client
         self.image_url = image_url
+        self.taxonomy_version = taxonomy_version
         self._listeners: list[Callable[[str, int], None]] = []
 
     def add_listener(self, listener: Callable[[str, int], None]) -> None:
@@ -104,7 +110,7 @@ class LabelStudioBackend:
         self._listeners.append(listener)
 
     def submit(self, sample: SampleSelected, frame: BlobRef) -> Annotation | None:
-        task = import_task(sample, frame, self.image_url(frame))
+        task = import_task(sample, frame, self.taxonomy_version, self.image_url(frame))
         task_id = self.client.find_task(sample.frame_sha256)
         if task_id is None:
             task_id = self.client.import_task(task)

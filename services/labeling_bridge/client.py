@@ -24,9 +24,11 @@ from typing import Any, TypeVar
 import httpx
 from label_studio_sdk import ImportApiRequest, LabelStudio
 from label_studio_sdk.core.api_error import ApiError
+from label_studio_sdk.core.pagination import SyncPager
 
 from binloop.errors import NotReadyError, PermanentError, TransientError
 from binloop.observability import metrics
+from services.labeling_bridge.paging import Page, list_changed
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class LabelStudioClient:
             base_url=self.url, api_key=token, httpx_client=self._http, max_retries=0
         )
         self._project_id: int | None = None
+        self.page_size = PAGE_SIZE
+        """Tasks per listing request (tests make pages small to see paging at work)."""
         # The sample handler, the webhook and reconciliation all call in from worker threads.
         self._project_lock = threading.Lock()
 
@@ -283,47 +287,12 @@ class LabelStudioClient:
 
     def annotated_tasks(self, changed_after: datetime | None) -> list[dict[str, Any]]:
         """Every annotated task, or those changed after `changed_after` (Label Studio's clock),
-        oldest change first, as plain dicts: id, updated_at, data, annotations."""
+        oldest change first, as plain dicts: id, updated_at, data, annotations. Paged by the
+        last change, not by page number (see paging.py): a task edited during the listing is
+        listed (once, as it is now) and makes no other task drop out."""
         project = self.project_id()
-        # `only_annotated` alone does not narrow the list once a query is given.
-        items: list[dict[str, Any]] = [
-            {
-                "filter": "filter:tasks:total_annotations",
-                "operator": "greater",
-                "type": "Number",
-                "value": 0,
-            }
-        ]
-        if changed_after is not None:
-            items.append(
-                {
-                    "filter": "filter:tasks:updated_at",
-                    "operator": "greater",
-                    "type": "Datetime",
-                    "value": changed_after.astimezone(UTC).strftime(LS_DATETIME),
-                }
-            )
-        query = _filters(items, ordering=["tasks:updated_at"])
-
-        def listed() -> list[dict[str, Any]]:
-            pager: Iterable[Any] = self._sdk.tasks.list(
-                project=project,
-                query=query,
-                only_annotated=True,
-                page_size=PAGE_SIZE,
-                fields="all",
-            )
-            return [
-                {
-                    "id": task.id,
-                    "updated_at": task.updated_at,
-                    "data": task.data,
-                    "annotations": task.annotations or [],
-                }
-                for task in pager
-            ]
-
-        return self._call("list_tasks", listed, project)
+        pages = _AnnotatedTaskPages(self._sdk, project, self.page_size)
+        return self._call("list_tasks", lambda: list_changed(pages, changed_after), project)
 
     def counts(self) -> ProjectCounts:
         project = self.project_id()
@@ -335,6 +304,74 @@ class LabelStudioClient:
             )
 
         return self._call("project_counts", read, project)
+
+
+class _AnnotatedTaskPages:
+    """The first pages of a project's annotated tasks that keyset paging asks for."""
+
+    def __init__(self, sdk: LabelStudio, project: int, page_size: int) -> None:
+        self._sdk = sdk
+        self._project = project
+        self._page_size = page_size
+
+    def changed_since(self, since: datetime | None, inclusive: bool) -> Page:
+        items = [_ANNOTATED]
+        if since is not None:
+            operator = "greater_or_equal" if inclusive else "greater"
+            items.append(_changed(operator, since))
+        return self._first_page(_filters(items, ordering=["tasks:updated_at"]))
+
+    def changed_at(self, instant: datetime, after_id: int | None) -> Page:
+        items = [_ANNOTATED, _changed("equal", instant)]
+        if after_id is not None:
+            items.append(
+                {
+                    "filter": "filter:tasks:id",
+                    "operator": "greater",
+                    "type": "Number",
+                    "value": after_id,
+                }
+            )
+        return self._first_page(_filters(items, ordering=["tasks:id"]))
+
+    def _first_page(self, query: str) -> Page:
+        # Always the first page: the filters move, not the page number.
+        pager: SyncPager[Any, Any] = self._sdk.tasks.list(
+            project=self._project,
+            query=query,
+            only_annotated=True,
+            page=1,
+            page_size=self._page_size,
+            fields="all",
+        )
+        tasks = [
+            {
+                "id": task.id,
+                "updated_at": task.updated_at,
+                "data": task.data,
+                "annotations": task.annotations or [],
+            }
+            for task in pager.items or []
+        ]
+        return Page(tasks, full=len(tasks) >= self._page_size)
+
+
+_ANNOTATED: dict[str, Any] = {
+    # `only_annotated` alone does not narrow the list once a query is given.
+    "filter": "filter:tasks:total_annotations",
+    "operator": "greater",
+    "type": "Number",
+    "value": 0,
+}
+
+
+def _changed(operator: str, moment: datetime) -> dict[str, Any]:
+    return {
+        "filter": "filter:tasks:updated_at",
+        "operator": operator,
+        "type": "Datetime",
+        "value": moment.astimezone(UTC).strftime(LS_DATETIME),
+    }
 
 
 def _http_status(error: BaseException) -> int | None:

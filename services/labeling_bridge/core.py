@@ -19,9 +19,14 @@ from schemas.base import BlobRef
 from schemas.events import DatasetSnapshot, LabelAnnotated, SampleSelected
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge.backends import Annotation, LabelingBackend
-from services.labeling_bridge.intake import SeenAnnotation
+from services.labeling_bridge.intake import SeenAnnotation, TaskData
 from services.labeling_bridge.records import LabelRecord, save_label, stored_label
-from services.labeling_bridge.snapshots import DatasetBook, Snapshot
+from services.labeling_bridge.snapshots import (
+    DatasetBook,
+    Snapshot,
+    carried_label,
+    migration_path,
+)
 
 LABEL_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:labels.annotated")
 SNAPSHOT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:datasets.snapshot")
@@ -129,7 +134,13 @@ class LabelingBridge:
     def prepare(self, annotation: SeenAnnotation) -> PreparedLabel | None:
         """An annotation from Label Studio -> its label record and event; None when the stored
         record already says exactly this (the webhook and reconciliation both saw it), comes
-        from a newer annotation of the frame, or is this one under an older taxonomy."""
+        from a newer annotation of the frame, or is this one under an older taxonomy.
+
+        An annotation made under an older taxonomy (its task was made before a taxonomy
+        change, and it was not stored before the change) is carried into the bridge's
+        taxonomy by the configured migrations; one whose class was split (or that the new
+        taxonomy lacks) is stored as it is, in its own taxonomy, and its frame waits to be
+        labeled again (`DatasetBook.needs_relabel`)."""
         task = annotation.task
         stored = stored_label(self.store, self.book.name, task.frame_sha256)
         if stored is not None and stored.labeled_at > annotation.updated_at:
@@ -143,19 +154,21 @@ class LabelingBridge:
             # Stored under an older taxonomy, listed again after the change: the dataset
             # carries the label over, or asks for the frame's label again.
             return None
-        self._check_label(material)
+        label, taxonomy_version = self._label_of(task, material)
         try:
             record = LabelRecord(
                 dataset=self.book.name,
                 frame_sha256=task.frame_sha256,
                 bin_id=task.bin_id,
                 frame=self.frame(task.frame_key, task.frame_sha256),
-                label=annotation.answers.material,
-                compartment=self.taxonomy.compartment_for(annotation.answers.material),
+                label=label,
+                # A label waiting to be given again gets the taxonomy's fallback compartment:
+                # the bridge does not know older taxonomies' compartments.
+                compartment=self.taxonomy.compartment_for(label),
                 backend=self.backend.name,
                 annotator=annotation.annotator,
                 annotation_id=annotation.key,
-                taxonomy_version=self.taxonomy.version,
+                taxonomy_version=taxonomy_version,
                 # Label Studio's time, not ours: the same annotation is the same record.
                 labeled_at=annotation.updated_at,
                 object_type=annotation.answers.object_type,
@@ -176,6 +189,37 @@ class LabelingBridge:
         saved, _ = save_label(self.store, record)
         written = self.book.add(saved)
         return self._announce(written) if written is not None else None
+
+    def _label_of(self, task: TaskData, material: str) -> tuple[str, str]:
+        """(label, taxonomy version) of a label record for `material` chosen in `task`:
+        in the bridge's taxonomy, or in the task's own one when it cannot be carried over."""
+        current = self.taxonomy.version
+        asked_in = task.asked_in
+        if asked_in is None and material not in self.taxonomy.label_to_compartment:
+            # A task made before tasks recorded their taxonomy: the migrations may tell.
+            asked_in = self._taxonomy_naming(material)
+        if asked_in is None or asked_in == current:
+            self._check_label(material)
+            return material, current
+        path = migration_path(self.book.migrations, asked_in, current)
+        carried = carried_label(material, path, self.taxonomy)
+        return (carried, current) if carried is not None else (material, asked_in)
+
+    def _taxonomy_naming(self, material: str) -> str | None:
+        """The older taxonomy `material` comes from, going by the configured migrations that
+        rename or split it; None when none does, or they disagree on what it becomes."""
+        outcomes: dict[str, str | None] = {}
+        for migration in self.book.migrations:
+            if material not in migration.renames and material not in migration.splits:
+                continue
+            try:
+                path = migration_path(self.book.migrations, migration.source, self.taxonomy.version)
+            except PermanentError:
+                continue  # a migration that does not lead to this taxonomy
+            outcomes[migration.source] = carried_label(material, path, self.taxonomy)
+        if len(set(outcomes.values())) != 1:
+            return None
+        return min(outcomes)
 
     def _check_label(self, label: str) -> None:
         if label not in self.taxonomy.label_to_compartment:

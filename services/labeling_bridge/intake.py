@@ -34,6 +34,15 @@ class TaskData(_Lenient):
     frame_key: str = Field(min_length=1, max_length=1024)
     bin_id: BinId
     selected_at: AwareDatetime | None = None
+    taxonomy_version: str | None = Field(default=None, max_length=128)
+    """The taxonomy the task's choices came from (None: a task made before tasks said)."""
+    relabel_for: str | None = Field(default=None, max_length=128)
+    """Set on a task asking for a frame's label again: the taxonomy it is asked in."""
+
+    @property
+    def asked_in(self) -> str | None:
+        """The taxonomy version the annotator chose from, when the task says."""
+        return self.relabel_for or self.taxonomy_version
 
 
 class RawAnnotation(_Lenient):

@@ -83,9 +83,11 @@ def choice_result(label: str) -> list[dict[str, Any]]:
 
 
 def import_task(
-    sample: SampleSelected, frame: BlobRef, image_url: str | None = None
+    sample: SampleSelected, frame: BlobRef, taxonomy_version: str, image_url: str | None = None
 ) -> dict[str, Any]:
-    """One task; `data` also carries what the annotation needs on its way back.
+    """One task; `data` also carries what the annotation needs on its way back, including the
+    taxonomy its choices come from: an annotation that arrives after a taxonomy change is
+    carried into the new one by the configured migrations.
 
     `image_url` is what annotators' browsers load; by default the frame's store URI (which
     Label Studio resolves itself when the project has a storage connection for it)."""
@@ -102,6 +104,7 @@ def import_task(
             "strategy": sample.strategy,
             "sampling_score": sample.score,
             "reason": sample.reason,
+            "taxonomy_version": taxonomy_version,
         },
         "predictions": [
             {

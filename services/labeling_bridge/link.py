@@ -47,6 +47,9 @@ class Taken:
     published: bool
     """A labels.annotated went out now (False: it had gone out before, or only object or
     condition changed)."""
+    sent_back: bool = False
+    """Stored in an older taxonomy that it cannot be carried out of: its frame now waits to
+    be labeled again (a task has to be asked for)."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,9 @@ class LabelStudioLink:
                     f"the stored label record of frame {annotation.task.frame_sha256} cannot "
                     f"be read: {exc.error_count()} errors, e.g. {exc.errors()[0]['msg']}"
                 ) from exc
-            published = False
+            published = sent_back = False
             if prepared is not None:
+                sent_back = prepared.record.taxonomy_version != self.bridge.taxonomy.version
                 if prepared.annotated is not None:
                     await self.publisher.publish(LABELS_ANNOTATED, prepared.annotated)
                     published = True
@@ -110,7 +114,7 @@ class LabelStudioLink:
                 if snapshot is not None:
                     metrics.DATASET_SNAPSHOTS.inc()
                     await self._announce(snapshot)
-        taken = Taken(source, annotation.key, published)
+        taken = Taken(source, annotation.key, published, sent_back)
         for listener in self._listeners:
             listener(taken)
         return taken

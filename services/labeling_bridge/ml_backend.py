@@ -14,7 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from binloop.errors import CorruptFrameError, NotReadyError
+from binloop.errors import (
+    ChecksumMismatchError,
+    CorruptFrameError,
+    MissingBlobError,
+    NotReadyError,
+)
 from binloop.ml.preprocess import decode_rgb
 from binloop.storage import BlobStore, sha256_hex
 from schemas.base import BlobRef
@@ -69,9 +74,10 @@ class Champion:
     def predict(self, store: BlobStore, tasks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """One Label Studio prediction per task, in order. Blocking (store reads, inference).
 
-        A task that is not one of ours (no frame reference) or whose frame is gone gets an
-        empty prediction, so the others still get theirs; so does a task asking for a label
-        again after a taxonomy change (the champion knows only the classes it replaced)."""
+        A task that is not one of ours (no frame reference) or whose frame is gone (also one
+        deleted while the request runs) or damaged gets an empty prediction, so the others
+        still get theirs; so does a task asking for a label again after a taxonomy change (the
+        champion knows only the classes it replaced)."""
         model = self._current
         if model is None:
             raise NotReadyError("no champion model yet: waiting for models.promoted")
@@ -118,7 +124,10 @@ def _frame_bytes(store: BlobStore, task: dict[str, Any]) -> bytes | None:
         ref = TaskData.model_validate(data)
     except ValueError:
         return None
-    if not store.exists(ref.frame_key):
+    try:
+        # Read, not checked first: a frame deleted between a check and the read would fail
+        # the whole batch.
+        frame = store.get(ref.frame_key)
+    except (MissingBlobError, ChecksumMismatchError):  # gone, or damaged at rest (S3)
         return None
-    frame = store.get(ref.frame_key)
     return frame if sha256_hex(frame) == ref.frame_sha256 else None

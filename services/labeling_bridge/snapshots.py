@@ -159,9 +159,17 @@ class DatasetBook:
 
     @property
     def needs_relabel(self) -> list[ManifestItem]:
-        """Items a taxonomy change took out of the dataset until they are labeled again."""
+        """Items a taxonomy change took out of the dataset until they are labeled again: those
+        the latest version lists, then labels given under an older taxonomy since (an
+        annotation that arrived after the change) that cannot be carried into this one, which
+        the next version lists."""
         latest = self.latest
-        return list(latest.manifest.needs_relabel) if latest else []
+        waiting = list(latest.manifest.needs_relabel) if latest else []
+        listed = {item.sha256 for item in waiting}
+        for record in self.pending:
+            if record.frame_sha256 not in listed and self._waits_for_relabel(record):
+                waiting.append(_item(record))
+        return waiting
 
     @property
     def version(self) -> int:
@@ -215,7 +223,10 @@ class DatasetBook:
         elif self._relabel.get(sha) == record.label:
             in_latest = True  # its old label, which the latest version lists as needs_relabel
         else:
-            in_latest = self._in_latest.get(sha) == self._carried(record)
+            # One that cannot be carried over is pending too: the next version lists it as
+            # needs_relabel (or names the missing migration).
+            carried = self._carried(record)
+            in_latest = carried is not None and self._in_latest.get(sha) == carried
         if in_latest:
             self._pending.pop(sha, None)
         else:
@@ -227,6 +238,15 @@ class DatasetBook:
         except PermanentError:
             return None  # pending: cutting the next version names the missing migration
         return carried_label(record.label, path, self.taxonomy)
+
+    def _waits_for_relabel(self, record: LabelRecord) -> bool:
+        if record.taxonomy_version == self.taxonomy.version:
+            return False
+        try:
+            path = migration_path(self.migrations, record.taxonomy_version, self.taxonomy.version)
+        except PermanentError:
+            return False  # nobody can label it again before the migrations are fixed
+        return carried_label(record.label, path, self.taxonomy) is None
 
     def contains(self, frame_sha256: str) -> bool:
         self._ensure_loaded()
@@ -272,12 +292,7 @@ class DatasetBook:
         relabel = [item for item in waiting if item.sha256 not in fresh_shas]
         relabel += carried.needs_relabel
         for record in fresh:
-            item = ManifestItem(
-                key=record.frame.key,
-                sha256=record.frame_sha256,
-                label=record.label,
-                split=split_for(record.frame_sha256),
-            )
+            item = _item(record)
             # Labels given under an older taxonomy (before a restart with a new one) move too.
             moved = migrate_items([item], record.taxonomy_version, self.taxonomy, self.migrations)
             items += moved.items
@@ -301,3 +316,12 @@ class DatasetBook:
         self._remember(manifest)
         self._pending = {}
         return self._latest
+
+
+def _item(record: LabelRecord) -> ManifestItem:
+    return ManifestItem(
+        key=record.frame.key,
+        sha256=record.frame_sha256,
+        label=record.label,
+        split=split_for(record.frame_sha256),
+    )

@@ -7,7 +7,8 @@ dead-lettered with the reason); 503 when the label could not be stored or publis
 (reconciliation brings it later); 200 otherwise.
 
 /predict answers 400 for a body that is not {"tasks": [task, ...]}, 413 for more than
-MAX_PREDICT_TASKS tasks, and 503 while there is no champion or the store does not answer.
+MAX_PREDICT_TASKS tasks, and 503 while there is no champion or the store does not answer; a
+task whose frame is gone (also one deleted while the request runs) gets an empty prediction.
 """
 
 from __future__ import annotations
