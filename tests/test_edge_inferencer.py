@@ -7,12 +7,14 @@ import asyncio
 import json
 import math
 import shutil
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import pytest
 from nats.aio.client import Client
@@ -384,6 +386,24 @@ def test_classify_raises_corrupt_frame_for_bytes_that_are_not_an_image(
     policy = DecisionPolicy(Taxonomy(), 0.5, 3)
     with pytest.raises(CorruptFrameError):
         classify(lambda: b"\xff\xd8 truncated jpeg", _loaded(1, None, models), policy)
+
+
+def test_a_frame_whose_header_claims_too_many_pixels_is_a_corrupt_frame(
+    models: dict[int, ModelFiles],
+) -> None:
+    """OpenCV raises cv2.error, rather than returning nothing, for a header (bit rot, a hostile
+    upload) over its pixel limit; decode_rgb, which the trainer and the labeling bridge's ML
+    backend share, turns it into the CorruptFrameError the edge dead-letters."""
+    ok, encoded = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
+    assert ok
+    data = bytearray(encoded.tobytes())
+    frame_header = data.find(b"\xff\xc0")
+    data[frame_header + 5 : frame_header + 9] = struct.pack(">HH", 65000, 65000)
+    with pytest.raises(CorruptFrameError, match=r"header claims more than OpenCV's limit of \d+"):
+        decode_rgb(bytes(data))
+    policy = DecisionPolicy(Taxonomy(), 0.5, 3)
+    with pytest.raises(CorruptFrameError):
+        classify(lambda: bytes(data), _loaded(1, None, models), policy)
 
 
 # ---------------------------------------------------------------- the service on a real bus

@@ -52,6 +52,7 @@ from services.trainer.core import (
     train_config,
 )
 from services.trainer.data import (
+    LoadedItems,
     ManifestDataset,
     ensure_eval_set,
     folder_content_id,
@@ -74,6 +75,7 @@ from services.trainer.nets import CompactCNN, build_model
 from services.trainer.train import (
     Augmenter,
     TrainConfig,
+    _Run,
     class_weights,
     predict_logits,
     train_classifier,
@@ -194,6 +196,29 @@ def test_augmenter_jitter_stays_in_the_valid_pixel_range() -> None:
     assert out.shape == batch.shape
     assert float(pixels.min()) >= -1e-5
     assert float(pixels.max()) <= 1 + 1e-5
+
+
+def test_a_last_batch_of_one_item_is_dropped_so_batch_norm_can_train() -> None:
+    """compact-cnn at 16 px ends in a 1x1 feature map, where batch norm in train mode cannot
+    normalise a batch of one item: 5 items in batches of 4 train one batch an epoch (with
+    weighted sampling too), a last batch of two is kept, and a dataset no larger than one
+    batch still trains."""
+
+    def noise(items: int) -> ManifestDataset:
+        rng = np.random.default_rng(0)
+        labels = ["a", "b"] * (items // 2) + ["a"] * (items % 2)
+        inputs = rng.standard_normal((items, 3, 16, 16)).astype(np.float32)
+        return ManifestDataset(LoadedItems(inputs, labels, labels), ["a", "b"])
+
+    def two_classes() -> torch.nn.Module:
+        return build_model("compact-cnn", 2)
+
+    for balance in ("loss", "sampler"):
+        config = TrainConfig(epochs=2, batch_size=4, balance=balance)
+        assert len(train_classifier(two_classes, noise(5), None, config).history) == 2
+        assert len(_Run(two_classes, noise(5), config, "cpu").loader) == 1
+        assert len(_Run(two_classes, noise(6), config, "cpu").loader) == 2
+    assert len(train_classifier(two_classes, noise(3), None, config).history) == 2
 
 
 def test_training_beats_chance_on_its_own_training_data(

@@ -7,8 +7,10 @@ import dataclasses
 import json
 import logging
 import shutil
+import struct
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -22,8 +24,13 @@ from binloop.ml.preprocess import Preprocessor, softmax
 from binloop.storage import LocalBlobStore
 from binloop.train_command import train_command
 from schemas.taxonomy import Taxonomy
-from services.trainer.calibration import fit_temperature, negative_log_likelihood
-from services.trainer.data import ManifestDataset
+from services.trainer.calibration import (
+    MIN_TEMPERATURE,
+    fit_temperature,
+    negative_log_likelihood,
+    temperature_on_val,
+)
+from services.trainer.data import LoadedItems, ManifestDataset
 from services.trainer.evaluate import evaluate, evaluate_compartments, expected_calibration_error
 from services.trainer.export import export_onnx, onnx_logits, onnx_session, parity_max_abs_diff
 from services.trainer.nets import build_model, load_weights
@@ -71,8 +78,10 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pipeline(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> PipelineResult:
     out = tmp_path_factory.mktemp("run")
+    # RULE puts 3 of the 48 images in val: enough here to exercise calibration and selection.
+    train = dataclasses.replace(QUICK, min_val_items=3, patience=QUICK.epochs)
     config = PipelineConfig(
-        out_dir=out, input_size=SIZE, train=QUICK, split=RULE, device="cpu", int8=True
+        out_dir=out, input_size=SIZE, train=train, split=RULE, device="cpu", int8=True
     )
     tracker = WandbTracker("binloop-test", "tiny", config.describe(), out / "wandb")
     try:
@@ -84,6 +93,21 @@ def pipeline(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Pipeline
 def _dataset(folder: Path) -> ManifestDataset:
     data = load_and_split(image_folder(folder), PREPROCESSOR, SplitRule(test_fraction=0.01))
     return ManifestDataset(data.splits["train"], data.classes)
+
+
+def _random_dataset(items: int = 8) -> ManifestDataset:
+    """Two classes of noise at 16x16: for what training does, not what it learns."""
+    rng = np.random.default_rng(0)
+    loaded = LoadedItems(
+        rng.standard_normal((items, 3, 16, 16)).astype(np.float32),
+        ["a", "b"] * (items // 2),
+        [str(i) for i in range(items)],
+    )
+    return ManifestDataset(loaded, ["a", "b"])
+
+
+def _two_classes() -> torch.nn.Module:
+    return build_model("compact-cnn", 2)
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -170,9 +194,74 @@ def test_resume_refuses_a_checkpoint_of_other_settings(folder: Path, tmp_path: P
         )
 
 
-def test_weighted_sampler_draws_the_rare_class_as_often_as_the_common_one() -> None:
-    from services.trainer.data import LoadedItems
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter:UserWarning")
+def test_resume_restores_the_random_generators_from_cpu_tensors_whatever_the_training_device(
+    tmp_path: Path,
+) -> None:
+    """torch.set_rng_state and Generator.set_state take CPU tensors only: a checkpoint is loaded
+    onto the CPU and restored onto the run's device (loaded onto the GPU, `--resume` on CUDA
+    failed). With no GPU here, "meta" stands in for the training device; copying weights into
+    meta tensors is a no-op torch warns about."""
+    config = TrainConfig(epochs=2, batch_size=4, ema_decay=0.9, mixup_alpha=0.2)
+    train_classifier(_two_classes, _random_dataset(), None, config, checkpoint_path=tmp_path / "c")
+    state = torch.load(tmp_path / "c", map_location="cpu", weights_only=False)
+    with torch.random.fork_rng(devices=[]):
+        run = _Run(_two_classes, _random_dataset(), config, "meta")
+        run.load_state_dict(state)
+        assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
+    assert torch.equal(run.shuffle.get_state(), state["rng"]["shuffle"])
+    assert torch.equal(run.augment.generator.get_state(), state["rng"]["augment"])
+    assert run.mix.state_dict() == state["rng"]["mix"]
+    assert run.epoch == 2
+    # Weights, optimizer moments and the weight average are on the training device.
+    assert {p.device.type for p in run.model.parameters()} == {"meta"}
+    moments = [s["exp_avg"] for s in run.optimizer.state.values()]
+    assert moments
+    assert {m.device.type for m in moments} == {"meta"}
+    assert run.average is not None
+    assert {t.device.type for t in run.average.state.values()} == {"meta"}
 
+
+def test_resume_refuses_a_checkpoint_trained_on_another_split(folder: Path, tmp_path: Path) -> None:
+    """Another split rule (or dataset) can move images the checkpoint was trained on into the
+    test split: the test metrics would be on trained-on images. The checkpoint records the
+    split, its content ids, input, mean/std, network and classes, and names what differs."""
+    first_rule = SplitRule("content", val_fraction=0.0, test_fraction=0.2)
+    second_rule = SplitRule("content", val_fraction=0.0, test_fraction=0.5)
+    first = load_and_split(image_folder(folder), PREPROCESSOR, first_rule)
+    second = load_and_split(image_folder(folder), PREPROCESSOR, second_rule)
+    assert set(first.splits["train"].keys) & set(second.splits["test"].keys)
+    base = PipelineConfig(
+        out_dir=tmp_path, input_size=SIZE, train=dataclasses.replace(QUICK, epochs=1), device="cpu"
+    )
+    run_pipeline(image_folder(folder), dataclasses.replace(base, split=first_rule))
+    with pytest.raises(
+        ValueError, match=r"other settings: \['split', 'test_split_id', 'train_split_id'\]"
+    ):
+        run_pipeline(
+            image_folder(folder), dataclasses.replace(base, split=second_rule, resume=True)
+        )
+
+
+def test_the_pipelines_mean_and_std_are_the_ones_augmentation_unnormalises_with(
+    folder: Path, tmp_path: Path
+) -> None:
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    config = PipelineConfig(
+        out_dir=tmp_path,
+        input_size=SIZE,
+        mean=mean,
+        std=std,
+        train=dataclasses.replace(QUICK, epochs=1),
+        split=RULE,
+        device="cpu",
+    )
+    run_pipeline(image_folder(folder), config)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert (checkpoint["config"]["mean"], checkpoint["config"]["std"]) == (mean, std)
+
+
+def test_weighted_sampler_draws_the_rare_class_as_often_as_the_common_one() -> None:
     labels = ["glass"] * 90 + ["trash"] * 10
     loaded = LoadedItems(np.zeros((100, 3, 2, 2), np.float32), labels, [str(i) for i in range(100)])
     data = ManifestDataset(loaded, ["glass", "trash"])
@@ -210,6 +299,19 @@ def test_local_weights_load_except_a_head_of_another_shape(tmp_path: Path) -> No
     left_out = load_weights(target, tmp_path / "six.pt")
     assert left_out == ["head.2.bias", "head.2.weight"]
     assert torch.equal(target.state_dict()["features.0.0.weight"], source.features[0][0].weight)
+
+
+def test_weights_from_a_checkpoint_are_its_selected_ones_not_the_last_step(tmp_path: Path) -> None:
+    """--weights OUT/checkpoint.pt starts from the model that run kept (here the weight
+    average), not from the raw weights of its last step."""
+    config = TrainConfig(epochs=2, batch_size=4, ema_decay=0.9)
+    result = train_classifier(
+        _two_classes, _random_dataset(), None, config, checkpoint_path=tmp_path / "c"
+    )
+    target = _two_classes()
+    assert load_weights(target, tmp_path / "c") == []
+    kept = result.model.state_dict()
+    assert all(torch.equal(target.state_dict()[name], kept[name]) for name in kept)
 
 
 # --- metrics and calibration -------------------------------------------------------------------
@@ -273,6 +375,52 @@ def test_temperature_scaling_fixes_an_overconfident_model() -> None:
     assert ece_after < ece_before / 3
 
 
+def test_no_temperature_is_fitted_on_a_val_split_under_min_val_items(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On three val items the model gets right, the NLL keeps falling as T shrinks: a fit lands
+    on the search bound and would multiply every logit of the shipped model by 20."""
+    logits = np.array([[2.0, 0.0], [0.0, 1.5], [1.0, 0.2]])
+    targets = np.array([0, 1, 0])
+    assert fit_temperature(logits, targets) == pytest.approx(MIN_TEMPERATURE, rel=1e-3)
+    with caplog.at_level(logging.INFO):
+        assert temperature_on_val(logits, targets, min_items=20) is None
+    assert "val split of 3 items is under min_val_items 20" in caplog.text
+
+
+def test_a_temperature_fitted_on_a_search_bound_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logits = np.tile([[2.0, 0.0], [0.0, 1.5], [1.0, 0.2]], (10, 1))  # 30 items, all right
+    targets = np.tile([0, 1, 0], 10)
+    with caplog.at_level(logging.WARNING):
+        temperature = temperature_on_val(logits, targets, min_items=20)
+    assert temperature == pytest.approx(MIN_TEMPERATURE, rel=1e-3)
+    assert "at the search bound 0.05" in caplog.text
+
+
+def test_the_pipeline_builds_in_no_temperature_when_val_is_under_min_val_items(
+    folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    train = TrainConfig(epochs=1, batch_size=8)  # min_val_items 20; RULE gives val 3 items
+    config = PipelineConfig(
+        out_dir=tmp_path, input_size=SIZE, train=train, split=RULE, device="cpu"
+    )
+    with caplog.at_level(logging.INFO):
+        result = run_pipeline(image_folder(folder), config)
+    assert result.calibration.temperature == 1.0
+    assert result.calibration.val_nll_before is None
+    assert "val split of 3 items is under min_val_items 20" in caplog.text
+    assert "No temperature scaling (T=1" in result.card.notes
+    model = build_model("compact-cnn", 3)
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    inputs = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        raw = model.eval()(inputs).numpy()
+    session = onnx_session((tmp_path / "model.onnx").read_bytes())
+    np.testing.assert_allclose(onnx_logits(session, inputs.numpy()), raw, atol=1e-4)
+
+
 def test_pipeline_calibration_is_in_the_exported_graph(pipeline: PipelineResult) -> None:
     temperature = pipeline.calibration.temperature
     assert temperature != 1.0
@@ -333,8 +481,6 @@ def test_residual_networks_train_and_export_with_parity(architecture: str) -> No
 
 
 def test_label_smoothing_penalises_overconfident_logits() -> None:
-    from services.trainer.data import LoadedItems
-
     loaded = LoadedItems(np.zeros((4, 3, *SIZE), np.float32), ["glass", "trash"] * 2, list("abcd"))
     data = ManifestDataset(loaded, ["glass", "trash"])
     confident = torch.tensor([[20.0, -20.0]])
@@ -404,6 +550,31 @@ def test_corrupt_images_are_skipped_with_a_warning_and_counted(
     assert "CorruptFrameError" in data.skipped["metal/empty.jpg"]
     assert sum(data.counts().values()) == 48
     assert "skipped 2 of 50 entries" in caplog.text
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (bit rot, a hostile upload) claims width x height."""
+    ok, encoded = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
+    assert ok
+    data = bytearray(encoded.tobytes())
+    frame_header = data.find(b"\xff\xc0")
+    data[frame_header + 5 : frame_header + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_an_image_whose_header_claims_too_many_pixels_is_skipped_not_fatal(
+    folder: Path, tmp_path: Path
+) -> None:
+    """OpenCV raises (rather than returning nothing) for a header over its pixel limit; that
+    image is as corrupt as any other and must not end the run."""
+    broken = tmp_path / "images"
+    shutil.copytree(folder, broken)
+    (broken / "glass" / "bitrot.jpg").write_bytes(_jpeg_claiming(65000, 65000))
+    data = load_and_split(image_folder(broken), PREPROCESSOR, RULE)
+    assert list(data.skipped) == ["glass/bitrot.jpg"]
+    assert "CorruptFrameError" in data.skipped["glass/bitrot.jpg"]
+    assert "OpenCV's limit" in data.skipped["glass/bitrot.jpg"]
+    assert sum(data.counts().values()) == 48
 
 
 def test_label_studio_export_parsing() -> None:
@@ -544,6 +715,52 @@ def test_label_studio_export_reads_local_images(folder: Path, tmp_path: Path) ->
     labels = sorted(label for items in data.splits.values() for label in items.labels)
     assert labels == ["glass", "glass", "metal"]
     assert len(data.skipped) == 1
+
+
+def test_label_studio_split_by_name_does_not_depend_on_the_image_root(
+    folder: Path, tmp_path: Path
+) -> None:
+    """An image keeps its split across machines: the same export with its images under another
+    --image-root (another machine, another mount) splits by the task's image reference, not by
+    where it was found; the messages still name the file read."""
+    image = sorted((folder / "glass").glob("*.jpg"))[0].read_bytes()
+    tasks = 40
+    export = [
+        {
+            "id": task,
+            "data": {"image": f"/data/local-files/?d=bins/img{task}.jpg"},
+            "annotations": [
+                {
+                    "result": [
+                        {
+                            "type": "choices",
+                            "from_name": "material",
+                            "value": {"choices": ["glass" if task % 2 else "metal"]},
+                        }
+                    ]
+                }
+            ],
+        }
+        for task in range(tasks)
+    ]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(export))
+    rule = SplitRule("name", val_fraction=0.15, test_fraction=0.15)
+
+    def tasks_per_split(root: Path) -> dict[str, list[str]]:
+        (root / "bins").mkdir(parents=True)
+        for task in range(tasks):
+            (root / "bins" / f"img{task}.jpg").write_bytes(image)
+        data = load_and_split(label_studio_export(path, image_root=root), PREPROCESSOR, rule)
+        keys = [key for items in data.splits.values() for key in items.keys]
+        assert all(str(root / "bins") in key for key in keys)
+        return {
+            split: [k.split(":")[0] for k in items.keys] for split, items in data.splits.items()
+        }
+
+    here = tasks_per_split(tmp_path / "machine-a")
+    assert all(here[split] for split in ("train", "val", "test"))
+    assert tasks_per_split(tmp_path / "machine-b") == here
 
 
 def test_snapshot_source_reads_the_store_and_verifies_checksums(

@@ -3,6 +3,8 @@ per-pixel Python). Training and the edge share this code, so they cannot drift a
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import numpy.typing as npt
@@ -18,16 +20,42 @@ _IMREAD_COLOR_RGB: int | None = getattr(cv2, "IMREAD_COLOR_RGB", None)
 """OpenCV 4.11+ decodes to RGB directly; older builds (JetPack's) decode BGR and convert."""
 
 
+_DEFAULT_MAX_IMAGE_PIXELS = 1 << 30
+"""OpenCV's limit on the pixels an image header may claim, unless CV_IO_MAX_IMAGE_PIXELS says
+otherwise (imgcodecs/src/loadsave.cpp)."""
+
+
+def _max_image_pixels() -> int:
+    configured = os.environ.get("CV_IO_MAX_IMAGE_PIXELS", "")
+    return int(configured) if configured.isdigit() else _DEFAULT_MAX_IMAGE_PIXELS
+
+
+def _refused(data: bytes, exc: cv2.error) -> CorruptFrameError:
+    if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
+        return CorruptFrameError(
+            f"{len(data)} bytes whose header claims more than OpenCV's limit of "
+            f"{_max_image_pixels()} pixels (CV_IO_MAX_IMAGE_PIXELS)"
+        )
+    reason = str(exc.err) if exc.err else str(exc).strip()
+    return CorruptFrameError(f"{len(data)} bytes that OpenCV refuses to decode: {reason}")
+
+
 def decode_rgb(data: bytes) -> ImageArray:
     """JPEG/PNG bytes -> HxWx3 uint8 RGB. Raises CorruptFrameError on anything else."""
     if not data:
         raise CorruptFrameError("empty image")
     buffer = np.frombuffer(data, dtype=np.uint8)
-    if _IMREAD_COLOR_RGB is not None:
-        decoded = cv2.imdecode(buffer, _IMREAD_COLOR_RGB)  # RGB straight from the decoder
-    else:
-        decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-        decoded = None if decoded is None else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    # Most bad bytes decode to None, but some raise instead, e.g. a header (bit rot, a hostile
+    # upload) claiming a frame over OpenCV's pixel limit: they are just as corrupt, and every
+    # caller (trainer, edge, ML backend) skips or dead-letters a CorruptFrameError.
+    try:
+        if _IMREAD_COLOR_RGB is not None:
+            decoded = cv2.imdecode(buffer, _IMREAD_COLOR_RGB)  # RGB straight from the decoder
+        else:
+            decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+            decoded = None if decoded is None else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    except cv2.error as exc:
+        raise _refused(data, exc) from exc
     if decoded is None:
         raise CorruptFrameError(f"{len(data)} bytes that do not decode as an image")
     rgb: ImageArray = np.asarray(decoded, dtype=np.uint8)

@@ -40,6 +40,13 @@ class WeightAverage:
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state, "updates": self.updates}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = state["state"]
+        """Copies into the average's own tensors, so it stays on the model's device whatever
+        device the checkpoint was loaded onto."""
+        saved: dict[str, torch.Tensor] = state["state"]
+        if saved.keys() != self.state.keys():
+            raise ValueError("the saved weight average is of another network")
+        for name, average in self.state.items():
+            average.copy_(saved[name])
         self.updates = state["updates"]

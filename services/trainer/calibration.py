@@ -8,6 +8,7 @@ notes record the value. Dividing by T > 0 never changes the arg-max, so accuracy
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from services.trainer.nets import ExposesEmbedding
+
+log = logging.getLogger(__name__)
 
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 20.0
@@ -63,6 +66,36 @@ def fit_temperature(
             b = low + ratio * (high - low)
             nll_b = nll(b)
     return 1 / ((low + high) / 2)
+
+
+def temperature_on_val(
+    logits: npt.NDArray[np.floating], targets: npt.NDArray[np.integer], min_items: int
+) -> float | None:
+    """The temperature fitted on the val split's `logits`, or None (build in no scaling, T = 1)
+    (logged) when there are fewer than `min_items` (TrainConfig.min_val_items: the size
+    below which val says too little to select an epoch on, or to calibrate on). On a handful
+    of items that the model gets right the NLL keeps falling as T shrinks, so T would land on
+    the search bound and multiply every logit of the shipped model by 20. A fitted T on a
+    bound is warned about too."""
+    if len(logits) < max(min_items, 1):
+        # Expected for the loop's early, small datasets: information, not a fault.
+        log.info(
+            "val split of %d items is under min_val_items %d: no temperature scaling (T = 1)",
+            len(logits),
+            min_items,
+        )
+        return None
+    temperature = fit_temperature(logits, targets)
+    for bound in (MIN_TEMPERATURE, MAX_TEMPERATURE):
+        if math.isclose(temperature, bound, rel_tol=1e-3):
+            log.warning(
+                "temperature T=%.4f fitted on %d val items is at the search bound %g: the val "
+                "split is too small or too easy to calibrate on",
+                temperature,
+                len(logits),
+                bound,
+            )
+    return temperature
 
 
 class TemperatureScaled(nn.Module):

@@ -24,7 +24,7 @@ from binloop.storage.blobstore import check_digest
 from schemas.base import BlobRef, utc_now
 from schemas.events import DatasetSnapshot, ModelMetrics, TrainingCompleted, TrainingRequested
 from schemas.taxonomy import Taxonomy
-from services.trainer.calibration import fit_temperature, with_temperature
+from services.trainer.calibration import temperature_on_val, with_temperature
 from services.trainer.data import (
     LoadedItems,
     ManifestDataset,
@@ -360,10 +360,11 @@ def _temperature(
     result: TrainResult, val_data: ManifestDataset, settings: TrainerSettings
 ) -> float:
     """Fitted on val when it is big enough to say something; 1 (no scaling) otherwise."""
-    if not settings.calibrate or len(val_data) < settings.min_val_items:
+    if not settings.calibrate:
         return 1.0
     logits = predict_logits(result.model, val_data.inputs).numpy()
-    return fit_temperature(logits, val_data.targets.numpy())
+    fitted = temperature_on_val(logits, val_data.targets.numpy(), settings.min_val_items)
+    return 1.0 if fitted is None else fitted
 
 
 def _notes(result: TrainResult, train: int, val: int, skipped: int, temperature: float) -> str:

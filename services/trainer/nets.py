@@ -254,11 +254,12 @@ def build_model(architecture: str, num_classes: int, *, pretrained: bool = False
 
 
 def load_weights(model: nn.Module, path: Path) -> list[str]:
-    """Loads a local checkpoint (a state dict, or a trainer checkpoint with a "model" entry)
+    """Loads a local checkpoint (a state dict, a {"model": state dict}, or our checkpoint.pt,
+    whose selected weights are taken: the best epoch's, the weight average when there is one)
     into `model`, also into a wrapped library network's `net`. Tensors whose shape differs
     (typically a head for other classes) are left as initialised; returns their names."""
     loaded = torch.load(path, map_location="cpu", weights_only=True)
-    state: Mapping[str, torch.Tensor] = loaded.get("model", loaded)
+    state: Mapping[str, torch.Tensor] = loaded.get("best_state", loaded.get("model", loaded))
     target: nn.Module = model
     own = model.state_dict()
     inner = getattr(model, "net", None)

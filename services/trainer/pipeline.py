@@ -5,6 +5,7 @@ a self-contained output folder with the model card, and the run tracked in W&B (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,8 +21,8 @@ from binloop.ml.preprocess import FloatArray, Preprocessor, softmax
 from schemas.base import utc_now
 from schemas.taxonomy import Taxonomy
 from services.trainer.calibration import (
-    fit_temperature,
     negative_log_likelihood,
+    temperature_on_val,
     with_temperature,
 )
 from services.trainer.data import LoadedItems, ManifestDataset
@@ -74,6 +75,8 @@ class PipelineConfig:
     input_size: tuple[int, int] = (64, 64)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    """mean/std normalise every input and are what augmentation un-normalises with: they
+    replace train.mean/train.std."""
     pretrained: bool = False
     weights: Path | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -149,6 +152,23 @@ def _check_data(data: SplitData) -> None:
         )
 
 
+def checkpoint_fingerprint(config: PipelineConfig, data: SplitData) -> dict[str, Any]:
+    """What a checkpoint was trained on besides its TrainConfig; `--resume` refuses a checkpoint
+    whose fingerprint differs (a changed split rule or dataset could put images it was trained
+    on into the test split)."""
+    return {
+        "split": data.rule.describe(),
+        "train_split_id": data.content_id("train"),
+        "val_split_id": data.content_id("val"),
+        "test_split_id": data.content_id("test"),
+        "input_size": list(config.input_size),
+        "mean": list(config.mean),
+        "std": list(config.std),
+        "architecture": config.architecture,
+        "classes": data.classes,
+    }
+
+
 def _parity_batch(*arrays: FloatArray) -> FloatArray:
     batch: FloatArray = np.concatenate([a[:PARITY_BATCH] for a in arrays])[:PARITY_BATCH]
     return batch
@@ -185,14 +205,16 @@ def run_pipeline(
         if on_epoch is not None:
             on_epoch(stats)
 
+    train_config = dataclasses.replace(config.train, mean=config.mean, std=config.std)
     result = train_classifier(
         fresh_model,
         ManifestDataset(train, classes),
         ManifestDataset(val, classes) if len(val) else None,
-        config.train,
+        train_config,
         device=device,
         checkpoint_path=out / CHECKPOINT,
         resume=config.resume,
+        fingerprint=checkpoint_fingerprint(config, data),
         on_epoch=epoch_done,
         on_batch=on_batch,
     )
@@ -202,12 +224,14 @@ def run_pipeline(
     test_targets = _targets(test, classes)
     test_logits = predict_logits(model, torch.from_numpy(test.inputs)).numpy()
     temperature, nll_before, nll_after = 1.0, None, None
-    if config.calibrate and len(val):
+    if config.calibrate:
         val_logits = predict_logits(model, torch.from_numpy(val.inputs)).numpy()
         val_targets = _targets(val, classes)
-        temperature = fit_temperature(val_logits, val_targets)
-        nll_before = negative_log_likelihood(val_logits, val_targets)
-        nll_after = negative_log_likelihood(val_logits, val_targets, temperature)
+        fitted = temperature_on_val(val_logits, val_targets, train_config.min_val_items)
+        if fitted is not None:
+            temperature = fitted
+            nll_before = negative_log_likelihood(val_logits, val_targets)
+            nll_after = negative_log_likelihood(val_logits, val_targets, temperature)
     calibration = Calibration(
         temperature=temperature,
         val_nll_before=nll_before,
@@ -336,7 +360,17 @@ def _card_notes(data: SplitData, calibration: Calibration, best: int, epochs: in
         f"{data.rule.describe()}; items train {counts['train']}, val {counts['val']}, "
         f"test {counts['test']} (test split id {data.content_id('test')}); "
         f"{len(data.skipped)} unreadable entries skipped. "
-        f"Trained {epochs} epochs, kept epoch {best}. "
+        f"Trained {epochs} epochs, kept epoch {best}. " + _temperature_note(calibration)
+    )
+
+
+def _temperature_note(calibration: Calibration) -> str:
+    if calibration.val_nll_before is None:
+        return (
+            "No temperature scaling (T=1: calibration off, or a val split under min_val_items); "
+            f"test ECE {calibration.test_ece_before:.4f}."
+        )
+    return (
         f"Temperature scaling T={calibration.temperature:.4f} (fitted on val) is built into the "
         f"ONNX graph: its logits are already divided by T, so softmax(logits) is calibrated "
         f"(test ECE {calibration.test_ece_before:.4f} -> {calibration.test_ece_after:.4f})."

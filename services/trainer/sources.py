@@ -43,9 +43,16 @@ class SourceImage:
     """One labeled image, not yet read."""
 
     name: str
-    """Stable identity inside the source (relative path, blob key): messages and name splits."""
+    """Identity inside the source (relative path, blob key, task): messages and name splits."""
     label: str
     read: Callable[[], bytes]
+    split_name: str | None = None
+    """What a split by name hashes when `name` is not stable across machines (a Label Studio
+    task's name holds where --image-root put its image); None: `name`."""
+
+    @property
+    def name_for_split(self) -> str:
+        return self.name if self.split_name is None else self.split_name
 
 
 @dataclass
@@ -229,7 +236,12 @@ def label_studio_export(path: Path, *, image_root: Path | None = None) -> Source
         if local is None:
             skipped[f"task {task.task_id}"] = f"image {task.image} is not a local file"
             continue
-        images.append(SourceImage(f"task {task.task_id}: {local}", task.label, _file_reader(local)))
+        # Split by the reference the export holds, not by where this machine mounts the image.
+        images.append(
+            SourceImage(
+                f"task {task.task_id}: {local}", task.label, _file_reader(local), task.image
+            )
+        )
     return SourceImages(images, f"Label Studio export {path}", skipped)
 
 
@@ -252,7 +264,7 @@ def load_and_split(source: SourceImages, preprocessor: Preprocessor, rule: Split
             skipped[image.name] = f"{type(exc).__name__}: {exc}"
             continue
         digest = sha256_hex(data)
-        split = rule.split_of(image.name, digest)
+        split = rule.split_of(image.name_for_split, digest)
         inputs[split].append(array)
         labels[split].append(image.label)
         names[split].append(image.name)

@@ -6,10 +6,11 @@ the validation split."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,8 @@ from services.trainer.mixing import BatchMixer
 log = logging.getLogger(__name__)
 
 Balance = Literal["loss", "sampler", "none"]
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+"""3: the fingerprint of the data and model, and whether the gradient scaler was on."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     min_val_items: int = 20
-    """Below this many validation items their accuracy is mostly noise: keep the last epoch."""
+    """Below this many validation items their accuracy and NLL are mostly noise: keep the last
+    epoch, and fit no temperature (T = 1)."""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     flip_probability: float = 0.5
@@ -213,6 +216,36 @@ def _sampler(
     )
 
 
+def _loader(
+    data: ManifestDataset, config: TrainConfig, generator: torch.Generator
+) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled (or weighted-sampled) batches. A last batch of one item is dropped (a different
+    item each epoch): batch norm in train mode cannot normalise a single value per channel,
+    which is what one item gives once a network's feature map is down to 1x1. A dataset no
+    larger than one batch is never dropped."""
+    sampler = _sampler(data, config, generator)
+    return DataLoader(
+        data,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator if sampler is None else None,
+        drop_last=len(data) > config.batch_size and len(data) % config.batch_size == 1,
+    )
+
+
+Fingerprint = Mapping[str, Any]
+"""What a checkpoint was trained on beyond TrainConfig (data splits, input, network, classes):
+JSON values by name; a resume with another fingerprint is refused."""
+
+
+def _plain(fingerprint: Fingerprint | None) -> dict[str, Any]:
+    """JSON-plain values (tuples become lists), so a fingerprint compares equal to itself after
+    a round trip through a checkpoint."""
+    plain: dict[str, Any] = json.loads(json.dumps(dict(fingerprint or {})))
+    return plain
+
+
 def _save_atomically(state: dict[str, Any], path: Path) -> None:
     """A crash while saving leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,22 +263,17 @@ class _Run:
         train_data: ManifestDataset,
         config: TrainConfig,
         device: str,
+        fingerprint: Fingerprint | None = None,
     ) -> None:
         self.config = config
         self.device = device
+        self.fingerprint = _plain(fingerprint)
         self.model = build_model().to(device)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.augment = Augmenter(config, torch.Generator().manual_seed(config.seed + 1))
         self.mix = BatchMixer(config.mixup_alpha, config.cutmix_alpha, config.seed + 2)
         self.average = WeightAverage(self.model, config.ema_decay) if config.ema_decay > 0 else None
-        sampler = _sampler(train_data, config, self.shuffle)
-        self.loader = DataLoader(
-            train_data,
-            batch_size=config.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            generator=self.shuffle if sampler is None else None,
-        )
+        self.loader = _loader(train_data, config, self.shuffle)
         weights = class_weights(train_data.class_counts()).to(device)
         self.criterion = nn.CrossEntropyLoss(
             weight=weights if config.balance == "loss" else None,
@@ -308,6 +336,8 @@ class _Run:
         return {
             "format": CHECKPOINT_FORMAT,
             "config": asdict(self.config),
+            "fingerprint": self.fingerprint,
+            "amp": self.amp,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -327,29 +357,47 @@ class _Run:
             "average": self.average.state_dict() if self.average is not None else None,
         }
 
+    def _changed_settings(self, state: dict[str, Any]) -> list[str]:
+        config, fingerprint = asdict(self.config), self.fingerprint
+        saved_config, saved_fingerprint = state["config"], state["fingerprint"]
+        changed = {
+            k for k in config.keys() | saved_config.keys() if saved_config.get(k) != config.get(k)
+        }
+        changed |= {
+            k
+            for k in fingerprint.keys() | saved_fingerprint.keys()
+            if saved_fingerprint.get(k) != fingerprint.get(k)
+        }
+        return sorted(changed)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a checkpoint onto this run's device, whatever device wrote it or it was
+        loaded onto (load it onto the CPU: nothing has to travel twice)."""
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
-        if state["config"] != asdict(self.config):
-            changed = sorted(
-                k for k, v in asdict(self.config).items() if state["config"].get(k) != v
-            )
+        changed = self._changed_settings(state)
+        if changed:
             raise ValueError(f"the checkpoint was trained with other settings: {changed}")
+        # Both copy into (or cast to) the tensors already on this run's device.
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        # A run without the scaler (CPU, or AMP off) saved an empty state, which an enabled
+        # scaler refuses; it then starts afresh, as it would at epoch 1.
+        if self.amp and state["amp"] and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         self.history = [EpochStats(**stats) for stats in state["history"]]
         self.best_score = state["best_score"]
         self.best_state = state["best_state"]
         self.best_epoch = state["best_epoch"]
         self.stopped = state["stopped"]
+        # Generator states are accepted as CPU ByteTensors only, even a CUDA generator's.
         rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
+        torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] and self.device.startswith("cuda"):
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.shuffle.set_state(rng["shuffle"])
-        self.augment.generator.set_state(rng["augment"])
+            torch.cuda.set_rng_state_all([generator.cpu() for generator in rng["cuda"]])
+        self.shuffle.set_state(rng["shuffle"].cpu())
+        self.augment.generator.set_state(rng["augment"].cpu())
         self.mix.load_state_dict(rng["mix"])
         if self.average is not None:
             self.average.load_state_dict(state["average"])
@@ -364,6 +412,7 @@ def train_classifier(
     *,
     checkpoint_path: Path | None = None,
     resume: bool = False,
+    fingerprint: Fingerprint | None = None,
     on_epoch: EpochCallback | None = None,
     on_batch: BatchCallback | None = None,
 ) -> TrainResult:
@@ -374,20 +423,23 @@ def train_classifier(
     otherwise the last epoch wins (its val metrics are still recorded).
 
     With `checkpoint_path` the whole training state (weights, optimizer, schedule, random
-    generators, history) is saved after every epoch; `resume=True` continues from it, and the
-    next epoch is exactly the one the interrupted run would have trained.
+    generators, history) is saved after every epoch, with `fingerprint` (what the data and
+    model are); `resume=True` continues from it, and the next epoch is exactly the one the
+    interrupted run would have trained. A checkpoint of another config or fingerprint is
+    refused with the names of what differs.
     """
-    if len(train_data) == 0:
-        raise ValueError("no training items")
+    if len(train_data) < 2:
+        # Batch norm cannot normalise a single item in train mode.
+        raise ValueError(f"{len(train_data)} training items; training needs at least 2")
     resumed_from: int | None = None
     # fork_rng keeps our seeding from leaking into (or depending on) the rest of the process.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        run = _Run(build_model, train_data, config, device)
+        run = _Run(build_model, train_data, config, device, fingerprint)
         if resume and checkpoint_path is not None and checkpoint_path.exists():
-            run.load_state_dict(
-                torch.load(checkpoint_path, map_location=device, weights_only=False)
-            )
+            # Onto the CPU: torch.set_rng_state and Generator.set_state take CPU tensors only;
+            # load_state_dict puts weights and optimizer state on the run's device.
+            run.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=False))
             resumed_from = run.epoch
             log.info("resumed from %s after epoch %d", checkpoint_path, run.epoch)
         select_on_val = val_data is not None and len(val_data) >= config.min_val_items
