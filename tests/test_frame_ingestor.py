@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import shutil
+import zlib
 from collections import Counter
 from collections.abc import Generator
 from datetime import UTC, datetime
@@ -86,6 +87,25 @@ def test_jpeg_passes_through_and_other_formats_are_reencoded() -> None:
         as_jpeg(original[: len(original) // 2], quality=90)
     with pytest.raises(CorruptFrameError, match="do not decode"):
         as_jpeg(b"definitely not an image", quality=90)
+
+
+def test_an_image_whose_header_claims_too_many_pixels_is_refused_at_capture() -> None:
+    """Passed through as is, such a frame would fail every reader (edge, trainer) later."""
+    original = bytearray(_demo_jpegs(1)[0].read_bytes())
+    width, height = jpeg_size(bytes(original)) or (0, 0)
+    at = original.find(height.to_bytes(2, "big") + width.to_bytes(2, "big"))
+    original[at : at + 4] = (65000).to_bytes(2, "big") * 2  # SOF's height and width
+    assert jpeg_size(bytes(original)) == (65000, 65000)
+    with pytest.raises(CorruptFrameError, match="claims 65000x65000 pixels"):
+        as_jpeg(bytes(original), quality=90)
+    image = np.zeros((2, 2, 3), dtype=np.uint8)
+    ok, png = cv2.imencode(".png", image)
+    assert ok
+    huge = bytearray(png.tobytes())
+    huge[16:24] = (65000).to_bytes(4, "big") * 2  # IHDR width and height, then its CRC
+    huge[29:33] = zlib.crc32(bytes(huge[12:29])).to_bytes(4, "big")
+    with pytest.raises(CorruptFrameError, match="refuses to decode"):
+        as_jpeg(bytes(huge), quality=90)
 
 
 # --- sources -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ _DEFAULT_MAX_IMAGE_PIXELS = 1 << 30
 otherwise (imgcodecs/src/loadsave.cpp)."""
 
 
-def _max_image_pixels() -> int:
+def max_image_pixels() -> int:
     configured = os.environ.get("CV_IO_MAX_IMAGE_PIXELS", "")
     return int(configured) if configured.isdigit() else _DEFAULT_MAX_IMAGE_PIXELS
 
@@ -34,7 +34,7 @@ def _refused(data: bytes, exc: cv2.error) -> CorruptFrameError:
     if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
         return CorruptFrameError(
             f"{len(data)} bytes whose header claims more than OpenCV's limit of "
-            f"{_max_image_pixels()} pixels (CV_IO_MAX_IMAGE_PIXELS)"
+            f"{max_image_pixels()} pixels (CV_IO_MAX_IMAGE_PIXELS)"
         )
     reason = str(exc.err) if exc.err else str(exc).strip()
     return CorruptFrameError(f"{len(data)} bytes that OpenCV refuses to decode: {reason}")

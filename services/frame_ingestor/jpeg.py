@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from binloop.errors import CorruptFrameError
+from binloop.ml.preprocess import max_image_pixels
 
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
@@ -64,6 +65,16 @@ def encode_jpeg(bgr: npt.NDArray[np.uint8], quality: int) -> JpegFrame:
     return JpegFrame(buffer.tobytes(), int(width), int(height))
 
 
+def _check_pixels(data: bytes, width: int, height: int) -> None:
+    """A header claiming more pixels than OpenCV decodes (bit rot, a hostile file) would pass
+    through untouched and fail every reader of the spooled frame instead."""
+    if width * height > max_image_pixels():
+        raise CorruptFrameError(
+            f"{len(data)} bytes of JPEG whose header claims {width}x{height} pixels, over "
+            f"OpenCV's limit of {max_image_pixels()} (CV_IO_MAX_IMAGE_PIXELS)"
+        )
+
+
 def as_jpeg(data: bytes, quality: int) -> JpegFrame:
     """A complete JPEG is returned as is (no generation loss); other images are decoded and
     re-encoded. Raises CorruptFrameError for bytes that are not a usable image."""
@@ -75,8 +86,13 @@ def as_jpeg(data: bytes, quality: int) -> JpegFrame:
             raise CorruptFrameError(f"{len(data)} bytes of JPEG without an end-of-image marker")
         size = jpeg_size(data)
         if size is not None:
+            _check_pixels(data, *size)
             return JpegFrame(data, *size)
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as exc:  # e.g. a PNG header claiming more pixels than OpenCV decodes
+        message = f"{len(data)} bytes that OpenCV refuses to decode: {exc.err}"
+        raise CorruptFrameError(message) from exc
     if image is None:
         raise CorruptFrameError(f"{len(data)} bytes that do not decode as an image")
     return encode_jpeg(np.asarray(image, dtype=np.uint8), quality)
