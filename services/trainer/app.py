@@ -1,8 +1,10 @@
 """The trainer service: datasets.snapshot / training.requested in, training.completed out.
 
-Training runs in a worker thread, one run at a time; the bus wrapper keeps the message alive
-while it works. The current champion (the parent of the next model) is followed from
-models.promoted and models.rolled_back.
+Training runs in a worker process (binloop.worker), one run at a time, so it never holds up
+the service's event loop (nor, in `binloop up`, the other services'); the bus wrapper keeps
+the message alive while it works, and a stop or a taken-back message stops the training too.
+The current champion (the parent of the next model) is followed from models.promoted and
+models.rolled_back.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from binloop.bus import Delivery, Outgoing, subscribe
 from binloop.datasets import DatasetManifest
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
-from binloop.storage import BlobStore, open_store, training_run_key
+from binloop.storage import open_store, training_run_key
+from binloop.worker import WorkerProcess
 from schemas.base import Event
 from schemas.events import (
     DatasetSnapshot,
@@ -83,14 +86,40 @@ def _outcome_of(error: BaseException) -> str:
     return "insufficient_data" if isinstance(error, InsufficientDataError) else "failed"
 
 
-def create_app(settings: TrainerSettings, store: BlobStore | None = None) -> ServiceApp:
+_eval_sets: dict[tuple[str, str], EvalSet] = {}
+"""The worker process's evaluation set, decoded on its first training."""
+
+
+def train_and_record(
+    settings: TrainerSettings,
+    manifest: DatasetManifest,
+    parent_version: int | None,
+    record_key: str,
+    producer: str,
+) -> TrainingCompleted:
+    """One training, in the worker process: train, store the model, then store the
+    announcement under `record_key` before it is returned (and published)."""
+    store = open_store(settings)
+    key = (str(settings.eval_dir), settings.eval_dataset_name)
+    if key not in _eval_sets:
+        _eval_sets[key] = load_eval_set(store, settings)
+    outcome = run_training(
+        store, manifest, _eval_sets[key], settings, parent_version=parent_version
+    )
+    completed = outcome.completed_event(producer)
+    store.put(record_key, completed.model_dump_json().encode(), "application/json")
+    return completed
+
+
+def create_app(settings: TrainerSettings) -> ServiceApp:
     service = new_service("trainer", settings)
     service.declare_publishes(TRAINING_COMPLETED)
     for outcome in ("completed", "failed", "insufficient_data"):
         # Every outcome exists from the start, so increase() sees a Job's first failure.
         metrics.TRAINING_RUNS.labels(outcome)
-    blob_store = store or open_store(settings)
+    blob_store = open_store(settings)
     state = TrainerState()
+    worker = WorkerProcess("trainer-training")
 
     async def prepare_eval_set(_: JetStreamContext) -> None:
         state.eval_set = await asyncio.to_thread(load_eval_set, blob_store, settings)
@@ -98,15 +127,18 @@ def create_app(settings: TrainerSettings, store: BlobStore | None = None) -> Ser
     async def seed_champion(js: JetStreamContext) -> None:
         await recall_champion(js, settings.model_name, state)
 
+    async def stop_worker() -> None:
+        await asyncio.to_thread(worker.close)
+
     service.on_start.extend([prepare_eval_set, seed_champion])
+    service.on_stop.append(stop_worker)
     service.ready_checks.append(lambda: state.eval_set is not None)
 
     async def train(load_manifest: Callable[[], DatasetManifest], cause: Event) -> list[Outgoing]:
         """Trains once per input event. The announcement is stored before it is published, so
         a redelivery (the input's ack was lost after training.completed went out) announces
         that model again instead of training and registering another version."""
-        eval_set = state.eval_set
-        if eval_set is None:  # on_start loads it before any consumer runs
+        if state.eval_set is None:  # on_start loads (and checks) it before any consumer runs
             raise RuntimeError("the evaluation set is not loaded")
         record_key = training_run_key(settings.model_name, str(cause.event_id))
         async with state.one_run_at_a_time:
@@ -116,14 +148,6 @@ def create_app(settings: TrainerSettings, store: BlobStore | None = None) -> Ser
                 if not blob_store.exists(record_key):
                     return None
                 return TrainingCompleted.model_validate_json(blob_store.get(record_key))
-
-            def work() -> TrainingCompleted:
-                outcome = run_training(
-                    blob_store, load_manifest(), eval_set, settings, parent_version=parent
-                )
-                completed = outcome.completed_event(service.producer)
-                blob_store.put(record_key, completed.model_dump_json().encode(), "application/json")
-                return completed
 
             earlier = await asyncio.to_thread(announced_before)
             if earlier is not None:
@@ -135,7 +159,10 @@ def create_app(settings: TrainerSettings, store: BlobStore | None = None) -> Ser
                 )
                 return [Outgoing(TRAINING_COMPLETED, earlier)]
             try:
-                completed = await asyncio.to_thread(work)
+                manifest = await asyncio.to_thread(load_manifest)
+                completed = await worker.call(
+                    train_and_record, settings, manifest, parent, record_key, service.producer
+                )
             except Exception as exc:  # counted, then retried or dead-lettered by the bus
                 metrics.TRAINING_RUNS.labels(_outcome_of(exc)).inc()
                 raise

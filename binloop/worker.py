@@ -1,0 +1,139 @@
+"""A spawned worker process for CPU-heavy work (training) that a service awaits.
+
+Why not a thread: a thread that trains holds the GIL between torch operations, and every
+I/O wake-up of the service's event loop (acks, heartbeats, and in `binloop up` all eight
+services of the loop) then waits for it: the demo's frame-to-actuation p99 rose from ~0.1 s
+to over 6 s during a training, and the actuator refused items as stale. A thread cannot be
+stopped either, so a service that stops keeps training. A process has its own interpreter,
+and is killed when the awaiting task is cancelled.
+
+One process serves one call at a time and is reused (torch is imported once); a call that
+is cancelled, or a process that dies, costs the process: the next call starts a fresh one.
+The function and its arguments are pickled (a module-level function, pydantic models and
+settings are fine); so are its result and its exception, raised again here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, TypeVar, cast
+
+from binloop.errors import TransientError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class WorkerDiedError(TransientError):
+    """The worker process ended during a call (killed, out of memory, a crash in native code)."""
+
+
+def _serve(connection: Connection, log_level: int) -> None:
+    """The worker's loop: receive (function, args), send back ("ok", result) or ("error", e)."""
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s [worker]: %(message)s"
+    )
+    while True:
+        try:
+            function, args = connection.recv()
+        except EOFError:  # the service closed its end: nothing more to do
+            return
+        try:
+            reply: tuple[str, object] = ("ok", function(*args))
+        except Exception as exc:  # sent back to the caller, who raises it
+            reply = ("error", exc)
+        try:
+            connection.send(reply)
+        except Exception as exc:  # an unpicklable result or exception
+            connection.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}; {reply!r}")))
+
+
+class WorkerProcess:
+    """`await worker.call(fn, *args)` runs `fn(*args)` in the worker process."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._context = multiprocessing.get_context("spawn")
+        self._process: BaseProcess | None = None
+        self._connection: Connection | None = None
+        self._busy = asyncio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def _ensure_started(self) -> Connection:
+        if self._process is not None and self._process.is_alive() and self._connection:
+            return self._connection
+        self._discard()
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(
+            target=_serve,
+            args=(theirs, logging.getLogger().getEffectiveLevel()),
+            name=self.name,
+            daemon=True,
+        )
+        process.start()
+        theirs.close()
+        self._process, self._connection = process, ours
+        log.info("%s: worker process %d started", self.name, process.pid)
+        return ours
+
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        async with self._busy:
+            connection = self._ensure_started()
+            connection.send((function, args))
+            done = threading.Event()
+
+            def receive() -> tuple[str, object]:
+                try:
+                    return cast(tuple[str, object], connection.recv())
+                finally:
+                    done.set()
+
+            try:
+                status, value = await asyncio.shield(asyncio.to_thread(receive))
+            except asyncio.CancelledError:
+                # The caller gave up (the service stops, or the message is taken back): the
+                # work must stop too, not go on in the background. Killing the process ends
+                # the pending receive (EOF) before the connection is closed under it.
+                self._kill()
+                await asyncio.to_thread(done.wait, 10.0)
+                self._discard()
+                raise
+            except (EOFError, OSError) as exc:
+                code = None
+                if self._process is not None:
+                    await asyncio.to_thread(self._process.join, 10.0)
+                    code = self._process.exitcode
+                self._discard()
+                raise WorkerDiedError(
+                    f"{self.name}: the worker process ended during {function.__name__} "
+                    f"(exit code {code})"
+                ) from exc
+        if status == "error":
+            raise cast(BaseException, value)
+        return cast(T, value)
+
+    def _kill(self) -> None:
+        process = self._process
+        if process is not None and process.is_alive():
+            process.kill()
+            process.join(timeout=10)
+            log.info("%s: worker process %d stopped", self.name, process.pid)
+
+    def _discard(self) -> None:
+        self._kill()
+        if self._connection is not None:
+            self._connection.close()
+        self._process = self._connection = None
+
+    def close(self) -> None:
+        """Stops the worker process (and whatever it was doing)."""
+        self._discard()

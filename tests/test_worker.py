@@ -1,0 +1,62 @@
+"""The worker process that services hand CPU-heavy work to (the trainer's training): results
+and errors come back, the process is reused, and a cancelled call or a dead process never
+leaves work running or a service stuck."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import os
+import threading
+import time
+
+import pytest
+
+from binloop.worker import WorkerDiedError, WorkerProcess
+
+
+@pytest.fixture
+def worker() -> WorkerProcess:
+    process = WorkerProcess("test-worker")
+    yield process  # type: ignore[misc]
+    process.close()
+
+
+async def test_a_call_runs_in_another_process_which_is_reused(worker: WorkerProcess) -> None:
+    assert await worker.call(operator.add, 2, 3) == 5
+    first = await worker.call(os.getpid)
+    assert first != os.getpid()
+    assert await worker.call(os.getpid) == first == worker.pid
+
+
+async def test_the_functions_exception_is_raised_in_the_caller(worker: WorkerProcess) -> None:
+    with pytest.raises(ValueError, match="invalid literal"):
+        await worker.call(int, "not a number")
+    assert await worker.call(operator.mul, 6, 7) == 42  # the same process goes on
+
+
+async def test_a_result_that_cannot_travel_back_is_an_error_not_a_hang(
+    worker: WorkerProcess,
+) -> None:
+    with pytest.raises(RuntimeError, match="pickle"):
+        await worker.call(threading.Lock)
+
+
+async def test_a_cancelled_call_stops_the_work_and_the_next_call_gets_a_fresh_process(
+    worker: WorkerProcess,
+) -> None:
+    pid = await worker.call(os.getpid)
+    busy = asyncio.create_task(worker.call(time.sleep, 600))
+    await asyncio.sleep(0.5)  # under way (a cancel before the worker read it is fine too)
+    busy.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await busy
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone, not sleeping on in the background
+    assert await worker.call(os.getpid) not in (pid, None)
+
+
+async def test_a_worker_that_dies_mid_call_is_a_transient_error(worker: WorkerProcess) -> None:
+    with pytest.raises(WorkerDiedError, match="exit code 3"):
+        await worker.call(os._exit, 3)
+    assert await worker.call(operator.add, 1, 1) == 2
