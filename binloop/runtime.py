@@ -18,6 +18,7 @@ from binloop import __version__
 from binloop.bus import Publisher, ensure_streams, make_broker
 from binloop.bus.consume import RetryPolicy
 from binloop.bus.consumers import declared_consumers, update_declared_consumers
+from binloop.bus.outages import unavailable_consumers
 from binloop.observability.http import HealthServer
 from binloop.settings import ServiceSettings
 from schemas.events import FleetHeartbeat
@@ -74,12 +75,15 @@ class ServiceApp:
         self.declare_publishes(FLEET_HEARTBEAT, bin_id=beat().bin_id)
 
     def is_ready(self) -> bool:
+        """Started, connected, background tasks alive, every consumer served by JetStream
+        (binloop/bus/outages.py), and the service's own checks."""
         connected = bool(
             self._started
             and self.broker.config.connection_state.connection
             and self.broker.connection.is_connected
         )
         healthy = connected and not self._background_failed
+        healthy = healthy and not unavailable_consumers(self.broker)
         return healthy and all(check() for check in self.ready_checks)
 
     @property
@@ -148,7 +152,7 @@ class ServiceApp:
 
     async def _connect_and_prepare(self) -> None:
         await self.broker.connect()
-        await ensure_streams(self.js)
+        await ensure_streams(self.js, self.settings.stream_replicas)
         await update_declared_consumers(self.js, self.broker)
         for hook in self.on_start:
             await hook(self.js)
@@ -203,10 +207,22 @@ class ServiceApp:
         self._tasks.clear()
 
     async def stop_extras(self) -> None:
-        """Consumers stop first (no new work), then tasks and hooks (drivers, servers)."""
+        """Consumers stop first (no new work), then tasks and hooks (drivers, servers).
+
+        Every consumer stops taking work before any waits for its handlers, and they wait
+        together: one at a time, the others would go on fetching and starting handlers while
+        a busy one drained, and the stop would last the sum of their waits (each up to
+        GRACEFUL_STOP_S, binloop/bus/broker.py) instead of the longest."""
         self._started = False
-        for subscriber in self.broker.subscribers:
-            await subscriber.stop()
+        subscribers = list(self.broker.subscribers)
+        for subscriber in subscribers:
+            subscriber.running = False  # FastStream's loops fetch and consume only while set
+        outcomes = await asyncio.gather(
+            *(subscriber.stop() for subscriber in subscribers), return_exceptions=True
+        )
+        errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+        if errors:  # raised once every consumer is stopped, not while others still drain
+            raise ExceptionGroup(f"{self.name}: stopping its consumers failed", errors)
         for unfinished in self.publisher.unfinished:
             await unfinished()  # acks of outputs already sent, while the connection is up
         await self._cancel_tasks()

@@ -58,9 +58,17 @@ class ServiceSettings(BaseSettings):
         default=5,
         ge=1,
         le=100,
-        description="Attempts before a message that keeps failing is dead-lettered",
+        description="Failures (not not-ready retries) after which a message is dead-lettered",
     )
     retry_delay_s: float = Field(default=2.0, gt=0, le=3600, description="Delay before a retry")
+    stream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Copies JetStream keeps of each stream and of the registry's bucket, one "
+        "per server: 1 on a single server (embedded, a bin, compose), 3 on the k8s hub's "
+        "3-server cluster. A stream that already has more keeps them",
+    )
     instance: str = Field(
         default="",
         pattern=r"^[A-Za-z0-9_-]{0,64}$",

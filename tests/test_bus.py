@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, TypeVar, cast
 
+import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
-from binloop.bus import Delivery, Outgoing, PendingAcks, subscribe, subscribe_batch
-from binloop.bus.consume import EventHandler
+from binloop.bus import Delivery, Outgoing, PendingAcks, ensure_streams, subscribe, subscribe_batch
+from binloop.bus.consume import EventHandler, FailureCounts, RetryPolicy
 from binloop.bus.publish import PublishTimeoutError
-from binloop.errors import PermanentError, TransientError
+from binloop.errors import NotReadyError, PermanentError, TransientError
+from binloop.natsserver import NatsServer
+from binloop.process import free_port
 from binloop.runtime import ServiceApp, new_service
 from binloop.settings import ServiceSettings
 from schemas import DeadLetter, TrainingRequested
 from schemas.routes import DLQ, STREAMS, TRAINING_REQUESTED, Route
-from tests.helpers import Collector
+from tests.helpers import Collector, eventually
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.integration
 
@@ -525,3 +536,386 @@ async def test_a_stop_does_not_wait_for_ever_on_a_task_that_swallowed_its_cancel
     await asyncio.sleep(0)  # the task is running
     await asyncio.wait_for(service.stop(), 30)
     assert cancels == 2
+
+
+# --- what counts as a failure (binloop/bus/consume.py) ------------------------------------------
+
+
+async def _publish_request(js: JetStreamContext, name: str) -> None:
+    event = TrainingRequested(producer="test", dataset_name=name, occurred_at=datetime.now(UTC))
+    await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+
+
+async def test_not_ready_retries_are_not_failures_and_do_not_bring_the_dead_letter_closer(
+    js: JetStreamContext, nats_client: Client, nats_server: Any
+) -> None:
+    """max_deliveries=3. Both messages find the service not ready for their first 3 deliveries
+    (retried without limit). Then "recovers" fails once and is handled at the next delivery;
+    "broken" keeps failing and is dead-lettered at its third failure, its sixth delivery."""
+    service = new_service("notready", _settings(nats_server.url))
+    handled = asyncio.Event()
+    attempts: dict[str, list[int]] = {"recovers": [], "broken": []}
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        name = delivery.event.dataset_name
+        attempts[name].append(delivery.attempt)
+        if delivery.attempt <= 3:
+            raise NotReadyError("no model loaded yet")
+        if name == "broken" or delivery.attempt == 4:
+            raise TransientError("object store blip")
+        handled.set()
+        return []
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="notready",
+        policy=service.policy,
+    )
+    dlq = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
+    await service.start()
+    try:
+        await _publish_request(js, "recovers")
+        await _publish_request(js, "broken")
+        await asyncio.wait_for(handled.wait(), 20)
+        (letter,) = await dlq.wait_for(1)
+    finally:
+        await service.stop()
+    assert attempts["recovers"] == [1, 2, 3, 4, 5]
+    assert attempts["broken"] == [1, 2, 3, 4, 5, 6]
+    assert '"broken"' in letter.payload_preview
+    assert letter.error_type == "TransientError"
+    assert letter.delivery_attempt == 6
+
+
+async def test_a_failure_after_delivery_backstop_deliveries_is_the_last(
+    js: JetStreamContext, nats_client: Client, nats_server: Any
+) -> None:
+    """The count of failures is the process's; JetStream's delivery count still ends a message
+    whose failures were spread over restarts. Here the backstop is 3 deliveries."""
+    service = new_service("backstop", _settings(nats_server.url))
+    attempts: list[int] = []
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        attempts.append(delivery.attempt)
+        if delivery.attempt < 3:
+            raise NotReadyError("not yet")
+        raise TransientError("store down")
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="backstop",
+        policy=RetryPolicy(max_deliveries=100, retry_delay_s=0.05, delivery_backstop=3),
+    )
+    dlq = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
+    await service.start()
+    try:
+        await _publish_request(js, "d")
+        (letter,) = await dlq.wait_for(1)
+    finally:
+        await service.stop()
+    assert attempts == [1, 2, 3]
+    assert letter.delivery_attempt == 3
+
+
+def test_failure_counts_are_per_message_and_forget_the_least_recently_failed() -> None:
+    counts = FailureCounts(capacity=2)
+    first, second, third = ("ENGINE", "c", 1), ("ENGINE", "c", 2), ("ENGINE", "c", 3)
+    assert counts.add(first) == 1
+    assert counts.add(second) == 1
+    assert counts.add(first) == 2
+    assert counts.add(third) == 1  # over capacity: `second` failed least recently
+    assert len(counts) == 2
+    assert counts.add(second) == 1
+    assert counts.add(third) == 2
+    counts.forget(third)  # acked or dead-lettered
+    assert counts.add(third) == 1
+    counts.forget(None)  # a message without JetStream metadata has no key
+    with pytest.raises(ValueError, match="must be >= 1"):
+        FailureCounts(capacity=0)
+
+
+async def test_a_handler_that_returns_something_unusable_is_dead_lettered_not_left_hanging(
+    js: JetStreamContext, nats_client: Client, nats_server: Any
+) -> None:
+    """Deriving the outputs' ids is part of handling: a handler that returns an event where an
+    Outgoing belongs fails like any bug, instead of leaving its input unacked for ever."""
+    service = new_service("unusable", _settings(nats_server.url))
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        return [delivery.event]  # type: ignore[list-item]
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="unusable",
+        policy=service.policy,
+    )
+    dlq = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
+    await service.start()
+    try:
+        await _publish_request(js, "d")
+        (letter,) = await dlq.wait_for(1)
+    finally:
+        await service.stop()
+    assert letter.error_type == "AttributeError"
+    assert letter.delivery_attempt == 3
+    info = await js.consumer_info("ENGINE", "unusable")
+    assert info.num_ack_pending == 0
+
+
+async def test_the_in_progress_heartbeat_outlives_a_beat_the_connection_refused() -> None:
+    import nats.errors
+
+    from binloop.bus.consume import _Consumer
+
+    beats = 0
+    two_more = asyncio.Event()
+
+    class Message:
+        async def in_progress(self) -> None:
+            nonlocal beats
+            beats += 1
+            if beats == 1:
+                raise nats.errors.ConnectionReconnectingError
+            if beats == 3:
+                two_more.set()
+
+    consumer: _Consumer[TrainingRequested] = _Consumer(
+        cast(Any, SimpleNamespace(service="beats")), TRAINING_REQUESTED, RetryPolicy(), 0.03
+    )
+    heartbeat = asyncio.create_task(consumer.keep_alive([cast(Msg, Message())]))
+    try:
+        await asyncio.wait_for(two_more.wait(), 20)
+    finally:
+        heartbeat.cancel()
+    assert beats >= 3
+
+
+# --- consumers JetStream cannot serve (binloop/bus/outages.py) ----------------------------------
+
+
+def _count_fetches(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Outcomes of every pull fetch from now on, by exception name ("ok" for messages)."""
+    outcomes: Counter[str] = Counter()
+    original = JetStreamContext.PullSubscription.fetch
+
+    async def counting_fetch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = await original(self, *args, **kwargs)
+        except Exception as exc:
+            outcomes[type(exc).__name__] += 1
+            raise
+        outcomes["ok"] += 1
+        return result
+
+    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", counting_fetch)
+    return outcomes
+
+
+def _recording_subscriber(service: ServiceApp, durable: str) -> Collector[TrainingRequested]:
+    """Subscribes `service` to training.requested; what it handles lands in the collector."""
+    seen: Collector[TrainingRequested] = Collector(TrainingRequested)
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        seen.items.append(delivery.event)
+        seen._changed.set()
+        return []
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable=durable,
+        policy=service.policy,
+    )
+    return seen
+
+
+def _named(name: str) -> Callable[[list[TrainingRequested]], bool]:
+    return lambda events: any(e.dataset_name == name for e in events)
+
+
+async def test_a_deleted_consumer_is_created_again_and_consumption_resumes(
+    js: JetStreamContext, nats_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's `nats consumer rm` under a running service: the next fetch gets a 503,
+    the consumer is created again as declared, and what comes next is handled."""
+    service = new_service("lost", _settings(nats_server.url))
+    seen = _recording_subscriber(service, "lost")
+    await service.start()
+    try:
+        await _publish_request(js, "before")
+        await seen.wait_for(_named("before"))
+        await js.delete_consumer("ENGINE", "lost")
+        await _publish_request(js, "after")
+        await seen.wait_for(_named("after"))
+        info = await js.consumer_info("ENGINE", "lost")
+        assert service.is_ready()
+    finally:
+        await service.stop()
+    assert info.config.filter_subject == TRAINING_REQUESTED.subject()
+    assert info.config.ack_wait == 10.0
+    assert "created it again as declared" in caplog.text
+
+
+async def test_a_consumer_jetstream_cannot_serve_is_fetched_with_back_off_and_fails_readiness(
+    js: JetStreamContext,
+    nats_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its stream deleted, the consumer can be neither served nor created again: fetches back
+    off (FastStream alone refetched thousands of times a second), the outage is logged once,
+    and the service is not ready until the stream is back and the consumer with it."""
+    outcomes = _count_fetches(monkeypatch)
+    service = new_service("unserved", _settings(nats_server.url))
+    seen = _recording_subscriber(service, "unserved")
+    await service.start()
+    try:
+        await eventually(service.is_ready)
+        await js.delete_stream("ENGINE")
+        await eventually(lambda: not service.is_ready())
+        unavailable_before = outcomes["ServiceUnavailableError"]
+        await asyncio.sleep(2.0)  # a window to count fetches in, not a wait for something
+        unavailable_in_window = outcomes["ServiceUnavailableError"] - unavailable_before
+        await ensure_streams(js)
+        await eventually(service.is_ready, timeout=30)
+        await _publish_request(js, "back")
+        await seen.wait_for(_named("back"))
+    finally:
+        await service.stop()
+    assert unavailable_in_window < 50  # back-off: about 3; without it, thousands
+    outage_logs = [r for r in caplog.records if "is unavailable" in r.getMessage()]
+    assert len(outage_logs) == 1
+    assert outcomes["ServiceUnavailableError"] >= 3
+
+
+def test_fetch_back_off_grows_to_its_cap_and_the_fetch_is_wrapped_once() -> None:
+    from binloop.bus import fetch_timeouts, outages
+
+    delays = []
+    outage = outages._Outage()
+    for _ in range(12):
+        outage.unavailable += 1
+        delays.append(outage.backoff_s())
+    assert delays == sorted(delays)
+    assert delays[0] == outages.FIRST_BACKOFF_S
+    assert delays[-1] == outages.MAX_BACKOFF_S
+    outages.install()
+    fetch_timeouts.install()
+    layers = []
+    fetch: Any = JetStreamContext.PullSubscription.fetch
+    while fetch is not None:
+        layers.append(fetch)
+        fetch = getattr(fetch, "__wrapped__", None)
+    assert len(layers) == 3  # nats-py's fetch and one wrapper of each module
+
+
+# --- stream replicas on a 3-server cluster (deploy/k8s/base/nats/nats.yaml) ---------------------
+
+
+@contextlib.contextmanager
+def _three_server_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    ports = [free_port() for _ in range(3)]
+    routes = ",".join(f"nats://127.0.0.1:{port}" for port in ports)
+    servers = [
+        NatsServer(
+            tmp_path / f"s{i}",
+            extra_args=[
+                *("-n", f"s{i}", "--cluster_name", "binloop-hub"),
+                *("--cluster", f"nats://127.0.0.1:{ports[i]}", "--routes", routes),
+            ],
+        )
+        for i in range(3)
+    ]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def _when_jetstream_is_up(action: Callable[[], Awaitable[T]]) -> T:
+    """`action()` once the cluster's JetStream meta group has a leader (retried until then)."""
+    for _ in range(100):
+        try:
+            return await action()
+        except (NatsError, TimeoutError):
+            await asyncio.sleep(0.2)
+    return await action()
+
+
+async def test_streams_and_the_registry_bucket_get_the_replicas_asked_and_keep_more(
+    tmp_path: Path,
+) -> None:
+    """ensure_streams runs at every service start: it makes stream_replicas copies of a new
+    stream, and never scales down one that an operator (or another service) raised."""
+    from services.model_registry.store import RegistryStore
+
+    with _three_server_cluster(tmp_path) as servers:
+        client = await nats.connect(servers[0].url)
+        try:
+            js = client.jetstream()
+            await _when_jetstream_is_up(lambda: ensure_streams(js))  # as a tool: 1 replica
+            created = (await js.stream_info("FRAMES")).config
+            raised = created.evolve(num_replicas=3)  # `nats stream edit FRAMES --replicas 3`
+            await js.update_stream(raised)
+            await ensure_streams(js)  # a service with the default stream_replicas=1 starts
+            kept = (await js.stream_info("FRAMES")).config.num_replicas
+            await ensure_streams(js, replicas=3)  # a k8s service starts
+            engine = (await js.stream_info("ENGINE")).config.num_replicas
+            await RegistryStore.open_or_create(js, "registry")
+            bucket = (await js.stream_info("KV_registry")).config.num_replicas
+        finally:
+            await client.close()
+    assert created.num_replicas == 1
+    assert kept == 3
+    assert engine == 3
+    assert bucket == 3  # as many as the registry's event stream
+
+
+async def test_losing_the_hub_server_that_leads_a_stream_does_not_stop_its_consumers(
+    tmp_path: Path,
+) -> None:
+    """A NATS pod restarting on the k8s hub (a node drain, which its PodDisruptionBudget
+    allows): with 3 replicas another server takes over the stream, and a service connected
+    to a surviving server handles what is published after."""
+    with _three_server_cluster(tmp_path) as servers:
+        admin = await nats.connect(servers[0].url)
+        try:
+            js = admin.jetstream()
+            await _when_jetstream_is_up(lambda: ensure_streams(js, replicas=3))
+            info = await js.stream_info("ENGINE")
+        finally:
+            await admin.close()
+        assert info.config.num_replicas == 3
+        assert info.cluster is not None
+        victim = next(s for i, s in enumerate(servers) if f"s{i}" == info.cluster.leader)
+        survivor = next(s for s in servers if s is not victim)
+        settings = _settings(survivor.url).model_copy(update={"stream_replicas": 3})
+        service = new_service("hubsvc", settings)
+        seen = _recording_subscriber(service, "hubsvc")
+        await service.start()
+        admin = await nats.connect(survivor.url)
+        try:
+            js = admin.jetstream()
+            await _when_jetstream_is_up(lambda: _publish_request(js, "before"))
+            await seen.wait_for(_named("before"))
+            victim.stop()
+            await _when_jetstream_is_up(lambda: _publish_request(js, "after"))
+            await seen.wait_for(_named("after"), timeout=60)
+            await eventually(service.is_ready, timeout=30)
+        finally:
+            await service.stop()
+            await admin.close()

@@ -399,3 +399,14 @@ def test_what_an_edge_service_keeps_across_restarts_is_on_a_volume(
         folder = services[name]["environment"][variable]
         mounted = {entry.split(":")[1] for entry in services[name]["volumes"]}
         assert folder in mounted, (name, folder, mounted)
+
+
+def test_compose_gives_a_stopping_service_time_to_drain(compose: dict[str, Any]) -> None:
+    """As the pods' grace period (test_k8s): Docker's default of 10 s would kill a service
+    draining its in-flight messages before it acks or naks them."""
+    from binloop.bus.broker import GRACEFUL_STOP_S
+
+    for name, service in compose["services"].items():
+        if str(service.get("image", "")).startswith("binloop-"):
+            grace = float(str(service.get("stop_grace_period", "10s")).removesuffix("s"))
+            assert grace >= GRACEFUL_STOP_S + 10, name

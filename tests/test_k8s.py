@@ -805,3 +805,34 @@ def test_bins_join_the_hub_over_tls_with_the_leaf_password(
     assert f'cert_file: "{mounts["leaf-tls"]}/tls.crt"' in tls
     assert f'key_file: "{mounts["leaf-tls"]}/tls.key"' in tls
     assert "`nats-leafnode-tls`" in (ROOT / "docs/deploy.md").read_text()
+
+
+def test_a_stopping_service_is_done_before_its_pod_is_killed(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    """A stop lets handlers in flight finish for up to GRACEFUL_STOP_S, then acks outputs
+    already sent, ends background tasks and closes its connection: 10 s are left for that
+    before the kubelet's SIGKILL."""
+    from binloop.bus.broker import GRACEFUL_STOP_S
+
+    overlay, manifests = rendered
+    for name in CLOUD_SERVICES:
+        spec = pod_spec(service_workload(manifests, name))
+        grace = spec.get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+        assert grace >= GRACEFUL_STOP_S + 10, f"{overlay}: {name}"
+
+
+def test_services_keep_each_stream_on_every_nats_server(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    """The hub's 3 servers are there so streams survive losing one: each service asks for a
+    replica on each (ensure_streams at its start, and the registry's bucket)."""
+    overlay, manifests = rendered
+    servers = find(manifests, "StatefulSet", "nats")["spec"]["replicas"]
+    for name in CLOUD_SERVICES:
+        (container,) = containers(service_workload(manifests, name))
+        settings: dict[str, str] = {}
+        for source in container.get("envFrom", []):  # prod ships no Secrets: read ConfigMaps
+            settings.update(find(manifests, "ConfigMap", source["configMapRef"]["name"])["data"])
+        settings.update({v["name"]: v["value"] for v in container.get("env", []) if "value" in v})
+        assert int(settings["BINLOOP_STREAM_REPLICAS"]) == servers, f"{overlay}: {name}"

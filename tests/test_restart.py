@@ -14,10 +14,14 @@ from pathlib import Path
 import pytest
 from nats.js.client import JetStreamContext
 
+from binloop.bus import Delivery, Outgoing, subscribe
+from binloop.bus.consume import EventHandler
 from binloop.bus.publish import PublishTimeoutError
 from binloop.natsserver import NatsServer
-from schemas import ActuationCommand, ActuationDone
-from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE
+from binloop.runtime import new_service
+from binloop.settings import ServiceSettings
+from schemas import ActuationCommand, ActuationDone, TrainingRequested
+from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE, TRAINING_REQUESTED
 from schemas.taxonomy import Compartment
 from services.actuator import ActuatorSettings, create_app
 from services.actuator.journal import decode
@@ -258,3 +262,57 @@ async def test_an_actuator_killed_mid_actuation_does_not_run_the_command_again(
     assert answer.frame_event_id == command.frame_event_id
     states = [decode(line).state for line in journal.read_bytes().splitlines()]
     assert states[-1] == "done"  # answered once: a later repeat is a plain repeat
+
+
+# -- a stop takes no new work on any consumer while one drains -----------------------------
+
+
+async def test_a_stopping_service_takes_no_new_work_on_any_consumer_while_one_drains(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    """Two consumers of one service, the first busy with a long handler when the stop comes.
+    Stopped one after the other, the second went on fetching and handling while the first
+    drained (up to its graceful timeout), and the stop lasted the sum of their waits. (The
+    trainer: its snapshot and request consumers share one training at a time.)"""
+    settings = ServiceSettings(nats_url=nats_server.url, http_port=0, retry_delay_s=0.05)
+    service = new_service("one-stop", settings)
+    service.broker.config.broker_config.graceful_timeout = 2.0  # GRACEFUL_STOP_S in production
+    busy = asyncio.Event()
+    handled_by_idle: list[str] = []
+    roles: dict[str, str] = {}
+
+    def handler_for(durable: str) -> EventHandler[TrainingRequested]:
+        async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+            if roles[durable] == "busy":
+                busy.set()
+                await asyncio.sleep(3600)  # a long training, cancelled after the graceful wait
+            handled_by_idle.append(delivery.event.dataset_name)
+            return []
+
+        return handle
+
+    for durable in ("stop-a", "stop-b"):
+        subscribe(
+            service.broker,
+            service.publisher,
+            TRAINING_REQUESTED,
+            handler_for(durable),
+            durable=durable,
+        )
+    first, second = (getattr(s, "extra_options", {})["durable"] for s in service.broker.subscribers)
+    roles[first] = "busy"  # the one a stop in declaration order waits for first
+    roles[second] = "idle"
+
+    async def request(name: str) -> None:
+        event = TrainingRequested(producer="test", dataset_name=name, occurred_at=datetime.now(UTC))
+        await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+
+    await service.start()
+    await request("before-stop")
+    await asyncio.wait_for(busy.wait(), 20)
+    await eventually(lambda: "before-stop" in handled_by_idle)
+    stopping = asyncio.create_task(service.stop())
+    await eventually(lambda: not service.is_ready())  # the stop has begun
+    await request("during-stop")
+    await asyncio.wait_for(stopping, 60)
+    assert handled_by_idle == ["before-stop"]

@@ -1,7 +1,7 @@
 """The bus: JetStream streams from the routes table, deduplicated publishing, and consumers
 that ack explicitly, retry transient failures and dead-letter what cannot be processed."""
 
-from binloop.bus import fetch_timeouts
+from binloop.bus import fetch_timeouts, outages
 from binloop.bus.broker import make_broker
 from binloop.bus.consume import Delivery, subscribe, subscribe_batch
 from binloop.bus.publish import Outgoing, PendingAcks, Publisher
@@ -18,4 +18,5 @@ __all__ = [
     "subscribe_batch",
 ]
 
+outages.install()
 fetch_timeouts.install()

@@ -6,6 +6,13 @@ import logging
 
 from faststream.nats import NatsBroker
 
+GRACEFUL_STOP_S = 20.0
+"""How long a stopping service lets the handlers in flight finish before it cancels them (their
+messages are naked and redelivered). Every subscriber waits in the same window, so this bounds
+the whole wait, and it stays 10 s under the pods' terminationGracePeriodSeconds (30 s,
+deploy/k8s/base/services/*.yaml; tests/test_k8s.py checks it) for what a stop does after it:
+acking outputs already sent, ending background tasks and hooks, closing the connection."""
+
 
 def make_broker(nats_url: str, service: str) -> NatsBroker:
     # FastStream logs every message at INFO by default, which alone cut throughput ~3x in our
@@ -15,7 +22,7 @@ def make_broker(nats_url: str, service: str) -> NatsBroker:
         name=f"binloop-{service}",
         logger=logging.getLogger(f"binloop.faststream.{service}"),
         log_level=logging.DEBUG,
-        graceful_timeout=30.0,
+        graceful_timeout=GRACEFUL_STOP_S,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
     )

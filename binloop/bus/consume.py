@@ -4,14 +4,22 @@ What happens to each delivered message:
 - it does not parse or validate as the route's model -> DeadLetter event, ack (never retried);
 - the handler raises PermanentError -> DeadLetter, ack;
 - the handler raises anything else (TransientError, a bug, a server that is down) -> nak with a
-  delay; after `max_deliveries` attempts -> DeadLetter, ack. Nothing is dropped silently.
-  NotReadyError (the service cannot work yet, the message is fine) is retried without limit;
+  delay; when that message has failed `max_deliveries` times -> DeadLetter, ack. Nothing is
+  dropped silently. NotReadyError (the service cannot work yet, the message is fine) is
+  retried without limit and is not a failure;
 - the handler returns events -> they are published, then the input is acked. Their event_ids
   are derived from the input's, so when a crash in between redelivers the input, JetStream
   drops the repeated outputs by Nats-Msg-Id (within the streams' duplicate window).
 
 A message fetched but not acked (the process died, or stopped mid-fetch) comes back after
 `ack_wait_s`; long handlers keep theirs alive with in-progress acks, so it can stay short.
+
+Failures are counted in the process (`FailureCounts`), not read from JetStream's delivery
+count: that one also counts not-ready naks, the nak a stopping service sends and redeliveries
+after a crash, so after a not-ready period the first real failure would be the last. A count
+in memory starts again when the process does (or on another replica), so JetStream's count
+still ends it at `RetryPolicy.delivery_backstop`, far above any `max_deliveries`: a message
+that fails at that delivery is dead-lettered whatever the process counted.
 
 Hot subjects use `subscribe_batch`: one fetch of up to N messages, one validation pass, one
 handler call for the whole batch.
@@ -24,6 +32,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -38,6 +47,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from pydantic import ValidationError
 
+from binloop.bus import outages
 from binloop.bus.publish import MSG_ID_HEADER, Outgoing, PendingAcks, Publisher
 from binloop.errors import NotReadyError, PermanentError
 from binloop.observability import metrics
@@ -65,7 +75,43 @@ BatchHandler = Callable[[list[Delivery[E]]], Awaitable[Sequence[Outgoing]]]
 @dataclass(frozen=True)
 class RetryPolicy:
     max_deliveries: int = 5
+    """Failures of one message (in this process) before it is dead-lettered."""
     retry_delay_s: float = 2.0
+    delivery_backstop: int = 1000
+    """JetStream deliveries of a message at which its next failure is its last, for failures
+    spread over restarts. Large: not-ready retries (every retry_delay_s while a service waits
+    for a model or a store) count here too."""
+
+
+MessageKey = tuple[str, str, int]
+"""(stream, consumer, stream sequence): one message as one consumer sees it."""
+
+
+class FailureCounts:
+    """How often each message a consumer is retrying has failed, for at most `capacity`
+    messages: beyond that the least recently failed is forgotten (and starts from 0 if it
+    fails again), so a flood of failing messages cannot grow the process."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        if capacity < 1:
+            raise ValueError(f"the capacity must be >= 1, got {capacity}")
+        self._capacity = capacity
+        self._counts: OrderedDict[MessageKey, int] = OrderedDict()
+
+    def add(self, key: MessageKey) -> int:
+        """Counts one more failure of `key`; returns its failures so far."""
+        count = self._counts.pop(key, 0) + 1
+        self._counts[key] = count
+        while len(self._counts) > self._capacity:
+            self._counts.popitem(last=False)
+        return count
+
+    def forget(self, key: MessageKey | None) -> None:
+        if key is not None:
+            self._counts.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._counts)
 
 
 def derive_event_ids(cause: Event, outgoing: Sequence[Outgoing]) -> list[Outgoing]:
@@ -109,6 +155,15 @@ def _attempt(msg: Msg) -> int:
         return 1
 
 
+def _message_key(msg: Msg) -> MessageKey | None:
+    """None for a message without JetStream metadata (core NATS)."""
+    try:
+        metadata = msg.metadata
+        return (metadata.stream, metadata.consumer, int(metadata.sequence.stream))
+    except (NatsError, AttributeError, ValueError, TypeError, IndexError):
+        return None
+
+
 class _Consumer(Generic[E]):
     """Turns raw JetStream messages into typed deliveries and applies the policy above."""
 
@@ -120,6 +175,7 @@ class _Consumer(Generic[E]):
         self.policy = policy
         self.ack_wait_s = ack_wait_s
         self.service = publisher.service
+        self.failures = FailureCounts()
 
     def decode(
         self, msgs: list[Msg]
@@ -155,6 +211,7 @@ class _Consumer(Generic[E]):
         )
         await self.publisher.publish(DLQ, entry, self.service)
         await msg.ack()
+        self.failures.forget(_message_key(msg))
         metrics.DEAD_LETTERS.labels(self.service, self.route.name, error_type).inc()
         log.warning(
             "%s: dead-lettered a message from %s (%s: %s)",
@@ -165,19 +222,27 @@ class _Consumer(Generic[E]):
         )
 
     async def fail(self, msg: Msg, error: BaseException) -> None:
-        gave_up = _attempt(msg) >= self.policy.max_deliveries and not isinstance(
-            error, NotReadyError
-        )
-        if isinstance(error, PermanentError) or gave_up:
+        if isinstance(error, PermanentError):
             await self.dead_letter(msg, error)
             return
+        delivered = _attempt(msg)
+        if isinstance(error, NotReadyError):
+            failed = "not ready"
+        else:
+            key = _message_key(msg)
+            failures = delivered if key is None else self.failures.add(key)
+            if failures >= self.policy.max_deliveries or delivered >= self.policy.delivery_backstop:
+                await self.dead_letter(msg, error)
+                return
+            failed = f"failure {failures} of {self.policy.max_deliveries}"
         metrics.MESSAGES_RETRIED.labels(self.service, self.route.name, type(error).__name__).inc()
         log.info(
-            "%s: will retry a message from %s in %.1fs (attempt %d: %s)",
+            "%s: will retry a message from %s in %.1fs (%s, delivery %d: %s)",
             self.service,
             msg.subject,
             self.policy.retry_delay_s,
-            _attempt(msg),
+            failed,
+            delivered,
             error,
         )
         await msg.nak(delay=self.policy.retry_delay_s)
@@ -187,7 +252,12 @@ class _Consumer(Generic[E]):
         while True:
             await asyncio.sleep(self.ack_wait_s / 3)
             for msg in msgs:
-                await msg.in_progress()
+                try:
+                    await msg.in_progress()
+                except NatsError as exc:
+                    # A beat lost (the connection is reconnecting): the handler goes on, and
+                    # the next beat may still come within the ack wait.
+                    log.info("%s: in-progress ack not sent (%r)", self.service, exc)
 
     async def run_guarded(
         self, msgs: list[Msg], work: Callable[[], Awaitable[Sequence[Outgoing]]]
@@ -221,10 +291,10 @@ class _Consumer(Generic[E]):
             for msg in msgs:
                 await self.fail(msg, result)
             return
-        outgoing = list(result) if cause is None else derive_event_ids(cause, result)
         try:
+            outgoing = list(result) if cause is None else derive_event_ids(cause, result)
             pending = await self.publisher.send_all(outgoing)
-        except Exception as exc:  # the bus itself failed: leave the input for redelivery
+        except Exception as exc:  # the bus failed, or the handler returned something unusable
             for msg in msgs:
                 await self.fail(msg, exc)
             return
@@ -243,6 +313,9 @@ class _Consumer(Generic[E]):
             return
         for msg in msgs:
             await msg.ack()
+        if self.failures:  # only messages that failed before are counted (a hot path)
+            for msg in msgs:
+                self.failures.forget(_message_key(msg))
 
 
 DEFAULT_MAX_UNSETTLED = 64
@@ -309,11 +382,12 @@ def _register(
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
 ) -> None:
     subject = route.subject(bin_id) if bin_id else route.wildcard
+    config = ConsumerConfig(ack_wait=ack_wait_s, max_deliver=-1)
     subscriber = broker.subscriber(
         subject,
         stream=JStream(route.stream, declare=False),
         durable=durable,
-        config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=-1),
+        config=config,
         deliver_policy=deliver_policy,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout_s, batch=True),
         ack_policy=AckPolicy.MANUAL,
@@ -323,6 +397,7 @@ def _register(
         description=f"{description} Payload: {route.model.__name__} "
         f"(schemas/jsonschema/v1/{route.name}.json).",
     )
+    outages.declare(route.stream, durable, subject, config)  # what FastStream has made of it
 
     async def consume(message: Annotated[NatsBatchMessage, Context("message")]) -> None:
         await on_messages(list(message.raw_message))
@@ -436,6 +511,7 @@ __all__ = [
     "DEFAULT_MAX_UNSETTLED",
     "MSG_ID_HEADER",
     "Delivery",
+    "FailureCounts",
     "RetryPolicy",
     "Settlements",
     "subscribe",

@@ -9,7 +9,9 @@ from nats.js.errors import NotFoundError
 from schemas.routes import STREAMS, Stream
 
 
-def stream_config(stream: Stream) -> StreamConfig:
+def stream_config(stream: Stream, replicas: int = 1) -> StreamConfig:
+    """`replicas`: copies JetStream keeps, one per server (3 on the k8s hub, 1 on a single
+    server: the embedded default, a bin, compose)."""
     return StreamConfig(
         name=stream.name,
         description=stream.description,
@@ -19,13 +21,19 @@ def stream_config(stream: Stream) -> StreamConfig:
         max_age=stream.max_age_s,
         discard=DiscardPolicy.OLD,
         duplicate_window=stream.duplicate_window_s,
+        num_replicas=replicas,
     )
 
 
-async def ensure_streams(js: JetStreamContext) -> list[str]:
-    """Idempotent: adds missing streams and updates changed ones. Returns the stream names."""
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> list[str]:
+    """Idempotent: adds missing streams with `replicas` copies and updates changed ones.
+    Returns the stream names.
+
+    An existing stream keeps its replica count when it has more than `replicas`: an operator
+    who raised it (`nats stream edit --replicas 3`), or a service that asks for fewer (a tool
+    that passes none), must not have it scaled down by the next process that starts."""
     for stream in STREAMS.values():
-        config = stream_config(stream)
+        config = stream_config(stream, replicas)
         try:
             info = await js.stream_info(stream.name)
         except NotFoundError:
@@ -34,5 +42,6 @@ async def ensure_streams(js: JetStreamContext) -> list[str]:
             # Sources are the deployment's business (the hub sources each bin's leaf streams,
             # see edge/streams.py): keep them, or a cloud service starting would cut the bins off.
             config.sources = info.config.sources
+            config.num_replicas = max(info.config.num_replicas or 1, replicas)
             await js.update_stream(config)
     return list(STREAMS)

@@ -12,10 +12,12 @@ from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
+    NotFoundError,
 )
 from nats.js.kv import KeyValue
 
 from binloop.errors import TransientError
+from schemas.routes import MODELS_PROMOTED
 from services.model_registry.core import ChampionRecord, RegistryError, VersionRecord, key_token
 
 
@@ -48,6 +50,14 @@ def champion_key(model_name: str) -> str:
     return f"{key_token(model_name)}{CHAMPION_SUFFIX}"
 
 
+async def _event_stream_replicas(js: JetStreamContext) -> int:
+    try:
+        info = await js.stream_info(MODELS_PROMOTED.stream)
+    except NotFoundError:
+        return 1
+    return info.config.num_replicas or 1
+
+
 class RegistryStore:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
@@ -67,9 +77,15 @@ class RegistryStore:
 
     @classmethod
     async def open_or_create(
-        cls, js: JetStreamContext, bucket: str, history: int = 16
+        cls, js: JetStreamContext, bucket: str, history: int = 16, replicas: int | None = None
     ) -> RegistryStore:
-        """The registry service's bucket, created on its first start."""
+        """The registry service's bucket, created on its first start.
+
+        `replicas`: copies JetStream keeps of the bucket; None keeps as many as the stream
+        of the registry's events (`ensure_streams` set it from `stream_replicas` before the
+        registry opens its bucket), so the champion is as safe as its announcements. An
+        existing bucket with fewer is raised to it, never lowered."""
+        wanted = replicas if replicas is not None else await _event_stream_replicas(js)
         try:
             kv = await js.key_value(bucket)
         except BucketNotFoundError:
@@ -79,8 +95,13 @@ class RegistryStore:
                     description="binloop model registry: version records and champions",
                     history=history,
                     storage=StorageType.FILE,
+                    replicas=wanted,
                 )
             )
+        else:
+            info = await js.stream_info(f"KV_{bucket}")
+            if (info.config.num_replicas or 1) < wanted:
+                await js.update_stream(info.config.evolve(num_replicas=wanted))
         return cls(kv)
 
     async def version(self, model_name: str, version: int) -> VersionRecord | None:
