@@ -59,7 +59,12 @@ from services.labeling_bridge import LabelingBridgeSettings, create_app
 from services.labeling_bridge import client as client_module
 from services.labeling_bridge.app import LabelStudioParts
 from services.labeling_bridge.backends import OracleBackend
-from services.labeling_bridge.client import LabelStudioClient, ProjectSpec, _AnnotatedTaskPages
+from services.labeling_bridge.client import (
+    LabelStudioClient,
+    ProjectRef,
+    ProjectSpec,
+    _AnnotatedTaskPages,
+)
 from services.labeling_bridge.core import LabelingBridge, Migration
 from services.labeling_bridge.intake import parse_webhook
 from services.labeling_bridge.label_studio import (
@@ -518,16 +523,18 @@ async def test_project_creation_is_idempotent_and_follows_taxonomy_changes(
     title = f"binloop-test-{uuid.uuid4().hex[:10]}"
     config = label_config_xml(TAXONOMY, ["cup"], ["soiled"])
 
-    def ensure(label_config: str) -> int:
+    def ensure(label_config: str) -> ProjectRef:
         client = LabelStudioClient(
             label_studio.url, label_studio.token, ProjectSpec(title, label_config, "test"), 30
         )
         try:
-            return client.project_id()
+            return client.project()
         finally:
             client.close()
 
     first = await asyncio.to_thread(ensure, config)
+    # Found as it was made, creation time included: the import records compare it.
+    assert first.created_at is not None
     assert await asyncio.to_thread(ensure, config) == first
     changed = label_config_xml(SPLIT_TAXONOMY, ["cup"], ["soiled"])
     assert await asyncio.to_thread(ensure, changed) == first
@@ -536,10 +543,10 @@ async def test_project_creation_is_idempotent_and_follows_taxonomy_changes(
         client = sdk(label_studio)
         listed: list[Any] = list(client.projects.list(title=title))
         ids = [p.id for p in listed if p.title == title]
-        return ids, client.projects.get(id=first).label_config
+        return ids, client.projects.get(id=first.id).label_config
 
     ids, stored_config = await asyncio.to_thread(read)
-    assert ids == [first]
+    assert ids == [first.id]
     assert stored_config == changed.strip()
 
 
@@ -857,6 +864,80 @@ async def test_a_restarted_bridge_reconciles_from_its_saved_cursor(
     assert again.listed == 0  # nothing changed after the cursor
     moved = json.loads(harness.store.get(reconcile_cursor_key("binloop")))
     assert datetime.fromisoformat(moved["cursor"]) > datetime.fromisoformat(saved["cursor"])
+
+
+async def delete_project(server: LabelStudioServer, project: str) -> int:
+    """Deletes the project titled `project` as an operator would; returns its id."""
+
+    def delete() -> int:
+        client = sdk(server)
+        listed: list[Any] = list(client.projects.list(title=project))
+        (found,) = [p for p in listed if p.title == project]
+        client.projects.delete(id=found.id)
+        return int(found.id)
+
+    return await asyncio.to_thread(delete)
+
+
+@pytest.mark.integration
+async def test_samples_not_labeled_yet_get_their_task_again_when_the_project_is_made_again(
+    harness: Harness, js: JetStreamContext, nats_client: Client
+) -> None:
+    frames = demo_frames(2)
+    labeled, waiting = (stored_sample(harness.store, data, predicted="metal") for data, _ in frames)
+    labels = await Collector(LabelAnnotated).attach(nats_client, LABELS_ANNOTATED.subject())
+
+    def only_task(tasks: list[Any]) -> Any:
+        """The waiting sample's task, and no other, with the prediction it was imported with."""
+        (task,) = tasks
+        assert task.data["frame_sha256"] == waiting.frame_sha256
+        (prediction,) = task.predictions
+        assert (prediction.model_version, prediction.result) == ("mobilenet:v3", choices("metal"))
+        return task
+
+    service, bridge = await harness.start()
+    try:
+        await asyncio.wait_for(bridge.parts.remote_ready.wait(), 60)
+        for sample in (labeled, waiting):
+            await publish(js, sample)
+        old_tasks = [await bridge.task_for(s.frame_sha256) for s in (labeled, waiting)]
+        await annotate(harness.label_studio, old_tasks[0], choices(frames[0][1]))
+        await labels.wait_for(1)
+        first_project = await delete_project(harness.label_studio, harness.project)
+
+        # The next pass finds the project gone, makes it again, and the waiting sample's task.
+        assert bridge.parts.sync_once is not None
+        await bridge.parts.sync_once()
+        made_again = only_task(await tasks_of(harness.label_studio, harness.project))
+        await bridge.parts.sync_once()  # and nothing more on the next one
+        assert only_task(await tasks_of(harness.label_studio, harness.project)).id == made_again.id
+    finally:
+        await service.stop()
+
+    # Restarted: the task is found, not made twice.
+    service, bridge = await harness.start()
+    try:
+        await asyncio.wait_for(bridge.parts.tasks_restored.wait(), 60)
+    finally:
+        await service.stop()
+    assert only_task(await tasks_of(harness.label_studio, harness.project)).id == made_again.id
+
+    # Deleted while the bridge is down: its start makes the project and the task again.
+    second_project = await delete_project(harness.label_studio, harness.project)
+    service, bridge = await harness.start()
+    try:
+        await asyncio.wait_for(bridge.parts.tasks_restored.wait(), 60)
+        assert bridge.parts.client is not None
+        third = await asyncio.to_thread(bridge.parts.client.project)
+    finally:
+        await service.stop()
+    last = only_task(await tasks_of(harness.label_studio, harness.project))
+
+    # (Label Studio on SQLite may give a new task the id a deleted one had: ids tell nothing.)
+    assert len({first_project, second_project, third.id}) == 3
+    assert third.created_at is not None  # tells it from a project made again with its id
+    assert last.project == third.id
+    assert [label.frame_sha256 for label in labels.items] == [labeled.frame_sha256]
 
 
 @pytest.mark.integration

@@ -69,7 +69,12 @@ from services.labeling_bridge.backends import (
     LabelStudioExportBackend,
     OracleBackend,
 )
-from services.labeling_bridge.client import LabelStudioClient, ProjectCounts, ProjectSpec
+from services.labeling_bridge.client import (
+    LabelStudioClient,
+    ProjectCounts,
+    ProjectRef,
+    ProjectSpec,
+)
 from services.labeling_bridge.core import LabelingBridge, snapshot_event_id
 from services.labeling_bridge.cursor import SavedCursor
 from services.labeling_bridge.intake import parse_tasks
@@ -738,7 +743,9 @@ async def test_keep_in_step_outlives_failed_passes_and_sets_up_a_new_project(
     parts.web.port = 8090  # the URL the webhook is set up with; no server runs
     project = {"id": 1}
     webhooks_for: list[int] = []
-    monkeypatch.setattr(parts.client, "project_id", lambda: project["id"])
+    monkeypatch.setattr(
+        parts.client, "project", lambda: ProjectRef("http://127.0.0.1:9", project["id"], None)
+    )
 
     def ensure_webhook(url: str, headers: dict[str, str], path: str) -> int:
         webhooks_for.append(project["id"])
@@ -810,7 +817,7 @@ def test_a_404_for_a_deleted_project_forgets_it_and_waits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     client = _unreachable_client()
-    made = iter([3, 4])
+    made = iter([ProjectRef(client.url, 3, None), ProjectRef(client.url, 4, None)])
     monkeypatch.setattr(client, "_ensure_project", lambda: next(made))
     project_exists = {"answer": True}
 

@@ -41,9 +41,15 @@ from services.labeling_bridge.backends import (
     LabelStudioExportBackend,
     OracleBackend,
 )
-from services.labeling_bridge.client import LabelStudioClient, ProjectSpec
+from services.labeling_bridge.client import (
+    LabelStudioClient,
+    ProjectGoneError,
+    ProjectRef,
+    ProjectSpec,
+)
 from services.labeling_bridge.core import LabelingBridge
 from services.labeling_bridge.cursor import SavedCursor
+from services.labeling_bridge.imports import ImportLog, Restore, restore_task
 from services.labeling_bridge.intake import preview
 from services.labeling_bridge.label_studio import label_config_xml
 from services.labeling_bridge.link import LabelStudioLink, ReconcilePass, Taken
@@ -74,13 +80,20 @@ class LabelStudioParts:
     web: WebServer | None = None
     client: LabelStudioClient | None = None
     backend: LabelStudioBackend | None = None
+    imports: ImportLog | None = None
     signer: FrameSigner | None = None
     public_url: Callable[[], str] | None = None
     link: LabelStudioLink | None = None
     champion: Champion | None = None
     reconcile_once: Callable[[], Awaitable[ReconcilePass]] | None = None
+    sync_once: Callable[[], Awaitable[ReconcilePass]] | None = None
+    """One pass of what the bridge does every `reconcile_every_s`: set up a project made
+    (again), make the tasks it lost, ask for relabels, reconcile."""
     remote_ready: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the project, its webhook and its ML backend are in place."""
+    tasks_restored: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once every sample imported into an earlier project and not labeled yet has its
+    task in the current one."""
     relabels_asked: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once every frame a taxonomy change sent back has its task."""
 
@@ -221,7 +234,10 @@ def _label_studio_backend(
         return frame.uri
 
     parts.web, parts.client, parts.signer, parts.public_url = web_server, client, signer, public_url
-    parts.backend = LabelStudioBackend(client, image_url, settings.taxonomy.version)
+    parts.imports = ImportLog(store, settings.dataset_name)
+    parts.backend = LabelStudioBackend(
+        client, image_url, settings.taxonomy.version, imports=parts.imports
+    )
     return parts.backend
 
 
@@ -252,7 +268,13 @@ def _attach_label_studio(
         settings.taxonomy.version,
     )
     link = LabelStudioLink(
-        bridge, client, service.publisher, lock, settings.reconcile_overlap_s, saved_cursor
+        bridge,
+        client,
+        service.publisher,
+        lock,
+        settings.reconcile_overlap_s,
+        saved_cursor,
+        parts.imports,
     )
     parts.link, parts.champion = link, champion
 
@@ -306,9 +328,34 @@ def _attach_label_studio(
     parts.reconcile_once = reconcile_once
     web_parts = WebParts(secret, link, store, signer, champion, dead_letter)
 
-    def ensure_remote() -> int:
-        """Sets up the project's webhook and ML backend; returns the project's id."""
-        project = client.project_id()
+    async def restore_lost_tasks(project: ProjectRef) -> None:
+        """Makes again, in `project`, the task of each sample imported into another project
+        (deleted, or lost with Label Studio's database) that has no label yet."""
+        assert parts.backend is not None
+        assert parts.imports is not None
+        backend, imports = parts.backend, parts.imports
+        # Listed under the lock: a sample being handled now is either noted already, or
+        # finds its task in this project.
+        async with lock:
+            frames = await asyncio.to_thread(imports.frames)
+        made = 0
+        for frame_sha256 in frames:
+            async with lock:  # one frame at a time: samples keep flowing meanwhile
+                restored = await asyncio.to_thread(
+                    restore_task, bridge, backend, imports, frame_sha256, project
+                )
+            if restored.action is Restore.IMPORT and restored.task_id is not None:
+                made += 1
+        if made:
+            log.info(
+                "%d samples not labeled yet have their task again in Label Studio project %d",
+                made,
+                project.id,
+            )
+
+    def ensure_remote() -> ProjectRef:
+        """Sets up the project's webhook and ML backend; returns the project."""
+        project = client.project()
         client.ensure_webhook(public_url() + WEBHOOK_PATH, {SECRET_HEADER: secret}, WEBHOOK_PATH)
         if settings.register_ml_backend:
             client.ensure_ml_backend(public_url(), ML_BACKEND_TITLE)
@@ -317,27 +364,52 @@ def _attach_label_studio(
     async def start_web(_: JetStreamContext) -> None:
         await web_server.start(make_web_app(web_parts))
 
+    set_up_for: ProjectRef | None = None  # the project the webhook and ML backend are set up in
+    restored_for: ProjectRef | None = None  # the project lost tasks were made again in
+    one_sync = asyncio.Lock()
+
+    async def sync() -> ReconcilePass:
+        nonlocal set_up_for, restored_for
+        project = await asyncio.to_thread(client.project)
+        if project != set_up_for:
+            # First pass, or the project was deleted and made again: it has no webhook,
+            # ML backend, tasks of the samples handled before, or relabel tasks yet.
+            parts.remote_ready.clear()
+            parts.tasks_restored.clear()
+            if set_up_for is not None:
+                parts.relabels_asked.clear()
+            project = set_up_for = await asyncio.to_thread(ensure_remote)
+            parts.remote_ready.set()
+        if project != restored_for:
+            await restore_lost_tasks(project)
+            restored_for = project
+            parts.tasks_restored.set()
+        if not parts.relabels_asked.is_set():
+            await ask_for_relabels()
+        reconciled = await reconcile_once()
+        if not parts.relabels_asked.is_set():  # the pass (or a webhook) sent some back
+            await ask_for_relabels()
+        return reconciled
+
+    async def sync_once() -> ReconcilePass:
+        async with one_sync:
+            try:
+                return await sync()
+            except ProjectGoneError as exc:
+                # Found out by this pass: set up the project that replaces it now, not a
+                # whole period later (its samples' tasks are made again then).
+                log.warning("%s: setting it up again now", exc)
+                return await sync()
+
+    parts.sync_once = sync_once
+
     async def keep_in_step() -> None:
         """Sets up the project (once Label Studio answers), then reconciles periodically.
         A failed pass is logged and the next one tries again: this task must outlive any
         answer from Label Studio, the bus or the store, or /healthz would fail for good."""
-        set_up_for: int | None = None  # the project the webhook and ML backend are set up in
         while True:
             try:
-                project = await asyncio.to_thread(client.project_id)
-                if project != set_up_for:
-                    # First pass, or the project was deleted and made again: it has no
-                    # webhook, ML backend or relabel tasks yet.
-                    parts.remote_ready.clear()
-                    if set_up_for is not None:
-                        parts.relabels_asked.clear()
-                    set_up_for = await asyncio.to_thread(ensure_remote)
-                    parts.remote_ready.set()
-                if not parts.relabels_asked.is_set():
-                    await ask_for_relabels()
-                await reconcile_once()
-                if not parts.relabels_asked.is_set():  # the pass (or a webhook) sent some back
-                    await ask_for_relabels()
+                await sync_once()
             except TransientError as exc:  # Label Studio down or slow: the next pass catches up
                 log.warning(
                     "Label Studio not in step, next try in %.0fs: %s",

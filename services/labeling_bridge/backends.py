@@ -15,6 +15,7 @@ from schemas.base import BlobRef, utc_now
 from schemas.events import SampleSelected
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge.client import LabelStudioClient
+from services.labeling_bridge.imports import ImportLog
 from services.labeling_bridge.label_studio import import_task, label_config_xml, relabel_task
 from services.labeling_bridge.relabel import RelabelRequest
 
@@ -89,8 +90,9 @@ class LabelStudioExportBackend:
 
 class LabelStudioBackend:
     """Makes one Label Studio task per sample (the model's prediction as a pre-annotation).
-    A redelivered sample finds its task instead of making a second one. Annotations come
-    back by webhook and reconciliation, not from here."""
+    A redelivered sample finds its task instead of making a second one. With `imports`, each
+    sample is noted with the project its task is in, so a task lost with its project can be
+    made again. Annotations come back by webhook and reconciliation, not from here."""
 
     name = "label-studio"
 
@@ -99,10 +101,12 @@ class LabelStudioBackend:
         client: LabelStudioClient,
         image_url: Callable[[BlobRef], str],
         taxonomy_version: str,
+        imports: ImportLog | None = None,
     ) -> None:
         self.client = client
         self.image_url = image_url
         self.taxonomy_version = taxonomy_version
+        self.imports = imports
         self._listeners: list[Callable[[str, int], None]] = []
 
     def add_listener(self, listener: Callable[[str, int], None]) -> None:
@@ -110,6 +114,14 @@ class LabelStudioBackend:
         self._listeners.append(listener)
 
     def submit(self, sample: SampleSelected, frame: BlobRef) -> Annotation | None:
+        self.make_task(sample, frame)
+        return None
+
+    def make_task(self, sample: SampleSelected, frame: BlobRef) -> int:
+        """The frame's task in the project, found or made; returns its id."""
+        # Taken before the task is found or made: should the project change in between, the
+        # note names the old one, and the new project's setup finds the task (none is lost).
+        project = self.client.project() if self.imports is not None else None
         task = import_task(sample, frame, self.taxonomy_version, self.image_url(frame))
         task_id = self.client.find_task(sample.frame_sha256)
         if task_id is None:
@@ -120,9 +132,11 @@ class LabelStudioBackend:
             self.client.ensure_prediction(task_id, prediction)
         except PermanentError as exc:  # the task is there and can be labeled without it
             log.error("Label Studio refused the prediction for task %d: %s", task_id, exc)
+        if self.imports is not None and project is not None:
+            self.imports.note(sample, project, task_id)
         for listener in self._listeners:
             listener(sample.frame_sha256, task_id)
-        return None
+        return task_id
 
     def request_relabel(self, request: RelabelRequest) -> int:
         """The task asking for this frame's label in the new taxonomy, made once."""

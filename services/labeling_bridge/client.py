@@ -6,8 +6,9 @@ Errors are translated to binloop's tree, so the bus does the right thing with a 
   sample waits in JetStream (the backlog), retried after a delay without limit, until Label
   Studio is back; none is dropped or dead-lettered for it;
 - another 4xx -> PermanentError (a request Label Studio will never accept): dead-lettered;
-- except a 400 or 404 because the project itself is gone (deleted in Label Studio): NotReadyError,
-  and the cached project id is forgotten, so the next call finds the project again or creates it.
+- except a 400 or 404 because the project itself is gone (deleted in Label Studio):
+  ProjectGoneError (a NotReadyError), and the cached project is forgotten, so the next call
+  finds the project again or creates it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,21 @@ class ProjectSpec:
 
 
 @dataclass(frozen=True)
+class ProjectRef:
+    """One project on one server. The creation time tells a project made again apart from
+    the one it replaces even when it gets the same id (Label Studio's database was lost, and
+    ids started again from 1)."""
+
+    label_studio_url: str
+    id: int
+    created_at: datetime | None
+
+
+class ProjectGoneError(NotReadyError):
+    """The project a call named no longer exists; the next call finds or makes it again."""
+
+
+@dataclass(frozen=True)
 class ProjectCounts:
     tasks: int
     annotated: int
@@ -86,7 +102,7 @@ class LabelStudioClient:
         self._sdk = LabelStudio(  # type: ignore[no-untyped-call]
             base_url=self.url, api_key=token, httpx_client=self._http, max_retries=0
         )
-        self._project_id: int | None = None
+        self._project: ProjectRef | None = None
         self.page_size = PAGE_SIZE
         """Tasks per listing request (tests make pages small to see paging at work)."""
         # The sample handler, the webhook and reconciliation all call in from worker threads.
@@ -110,7 +126,7 @@ class LabelStudioClient:
                 and _http_status(exc) in GONE_STATUSES
                 and self._forget_if_gone(project)
             ):
-                raise NotReadyError(
+                raise ProjectGoneError(
                     f"Label Studio {operation}: project {project} is gone; the next call finds "
                     f"{self.spec.title!r} again or creates it"
                 ) from exc
@@ -125,20 +141,24 @@ class LabelStudioClient:
             if _http_status(exc) != 404:
                 raise
             with self._project_lock:
-                if self._project_id == project:
-                    self._project_id = None
+                if self._project is not None and self._project.id == project:
+                    self._project = None
             log.warning("Label Studio project %d is gone: it will be found or created", project)
             return True
         return False
 
     def project_id(self) -> int:
         """The project's id, creating the project (or updating its config) the first time."""
-        with self._project_lock:
-            if self._project_id is None:
-                self._project_id = self._call("ensure_project", self._ensure_project)
-            return self._project_id
+        return self.project().id
 
-    def _ensure_project(self) -> int:
+    def project(self) -> ProjectRef:
+        """The project, found by title or created (its config updated) the first time."""
+        with self._project_lock:
+            if self._project is None:
+                self._project = self._call("ensure_project", self._ensure_project)
+            return self._project
+
+    def _ensure_project(self) -> ProjectRef:
         spec = self.spec
         # `title` filters by "contains": keep exact matches, the oldest if there are several.
         listed: Iterable[Any] = self._sdk.projects.list(title=spec.title, page_size=PAGE_SIZE)
@@ -150,14 +170,14 @@ class LabelStudioClient:
                 # The taxonomy or vocabularies changed: annotators see the new choices.
                 self._sdk.projects.update(id=ids[0], label_config=spec.label_config)
                 log.info("updated the label config of Label Studio project %d", ids[0])
-            return ids[0]
+            return ProjectRef(self.url, ids[0], project.created_at)
         created = self._sdk.projects.create(
             title=spec.title, label_config=spec.label_config, description=spec.description
         )
         if created.id is None:
             raise TransientError("Label Studio created a project without an id")
         log.info("created Label Studio project %r (id %d)", spec.title, created.id)
-        return created.id
+        return ProjectRef(self.url, created.id, created.created_at)
 
     def ensure_webhook(self, url: str, headers: dict[str, str], path: str) -> int:
         """The project's webhook to `url` with `headers`; returns its id. A webhook of ours

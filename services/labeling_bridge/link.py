@@ -28,6 +28,7 @@ from schemas.routes import DATASETS_SNAPSHOT, LABELS_ANNOTATED
 from services.labeling_bridge.client import LabelStudioClient
 from services.labeling_bridge.core import LabelingBridge
 from services.labeling_bridge.cursor import SavedCursor
+from services.labeling_bridge.imports import ImportLog
 from services.labeling_bridge.intake import SeenAnnotation, changed_at, parse_tasks
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class LabelStudioLink:
         lock: asyncio.Lock,
         overlap_s: float,
         saved_cursor: SavedCursor | None = None,
+        imports: ImportLog | None = None,
     ) -> None:
         self.bridge = bridge
         self.client = client
@@ -79,6 +81,7 @@ class LabelStudioLink:
         """Newest task change seen by reconciliation (Label Studio's clock); None: none yet,
         so the first pass lists every annotated task."""
         self._saved_cursor = saved_cursor
+        self._imports = imports
         self._cursor_loaded = saved_cursor is None
         self._dead_lettered: OrderedDict[tuple[str, datetime | None], None] = OrderedDict()
         """Annotation versions reconciliation has dead-lettered: an idle project keeps listing
@@ -111,6 +114,7 @@ class LabelStudioLink:
                     published = True
                 snapshot = await asyncio.to_thread(self.bridge.commit, prepared.record)
                 self._observe(annotation, published)
+                await self._forget_import(annotation.task.frame_sha256)
                 if snapshot is not None:
                     metrics.DATASET_SNAPSHOTS.inc()
                     await self._announce(snapshot)
@@ -206,6 +210,15 @@ class LabelStudioLink:
         self._dead_lettered[version] = None
         while len(self._dead_lettered) > DEAD_LETTERS_REMEMBERED:
             self._dead_lettered.popitem(last=False)
+
+    async def _forget_import(self, frame_sha256: str) -> None:
+        """The frame is labeled: its task need not be made again should the project go."""
+        if self._imports is None:
+            return
+        try:
+            await asyncio.to_thread(self._imports.forget, frame_sha256)
+        except BinloopError as exc:  # only costs a stale record, dropped at the next setup
+            log.warning("could not remove the import record of frame %s: %s", frame_sha256, exc)
 
     async def _save_cursor(self, cursor: datetime) -> None:
         if self._saved_cursor is None:
