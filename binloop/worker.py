@@ -10,7 +10,9 @@ and is killed when the awaiting task is cancelled.
 One process serves one call at a time and is reused (torch is imported once); a call that
 is cancelled, or a process that dies, costs the process: the next call starts a fresh one.
 The function and its arguments are pickled (a module-level function, pydantic models and
-settings are fine); so are its result and its exception, raised again here.
+settings are fine); so are its result and its exception, raised again here. What the call
+added to binloop's Prometheus counters (blob puts, say) is added to the service's own, which
+is what /metrics shows; the worker's registry is never scraped.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar, cast
 
+from prometheus_client import REGISTRY, Counter
+
 from binloop.errors import TransientError
+from binloop.observability import metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,8 +39,23 @@ class WorkerDiedError(TransientError):
     """The worker process ended during a call (killed, out of memory, a crash in native code)."""
 
 
+CounterKey = tuple[str, tuple[tuple[str, str], ...]]
+"""(counter name without _total, sorted label pairs): one series."""
+
+
+def _counter_totals() -> dict[CounterKey, float]:
+    totals: dict[CounterKey, float] = {}
+    for metric in REGISTRY.collect():
+        if metric.type == "counter":
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    totals[(metric.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return totals
+
+
 def _serve(connection: Connection, log_level: int) -> None:
-    """The worker's loop: receive (function, args), send back ("ok", result) or ("error", e)."""
+    """The worker's loop: receive (function, args), send back ("ok", result, counted) or
+    ("error", exception, counted), `counted` being what the call added to counters."""
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s [worker]: %(message)s"
     )
@@ -44,14 +64,39 @@ def _serve(connection: Connection, log_level: int) -> None:
             function, args = connection.recv()
         except EOFError:  # the service closed its end: nothing more to do
             return
+        before = _counter_totals()
         try:
-            reply: tuple[str, object] = ("ok", function(*args))
+            status, value = "ok", function(*args)
         except Exception as exc:  # sent back to the caller, who raises it
-            reply = ("error", exc)
+            status, value = "error", exc
+        counted = {
+            key: total - before.get(key, 0.0)
+            for key, total in _counter_totals().items()
+            if total > before.get(key, 0.0)
+        }
         try:
-            connection.send(reply)
+            connection.send((status, value, counted))
         except Exception as exc:  # an unpicklable result or exception
-            connection.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}; {reply!r}")))
+            failure = RuntimeError(f"{type(exc).__name__}: {exc}; {status}: {value!r}")
+            connection.send(("error", failure, counted))
+
+
+def _binloop_counters() -> dict[str, Counter]:
+    return {
+        described.name: counter
+        for counter in vars(metrics).values()
+        if isinstance(counter, Counter)
+        for described in counter.describe()
+    }
+
+
+def _add_counted(counted: dict[CounterKey, float]) -> None:
+    counters = _binloop_counters()
+    for (name, labels), amount in counted.items():
+        counter = counters.get(name)
+        if counter is None:  # not one of binloop's (a library's own counter)
+            continue
+        (counter.labels(**dict(labels)) if labels else counter).inc(amount)
 
 
 class WorkerProcess:
@@ -91,14 +136,14 @@ class WorkerProcess:
             connection.send((function, args))
             done = threading.Event()
 
-            def receive() -> tuple[str, object]:
+            def receive() -> tuple[str, object, dict[CounterKey, float]]:
                 try:
-                    return cast(tuple[str, object], connection.recv())
+                    return cast(tuple[str, object, dict[CounterKey, float]], connection.recv())
                 finally:
                     done.set()
 
             try:
-                status, value = await asyncio.shield(asyncio.to_thread(receive))
+                status, value, counted = await asyncio.shield(asyncio.to_thread(receive))
             except asyncio.CancelledError:
                 # The caller gave up (the service stops, or the message is taken back): the
                 # work must stop too, not go on in the background. Killing the process ends
@@ -117,6 +162,7 @@ class WorkerProcess:
                     f"{self.name}: the worker process ended during {function.__name__} "
                     f"(exit code {code})"
                 ) from exc
+        _add_counted(counted)
         if status == "error":
             raise cast(BaseException, value)
         return cast(T, value)

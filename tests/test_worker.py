@@ -9,8 +9,10 @@ import operator
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from binloop.worker import WorkerDiedError, WorkerProcess
 
@@ -60,3 +62,25 @@ async def test_a_worker_that_dies_mid_call_is_a_transient_error(worker: WorkerPr
     with pytest.raises(WorkerDiedError, match="exit code 3"):
         await worker.call(os._exit, 3)
     assert await worker.call(operator.add, 1, 1) == 2
+
+
+def _put_a_blob(root: str) -> str:
+    from binloop.storage import LocalBlobStore
+
+    return LocalBlobStore(Path(root)).put("worker/made.txt", b"made in the worker").key
+
+
+async def test_what_the_call_counts_reaches_the_services_metrics(
+    worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """/metrics is the service's registry: a blob put in the worker must show there."""
+
+    def puts(outcome: str) -> float:
+        labels = {"backend": "local", "outcome": outcome}
+        return REGISTRY.get_sample_value("binloop_blob_puts_total", labels) or 0.0
+
+    written, unchanged = puts("written"), puts("unchanged")
+    assert await worker.call(_put_a_blob, str(tmp_path)) == "worker/made.txt"
+    assert (puts("written"), puts("unchanged")) == (written + 1, unchanged)
+    assert await worker.call(_put_a_blob, str(tmp_path)) == "worker/made.txt"
+    assert (puts("written"), puts("unchanged")) == (written + 1, unchanged + 1)
