@@ -9,6 +9,7 @@ import operator
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,9 @@ from binloop.worker import WorkerDiedError, WorkerProcess
 
 
 @pytest.fixture
-def worker() -> WorkerProcess:
+def worker() -> Iterator[WorkerProcess]:
     process = WorkerProcess("test-worker")
-    yield process  # type: ignore[misc]
+    yield process
     process.close()
 
 
