@@ -203,8 +203,17 @@ def record(
         Path | None, typer.Option(help="Spool folder: embed frames so the file stands alone")
     ] = None,
     max_messages: Annotated[int | None, typer.Option(help="Stop after this many")] = None,
+    reconnect_attempts: Annotated[
+        int,
+        typer.Option(
+            help="When the server goes away, reconnect attempts (a second apart) before "
+            "giving up; -1: never give up",
+            min=-1,
+        ),
+    ] = -1,
 ) -> None:
     """Write chosen subjects to a replay file until Ctrl-C (or --max-messages)."""
+    from binloop.replay import RecordingInterruptedError
     from binloop.replay import record as record_subjects
 
     async def main() -> int:
@@ -220,12 +229,16 @@ def record(
             stop=stop,
             max_messages=max_messages,
             on_progress=_every(PROGRESS_EVERY_S, "recorded {} messages so far"),
+            reconnect_attempts=reconnect_attempts,
         )
 
     try:
         count = asyncio.run(main())
     except (NatsNoServersError, OSError) as exc:
         console.print(f"[red]binloop record: cannot reach {nats_url} ({exc})", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    except RecordingInterruptedError as exc:
+        console.print(f"[red]binloop record: {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc
     console.print(f"recorded {count} messages to {out}")
 

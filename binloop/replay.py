@@ -21,15 +21,28 @@ from typing import IO, Any
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import NoServersError
 from nats.js.errors import NoStreamResponseError
 from pydantic import ValidationError
 
-from binloop.errors import PermanentError
+from binloop.errors import BinloopError, PermanentError
 from binloop.storage import LocalBlobStore, sha256_hex
 from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED, route_for_subject
 
 log = logging.getLogger(__name__)
+
+
+class RecordingInterruptedError(BinloopError):
+    """The connection of `binloop record` closed for good (its reconnect attempts ran out):
+    the file holds what was recorded until then."""
+
+    def __init__(self, nats_url: str, path: Path, recorded: int, cause: str) -> None:
+        super().__init__(
+            f"the connection to {nats_url} closed ({cause}); {recorded} messages were "
+            f"recorded to {path} before"
+        )
+        self.recorded = recorded
 
 
 @dataclass(frozen=True)
@@ -186,20 +199,85 @@ class _Recorder:
 
 
 async def _next_message(
-    inbox: asyncio.Queue[tuple[float, Msg]], stop: asyncio.Event
+    inbox: asyncio.Queue[tuple[float, Msg]], *ends: asyncio.Event
 ) -> tuple[float, Msg] | None:
-    """The next message that arrived, or None once `stop` is set."""
-    if stop.is_set():
+    """The next message that arrived, or None once one of `ends` is set."""
+    if any(end.is_set() for end in ends):
         return None
     getter = asyncio.ensure_future(inbox.get())
-    stopper = asyncio.ensure_future(stop.wait())
+    enders = [asyncio.ensure_future(end.wait()) for end in ends]
     try:
-        await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({getter, *enders}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        stopper.cancel()
+        for ender in enders:
+            ender.cancel()
         if not getter.done():
             getter.cancel()  # a cancelled Queue.get leaves its item in the queue
     return getter.result() if getter.done() and not getter.cancelled() else None
+
+
+RECORD_CONNECT_TIMEOUT_S = 5.0
+"""How long `record` tries to reach the server at the start before it reports it absent."""
+
+
+async def _connect_for_recording(
+    nats_url: str, reconnect_attempts: int, closed: asyncio.Event
+) -> NatsClient:
+    """A client that rides out server restarts and network blips (reconnecting a second apart,
+    `reconnect_attempts` times per outage, -1: forever) and sets `closed` when it gives up.
+    A server that is not there at the start is still reported within seconds."""
+    client = NatsClient()
+
+    async def quiet(_: Exception) -> None:
+        return None  # every failed reconnect would log; disconnected/reconnected say enough
+
+    async def disconnected() -> None:
+        if client.is_reconnecting:  # not when closing, nor before the first connect
+            log.warning(
+                "record: lost the connection to %s; reconnecting (messages published "
+                "meanwhile are not recorded)",
+                nats_url,
+            )
+
+    async def reconnected() -> None:
+        log.warning("record: reconnected to %s; recording again", nats_url)
+
+    async def on_closed() -> None:
+        closed.set()
+
+    try:
+        # With reconnect_attempts=-1 nats-py would try the first connect forever too.
+        await asyncio.wait_for(
+            client.connect(
+                nats_url,
+                connect_timeout=3,
+                max_reconnect_attempts=reconnect_attempts,
+                reconnect_time_wait=1,
+                error_cb=quiet,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                closed_cb=on_closed,
+            ),
+            RECORD_CONNECT_TIMEOUT_S,
+        )
+    except TimeoutError as exc:
+        await client.close()
+        raise NoServersError from exc
+    except BaseException:
+        await client.close()
+        raise
+    return client
+
+
+async def _let_go(client: NatsClient) -> None:
+    """Drains a live connection (pending messages are delivered), closes one that is
+    reconnecting, and leaves a closed one alone (drain() would raise)."""
+    if client.is_closed:
+        return
+    if client.is_connected:
+        await client.drain()
+    else:
+        await client.close()
 
 
 async def record(
@@ -212,13 +290,20 @@ async def record(
     max_messages: int | None = None,
     ready: asyncio.Event | None = None,
     on_progress: Callable[[int], None] = lambda _: None,
+    reconnect_attempts: int = -1,
 ) -> int:
     """Write every message on `subjects` (core NATS) to `path` until `stop` is set or
     `max_messages` were written. `ready` is set once the subscriptions are in place;
-    `on_progress` gets the count after each line. Returns the number of lines written."""
+    `on_progress` gets the count after each line. Returns the number of lines written.
+
+    The connection survives server restarts: it reconnects a second apart, `reconnect_attempts`
+    times per outage (-1: forever), and subscribes again; what is published while it is away
+    is not recorded. When it gives up, what arrived is written and RecordingInterruptedError
+    says how many messages the file holds."""
     if not subjects:
         raise ValueError("record needs at least one subject")
-    client = await connect(nats_url)
+    closed = asyncio.Event()
+    client = await _connect_for_recording(nats_url, reconnect_attempts, closed)
     inbox: asyncio.Queue[tuple[float, Msg]] = asyncio.Queue()
 
     async def on_msg(msg: Msg) -> None:
@@ -238,7 +323,7 @@ async def record(
             def full() -> bool:
                 return max_messages is not None and recorder.written >= max_messages
 
-            while not full() and (received := await _next_message(inbox, stop)) is not None:
+            while not full() and (received := await _next_message(inbox, stop, closed)) is not None:
                 await recorder.write(*received)
                 on_progress(recorder.written)
             # Stopped: what had already arrived is written too, what arrives now is not.
@@ -250,9 +335,17 @@ async def record(
             log.warning(
                 "record: %d messages were not JSON objects and were left out", recorder.skipped
             )
+        if closed.is_set() and not stop.is_set() and not full():
+            error = client.last_error
+            cause = (
+                f"no server answered {reconnect_attempts} reconnect attempts"
+                if error is None or isinstance(error, NoServersError)
+                else str(error)
+            )
+            raise RecordingInterruptedError(nats_url, path, recorder.written, cause)
         return recorder.written
     finally:
-        await client.drain()
+        await _let_go(client)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,13 @@ source)."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+import nats
 import pytest
 from typer.testing import CliRunner
 
@@ -13,8 +18,11 @@ from binloop import cli
 from binloop.cli import app as binloop_cli
 from binloop.liveview import progress_line
 from binloop.monitor import LoopStats
+from binloop.natsserver import NatsServer
+from binloop.process import free_port
 
-DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "data" / "demo"
 
 
 def _validate(service: str, env: dict[str, str]) -> tuple[int, str]:
@@ -80,6 +88,71 @@ def test_replay_reports_a_missing_file_and_an_unreachable_server_in_one_line(
     assert down.exit_code == 1
     assert "cannot reach nats://127.0.0.1:9" in down.output
     assert down.exception is None or isinstance(down.exception, SystemExit)
+
+
+async def _recording_connection(monitor_url: str, subject: str) -> dict[str, Any] | None:
+    """The server's view (its monitoring endpoint) of the connection subscribed to `subject`."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{monitor_url}/connz?subs=1") as response,
+    ):
+        connections: list[dict[str, Any]] = (await response.json()).get("connections") or []
+    for connection in connections:
+        if subject in connection.get("subscriptions_list", []):
+            return connection
+    return None
+
+
+@pytest.mark.integration
+async def test_record_says_in_one_line_how_many_messages_it_kept_when_the_server_goes_away(
+    tmp_path: Path,
+) -> None:
+    monitor_port = free_port()
+    server = NatsServer(tmp_path / "jetstream", extra_args=["-m", str(monitor_port)]).start()
+    monitor_url = f"http://127.0.0.1:{monitor_port}"
+    url, out = server.url, tmp_path / "rec.jsonl"
+    command = [sys.executable, "-m", "binloop.cli", "record", str(out), "--subject", "probe.>"]
+    recorder = await asyncio.create_subprocess_exec(
+        *command,
+        "--nats-url",
+        url,
+        "--reconnect-attempts",
+        "1",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+    async def delivered() -> int:
+        """Messages the server has sent to the recorder; -1 before it subscribed."""
+        while True:
+            connection = await _recording_connection(monitor_url, "probe.>")
+            if connection is not None:
+                return int(connection["out_msgs"])
+            if recorder.returncode is not None:
+                return -1
+            await asyncio.sleep(0.05)
+
+    try:
+        assert await asyncio.wait_for(delivered(), 30) == 0
+        publisher = await nats.connect(url)
+        for n in (1, 2):
+            await publisher.publish("probe.a", f'{{"n": {n}}}'.encode())
+        await publisher.drain()
+        while await asyncio.wait_for(delivered(), 10) < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        server.stop()  # and it does not come back
+        stdout, stderr = await asyncio.wait_for(recorder.communicate(), 30)
+    finally:
+        if recorder.returncode is None:
+            recorder.kill()
+            await recorder.wait()
+        server.stop()
+    assert recorder.returncode == 1, stderr.decode()
+    (line,) = stdout.decode().splitlines()
+    assert line.startswith(f"binloop record: the connection to {url} closed (")
+    assert line.endswith(f"2 messages were recorded to {out} before")
+    assert len(out.read_text().splitlines()) == 2
 
 
 def test_a_run_without_the_live_table_still_says_where_the_loop_is() -> None:

@@ -133,7 +133,33 @@ async def test_the_fleet_gauge_drops_silent_bins_without_a_new_heartbeat(
         await eventually(lambda: _backlog("bin-quiet") == 37)
         # Every bin falls silent: no heartbeat arrives any more, only time passes.
         now = NOW + timedelta(minutes=10)
-        await eventually(lambda: _serving_bins(model, 7) == 0)
+        await eventually(lambda: _serving_bins(model, 7) is None)  # no series, not 0
         await eventually(lambda: _backlog("bin-quiet") is None)  # unknown, not 0
+    finally:
+        await registry.stop()
+
+
+@pytest.mark.integration
+async def test_the_fleet_gauge_drops_a_version_once_no_bin_serves_it(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    """Every version ever served would otherwise keep a series at 0 for as long as the
+    registry runs."""
+    model = "rolling-fleet"
+    registry = create_registry(RegistrySettings(nats_url=nats_server.url, http_port=0))
+    await registry.start()
+
+    async def beat(bin_id: str, version: int, seconds_ago: float) -> None:
+        event = _beat(bin_id, version, datetime.now(UTC) - timedelta(seconds=seconds_ago), model)
+        await js.publish(FLEET_HEARTBEAT.subject(bin_id), event.model_dump_json().encode())
+
+    try:
+        await beat("bin-1", 3, 3)
+        await beat("bin-2", 3, 3)
+        await eventually(lambda: _serving_bins(model, 3) == 2)
+        await beat("bin-1", 4, 2)  # the rollout reaches bin-1
+        await eventually(lambda: (_serving_bins(model, 3), _serving_bins(model, 4)) == (1, 1))
+        await beat("bin-2", 4, 1)  # and bin-2: nothing serves v3 any more
+        await eventually(lambda: (_serving_bins(model, 3), _serving_bins(model, 4)) == (None, 2))
     finally:
         await registry.stop()

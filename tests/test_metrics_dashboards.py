@@ -101,6 +101,11 @@ def recorded_names() -> set[str]:
         ('count_values by (model) ("version", served_version) > bool 1', {"served_version"}),
         ("max_over_time(g[1h:5m] offset 1h30m) * 1e-9 + 0x1F", {"g"}),
         ('a_total unless on (bin) group_left (model) b{c="sum(rate(d[5m]))"}', {"a_total", "b"}),
+        # Grafana fills in $__range; it is no metric.
+        (
+            "sum((c_total unless c_total offset $__range) or increase(c_total[$__range]))",
+            {"c_total"},
+        ),
     ],
 )
 def test_metric_names_are_found_in_promql(expr: str, expected: set[str]) -> None:
@@ -138,6 +143,29 @@ def test_metric_names_carry_a_unit_and_labels_stay_bounded() -> None:
 
 
 # -- dashboards as files -------------------------------------------------------------------
+
+
+def test_only_the_edge_dashboard_reads_the_model_version_a_bin_exports() -> None:
+    """binloop_model_served_version comes from the edge-inferencer, which the cloud Prometheus
+    does not scrape (Kubernetes runs no bin); fleet panels and alerts read the model-registry's
+    heartbeat view, binloop_fleet_serving_bins."""
+    readers = {
+        where.split(":")[0]
+        for where, expr in [*dashboard_exprs(), *rule_exprs()]
+        if "binloop_model_served_version" in metric_names(expr)
+    }
+    assert readers == {"edge-bin-detail.json"}
+    fleet_readers = {
+        where
+        for where, expr in [*dashboard_exprs(), *rule_exprs()]
+        if "binloop_fleet_serving_bins" in metric_names(expr)
+    }
+    assert fleet_readers == {
+        "fleet-overview.json: Bins reporting",
+        "fleet-overview.json: Bins per model version",
+        "model-quality.json: Bins per served model version",
+        "binloop.rules.yml: BinloopFleetOnMixedModels",
+    }
 
 
 def test_shipped_dashboards_are_what_the_code_builds() -> None:
@@ -293,6 +321,7 @@ async def test_every_dashboard_and_alert_expression_names_an_exposed_metric(
         "binloop_training_runs_total",
         "binloop_model_eval_accuracy_ratio",
         "binloop_model_served_version",
+        "binloop_fleet_serving_bins",
         "binloop_dead_letters_total",
     ):
         assert required in named, required

@@ -562,6 +562,15 @@ def _rollbacks_counted(model: str) -> float:
     return _sample("binloop_model_promotions_total", model, "decision", "rolled_back") or 0.0
 
 
+def test_the_registry_exports_each_decision_at_zero_from_its_start() -> None:
+    """A counter series born with its first event reads 1 at once, and increase() over it is
+    0: the rollback alert and the decisions panel would miss the first rollback."""
+    model = f"zero-{uuid.uuid4().hex[:8]}"
+    create_app(RegistrySettings(model_name=model, http_port=0))  # connects to nothing
+    for decision in ("promoted", "rejected", "rolled_back"):
+        assert _sample("binloop_model_promotions_total", model, "decision", decision) == 0.0
+
+
 @pytest.mark.integration
 async def test_a_rollback_whose_publish_failed_is_announced_by_a_retry_not_repeated(
     js: JetStreamContext, nats_server: NatsServer

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import uuid
@@ -19,12 +20,16 @@ import aiohttp
 import pytest
 import yaml
 from nats.js.client import JetStreamContext
+from prometheus_client.metrics import MetricWrapperBase
+from typer.testing import CliRunner
 
+from binloop.cli import app as binloop_cli
 from binloop.natsserver import NatsServer
+from binloop.observability import metrics
 from binloop.process import free_port
 from binloop.runtime import ServiceApp
 from schemas.events import ActuationCommand, ActuationDone
-from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE
+from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE, route_for_subject
 from schemas.taxonomy import Compartment
 from services.registry import SERVICES
 from tests.helpers import Collector
@@ -32,7 +37,7 @@ from tests.helpers import Collector
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "rules" / "binloop.rules.yml"
-EDGE_DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "edge-bin-detail.json"
+DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 T = TypeVar("T")
 
 
@@ -62,6 +67,172 @@ def test_alert_rules_pass_their_promtool_unit_tests() -> None:
     result = _promtool("test", "rules", "binloop.rules.test.yml", cwd=RULES.parent)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def test_alert_descriptions_name_commands_that_exist() -> None:
+    """An alert tells the operator what to run: a `binloop` command, or the nats CLI's
+    `nats stream view <stream> --subject <subject>` on a stream that holds that subject."""
+    rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    annotations = [
+        text
+        for group in rules["groups"]
+        for rule in group["rules"]
+        for text in rule.get("annotations", {}).values()
+    ]
+    # Template labels become a plain token: dlq.v1.{{ $labels.service }} -> dlq.v1.service
+    commands = [
+        re.sub(r"\{\{\s*\$labels\.(\w+)\s*\}\}", r"\1", command)
+        for text in annotations
+        for command in re.findall(r"`([^`]+)`", text)
+    ]
+    assert commands, "the dead-letter alert names how to inspect the dead letters"
+    for command in commands:
+        words = command.split()
+        if words[0] == "binloop":
+            result = CliRunner().invoke(binloop_cli, [words[1], "--help"])
+            assert result.exit_code == 0, f"{command}: {result.output}"
+            continue
+        assert words[:3] == ["nats", "stream", "view"], command
+        stream, subject = words[3], words[words.index("--subject") + 1]
+        route = route_for_subject(subject)
+        assert route is not None, command
+        assert route.stream == stream, command
+
+
+def _promtool_unit_test(
+    tmp_path: Path, input_series: list[tuple[str, str]], expr_tests: list[dict[str, Any]]
+) -> subprocess.CompletedProcess[str]:
+    """promtool's unit test of `expr_tests` on `input_series` (a minute apart), with the
+    shipped rules loaded."""
+    spec = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": name, "values": v} for name, v in input_series],
+                "promql_expr_test": expr_tests,
+            }
+        ],
+    }
+    path = tmp_path / f"unit-{uuid.uuid4().hex[:8]}.test.yml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return _promtool("test", "rules", str(path))
+
+
+def _dashboard_expr(dashboard: str, title: str, **variables: str) -> str:
+    """A panel's first expression with Grafana's variables filled in, as Grafana would."""
+    model = json.loads((DASHBOARDS / dashboard).read_text(encoding="utf-8"))
+    (panel,) = [p for p in model["panels"] if p["title"] == title]
+    expr: str = panel["targets"][0]["expr"]
+    for name, value in variables.items():
+        expr = expr.replace(f"${name}", value)
+    assert "$" not in expr, expr
+    return expr
+
+
+def _histogram_series(histogram: MetricWrapperBase, **labels: str) -> list[tuple[str, str]]:
+    """The bucket series of `histogram` for `labels`, as a scrape a minute apart would see them
+    if each minute brought what the histogram holds now."""
+    series = []
+    for family in histogram.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket") and labels.items() <= sample.labels.items():
+                matchers = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+                series.append((f"{sample.name}{{{matchers}}}", f"0+{int(sample.value)}x20"))
+    return series
+
+
+def _estimates_at_most(
+    tmp_path: Path, panel: str, series: list[tuple[str, str]], truth: dict[str, float], label: str
+) -> subprocess.CompletedProcess[str]:
+    """promtool's verdict on whether `panel` (a quantile per `label`) estimates each of `truth`
+    at least as high as it is and less than 1.5 times that (it reports 0 for one that is not)."""
+    truth_series = [(f'truth_seconds{{{label}="{k}"}}', f"{v}x20") for k, v in truth.items()]
+    ratio = f"(({panel}) / on ({label}) truth_seconds)"
+    return _promtool_unit_test(
+        tmp_path,
+        series + truth_series,
+        [
+            {
+                "expr": f"({ratio} >= bool 1) * ({ratio} < bool 1.5)",
+                "eval_time": "10m",
+                "exp_samples": [{"labels": f'{{{label}="{k}"}}', "value": 1} for k in truth],
+            }
+        ],
+    )
+
+
+def test_inference_stage_p95_tells_sub_millisecond_stages_apart(tmp_path: Path) -> None:
+    """docs/edge-latency.md: read, decode+pHash, preprocess and postprocess take 0.1-0.5 ms.
+    Observed as the edge inferencer observes them (ms / 1000), the edge dashboard's p95 panel
+    must not put them all at the same 1 ms bucket bound."""
+    bin_id = f"stages-{uuid.uuid4().hex[:8]}"
+    stage_ms = {"read": 0.28, "decode": 0.52, "preprocess": 0.32, "postprocess": 0.17}
+    for stage, ms in stage_ms.items():
+        for _ in range(100):
+            metrics.INFERENCE_STAGE_SECONDS.labels(bin_id, stage).observe(ms / 1000)
+    panel = _dashboard_expr(
+        "edge-bin-detail.json", "Inference time per stage, p95", bin=bin_id, __rate_interval="5m"
+    )
+    series = _histogram_series(metrics.INFERENCE_STAGE_SECONDS, bin=bin_id)
+    truth = {stage: ms / 1000 for stage, ms in stage_ms.items()}
+    result = _estimates_at_most(tmp_path, panel, series, truth, "stage")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_handler_time_p95_of_a_whole_training_is_not_cut_off(tmp_path: Path) -> None:
+    """The trainer's handler runs a whole training: 25 minutes must read as about that, not
+    as the latency buckets' top."""
+    service = f"trainer-{uuid.uuid4().hex[:8]}"
+    for _ in range(3):
+        metrics.HANDLER_SECONDS.labels(service, "training.requested").observe(25 * 60)
+    panel = _dashboard_expr(
+        "data-engine-loop.json", "Handler time p95 per service", __rate_interval="5m"
+    )
+    series = _histogram_series(metrics.HANDLER_SECONDS, service=service)
+    result = _estimates_at_most(tmp_path, panel, series, {service: 25 * 60}, "service")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rare_event_panels_count_the_event_that_creates_the_series(tmp_path: Path) -> None:
+    """A dead letter of a new kind, and a rollback of a model the registry did not create
+    series for, appear with their first event already counted; the panels count that one."""
+    dead_letter = (
+        'binloop_dead_letters_total{service="sampler",route="inference.result",'
+        'error_type="ValidationError",instance="sampler:8000",job="binloop"}'
+    )
+    decision = (
+        'binloop_model_promotions_total{{model="{}",decision="{}",'
+        'instance="model-registry:8000",job="binloop"}}'
+    )
+    result = _promtool_unit_test(
+        tmp_path,
+        [
+            (dead_letter, "_ _ _ 1 1 1 1 1 1 1 1"),
+            (decision.format("binloop-glass", "rolled_back"), "_ _ _ 1 1 1 1 1 1 1 1"),
+            # The registry's own model: created at 0 when it starts.
+            (decision.format("binloop-waste", "promoted"), "0 0 0 0 1 1 2 2 2 2 2"),
+        ],
+        [
+            {
+                "expr": _dashboard_expr("fleet-overview.json", "Dead letters (1h)"),
+                "eval_time": "10m",
+                "exp_samples": [{"labels": "{}", "value": 1}],
+            },
+            {
+                "expr": _dashboard_expr(
+                    "model-quality.json", "Registry decisions (range)", __range="1h"
+                ),
+                "eval_time": "10m",
+                "exp_samples": [
+                    {"labels": '{decision="rolled_back"}', "value": 1},
+                    {"labels": '{decision="promoted"}', "value": 2},
+                ],
+            },
+        ],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @dataclass
@@ -157,14 +328,6 @@ def prometheus_for(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]
             server.process.wait()
 
 
-def _panel_expr(title: str, bin_id: str) -> str:
-    """A panel's expression with Grafana's $bin variable filled in, as Grafana would."""
-    model = json.loads(EDGE_DASHBOARD.read_text(encoding="utf-8"))
-    (panel,) = [p for p in model["panels"] if p["title"] == title]
-    expr: str = panel["targets"][0]["expr"]
-    return expr.replace("$bin", bin_id)
-
-
 async def _get(session: aiohttp.ClientSession, url: str, **params: str) -> dict[str, Any]:
     async with session.get(url, params=params) as response:
         body: dict[str, Any] = await response.json()
@@ -229,7 +392,7 @@ async def test_prometheus_scrapes_a_service_and_answers_a_dashboard_query(
         )
         assert up[0]["labels"]["job"] == "binloop"
 
-        expr = _panel_expr("Items actuated (total)", bin_id)
+        expr = _dashboard_expr("edge-bin-detail.json", "Items actuated (total)", bin=bin_id)
 
         async def query() -> list[dict[str, Any]]:
             result: list[dict[str, Any]] = (await _get(session, f"{api}/query", query=expr))[

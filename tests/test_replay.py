@@ -16,11 +16,20 @@ from nats.js.client import JetStreamContext
 
 from binloop.bus import ensure_streams
 from binloop.natsserver import NatsServer
-from binloop.replay import ReplayStats, iter_replay_file, record, replay, replay_delay
+from binloop.process import free_port
+from binloop.replay import (
+    RecordingInterruptedError,
+    ReplayStats,
+    iter_replay_file,
+    record,
+    replay,
+    replay_delay,
+)
 from binloop.storage import LocalBlobStore, sha256_hex, spool_key
 from schemas.events import FrameCaptured, TrainingRequested
 from schemas.routes import FRAMES_CAPTURED, TRAINING_REQUESTED
 from services.frame_ingestor.sources import ReplayFileSource
+from tests.helpers import eventually
 
 DEMO_STREAM = Path(__file__).resolve().parent.parent / "data" / "demo" / "stream"
 BIN = "bin-3"
@@ -201,3 +210,80 @@ async def test_record_leaves_out_non_json_and_stops_on_request(
     stop.set()
     assert await asyncio.wait_for(idle, 10) == 0
     assert path.read_text() == ""
+
+
+async def _publish_numbers(url: str, subject: str, numbers: list[int]) -> None:
+    publisher = await _connect_after_subscribing(url)
+    for n in numbers:
+        await publisher.publish(subject, json.dumps({"n": n}).encode())
+    await publisher.drain()
+
+
+@pytest.mark.integration
+async def test_record_keeps_recording_across_a_server_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    store = tmp_path / "jetstream"
+    server = NatsServer(store, port=port).start()
+    path = tmp_path / "rec.jsonl"
+    stop, ready = asyncio.Event(), asyncio.Event()
+    counts: list[int] = []
+    recorder = asyncio.create_task(
+        record(server.url, ["probe.>"], path, stop=stop, ready=ready, on_progress=counts.append)
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        await _publish_numbers(server.url, "probe.a", [1])
+        await eventually(lambda: counts[-1:] == [1])
+        # A 3 s outage: a nats-server restart or upgrade, a network blip.
+        server.stop()
+        await asyncio.sleep(3)
+        server = NatsServer(store, port=port).start()
+        await eventually(lambda: "record: reconnected" in caplog.text)
+        await _publish_numbers(server.url, "probe.b", [2, 3, 4])
+        await eventually(lambda: counts[-1:] == [4])
+        stop.set()
+        assert await asyncio.wait_for(recorder, 10) == 4
+    finally:
+        if not recorder.done():
+            recorder.cancel()
+        server.stop()
+    lines = [json.loads(text) for text in path.read_text().splitlines()]
+    assert [line["data"]["n"] for line in lines] == [1, 2, 3, 4]
+    assert "record: lost the connection" in caplog.text
+
+
+@pytest.mark.integration
+async def test_record_says_what_it_kept_when_the_server_stays_away(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "jetstream").start()
+    url = server.url
+    path = tmp_path / "rec.jsonl"
+    ready = asyncio.Event()
+    counts: list[int] = []
+    recorder = asyncio.create_task(
+        record(
+            url,
+            ["probe.>"],
+            path,
+            stop=asyncio.Event(),
+            ready=ready,
+            on_progress=counts.append,
+            reconnect_attempts=1,
+        )
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        await _publish_numbers(url, "probe.a", [1, 2])
+        await eventually(lambda: counts[-1:] == [2])
+        server.stop()  # and it does not come back
+        with pytest.raises(RecordingInterruptedError) as interrupted:
+            await asyncio.wait_for(recorder, 20)
+    finally:
+        if not recorder.done():
+            recorder.cancel()
+        server.stop()
+    assert interrupted.value.recorded == 2
+    assert f"the connection to {url} closed" in str(interrupted.value)
+    assert f"2 messages were recorded to {path}" in str(interrupted.value)
+    assert len(path.read_text().splitlines()) == 2

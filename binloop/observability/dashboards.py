@@ -51,6 +51,22 @@ def q(expr: str, legend: str = "") -> Query:
     return Query(expr, legend)
 
 
+def counted_within(counter: str, window: str, by: str = "") -> str:
+    """How much `counter` (a full series name) grew within `window`. A labeled counter that no
+    service creates ahead appears with its first event, already counted, which increase() misses:
+    a series absent `window` ago counts with its whole value, the others with their increase."""
+    grouping = f" by ({by}) " if by else ""
+    return (
+        f"sum{grouping}(({counter} unless {counter} offset {window}) "
+        f"or increase({counter}[{window}]))"
+    )
+
+
+# The cloud Prometheus scrapes no bin: what the bins serve comes from their heartbeats, through
+# the model-registry's fleet gauge (max: two registry replicas report the same bins).
+SERVING_BINS = "max by (model, version) (binloop_fleet_serving_bins)"
+
+
 def _panel_json(panel: Panel, panel_id: int, x: int, y: int) -> Json:
     targets = [
         {
@@ -148,10 +164,12 @@ def fleet_overview() -> Dashboard:
         panels=[
             Panel(
                 "Bins reporting",
-                (q("count(count by (bin) (binloop_frames_captured_total))"),),
+                (q(f"sum({SERVING_BINS})"),),
                 kind="stat",
                 width=6,
                 height=4,
+                description="Bins whose heartbeat in the last 5 minutes names the model they "
+                "serve (model-registry's fleet view).",
             ),
             Panel(
                 "Scrape targets up",
@@ -169,7 +187,7 @@ def fleet_overview() -> Dashboard:
             ),
             Panel(
                 "Dead letters (1h)",
-                (q("sum(increase(binloop_dead_letters_total[1h]))"),),
+                (q(counted_within("binloop_dead_letters_total", "1h")),),
                 kind="stat",
                 width=6,
                 height=4,
@@ -240,9 +258,11 @@ def fleet_overview() -> Dashboard:
                 unit="short",
             ),
             Panel(
-                "Model version served per bin",
-                (q("max by (bin, model) (binloop_model_served_version)"),),
+                "Bins per model version",
+                (q(SERVING_BINS),),
                 kind="table",
+                description="From the bins' heartbeats (model-registry's fleet view); the Edge "
+                "bin detail dashboard shows the version one bin serves.",
             ),
         ],
     )
@@ -483,7 +503,7 @@ def model_quality() -> Dashboard:
                 "Registry decisions (range)",
                 (
                     q(
-                        "sum by (decision) (increase(binloop_model_promotions_total[$__range]))",
+                        counted_within("binloop_model_promotions_total", "$__range", "decision"),
                         "{{decision}}",
                     ),
                 ),
@@ -506,13 +526,9 @@ def model_quality() -> Dashboard:
             ),
             Panel(
                 "Bins per served model version",
-                (
-                    q(
-                        'count_values by (model) ("version", binloop_model_served_version)',
-                        "{{model}} v{{version}}",
-                    ),
-                ),
+                (q(SERVING_BINS, "{{model}} v{{version}}"),),
                 unit="short",
+                description="From the bins' heartbeats (model-registry's fleet view).",
             ),
             Panel(
                 "Fleet abstention rate",

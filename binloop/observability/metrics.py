@@ -6,6 +6,17 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# A handler may run a whole training (the trainer's): minutes to hours, so the latency buckets
+# go on up to 4 h instead of piling every training into +Inf.
+HANDLER_BUCKETS = (*LATENCY_BUCKETS, 30, 60, 120, 300, 600, 1800, 3600, 2 * 3600, 4 * 3600)
+# Per-stage inference time on an edge CPU (docs/edge-latency.md): read, decode, preprocess and
+# postprocess take 0.05-0.5 ms, inference one to a few tens of ms. Fine buckets below 1 ms tell
+# the small stages apart.
+_STAGE_BUCKETS_MS = (
+    *(0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75),
+    *(1, 1.5, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000),
+)
+STAGE_BUCKETS = tuple(round(ms / 1000, 7) for ms in _STAGE_BUCKETS_MS)
 
 MESSAGES_CONSUMED = Counter(
     "binloop_messages_consumed_total",
@@ -29,7 +40,7 @@ HANDLER_SECONDS = Histogram(
     "binloop_handler_seconds",
     "Time a handler spent on one delivery (message or batch)",
     ["service", "route"],
-    buckets=LATENCY_BUCKETS,
+    buckets=HANDLER_BUCKETS,
 )
 
 FRAMES_CAPTURED = Counter("binloop_frames_captured_total", "Frames captured", ["bin"])
@@ -38,7 +49,7 @@ INFERENCE_STAGE_SECONDS = Histogram(
     "binloop_inference_stage_seconds",
     "Edge inferencer per-frame time by stage (read, decode, preprocess, infer, postprocess)",
     ["bin", "stage"],
-    buckets=LATENCY_BUCKETS,
+    buckets=STAGE_BUCKETS,
 )
 FRAME_TO_ACTUATION_SECONDS = Histogram(
     "binloop_frame_to_actuation_seconds",

@@ -50,7 +50,8 @@ _BRACKETS = re.compile(r"\[[^\[\]]*\]")
 _GROUPING = re.compile(
     r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", re.IGNORECASE
 )
-_OFFSET = re.compile(r"\boffset\s+-?(?:\d+(?:ms|[smhdwy]))+", re.IGNORECASE)
+# A duration, or a Grafana variable that becomes one (`offset $__range`).
+_OFFSET = re.compile(r"\boffset\s+(?:-?(?:\d+(?:ms|[smhdwy]))+|\$\{?\w+\}?)", re.IGNORECASE)
 _TOKEN = re.compile(
     r"(?P<number>(?:0x[0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?))"
     r"|(?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)"

@@ -58,8 +58,9 @@ class _Registry:
 
 @dataclass
 class _FleetGauge:
-    """binloop_fleet_serving_bins and binloop_fleet_spool_backlog_frames from the fleet view;
-    a version no live bin serves reads 0, a bin whose uploader fell silent is dropped."""
+    """binloop_fleet_serving_bins and binloop_fleet_spool_backlog_frames from the fleet view.
+    A version no live bin serves any more and a bin whose uploader fell silent are dropped
+    (not kept at 0: every version ever served would keep a series)."""
 
     view: FleetView = field(default_factory=FleetView)
     published: set[tuple[str, int]] = field(default_factory=set)
@@ -68,10 +69,10 @@ class _FleetGauge:
     def refresh(self, now: datetime) -> None:
         serving = self.view.serving(now)
         for model, version in self.published - set(serving):
-            metrics.FLEET_SERVING_BINS.labels(model, str(version)).set(0)
+            metrics.FLEET_SERVING_BINS.remove(model, str(version))
         for (model, version), bins in serving.items():
             metrics.FLEET_SERVING_BINS.labels(model, str(version)).set(bins)
-        self.published.update(serving)
+        self.published = set(serving)
         backlog = self.view.spool_backlog(now)
         for bin_id in self.backlog_bins - set(backlog):
             metrics.FLEET_SPOOL_BACKLOG.remove(bin_id)  # unknown now, not 0
@@ -85,6 +86,9 @@ def create_app(
 ) -> ServiceApp:
     service = new_service("model-registry", settings)
     service.declare_publishes(MODELS_REGISTERED, MODELS_PROMOTED, MODELS_ROLLED_BACK)
+    for decision in ("promoted", "rejected", "rolled_back"):
+        # Every decision exists from the start, so increase() sees the first rollback.
+        metrics.MODEL_PROMOTIONS.labels(settings.model_name, decision)
     registry = _Registry()
 
     async def set_champion_accuracy(model_name: str) -> None:
