@@ -294,3 +294,39 @@ async def test_a_flap_is_not_moved_when_its_intent_cannot_be_written(
         await actuator.handle(command)
     assert driver.moves == []
     assert actuator.journal.get(command.frame_event_id) is None
+
+
+async def test_the_journal_is_never_rewritten_while_an_item_waits_for_its_flap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rewrite (compaction: every remembered record, a file fsync, a rename, a folder fsync;
+    ~1.8 MB at the default remember=4096) is triggered by whichever append crosses
+    COMPACT_FACTOR * remember records. Every other append is a `moving` intent, so every other
+    compaction runs after the intent and before the flap moves, on the one path where the item
+    is falling. remember=2 here, so the 5th record (the 3rd item's intent) triggers it."""
+    compacted_after: list[str] = []
+    real_compact = HandledJournal._compact
+
+    def compact(self: HandledJournal) -> None:
+        newest = next(reversed(self._entries.values()), None)
+        compacted_after.append("nothing" if newest is None else newest.state)
+        real_compact(self)
+
+    monkeypatch.setattr(HandledJournal, "_compact", compact)
+
+    class Flap:
+        async def actuate(self, compartment: object, item_key: str) -> None:
+            pass
+
+    actuator = Actuator(
+        Flap(),  # type: ignore[arg-type]
+        "actuator",
+        max_command_age_s=600,
+        remember=2,
+        journal_path=tmp_path / "handled.journal",
+        clock=lambda: SEEN + timedelta(seconds=1),
+    )
+    await actuator.open()
+    for _ in range(6):
+        assert (await actuator.handle(_command())).kind == "actuated"
+    assert "moving" not in compacted_after, compacted_after

@@ -209,7 +209,13 @@ class HandledJournal:
                 ) from exc
             self._records_in_file += 1
         self.remember_only(entry)
-        if self.path is not None and self._records_in_file > COMPACT_FACTOR * self.remember:
+        # Never between an intent and its flap (a rewrite of the whole file takes tens of
+        # ms, longer on eMMC, while the item falls): after an answer only.
+        if (
+            self.path is not None
+            and entry.state != "moving"
+            and self._records_in_file > COMPACT_FACTOR * self.remember
+        ):
             try:
                 self._compact()
             except JournalWriteError as exc:  # the record is safe; the next append retries
