@@ -12,6 +12,8 @@ BinloopError
 └── ConfigError           settings or files that make no sense; raised at start-up
 """
 
+from __future__ import annotations
+
 
 class BinloopError(Exception):
     """Root of every error binloop raises on purpose."""
@@ -32,8 +34,13 @@ class UnknownUriError(PermanentError):
 class ChecksumMismatchError(PermanentError):
     def __init__(self, what: str, expected: str, actual: str) -> None:
         super().__init__(f"{what}: expected sha256 {expected}, got {actual}")
+        self.what = what
         self.expected = expected
         self.actual = actual
+
+    def __reduce__(self) -> tuple[type[ChecksumMismatchError], tuple[str, str, str]]:
+        # Rebuilt from its own arguments (it crosses from the trainer's worker process).
+        return type(self), (self.what, self.expected, self.actual)
 
 
 class MissingBlobError(PermanentError):

@@ -20,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import pickle
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -28,7 +31,7 @@ from typing import Any, TypeVar, cast
 
 from prometheus_client import REGISTRY, Counter
 
-from binloop.errors import TransientError
+from binloop.errors import PermanentError, TransientError
 from binloop.observability import metrics
 
 log = logging.getLogger(__name__)
@@ -53,12 +56,37 @@ def _counter_totals() -> dict[CounterKey, float]:
     return totals
 
 
-def _serve(connection: Connection, log_level: int) -> None:
+def _portable(error: Exception) -> Exception:
+    """`error`, or a stand-in of the same kind (permanent, transient) with its message when it
+    cannot be rebuilt on the other side (an __init__ with other arguments than its message):
+    the service must still tell a dead letter from a retry."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # whatever stops it: it must not stop the answer
+        kind: type[Exception] = RuntimeError
+        if isinstance(error, PermanentError):
+            kind = PermanentError
+        elif isinstance(error, TransientError):
+            kind = TransientError
+        return kind(f"{type(error).__name__}: {error}")
+    return error
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose service died (SIGKILL, a crash) would train on and write a model that a
+    restarted service may train again: it ends itself instead."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _serve(connection: Connection, log_level: int, parent: int) -> None:
     """The worker's loop: receive (function, args), send back ("ok", result, counted) or
     ("error", exception, counted), `counted` being what the call added to counters."""
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s [worker]: %(message)s"
     )
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     while True:
         try:
             function, args = connection.recv()
@@ -68,7 +96,7 @@ def _serve(connection: Connection, log_level: int) -> None:
         try:
             status, value = "ok", function(*args)
         except Exception as exc:  # sent back to the caller, who raises it
-            status, value = "error", exc
+            status, value = "error", _portable(exc)
         counted = {
             key: total - before.get(key, 0.0)
             for key, total in _counter_totals().items()
@@ -120,7 +148,7 @@ class WorkerProcess:
         ours, theirs = self._context.Pipe()
         process = self._context.Process(
             target=_serve,
-            args=(theirs, logging.getLogger().getEffectiveLevel()),
+            args=(theirs, logging.getLogger().getEffectiveLevel(), os.getpid()),
             name=self.name,
             daemon=True,
         )
@@ -133,21 +161,24 @@ class WorkerProcess:
     async def call(self, function: Callable[..., T], *args: Any) -> T:
         async with self._busy:
             connection = self._ensure_started()
-            connection.send((function, args))
             done = threading.Event()
 
-            def receive() -> tuple[str, object, dict[CounterKey, float]]:
+            def exchange() -> tuple[str, object, dict[CounterKey, float]]:
+                # Both ends off the event loop: a send larger than the pipe's buffer waits
+                # until the worker reads it, which a freshly spawned one does only once its
+                # interpreter has started (0.5 s here for a TrashNet-sized manifest).
                 try:
+                    connection.send((function, args))
                     return cast(tuple[str, object, dict[CounterKey, float]], connection.recv())
                 finally:
                     done.set()
 
             try:
-                status, value, counted = await asyncio.shield(asyncio.to_thread(receive))
+                status, value, counted = await asyncio.shield(asyncio.to_thread(exchange))
             except asyncio.CancelledError:
                 # The caller gave up (the service stops, or the message is taken back): the
                 # work must stop too, not go on in the background. Killing the process ends
-                # the pending receive (EOF) before the connection is closed under it.
+                # the pending send or receive before the connection is closed under it.
                 self._kill()
                 await asyncio.to_thread(done.wait, 10.0)
                 self._discard()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import operator
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from binloop.errors import ChecksumMismatchError, TransientError
 from binloop.worker import WorkerDiedError, WorkerProcess
 
 
@@ -85,3 +88,99 @@ async def test_what_the_call_counts_reaches_the_services_metrics(
     assert (puts("written"), puts("unchanged")) == (written + 1, unchanged)
     assert await worker.call(_put_a_blob, str(tmp_path)) == "worker/made.txt"
     assert (puts("written"), puts("unchanged")) == (written + 1, unchanged + 1)
+
+
+class _RebuiltOtherwise(TransientError):
+    """An error whose __init__ takes other arguments than its message: pickle cannot rebuild
+    it on the service's side."""
+
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__(f"{done} of {total} done")
+
+
+def _raise_rebuilt_otherwise() -> None:
+    raise _RebuiltOtherwise(3, 5)
+
+
+def _raise_checksum_mismatch() -> None:
+    raise ChecksumMismatchError("frames/x.jpg", "a" * 64, "b" * 64)
+
+
+async def test_an_error_keeps_its_kind_so_the_bus_still_tells_retry_from_dead_letter(
+    worker: WorkerProcess,
+) -> None:
+    with pytest.raises(ChecksumMismatchError, match=r"expected sha256 a+, got b+"):
+        await worker.call(_raise_checksum_mismatch)
+    with pytest.raises(TransientError, match="_RebuiltOtherwise: 3 of 5 done") as raised:
+        await worker.call(_raise_rebuilt_otherwise)
+    assert type(raised.value) is TransientError  # a stand-in, of the same kind
+
+
+def _started_at(payload: list[str]) -> float:
+    return time.time()
+
+
+async def test_the_event_loop_runs_while_a_fresh_worker_starts_and_reads_a_large_call(
+    worker: WorkerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call larger than the pipe's buffer (a TrashNet-sized manifest) is read only once the
+    freshly spawned worker's interpreter has started; sent from the event loop, it held up
+    every service of `binloop up` for that long. The start is slowed down here, so the loop
+    has many turns to take in the meantime if (and only if) it is free."""
+    slow_start = tmp_path / "slow-start"
+    slow_start.mkdir()
+    (slow_start / "sitecustomize.py").write_text(
+        "import sys, time\nif '--multiprocessing-fork' in sys.argv:\n    time.sleep(1.5)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(slow_start))
+    turns: list[float] = []
+
+    async def take_turns() -> None:
+        while True:
+            turns.append(time.time())
+            await asyncio.sleep(0.01)
+
+    turning = asyncio.create_task(take_turns())
+    called_at = time.time()
+    payload = [f"{item:064d}" for item in range(50_000)]  # ~3.5 MB pickled
+    started_at = await worker.call(_started_at, payload)
+    turning.cancel()
+    assert len([t for t in turns if called_at < t < started_at]) >= 10
+
+
+def test_a_worker_ends_itself_when_its_service_is_killed(tmp_path: Path) -> None:
+    """A killed service's worker would train on and write a model that the restarted
+    service may train again."""
+    service = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import asyncio, os, time\n"
+            "from binloop.worker import WorkerProcess\n"
+            "async def main():\n"
+            "    worker = WorkerProcess('orphan-test')\n"
+            "    print(await worker.call(os.getpid), flush=True)\n"
+            "    await worker.call(time.sleep, 600)\n"
+            "asyncio.run(main())\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert service.stdout is not None
+    worker_pid = int(service.stdout.readline())
+    service.kill()
+    service.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while _alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (ended, not yet reaped by init) counts as ended.
+    status = Path(f"/proc/{pid}/status").read_text()
+    return "State:\tZ" not in status
