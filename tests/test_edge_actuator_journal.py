@@ -271,17 +271,22 @@ async def test_the_intent_is_on_disk_before_the_flap_moves(tmp_path: Path) -> No
     assert driver.moves == [command.frame_event_id]
 
 
-async def test_a_flap_is_not_moved_when_its_intent_cannot_be_written(
+async def test_a_disk_that_refuses_the_journal_does_not_stop_the_bin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A full or failing disk costs the memory across a restart, not the sorting: the flap
+    moves, the item is remembered in memory (a repeat is still answered as before), and the
+    failure is counted for an alert."""
     path = tmp_path / "handled.journal"
     driver = SnapshottingDriver(path, tmp_path / "snapshot")
+    failures: list[None] = []
     actuator = Actuator(
         driver,
         "actuator",
         max_command_age_s=600,
         journal_path=path,
         clock=lambda: SEEN + timedelta(seconds=1),
+        on_journal_failure=lambda: failures.append(None),
     )
     await actuator.open()
 
@@ -290,10 +295,33 @@ async def test_a_flap_is_not_moved_when_its_intent_cannot_be_written(
 
     monkeypatch.setattr(os, "write", disk_full)
     command = _command()
-    with pytest.raises(JournalWriteError):  # transient: the bus retries the command
-        await actuator.handle(command)
-    assert driver.moves == []
-    assert actuator.journal.get(command.frame_event_id) is None
+    outcome = await actuator.handle(command)
+    assert (outcome.kind, outcome.done.ok) == ("actuated", True)
+    assert driver.moves == [command.frame_event_id]
+    assert len(failures) == 2  # the intent and the answer
+    assert (await actuator.handle(command)).kind == "repeated"
+    assert driver.moves == [command.frame_event_id]
+
+
+async def test_a_journal_that_cannot_be_read_leaves_the_actuator_with_memory_only(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "handled.journal"
+    path.mkdir()  # as unreadable as a disk that answers EIO
+    driver = SimulatedDriver(actuation_ms=0)
+    failures: list[None] = []
+    actuator = Actuator(
+        driver,
+        "actuator",
+        max_command_age_s=600,
+        journal_path=path,
+        clock=lambda: SEEN + timedelta(seconds=1),
+        on_journal_failure=lambda: failures.append(None),
+    )
+    await actuator.open()
+    assert failures == [None]
+    assert not actuator.journal.durable
+    assert (await actuator.handle(_command())).kind == "actuated"
 
 
 async def test_the_journal_is_never_rewritten_while_an_item_waits_for_its_flap(

@@ -245,6 +245,10 @@ def fleet_overview() -> Dashboard:
                         f"sum by (bin) (rate(binloop_actuator_stale_commands_total[{RATE}]))",
                         "{{bin}} stale (flap not moved)",
                     ),
+                    q(
+                        f"sum by (bin) (rate(binloop_actuator_journal_failures_total[{RATE}]))",
+                        "{{bin}} journal not written (memory only)",
+                    ),
                 ),
                 unit="ops",
             ),

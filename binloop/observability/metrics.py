@@ -64,6 +64,12 @@ ABSTENTIONS = Counter(
     "binloop_abstentions_total", "Items sent to trash for low confidence", ["bin"]
 )
 ACTUATOR_ERRORS = Counter("binloop_actuator_errors_total", "Actuator failures", ["bin", "error"])
+ACTUATOR_JOURNAL_FAILURES = Counter(
+    "binloop_actuator_journal_failures_total",
+    "Journal records the bin's disk did not take, or a journal it could not read: the "
+    "actuator went on with its memory alone (a restart then forgets those items)",
+    ["bin"],
+)
 ACTUATOR_STALE_COMMANDS = Counter(
     "binloop_actuator_stale_commands_total",
     "Commands refused because their item was captured longer ago than max_command_age_s",

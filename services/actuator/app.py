@@ -64,6 +64,7 @@ def create_app(
         max_command_age_s=settings.max_command_age_s,
         journal_path=journal_path(settings),
         clock=clock,
+        on_journal_failure=metrics.ACTUATOR_JOURNAL_FAILURES.labels(settings.bin_id).inc,
     )
 
     async def load_journal(_: JetStreamContext) -> None:

@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 from schemas.base import utc_now
 from schemas.events import ActuationCommand, ActuationDone
 from schemas.taxonomy import Compartment
-from services.actuator.journal import Handled, HandledJournal, JournalWriteError
+from services.actuator.journal import Handled, HandledJournal, JournalError, JournalWriteError
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,12 @@ class Actuator:
     With a `journal_path` that memory is on disk (see journal.py) and survives a restart: the
     intent is fsynced before the flap moves and the outcome right after, so a crash between
     the two answers the command, when it comes again, as interrupted instead of moving twice.
+
+    A disk that refuses the journal (full, read-only, failing) does not stop the bin: the
+    actuator goes on with its memory alone, and `on_journal_failure` is called (a metric and
+    an alert). Only a crash during that time, with a command redelivered while its item is
+    still fresh (`max_command_age_s` above the consumer's ack wait), could move a flap twice;
+    refusing to sort every item until the disk is fixed would cost far more.
     """
 
     def __init__(
@@ -134,6 +140,7 @@ class Actuator:
         remember: int = DEFAULT_REMEMBERED,
         journal_path: Path | None = None,
         clock: Callable[[], datetime] = utc_now,
+        on_journal_failure: Callable[[], None] = lambda: None,
     ) -> None:
         if max_command_age_s <= 0:
             raise ValueError(f"max_command_age_s must be > 0, got {max_command_age_s}")
@@ -142,12 +149,18 @@ class Actuator:
         self.max_command_age_s = max_command_age_s
         self.journal = HandledJournal(journal_path, remember=remember)
         self.clock = clock
+        self.on_journal_failure = on_journal_failure
         self._one_at_a_time = asyncio.Lock()
 
     async def open(self) -> None:
         """Load the journal now (else the first command does): a damaged one is reported at
-        start-up. Raises JournalError when it cannot be read at all."""
-        await asyncio.to_thread(self.journal.open)
+        start-up. One that cannot be read at all leaves the actuator with memory only."""
+        try:
+            await asyncio.to_thread(self.journal.open)
+        except JournalError as exc:
+            log.error("actuator: %s; going on without it, with memory only", exc)
+            self.on_journal_failure()
+            self.journal = HandledJournal(None, remember=self.journal.remember)
 
     def close(self) -> None:
         self.journal.close()
@@ -182,10 +195,14 @@ class Actuator:
             )
             outcome = Outcome("stale", _done(command, self.producer, error, 0.0))
         else:
-            # On disk before the flap moves; a JournalWriteError here leaves the flap alone
-            # and the command is retried (see JournalWriteError).
+            # On disk before the flap moves (with memory only if the disk refuses it).
             intent = Handled("moving", _done(command, self.producer, INTERRUPTED_ERROR, 0.0))
-            await self._append(intent)
+            try:
+                await self._append(intent)
+            except JournalWriteError as exc:
+                log.warning("actuator: %s; moving the flap with memory only", exc)
+                self.on_journal_failure()
+                self.journal.remember_only(intent)
             outcome = Outcome("actuated", await execute(self.driver, command, self.producer))
         await self._settle(outcome.done)
         return outcome
@@ -199,6 +216,7 @@ class Actuator:
             await self._append(entry)
         except JournalWriteError as exc:
             log.warning("actuator: %s; remembered in memory only", exc)
+            self.on_journal_failure()
             self.journal.remember_only(entry)
 
     async def _append(self, entry: Handled) -> None:

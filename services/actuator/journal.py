@@ -54,8 +54,7 @@ class JournalError(BinloopError):
 
 
 class JournalWriteError(JournalError, TransientError):
-    """A record could not be appended. Before the flap moves this means it does not move: the
-    command is retried (and refused as stale once its item is gone), never run unremembered."""
+    """A record could not be appended (the Actuator then goes on with memory only)."""
 
 
 @dataclass(frozen=True)
