@@ -58,7 +58,8 @@ class ServiceSettings(BaseSettings):
         default=5,
         ge=1,
         le=100,
-        description="Failures (not not-ready retries) after which a message is dead-lettered",
+        description="Failures (not not-ready retries), or deaths of the process handling it "
+        "(plus one), after which a message is dead-lettered",
     )
     retry_delay_s: float = Field(default=2.0, gt=0, le=3600, description="Delay before a retry")
     stream_replicas: int = Field(

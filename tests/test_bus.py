@@ -877,12 +877,15 @@ async def test_streams_and_the_registry_bucket_get_the_replicas_asked_and_keep_m
             engine = (await js.stream_info("ENGINE")).config.num_replicas
             await RegistryStore.open_or_create(js, "registry")
             bucket = (await js.stream_info("KV_registry")).config.num_replicas
+            handling = (await js.stream_info("KV_binloop_handling")).config
         finally:
             await client.close()
     assert created.num_replicas == 1
     assert kept == 3
     assert engine == 3
     assert bucket == 3  # as many as the registry's event stream
+    assert handling.num_replicas == 3  # the record of handling attempts too
+    assert handling.max_age == 7 * 24 * 3600
 
 
 async def test_losing_the_hub_server_that_leads_a_stream_does_not_stop_its_consumers(
@@ -919,3 +922,292 @@ async def test_losing_the_hub_server_that_leads_a_stream_does_not_stop_its_consu
         finally:
             await service.stop()
             await admin.close()
+
+
+# --- handling that ends the process (binloop/bus/handling.py) -----------------------------------
+
+
+async def _count_handling_io(client: Client) -> list[str]:
+    """Subjects of every read and write of the handling bucket from now on, by anyone: its
+    KV writes and the JetStream API requests (get, purge, info) that name its stream."""
+    from binloop.bus.handling import BUCKET
+
+    seen: list[str] = []
+
+    async def on_msg(msg: Msg) -> None:
+        if BUCKET in msg.subject:
+            seen.append(msg.subject)
+
+    await client.subscribe("$KV.>", cb=on_msg)
+    await client.subscribe("$JS.API.>", cb=on_msg)
+    await client.flush()
+    return seen
+
+
+async def _handling_records(js: JetStreamContext) -> int:
+    from binloop.bus.handling import BUCKET_STREAM
+
+    return (await js.stream_info(BUCKET_STREAM)).state.messages
+
+
+async def test_first_deliveries_touch_no_handling_record_and_a_redelivery_has_one_while_handled(
+    js: JetStreamContext, nats_client: Client, nats_server: Any
+) -> None:
+    """The edge's frames (pipelined) and the hot batch subjects: first deliveries neither read
+    nor write the bucket. A redelivered message is recorded while it is handled, and its
+    record goes with the ack."""
+    from binloop.bus.handling import BUCKET, record_key
+
+    service = new_service("hot", _settings(nats_server.url))
+    one: list[str] = []
+    many: list[str] = []
+    during: list[bytes | None] = []
+    kv = await js.key_value(BUCKET)
+
+    async def handle_one(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        name = delivery.event.dataset_name
+        if name == "again":
+            if delivery.attempt == 1:
+                raise TransientError("store blip")
+            key = record_key(("ENGINE", "hot-one", sequences[name]))
+            during.append((await kv.get(key)).value)
+        one.append(name)
+        return [Outgoing(PROBE_OUT, TrainingRequested(producer="hot", dataset_name=name))]
+
+    async def handle_many(deliveries: list[Delivery[TrainingRequested]]) -> list[Outgoing]:
+        many.extend(d.event.dataset_name for d in deliveries)
+        return []
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle_one,
+        durable="hot-one",
+        policy=service.policy,
+        pipelined=True,
+    )
+    subscribe_batch(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle_many,
+        durable="hot-batch",
+        batch_size=10,
+        max_wait_s=0.2,
+        policy=service.policy,
+    )
+    sequences: dict[str, int] = {}
+    await service.start()
+    io = await _count_handling_io(nats_client)
+    try:
+        for i in range(30):
+            await _publish_request(js, f"hot-{i}")
+        await eventually(lambda: len(one) == 30 and len(many) == 30)
+        assert await _wait_until_settled(js, "hot-one")
+        assert await _wait_until_settled(js, "hot-batch")
+        assert io == []  # nothing on the hot path
+        event = TrainingRequested(producer="test", dataset_name="again")
+        ack = await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+        sequences["again"] = ack.seq
+        await eventually(lambda: "again" in one and "again" in many)
+        assert await _wait_until_settled(js, "hot-one")
+    finally:
+        await service.stop()
+    assert during == [b"1"]  # this attempt, recorded before the handler ran
+    assert io  # the redelivery was recorded
+    assert await _handling_records(js) == 0  # and its record went with the ack
+
+
+async def test_a_long_not_ready_period_is_never_taken_for_a_process_ending(
+    js: JetStreamContext, nats_client: Client, nats_server: Any
+) -> None:
+    """max_deliveries=3: a message not ready for 8 deliveries (each redelivery recorded, and
+    set back by its nak) is handled at the 9th, and nothing is dead-lettered or left behind."""
+    service = new_service("patient", _settings(nats_server.url))
+    attempts: list[int] = []
+    handled = asyncio.Event()
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        attempts.append(delivery.attempt)
+        if delivery.attempt <= 8:
+            raise NotReadyError("no model loaded yet")
+        handled.set()
+        return []
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="patient",
+        policy=service.policy,
+    )
+    await service.start()
+    io = await _count_handling_io(nats_client)
+    try:
+        await _publish_request(js, "d")
+        await asyncio.wait_for(handled.wait(), 20)
+        assert await _wait_until_settled(js, "patient")
+    finally:
+        await service.stop()
+    assert attempts == list(range(1, 10))
+    assert len(io) >= 2 * 8  # a create and a purge per redelivery: the record was kept
+    assert (await js.stream_info("DLQ")).state.messages == 0
+    assert await _handling_records(js) == 0
+
+
+async def test_a_stop_mid_handling_is_not_taken_for_a_process_ending(
+    js: JetStreamContext, nats_client: Client, nats_server: Any
+) -> None:
+    """A handler still running when its service stops is cancelled and its message naked (the
+    trainer's rolling update): its record goes back, so five such stops in a row, above
+    max_deliveries=3, dead-letter nothing, and the sixth run handles it."""
+    from nats.js.errors import KeyNotFoundError
+
+    from binloop.bus.handling import BUCKET, record_key
+
+    kv = await js.key_value(BUCKET)
+    event = TrainingRequested(producer="test", dataset_name="long")
+    ack = await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+    key = record_key(("ENGINE", "stopped", ack.seq))
+    stops = 5
+    attempts: list[int] = []
+
+    def handler(block: bool, began: asyncio.Event) -> EventHandler[TrainingRequested]:
+        async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+            attempts.append(delivery.attempt)
+            if delivery.attempt == 1:
+                raise NotReadyError("not yet")  # so the next deliveries are recorded
+            began.set()
+            if block:
+                await asyncio.sleep(3600)  # a long training, cancelled by the stop
+            return []
+
+        return handle
+
+    for run in range(stops + 1):
+        last = run == stops
+        service = new_service("stopped", _settings(nats_server.url))
+        service.broker.config.broker_config.graceful_timeout = 0.5
+        began = asyncio.Event()
+        subscribe(
+            service.broker,
+            service.publisher,
+            TRAINING_REQUESTED,
+            handler(not last, began),
+            durable="stopped",
+            policy=service.policy,
+        )
+        await service.start()
+        try:
+            await asyncio.wait_for(began.wait(), 20)
+            if last:
+                assert await _wait_until_settled(js, "stopped")
+            else:
+                assert (await kv.get(key)).value == b"1"  # recorded while it runs
+        finally:
+            await service.stop()
+        if not last:
+            with pytest.raises(KeyNotFoundError):
+                await kv.get(key)  # a stop is no death: back to no record
+    assert attempts == list(range(1, stops + 3))
+    assert (await js.stream_info("DLQ")).state.messages == 0
+    assert await _handling_records(js) == 0
+
+
+async def test_a_message_that_ended_its_process_too_often_is_dead_lettered_unhandled(
+    js: JetStreamContext, nats_client: Client, nats_server: Any
+) -> None:
+    """As three dead processes would have left it: its record says 3 (max_deliveries). The
+    first delivery does not read it; the redelivery goes to the dead-letter subject with the
+    reason instead of to the handler, and the record goes."""
+    from binloop.bus.handling import BUCKET, record_key
+
+    event = TrainingRequested(producer="test", dataset_name="deadly")
+    ack = await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+    kv = await js.key_value(BUCKET)
+    await kv.put(record_key(("ENGINE", "seeded", ack.seq)), b"3")
+    service = new_service("seeded", _settings(nats_server.url))
+    attempts: list[int] = []
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        attempts.append(delivery.attempt)
+        raise NotReadyError("not yet")
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="seeded",
+        policy=service.policy,
+    )
+    dlq = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
+    await service.start()
+    try:
+        (letter,) = await dlq.wait_for(1)
+        assert await _wait_until_settled(js, "seeded")
+    finally:
+        await service.stop()
+    assert attempts == [1]
+    assert letter.error_type == "UnfinishedHandlingError"
+    assert "handling ended the process 3 times without an outcome" in letter.error
+    assert letter.delivery_attempt == 2
+    assert await _handling_records(js) == 0
+
+
+async def test_without_the_handling_bucket_redeliveries_are_handled_and_it_is_said_once(
+    js: JetStreamContext, nats_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bucket gone (or the server unable to answer for it): redelivered messages are
+    handled as before, the loss is logged once, and its return once."""
+    from binloop.bus.handling import BUCKET
+
+    caplog.set_level("INFO", logger="binloop.bus.handling")
+    service = new_service("unrecorded", _settings(nats_server.url))
+    handled: list[str] = []
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        if delivery.attempt == 1:
+            raise TransientError("store blip")
+        handled.append(delivery.event.dataset_name)
+        return []
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="unrecorded",
+        policy=service.policy,
+    )
+    await service.start()
+    try:
+        await js.delete_key_value(BUCKET)
+        for name in ("a", "b", "c"):
+            await _publish_request(js, name)
+        await eventually(lambda: len(handled) == 3)
+        await ensure_streams(js)  # the next service start makes it again
+        await _publish_request(js, "d")
+        await eventually(lambda: len(handled) == 4)
+        assert await _wait_until_settled(js, "unrecorded")
+    finally:
+        await service.stop()
+    assert handled == ["a", "b", "c", "d"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("record of handling attempts" in m and "unavailable" in m for m in messages) == 1
+    assert sum("available again" in m for m in messages) == 1
+    assert await _handling_records(js) == 0
+
+
+def test_handling_record_keys_are_valid_kv_keys_for_any_consumer_name() -> None:
+    from nats.js.kv import _is_key_valid
+
+    from binloop.bus.handling import record_key
+
+    assert record_key(("ENGINE", "edge-inferencer-bin_1", 42)) == "ENGINE.edge-inferencer-bin_1.42"
+    odd = record_key(("S", "a=b c/ü", 7))
+    assert odd == "S.a=3Db=20c=2F=C3=BC.7"
+    assert _is_key_valid(odd)
+    assert record_key(("S", "a", 7)) != record_key(("S", "a=", 7))

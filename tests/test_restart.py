@@ -20,8 +20,8 @@ from binloop.bus.publish import PublishTimeoutError
 from binloop.natsserver import NatsServer
 from binloop.runtime import new_service
 from binloop.settings import ServiceSettings
-from schemas import ActuationCommand, ActuationDone, TrainingRequested
-from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE, TRAINING_REQUESTED
+from schemas import ActuationCommand, ActuationDone, DeadLetter, TrainingRequested
+from schemas.routes import ACTUATION_COMMAND, ACTUATION_DONE, DLQ, TRAINING_REQUESTED
 from schemas.taxonomy import Compartment
 from services.actuator import ActuatorSettings, create_app
 from services.actuator.journal import decode
@@ -316,3 +316,119 @@ async def test_a_stopping_service_takes_no_new_work_on_any_consumer_while_one_dr
     await request("during-stop")
     await asyncio.wait_for(stopping, 60)
     assert handled_by_idle == ["before-stop"]
+
+
+# -- a message whose handling ends the process is dead-lettered, not redelivered for ever --------
+
+
+async def _request(js: JetStreamContext, name: str) -> None:
+    event = TrainingRequested(producer="test", dataset_name=name, occurred_at=datetime.now(UTC))
+    await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+
+
+async def _crash_until_dead_lettered(
+    nats_server: NatsServer, js: JetStreamContext, output: Path, *, batch: bool
+) -> tuple[int, DeadLetter, asyncio.subprocess.Process]:
+    """Runs tests/crashing_service.py and starts it again each time the poison ends it (as
+    Kubernetes restarts a crashed pod), until the poison is dead-lettered. Returns the deaths,
+    the dead letter and the process still running."""
+    from tests import crashing_service
+
+    dlq = await Collector(DeadLetter).attach_stream(js, DLQ.wildcard)
+    deaths = 0
+    for _ in range(crashing_service.MAX_DELIVERIES + 4):  # the old code: deaths without end
+        with output.open("ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "tests.crashing_service", nats_server.url),
+                *(["--batch"] if batch else []),
+                cwd=REPO,
+                stdout=log_file,
+                stderr=log_file,
+            )
+        exited = asyncio.ensure_future(process.wait())
+        lettered = asyncio.ensure_future(dlq.wait_for(1, timeout=60))
+        done, _ = await asyncio.wait(
+            {exited, lettered}, timeout=60, return_when=asyncio.FIRST_COMPLETED
+        )
+        if lettered in done:
+            exited.cancel()
+            return deaths, lettered.result()[0], process
+        lettered.cancel()
+        if exited not in done:
+            process.kill()
+            await process.wait()
+            pytest.fail(f"no death and no dead letter within 60 s; see {output}")
+        assert process.returncode == crashing_service.DIED, f"see {output}"
+        deaths += 1
+    pytest.fail(f"the poison was not dead-lettered after {deaths} deaths")
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.terminate()
+    await asyncio.wait_for(process.wait(), 40)
+
+
+async def test_a_message_whose_handling_ends_the_process_is_dead_lettered_not_redelivered_for_ever(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    """The service runs as its own process and its handler ends it (os._exit, as an
+    out-of-memory kill would) for one message. Its first death is not recorded (first
+    deliveries do no I/O), each later one is: after max_deliveries + 1 deaths the message is
+    dead-lettered with the reason, the process that did it lives on, and the other messages,
+    before and after, are handled."""
+    from binloop.bus.handling import BUCKET_STREAM
+    from tests.crashing_service import DURABLE, HANDLED, MAX_DELIVERIES, POISON
+
+    handled = await Collector(TrainingRequested).attach_stream(js, HANDLED.subject())
+    for name in ("before", POISON, "after"):
+        await _request(js, name)
+    deaths, letter, process = await _crash_until_dead_lettered(
+        nats_server, js, tmp_path / "crasher.log", batch=False
+    )
+    try:
+        await _request(js, "later")
+        names = await handled.wait_for(
+            lambda items: {"before", "after", "later"} <= {i.dataset_name for i in items}, 30
+        )
+        assert process.returncode is None  # the dead letter ended the loop
+    finally:
+        await _stop(process)
+    assert deaths == MAX_DELIVERIES + 1
+    assert letter.error_type == "UnfinishedHandlingError"
+    assert f"handling ended the process {MAX_DELIVERIES} times without an outcome" in letter.error
+    assert letter.delivery_attempt == MAX_DELIVERIES + 2
+    assert f'"{POISON}"' in letter.payload_preview
+    assert POISON not in {i.dataset_name for i in names}
+    assert (await js.stream_info(BUCKET_STREAM)).state.messages == 0  # no record left behind
+    info = await js.consumer_info("ENGINE", DURABLE)
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+async def test_a_batch_that_ends_the_process_dead_letters_only_the_message_that_did_it(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    """The poison ends the process with its whole batch. Redelivered, messages that ended a
+    process before are handled one at a time, those that did it least often first: the
+    batch-mates are handled, and only the poison reaches the dead-letter subject."""
+    from binloop.bus.handling import BUCKET_STREAM
+    from tests.crashing_service import HANDLED, MAX_DELIVERIES, POISON
+
+    handled = await Collector(TrainingRequested).attach_stream(js, HANDLED.subject())
+    mates = {"a", "b", "c"}
+    for name in ("a", POISON, "b", "c"):  # published before the first start: one batch
+        await _request(js, name)
+    deaths, letter, process = await _crash_until_dead_lettered(
+        nats_server, js, tmp_path / "crasher.log", batch=True
+    )
+    try:
+        names = await handled.wait_for(lambda items: mates <= {i.dataset_name for i in items}, 30)
+        assert process.returncode is None
+    finally:
+        await _stop(process)
+    assert deaths == MAX_DELIVERIES + 1
+    assert letter.error_type == "UnfinishedHandlingError"
+    assert f'"{POISON}"' in letter.payload_preview
+    assert POISON not in {i.dataset_name for i in names}
+    assert (await js.stream_info("DLQ")).state.messages == 1  # the mates never got there
+    assert (await js.stream_info(BUCKET_STREAM)).state.messages == 0

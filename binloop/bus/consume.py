@@ -21,6 +21,14 @@ in memory starts again when the process does (or on another replica), so JetStre
 still ends it at `RetryPolicy.delivery_backstop`, far above any `max_deliveries`: a message
 that fails at that delivery is dead-lettered whatever the process counted.
 
+A process that dies while handling (out of memory, a native crash, SIGKILL) counts nothing
+itself, so the handling attempts of redelivered messages are recorded outside it
+(`binloop/bus/handling.py`): a message whose handling ended the process `max_deliveries`
+times (not counting a death on its first delivery, which is not recorded, to keep the hot
+path free of I/O) is dead-lettered (`UnfinishedHandlingError`) instead of handled again. A
+batch consumer handles a redelivered message that ended a process before on its own, so the
+one that kills its batch does not take its batch-mates to the dead-letter subject with it.
+
 Hot subjects use `subscribe_batch`: one fetch of up to N messages, one validation pass, one
 handler call for the whole batch.
 """
@@ -48,6 +56,12 @@ from nats.errors import Error as NatsError
 from pydantic import ValidationError
 
 from binloop.bus import outages
+from binloop.bus.handling import (
+    MessageKey,
+    UnfinishedHandlingError,
+    UnfinishedStarts,
+    message_key,
+)
 from binloop.bus.publish import MSG_ID_HEADER, Outgoing, PendingAcks, Publisher
 from binloop.errors import NotReadyError, PermanentError
 from binloop.observability import metrics
@@ -75,16 +89,14 @@ BatchHandler = Callable[[list[Delivery[E]]], Awaitable[Sequence[Outgoing]]]
 @dataclass(frozen=True)
 class RetryPolicy:
     max_deliveries: int = 5
-    """Failures of one message (in this process) before it is dead-lettered."""
+    """Failures of one message (in this process) before it is dead-lettered; also the handling
+    attempts of a redelivered message that ended their process (counted durably) before it
+    is dead-lettered instead of handled again."""
     retry_delay_s: float = 2.0
     delivery_backstop: int = 1000
     """JetStream deliveries of a message at which its next failure is its last, for failures
     spread over restarts. Large: not-ready retries (every retry_delay_s while a service waits
     for a model or a store) count here too."""
-
-
-MessageKey = tuple[str, str, int]
-"""(stream, consumer, stream sequence): one message as one consumer sees it."""
 
 
 class FailureCounts:
@@ -155,15 +167,6 @@ def _attempt(msg: Msg) -> int:
         return 1
 
 
-def _message_key(msg: Msg) -> MessageKey | None:
-    """None for a message without JetStream metadata (core NATS)."""
-    try:
-        metadata = msg.metadata
-        return (metadata.stream, metadata.consumer, int(metadata.sequence.stream))
-    except (NatsError, AttributeError, ValueError, TypeError, IndexError):
-        return None
-
-
 class _Consumer(Generic[E]):
     """Turns raw JetStream messages into typed deliveries and applies the policy above."""
 
@@ -176,6 +179,7 @@ class _Consumer(Generic[E]):
         self.ack_wait_s = ack_wait_s
         self.service = publisher.service
         self.failures = FailureCounts()
+        self.starts = UnfinishedStarts(f"{self.service}:{route.name}", lambda: publisher.connection)
 
     def decode(
         self, msgs: list[Msg]
@@ -210,8 +214,9 @@ class _Consumer(Generic[E]):
             delivery_attempt=_attempt(msg),
         )
         await self.publisher.publish(DLQ, entry, self.service)
+        await self.starts.finish(msg, final=True)
         await msg.ack()
-        self.failures.forget(_message_key(msg))
+        self.failures.forget(message_key(msg))
         metrics.DEAD_LETTERS.labels(self.service, self.route.name, error_type).inc()
         log.warning(
             "%s: dead-lettered a message from %s (%s: %s)",
@@ -229,12 +234,13 @@ class _Consumer(Generic[E]):
         if isinstance(error, NotReadyError):
             failed = "not ready"
         else:
-            key = _message_key(msg)
+            key = message_key(msg)
             failures = delivered if key is None else self.failures.add(key)
             if failures >= self.policy.max_deliveries or delivered >= self.policy.delivery_backstop:
                 await self.dead_letter(msg, error)
                 return
             failed = f"failure {failures} of {self.policy.max_deliveries}"
+        await self.starts.finish(msg, final=False)
         metrics.MESSAGES_RETRIED.labels(self.service, self.route.name, type(error).__name__).inc()
         log.info(
             "%s: will retry a message from %s in %.1fs (%s, delivery %d: %s)",
@@ -259,6 +265,66 @@ class _Consumer(Generic[E]):
                     # the next beat may still come within the ack wait.
                     log.info("%s: in-progress ack not sent (%r)", self.service, exc)
 
+    async def begin(self, msg: Msg, delivered: int) -> bool:
+        """Before a delivery is handled on its own: False when its handling ended the process
+        too often and it was dead-lettered instead; otherwise this attempt is recorded (for a
+        redelivery) and it is to be handled."""
+        try:
+            ended = await self.starts.check(msg, delivered)
+            if ended >= self.policy.max_deliveries:
+                await self.dead_letter(msg, UnfinishedHandlingError(ended))
+                return False
+            await self.starts.start(msg)
+        except BaseException:  # a stop, or the dead letter not published: back it goes
+            await asyncio.shield(self.hand_back(msg))
+            raise
+        return True
+
+    async def triage(
+        self, good: list[tuple[Msg, Delivery[E]]]
+    ) -> tuple[list[tuple[Msg, Delivery[E]]], list[tuple[Msg, Delivery[E]]]]:
+        """Splits a batch into what is handled together (its start recorded) and the
+        redeliveries whose handling ended a process before, to be handled one at a time (each
+        after `start_alone`), those that ended it least often first; dead-letters those that
+        ended it too often."""
+        if all(delivery.attempt < 2 for _, delivery in good):
+            return good, []  # the hot path: no I/O
+        together: list[tuple[Msg, Delivery[E]]] = []
+        alone: list[tuple[int, Msg, Delivery[E]]] = []
+        try:
+            ended = await asyncio.gather(
+                *(self.starts.check(msg, delivery.attempt) for msg, delivery in good)
+            )
+            for (msg, delivery), count in zip(good, ended, strict=True):
+                if count >= self.policy.max_deliveries:
+                    await self.dead_letter(msg, UnfinishedHandlingError(count))
+                elif count:
+                    alone.append((count, msg, delivery))
+                else:
+                    together.append((msg, delivery))
+            await asyncio.gather(*(self.starts.start(msg) for msg, _ in together))
+        except BaseException:  # a stop, or a dead letter not published: the batch goes back
+            await asyncio.shield(asyncio.gather(*(self.hand_back(msg) for msg, _ in good)))
+            raise
+        alone.sort(key=lambda item: item[0])
+        return together, [(msg, delivery) for _, msg, delivery in alone]
+
+    async def start_alone(self, msg: Msg) -> None:
+        """Records the start of a message `triage` set aside, right before it is handled."""
+        try:
+            await self.starts.start(msg)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.hand_back(msg))
+            raise
+
+    async def hand_back(self, msg: Msg) -> None:
+        """Stopping (or unable to go on): the message goes back for redelivery now rather
+        than after its ack wait, and its record to what it was before this attempt (a stop is
+        no death). One already acked (dead-lettered) stays acked."""
+        await self.starts.finish(msg, final=False)
+        with contextlib.suppress(NatsError):  # the connection is going: ack_wait it is
+            await msg.nak()
+
     async def run_guarded(
         self, msgs: list[Msg], work: Callable[[], Awaitable[Sequence[Outgoing]]]
     ) -> Sequence[Outgoing] | BaseException:
@@ -268,9 +334,7 @@ class _Consumer(Generic[E]):
             return await work()
         except asyncio.CancelledError:
             # Stopping: hand the messages back now rather than after their ack wait.
-            for msg in msgs:
-                with contextlib.suppress(NatsError):  # the connection is going: ack_wait it is
-                    await asyncio.shield(msg.nak())
+            await asyncio.shield(asyncio.gather(*(self.hand_back(msg) for msg in msgs)))
             raise
         except Exception as exc:  # every failure is retried or dead-lettered by the caller
             return exc
@@ -311,11 +375,13 @@ class _Consumer(Generic[E]):
             for msg in msgs:
                 await self.fail(msg, exc)
             return
+        if self.starts:  # only redeliveries have records (a hot path)
+            await asyncio.gather(*(self.starts.finish(msg, final=True) for msg in msgs))
         for msg in msgs:
             await msg.ack()
         if self.failures:  # only messages that failed before are counted (a hot path)
             for msg in msgs:
-                self.failures.forget(_message_key(msg))
+                self.failures.forget(message_key(msg))
 
 
 DEFAULT_MAX_UNSETTLED = 64
@@ -442,6 +508,8 @@ def subscribe(
             await consumer.dead_letter(msg, error)
         for msg, delivery in good:
             metrics.MESSAGES_CONSUMED.labels(consumer.service, route.name).inc()
+            if delivery.attempt > 1 and not await consumer.begin(msg, delivery.attempt):
+                continue
             result = await consumer.run_guarded([msg], partial(handler, delivery))
             await consumer.finish([msg], result, cause=delivery.event, settlements=settlements)
 
@@ -483,6 +551,17 @@ def subscribe_batch(
         if not good:
             return
         metrics.MESSAGES_CONSUMED.labels(consumer.service, route.name).inc(len(good))
+        together, suspects = await consumer.triage(good)
+        if together:
+            await handle_together(together)
+        for msg, delivery in suspects:
+            # It ended a process before, maybe with the batch it was in: alone, it can end
+            # only its own count.
+            await consumer.start_alone(msg)
+            alone = await consumer.run_guarded([msg], partial(handler, [delivery]))
+            await consumer.finish([msg], alone)
+
+    async def handle_together(good: list[tuple[Msg, Delivery[E]]]) -> None:
         deliveries = [d for _, d in good]
         result = await consumer.run_guarded([m for m, _ in good], partial(handler, deliveries))
         if isinstance(result, BaseException) and len(good) > 1:
@@ -514,6 +593,7 @@ __all__ = [
     "FailureCounts",
     "RetryPolicy",
     "Settlements",
+    "UnfinishedHandlingError",
     "subscribe",
     "subscribe_batch",
 ]

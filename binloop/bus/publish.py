@@ -121,6 +121,11 @@ class Publisher:
         """Awaited by ServiceApp.stop after the consumers stop and before the connection
         closes: pipelined consumers settle the inputs whose outputs are already sent."""
 
+    @property
+    def connection(self) -> NatsClient:
+        """The broker's connection now (a broker stopped and connected again has a new one)."""
+        return self._broker.connection
+
     def _jetstream(self) -> JetStreamContext:
         # One context per connection: it owns the inbox its async acks come to. A broker that
         # was stopped and connected again has a new connection, hence a new context.

@@ -1,4 +1,5 @@
-"""Creates (or updates) the JetStream streams the routes table names."""
+"""Creates (or updates) the JetStream streams the routes table names, and the bucket that
+records handling attempts (binloop/bus/handling.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from binloop.bus.handling import ensure_bucket
 from schemas.routes import STREAMS, Stream
 
 
@@ -27,7 +29,8 @@ def stream_config(stream: Stream, replicas: int = 1) -> StreamConfig:
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> list[str]:
     """Idempotent: adds missing streams with `replicas` copies and updates changed ones.
-    Returns the stream names.
+    Returns the stream names. The bucket of handling attempts (binloop/bus/handling.py) is
+    made or raised the same way.
 
     An existing stream keeps its replica count when it has more than `replicas`: an operator
     who raised it (`nats stream edit --replicas 3`), or a service that asks for fewer (a tool
@@ -44,4 +47,5 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> list[str]:
             config.sources = info.config.sources
             config.num_replicas = max(info.config.num_replicas or 1, replicas)
             await js.update_stream(config)
+    await ensure_bucket(js, replicas)
     return list(STREAMS)
