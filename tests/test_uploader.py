@@ -8,6 +8,7 @@ import asyncio
 import errno
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -682,6 +683,81 @@ async def test_a_frame_corrupted_after_it_was_queued_is_dead_lettered_not_retrie
     assert not spool.store.exists(event.spool.key + DEAD_LETTERED_SUFFIX)
 
 
+class RefusingStore(LocalBlobStore):
+    """An object store that answers but refuses every request while `refusing` is set, with
+    the PermanentError S3BlobStore raises for a 4xx it does not retry (e.g. a disabled SSE-KMS
+    key: 400 KMS.DisabledException)."""
+
+    refusing = True
+
+    def _refuse(self, action: str, key: str) -> None:
+        if self.refusing:
+            raise PermanentError(f"{action} of {key} refused: KMS.DisabledException: key disabled")
+
+    def get(self, key: str) -> bytes:
+        self._refuse("get", key)
+        return super().get(key)
+
+    def exists(self, key: str) -> bool:
+        self._refuse("stat", key)
+        return super().exists(key)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> BlobRef:
+        self._refuse("put", key)
+        return super().put(key, data, content_type)
+
+
+async def test_a_store_that_refuses_uploads_is_backed_off_and_no_frame_is_dead_lettered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    letters: list[tuple[str, str]] = []
+
+    async def dead_letter(frame: QueuedFrame, error: PermanentError) -> None:
+        letters.append((frame.sha256, type(error).__name__))
+
+    async def announce(stored: FrameStored) -> None:
+        pass
+
+    store = RefusingStore(tmp_path / "blobs")
+    steps = Steps()
+    forwarder = _forwarder(
+        tmp_path, store, announce=announce, dead_letter=dead_letter, on_progress=steps
+    )
+    events = [_spool_and_describe(tmp_path / "spool", j, i) for i, j in enumerate(_demo_jpegs(5))]
+    for event in events:
+        await forwarder.accept(event)
+    # The head of the queue is gone from the spool: only the store can tell whether it is lost.
+    gone = events[0]
+    forwarder.spool.store.delete(gone.spool.key)
+    spool = forwarder.spool
+    running = asyncio.create_task(forwarder.run())
+    try:
+        with caplog.at_level(logging.WARNING, logger="services.uploader.forwarder"):
+            await steps.until(lambda: steps.count("retry") >= 4)
+            assert letters == []
+            assert forwarder.queue.pending_frames == len(events)
+            assert forwarder.backoff.failures >= 4  # the store's backoff, not the frame's
+            assert forwarder.schedule.set_aside == []
+            assert all(spool.is_pending(e.spool.key) for e in events[1:])
+            [refused] = [r for r in caplog.records if "refuse" in r.getMessage()]
+            assert refused.levelno == logging.ERROR
+            assert "KMS.DisabledException" in refused.getMessage()
+            store.refusing = False  # an operator enabled the key again
+            await steps.until(lambda: steps.count("stored") + steps.count("dead_lettered") == 5)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    # Only the frame that is really lost (not in the spool, not in the store) is dead-lettered,
+    # and marked, so the sweep reclaims what is left of it.
+    assert letters == [(gone.frame_sha256, "MissingBlobError")]
+    assert spool.dead_lettered_at(gone.spool.key) is not None
+    assert steps.order("stored") == [e.frame_sha256 for e in events[1:]]
+    assert forwarder.queue.pending_frames == 0
+    assert spool.sweep(time.time(), retention_s=0).pending == 0
+    assert not spool.store.exists(gone.spool.key + DEAD_LETTERED_SUFFIX)
+
+
 # --- spool errors, frames that keep failing, dead-lettered frames in the sweep ----------------
 
 
@@ -1040,6 +1116,62 @@ async def test_a_frame_that_keeps_failing_does_not_block_the_frames_behind_it(
     [warning] = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
     assert "failed 3 times in a row" in warning
     assert bad.spool.key in warning
+
+
+async def test_failure_records_and_dequeues_are_written_in_worker_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a failing eMMC each fsync can take seconds: the forwarder's disk writes must not
+    hold the event loop (intake acks, heartbeats, /healthz; every service in `binloop up`)."""
+
+    async def announce(stored: FrameStored) -> None:
+        pass
+
+    steps = Steps()
+    forwarder = _forwarder(
+        tmp_path,
+        LocalBlobStore(tmp_path / "blobs"),
+        announce=announce,
+        on_progress=steps,
+        set_aside_after=1,
+    )
+    bad, good = (
+        _spool_and_describe(tmp_path / "spool", j, i) for i, j in enumerate(_demo_jpegs(2))
+    )
+    forwarder.spool.store = SickSpool(tmp_path / "spool", {bad.spool.key}, errno.EIO)
+    await forwarder.accept(bad)
+    await forwarder.accept(good)
+
+    loop_thread = threading.current_thread()
+    fsyncs: list[threading.Thread] = []
+    removes: list[threading.Thread] = []
+    real_fsync, real_remove = os.fsync, forwarder.queue.remove
+
+    def fsync(fd: int) -> None:
+        fsyncs.append(threading.current_thread())
+        real_fsync(fd)
+
+    def remove(frame: QueuedFrame) -> bool:
+        removes.append(threading.current_thread())
+        return real_remove(frame)
+
+    monkeypatch.setattr("binloop.storage.files.os.fsync", fsync)
+    monkeypatch.setattr(forwarder.queue, "remove", remove)
+    running = asyncio.create_task(forwarder.run())
+    try:
+        await steps.until(lambda: steps.count("stored") == 1 and steps.count("retry") >= 2)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    assert fsyncs
+    assert removes
+    assert loop_thread not in fsyncs
+    assert loop_thread not in removes
+    # Written all the same, and in order: the record holds the latest count.
+    recorded = UploadQueue(tmp_path / "spool", BIN).recorded_failures[str(bad.event_id)]
+    assert recorded.set_aside
+    assert recorded.failures >= 2
 
 
 async def test_a_frame_dead_lettered_at_intake_is_reclaimed_by_the_sweep(tmp_path: Path) -> None:

@@ -7,7 +7,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from binloop.errors import MissingBlobError, StoreUnavailableError
+from binloop.errors import (
+    ChecksumMismatchError,
+    MissingBlobError,
+    PermanentError,
+    StoreUnavailableError,
+)
 from binloop.storage import BlobStore, frame_key, sha256_hex
 from schemas.base import BlobRef
 from schemas.events import FrameCaptured, FrameStored
@@ -16,6 +21,13 @@ from services.uploader.spool import Spool
 # FrameStored ids derive from the captured event, so a redelivered frame yields the same id
 # and JetStream drops the repeated announcement.
 _STORED_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:frames.stored")
+
+
+class StoreRefusedError(StoreUnavailableError):
+    """The object store answered but refused the request for a reason it will not retry on its
+    own (an S3 4xx binloop does not list as retryable: a disabled SSE-KMS key, a bucket policy).
+    Nothing is wrong with the frame: every frame would be refused the same way, so the
+    forwarder backs off the store for all of them, until an operator fixes the store."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +48,10 @@ class FrameUploader:
     def _already_stored(self, key: str, sha256: str) -> BlobRef | None:
         try:
             data = self.store.get(key)
-        except (MissingBlobError, OSError):
-            return None
+        except (MissingBlobError, ChecksumMismatchError, OSError):
+            return None  # not there, or not intact: the frame is lost either way
+        except PermanentError as exc:
+            raise StoreRefusedError(f"object store read of {key} refused: {exc}") from exc
         if sha256_hex(data) != sha256:
             return None
         return BlobRef(
@@ -50,8 +64,11 @@ class FrameUploader:
 
     def upload(self, event: FrameCaptured) -> Upload:
         """Store the frame and only then mark its spool entry uploaded. Raises PermanentError
-        for a spool entry that is missing or corrupt, StoreUnavailableError when the object
-        store fails, and its subclass SpoolIOError when this frame's spool files do."""
+        only for the frame itself: MissingBlobError when its spool entry is gone (and the store
+        does not hold it), ChecksumMismatchError when its bytes do not match. The object store
+        failing raises StoreUnavailableError, its refusing StoreRefusedError (a permanent error
+        from the store is the store's trouble, not the frame's), and this frame's spool files
+        failing SpoolIOError."""
         key = frame_key(event.bin_id, event.captured_at, event.frame_sha256)
         try:
             data = self.spool.read(event.spool.key, event.frame_sha256)
@@ -66,6 +83,8 @@ class FrameUploader:
             blob = self.store.put(key, data, "image/jpeg")
         except OSError as exc:
             raise StoreUnavailableError(f"object store write of {key} failed: {exc}") from exc
+        except PermanentError as exc:
+            raise StoreRefusedError(f"object store write of {key} refused: {exc}") from exc
         self.spool.mark_uploaded(event.spool.key, key, self.clock())
         return Upload(blob, 0 if existed else len(data))
 

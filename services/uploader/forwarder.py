@@ -24,7 +24,7 @@ from binloop.observability import metrics
 from binloop.storage import spool_key
 from schemas.events import FrameCaptured, FrameStored
 from services.uploader.backoff import Backoff
-from services.uploader.core import FrameUploader, stored_event
+from services.uploader.core import FrameUploader, StoreRefusedError, stored_event
 from services.uploader.limits import Drop, DropPlan, SpoolLimits, plan_drops
 from services.uploader.queue import QueuedFrame, UploadQueue
 from services.uploader.schedule import UploadSchedule
@@ -287,26 +287,29 @@ class Forwarder:
     async def _attempt_claimed(self, frame: QueuedFrame) -> None:
         try:
             outcome = await self._forward(frame)
-            self._finish(frame)
+            # Off the event loop, as every disk write here: a failing eMMC takes seconds.
+            await asyncio.to_thread(self._finish, frame)
         except SpoolIOError as exc:  # before TransientError: it is one, but about this frame
-            self._frame_failed(frame, exc)
+            await self._frame_failed(frame, exc)
             return
-        except TransientError as exc:
+        except TransientError as exc:  # the store (refusing, too: StoreRefusedError) or the bus
             self._retry_later(frame, exc)
             return
         except Exception as exc:  # a bug, or an error nobody mapped: it must not end the loop
-            self._frame_failed(frame, exc)
+            await self._frame_failed(frame, exc)
             return
         self.schedule.done(frame)
         self._notify(outcome, frame.sha256)
 
     async def _forward(self, frame: QueuedFrame) -> Progress:
-        """Store, then announce; a TransientError leaves the frame queued for the next try."""
+        """Store, then announce; a TransientError leaves the frame queued for the next try.
+        Only a frame that is itself lost is dead-lettered: its spool file gone (and the store
+        without it) or its bytes not the ones its event promised. The uploader reports a store
+        that refuses the frame as StoreRefusedError, a TransientError: the store's trouble."""
         try:
             upload = await asyncio.to_thread(self.uploader.upload, frame.event)
-        except PermanentError as exc:
-            if isinstance(exc, ChecksumMismatchError):
-                await asyncio.to_thread(self._mark_dead_lettered, frame.event, exc)
+        except (ChecksumMismatchError, MissingBlobError) as exc:
+            await asyncio.to_thread(self._mark_dead_lettered, frame.event, exc)
             await self.dead_letter(frame, exc)
             return "dead_lettered"
         await self.announce(stored_event(frame.event, upload.blob, self.producer))
@@ -335,10 +338,13 @@ class Forwarder:
                 exc,
             )
 
-    def _frame_failed(self, frame: QueuedFrame, error: Exception) -> None:
+    async def _frame_failed(self, frame: QueuedFrame, error: Exception) -> None:
         """This frame failed on its own account: it waits on its own backoff and, failing
         again and again, is set aside behind the others. The store's backoff is untouched."""
-        failures, set_aside = self.schedule.failed(frame)
+        failure = self.schedule.count_failure(frame)
+        # The record fsyncs: in a worker thread, awaited, so one frame's records stay in order.
+        await asyncio.to_thread(self.schedule.record, failure)
+        failures, set_aside = failure.failures, failure.newly_set_aside
         metrics.UPLOADER_RETRIES.labels(self.bin_id, type(error).__name__).inc()
         # A traceback for what nobody expected, once per frame and when it is set aside.
         details = None if isinstance(error, TransientError) else error
@@ -379,13 +385,16 @@ class Forwarder:
     def _retry_later(self, frame: QueuedFrame, error: TransientError) -> None:
         delay_s = self.backoff.failed()
         metrics.UPLOADER_RETRIES.labels(self.bin_id, type(error).__name__).inc()
-        if self.backoff.failures == 1:
-            log.warning(
+        if self.backoff.failures == 1:  # once per outage; the recovery is logged too
+            refused = isinstance(error, StoreRefusedError)
+            log.log(
+                logging.ERROR if refused else logging.WARNING,
                 "uploader %s: upload failed (%s); frames stay in the spool, retrying with "
-                "backoff (next in %.2f s)",
+                "backoff (next in %.2f s)%s",
                 self.bin_id,
                 error,
                 delay_s,
+                "; the store refuses uploads, which an operator has to fix" if refused else "",
             )
         else:
             log.debug(
@@ -394,6 +403,7 @@ class Forwarder:
         self._notify("retry", frame.sha256)
 
     def _finish(self, frame: QueuedFrame) -> None:
+        """Dequeue a stored or dead-lettered frame (disk: call it in a worker thread)."""
         if self.queue.remove(frame):
             try:
                 self.queue.unwant(frame.sha256)

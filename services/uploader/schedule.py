@@ -30,6 +30,19 @@ from services.uploader.spool import SpoolIOError
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """One counted failure of a frame, and the record to keep of it."""
+
+    event_id: str
+    record: FrameFailures
+    newly_set_aside: bool
+
+    @property
+    def failures(self) -> int:
+        return self.record.failures
+
+
 @dataclass
 class _Trouble:
     failures: int = 0
@@ -97,7 +110,15 @@ class UploadSchedule:
         return None, min(waits, default=None)
 
     def failed(self, frame: QueuedFrame) -> tuple[int, bool]:
-        """The frame failed on its own account: (its failures in a row, set aside just now)."""
+        """The frame failed on its own account: (its failures in a row, set aside just now).
+        Counts and records the failure; the record writes (and fsyncs) a file, so code on an
+        event loop calls count_failure there and record in a worker thread instead."""
+        failure = self.count_failure(frame)
+        self.record(failure)
+        return failure.failures, failure.newly_set_aside
+
+    def count_failure(self, frame: QueuedFrame) -> Failure:
+        """The in-memory half of failed(): no disk, so it is cheap on an event loop."""
         trouble = self._trouble.setdefault(frame.event_id, _Trouble())
         trouble.failures += 1
         trouble.retry_at = self.clock() + self.retry_delay_s(trouble.failures)
@@ -108,21 +129,23 @@ class UploadSchedule:
         elif trouble.failures >= self.set_aside_after:
             self._set_aside[frame.event_id] = None
             newly_set_aside = True
-        self._record(frame.event_id, trouble.failures)
-        return trouble.failures, newly_set_aside
-
-    def _record(self, event_id: str, failures: int) -> None:
         self._turn += 1
-        record = FrameFailures(failures, event_id in self._set_aside, self._turn)
+        record = FrameFailures(trouble.failures, frame.event_id in self._set_aside, self._turn)
+        return Failure(frame.event_id, record, newly_set_aside)
+
+    def record(self, failure: Failure) -> None:
+        """The disk half of failed(): keep the count across a restart. Blocks on the disk; a
+        record that cannot be written is warned about (once per frame) and skipped. Records of
+        one frame must be written in the order they were counted (the forwarder awaits each)."""
         try:
-            self.queue.record_failures(event_id, record)
+            self.queue.record_failures(failure.event_id, failure.record)
         except SpoolIOError as exc:  # the frame's own disk trouble, most likely
             log.log(
-                logging.DEBUG if event_id in self._unrecorded else logging.WARNING,
+                logging.DEBUG if failure.event_id in self._unrecorded else logging.WARNING,
                 "%s; after a restart the frame counts its failures anew",
                 exc,
             )
-            self._unrecorded.add(event_id)
+            self._unrecorded.add(failure.event_id)
 
     def done(self, frame: QueuedFrame) -> None:
         """The frame left the queue (stored or dead-lettered)."""

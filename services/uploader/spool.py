@@ -4,8 +4,9 @@ so it survives a restart.
 
 A frame `<bin>/<xx>/<sha>.jpg` is marked by a sibling file holding the time it was settled:
 - `<sha>.jpg.uploaded`: the object store confirmed it (with the object key);
-- `<sha>.jpg.dead_lettered`: its bytes no longer match its sha256, so it was dead-lettered
-  (with the error); it can never be uploaded under that hash.
+- `<sha>.jpg.dead_lettered`: it was dead-lettered (with the error): its bytes no longer match
+  its sha256, so it can never be uploaded under that hash, or it was gone (then the sweep
+  drops the marker).
 The sweep never deletes an unmarked frame; only the spool-full policy gives one up (see
 limits.py), and never silently.
 
