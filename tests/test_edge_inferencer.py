@@ -302,6 +302,31 @@ def test_cache_writes_the_promoted_model_and_checks_its_card(
         ModelCache(tmp_path / "empty").fetch(ModelUpdate("tiny-cnn", 2, T0), unreachable, card)
 
 
+def test_the_cache_recalls_the_model_it_served_last_only_while_its_bytes_check_out(
+    tmp_path: Path, blob_store: LocalBlobStore, models: dict[int, ModelFiles]
+) -> None:
+    cache = ModelCache(tmp_path / "cache")
+    assert cache.recall() is None  # nothing served yet
+    update = ModelUpdate("tiny-cnn", 2, T0, rollback=True)
+    cache.remember(cache.fetch(update, *_store_model(blob_store, models[2], 2)))
+
+    recalled = ModelCache(tmp_path / "cache").recall()
+
+    assert recalled is not None
+    assert (recalled.card.name, recalled.card.version) == ("tiny-cnn", 2)
+    assert recalled.installed_by is not None
+    assert (recalled.installed_by.issued_at, recalled.installed_by.rollback) == (T0, True)
+    # The record outlives the verdict: the event that installed it is stale for it.
+    assert update_verdict(recalled, update) is not None
+    with pytest.raises(ValueError, match="only a model installed from a registry event"):
+        cache.remember(_loaded(1, None, models))
+    card = tmp_path / "cache" / "tiny-cnn" / "v2" / "model.card.json"
+    card.write_bytes(card.read_bytes() + b" ")
+    assert cache.recall() is None
+    (tmp_path / "cache" / "current.json").write_text("{not json")
+    assert cache.recall() is None
+
+
 # ---------------------------------------------------------------- reading and classifying frames
 
 
@@ -796,6 +821,70 @@ async def test_a_restarted_bin_serves_the_champion_again_even_with_the_store_dow
         "tiny-cnn",
         2,
     )
+    assert dead.items == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("default_model", [None, SHIPPED_MODEL], ids=["no-default", "shipped"])
+async def test_a_restarted_bin_serves_its_cached_model_while_a_promotion_waits_for_its_files(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    blob_store: LocalBlobStore,
+    models: dict[int, ModelFiles],
+    default_model: Path | None,
+) -> None:
+    results, _, dead = await _collectors(nats_client)
+    settings = _settings(nats_server, tmp_path, default_model)
+    t0 = datetime.now(UTC)
+    # v1 is promoted and served, so it is in the bin's model cache.
+    await _publish(js, MODELS_PROMOTED, _promotion(blob_store, models, 1, occurred_at=t0))
+    first_slot = ModelSlot(BIN)
+    swapped = asyncio.Event()
+    first_slot.add_listener(lambda model: swapped.set() if model.installed_by else None)
+    app = await _started(create_app(settings, first_slot))
+    try:
+        await asyncio.wait_for(swapped.wait(), 20)
+    finally:
+        await app.stop()
+
+    # While the bin is off, v2 is promoted; the store does not hold its files (yet).
+    v2 = _promotion(blob_store, models, 2, occurred_at=t0 + timedelta(seconds=1))
+    await _publish(js, MODELS_PROMOTED, v2)
+    for ref in (v2.artifact, v2.card):
+        (blob_store.root / ref.key).unlink()
+
+    slot = ModelSlot(BIN)
+    installed: list[int] = []
+    got_v2 = asyncio.Event()
+
+    def record(model: LoadedModel) -> None:
+        installed.append(model.card.version)
+        if model.card.version == 2:
+            got_v2.set()
+
+    slot.add_listener(record)
+    app = await _started(create_app(settings, slot))
+    spool = LocalBlobStore(tmp_path / "spool")
+    try:
+        # Not the shipped model, nor nothing: v1, served before the restart.
+        assert slot.served == ("tiny-cnn", 1)
+        (frame,) = await _publish_frames(js, spool, _demo_frames(1)[:1])
+        (result,) = await results.wait_for(1)
+        # The promotion waits (more tries than max_deliveries, 3), it is not dead-lettered.
+        limit = _retries(MODELS_PROMOTED.name) + settings.max_deliveries + 1
+        await eventually(lambda: _retries(MODELS_PROMOTED.name) >= limit, 20)
+        assert slot.served == ("tiny-cnn", 1)
+        _store_model(blob_store, models[2], 2)  # the store has the files again
+        await asyncio.wait_for(got_v2.wait(), 20)
+    finally:
+        await app.stop()
+
+    assert (result.frame_event_id, result.model_version) == (str(frame.event_id), 1)
+    assert installed == [1, 2]
+    assert slot.current is not None
+    assert slot.current.onnx_sha256 == v2.artifact.sha256
     assert dead.items == []
 
 

@@ -19,6 +19,7 @@ from binloop.bus.consumers import edge_inferencer_durable
 from binloop.errors import (
     BinloopError,
     ConfigError,
+    MissingBlobError,
     ModelLoadError,
     NotReadyError,
     StoreUnavailableError,
@@ -136,9 +137,42 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
                 raise NotReadyError(
                     f"model store unreachable for {update.name} v{update.version}: {exc}"
                 ) from exc
+            except MissingBlobError as exc:
+                # Nor is a store that does not hold the files (yet): a folder store that is
+                # not mounted, a bucket still replicating. Dead-lettered, the registry's
+                # decision would never reach this bin; waiting ends with the files or with the
+                # next promotion or rollback, which the verdict above then prefers.
+                raise NotReadyError(
+                    f"model store holds no {update.name} v{update.version} yet: {exc}"
+                ) from exc
             skipped = await model_slot.install(model)
+            if skipped is None:
+                await remember_served()
         if skipped is not None:
             log.info("bin %s: ignored %s v%d (%s)", bin_id, update.name, update.version, skipped)
+
+    remembering = asyncio.Lock()
+
+    async def remember_served() -> None:
+        """Record the served model in the cache, for the next start. What is recorded is the
+        slot's model at the time, under one lock, so two installs racing on the promotion
+        and rollback consumers leave the record on the model served."""
+        async with remembering:
+            served = model_slot.current
+            if served is None or served.installed_by is None:
+                return
+            try:
+                await asyncio.to_thread(cache.remember, served)
+            except OSError as exc:
+                # The bin keeps serving; only a restart would fall back to an older model.
+                log.warning(
+                    "bin %s: cannot record %s v%d as served in %s: %s",
+                    bin_id,
+                    served.card.name,
+                    served.card.version,
+                    cache.root,
+                    exc,
+                )
 
     async def on_model_event(
         delivery: Delivery[ModelPromoted] | Delivery[ModelRolledBack],
@@ -175,7 +209,9 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
         stale one). A restarted bin's durable consumers acked them long ago and will not
         deliver them again; on a leaf node they are in the bin's own ENGINE stream, and a
         model fetched before is loaded from the cache, so this works offline too. One that
-        cannot be read is left to the consumers (it never stops the bin from starting)."""
+        cannot be fetched yet is tried again in the background while the model recalled from
+        the cache (or default_model) serves; one that cannot be read is left to the consumers
+        (it never stops the bin from starting)."""
         events: list[ModelPromoted | ModelRolledBack] = []
         for route in (MODELS_PROMOTED, MODELS_ROLLED_BACK):
             try:
@@ -199,7 +235,13 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
                 await restore(event)
 
     async def prepare(js: JetStreamContext) -> None:
-        if settings.default_model is not None:
+        # The model served before the restart first: the last promotion may name one this
+        # bin never got (promoted while the store or the link was away). The registry's
+        # events replace it as they come; default_model only serves a bin with nothing cached.
+        recalled = await asyncio.to_thread(cache.recall)
+        if recalled is not None:
+            await model_slot.install(recalled)
+        elif settings.default_model is not None:
             onnx_path = settings.default_model
             try:
                 model = await asyncio.to_thread(

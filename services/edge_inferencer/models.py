@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from binloop.errors import ConfigError, ModelLoadError, NotReadyError
 from binloop.ml.backend import InferenceBackend, OnnxBackend
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _LABEL = re.compile(r"^[a-z0-9_]{1,64}$")
 _PATH_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 ONNX_FILE = "model.onnx"
+CURRENT_FILE = "current.json"
 
 
 MODEL_ACK_WAIT_S = 30.0
@@ -66,8 +67,10 @@ class LoadedModel:
     backend: InferenceBackend
     preprocessor: Preprocessor
     installed_by: ModelUpdate | None = None
-    """The registry event that installed it; None for a model loaded from disk at start."""
+    """The registry event that installed it (recalled from the cache after a restart); None
+    for a model loaded from a file of the settings (default_model)."""
     onnx_sha256: str | None = None
+    card_sha256: str | None = None
 
 
 def _parse_card(data: bytes, where: str) -> ModelCard:
@@ -89,15 +92,38 @@ def load_model(
     installed_by: ModelUpdate | None = None,
 ) -> LoadedModel:
     """Blocking (session creation takes a while): run it in a worker thread."""
-    card = _parse_card(card_path.read_bytes(), str(card_path))
+    card_bytes = card_path.read_bytes()
+    card = _parse_card(card_bytes, str(card_path))
     backend = OnnxBackend(onnx_path, card, intra_op_threads=intra_op_threads)
     onnx_sha256 = sha256_hex(onnx_path.read_bytes())
-    return LoadedModel(card, backend, Preprocessor.from_card(card), installed_by, onnx_sha256)
+    return LoadedModel(
+        card,
+        backend,
+        Preprocessor.from_card(card),
+        installed_by,
+        onnx_sha256,
+        sha256_hex(card_bytes),
+    )
+
+
+class _ServedRecord(BaseModel):
+    """The cache's `current.json`: the registry model the bin served last, and the event that
+    installed it (so the verdict on the registry's events is the same after a restart)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: int
+    issued_at: datetime
+    rollback: bool
+    onnx_sha256: str
+    card_sha256: str
 
 
 class ModelCache:
     """Promoted models on local disk, as <root>/<name>/v<version>/model.onnx + model.card.json,
-    so a restarted bin can point default_model at the last one without the network."""
+    and <root>/current.json naming the one served last, so a restarted bin serves it again
+    without the network (`remember`, `recall`)."""
 
     def __init__(self, root: Path, intra_op_threads: int = 1) -> None:
         self.root = root
@@ -107,9 +133,9 @@ class ModelCache:
         """Download (sha256 checked), cache and load one model. Blocking: use a worker thread."""
         if not _PATH_SAFE_NAME.match(update.name):
             raise ModelLoadError(f"model name {update.name!r} is not safe as a folder name")
-        folder = self.root / update.name / f"v{update.version}"
-        onnx_path = folder / ONNX_FILE
-        if self._cached(onnx_path, artifact, card_ref):
+        onnx_path = self._onnx_path(update.name, update.version)
+        folder = onnx_path.parent
+        if self._holds(onnx_path, artifact.sha256, card_ref.sha256):
             return load_model(
                 onnx_path,
                 card_path_for(onnx_path),
@@ -134,15 +160,72 @@ class ModelCache:
             installed_by=update,
         )
 
+    def remember(self, model: LoadedModel) -> None:
+        """Record `model` (fetched by this cache) as the one served, replacing the record
+        atomically. Blocking (fsync): use a worker thread."""
+        update = model.installed_by
+        if update is None or model.onnx_sha256 is None or model.card_sha256 is None:
+            raise ValueError("only a model installed from a registry event can be remembered")
+        record = _ServedRecord(
+            name=update.name,
+            version=update.version,
+            issued_at=update.issued_at,
+            rollback=update.rollback,
+            onnx_sha256=model.onnx_sha256,
+            card_sha256=model.card_sha256,
+        )
+        write_atomically(self.root / CURRENT_FILE, record.model_dump_json(indent=1).encode())
+
+    def recall(self) -> LoadedModel | None:
+        """The model `remember` recorded last, loaded, if the cache still holds its exact
+        bytes; else None (nothing recorded, or a record or files that do not check out, which
+        is logged). Blocking: use a worker thread."""
+        path = self.root / CURRENT_FILE
+        try:
+            record = _ServedRecord.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValidationError) as exc:
+            log.warning("model cache %s: cannot read the served model's record: %s", path, exc)
+            return None
+        if not _PATH_SAFE_NAME.match(record.name):
+            log.warning("model cache %s: %r is not a safe folder name", path, record.name)
+            return None
+        onnx_path = self._onnx_path(record.name, record.version)
+        served = f"{record.name} v{record.version}"
+        try:
+            if not self._holds(onnx_path, record.onnx_sha256, record.card_sha256):
+                log.warning("model cache %s: %s is gone or its bytes changed", self.root, served)
+                return None
+            update = ModelUpdate(
+                record.name,
+                record.version,
+                record.issued_at,
+                rollback=record.rollback,
+                artifact_sha256=record.onnx_sha256,
+            )
+            return load_model(
+                onnx_path,
+                onnx_path.with_name(f"{onnx_path.stem}.card.json"),
+                intra_op_threads=self.intra_op_threads,
+                installed_by=update,
+            )
+        except (ModelLoadError, OSError) as exc:
+            log.warning("model cache %s: %s cannot be loaded: %s", self.root, served, exc)
+            return None
+
+    def _onnx_path(self, name: str, version: int) -> Path:
+        return self.root / name / f"v{version}" / ONNX_FILE
+
     @staticmethod
-    def _cached(onnx_path: Path, artifact: BlobRef, card_ref: BlobRef) -> bool:
+    def _holds(onnx_path: Path, onnx_sha256: str, card_sha256: str) -> bool:
         """Whether an earlier fetch left exactly these bytes (a restart, maybe offline)."""
         card_path = onnx_path.with_name(f"{onnx_path.stem}.card.json")  # as fetch writes it
         return (
             onnx_path.is_file()
             and card_path.is_file()
-            and sha256_hex(onnx_path.read_bytes()) == artifact.sha256
-            and sha256_hex(card_path.read_bytes()) == card_ref.sha256
+            and sha256_hex(onnx_path.read_bytes()) == onnx_sha256
+            and sha256_hex(card_path.read_bytes()) == card_sha256
         )
 
 

@@ -19,12 +19,14 @@ class EdgeInferencerSettings(ServiceSettings):
     )
     model_cache: Path = Field(
         default=Path(".binloop/edge-models"),
-        description="Where promoted models are kept, as <name>/v<version>/model.onnx + card",
+        description="Where promoted models are kept, as <name>/v<version>/model.onnx + card, "
+        "and current.json naming the one served last (served again after a restart)",
     )
     default_model: Path | None = Field(
         default=SHIPPED_MODEL,
-        description="ONNX file served from the first frame until the registry promotes a model "
-        "(default: the classifier binloop ships); its card is <stem>.card.json beside it, else "
+        description="ONNX file served from the first frame until the registry promotes a model, "
+        "when model_cache holds no model served before (default: the classifier binloop "
+        "ships); its card is <stem>.card.json beside it, else "
         "card.json in the same folder. Empty (BINLOOP_DEFAULT_MODEL=): start with no model and "
         "wait for the first promotion",
     )
