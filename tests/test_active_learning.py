@@ -743,8 +743,9 @@ def test_the_example_policy_file_documents_the_defaults() -> None:
         "threshold_band",
         "class_balance",
         "diversity",
-        "disagreement",
     ]
+    # It needs a shadow inferencer, which nothing runs yet: it would cost memory for nothing.
+    assert not SamplingPolicy().strategies.disagreement.enabled
 
 
 def test_a_policy_setting_what_each_result_now_carries_is_refused_saying_why() -> None:

@@ -5,13 +5,14 @@ policy validation are in test_active_learning.py."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
 import math
 import tracemalloc
 import uuid
 import weakref
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ from services.sampler import SamplerSettings, create_app
 from services.sampler.app import count_outcome
 from services.sampler.core import BatchOutcome, Sampler, build_sampler, selection_id
 from services.sampler.policy import SamplingPolicy
-from services.sampler.ratelimit import SlidingWindowLimiter
+from services.sampler.ratelimit import HOUR_S, SlidingWindowLimiter
 from services.sampler.strategies import LeastConfidence, RandomBaseline, uniform_draw
 from tests.helpers import Collector
 
@@ -290,6 +291,41 @@ def test_sliding_window_counts_each_grant_for_exactly_one_window() -> None:
 # --- metrics --------------------------------------------------------------------------------
 
 
+def test_restored_selections_count_against_the_limits_for_the_rest_of_their_window() -> None:
+    clock = FakeClock()
+    sampler = make_sampler(per_hour=2, clock=clock)  # 48 a day
+    now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    earlier = (
+        make_sampler(per_hour=600).select_batch([make_result(n, 0.3) for n in range(3)]).selected
+    )
+    ages = [timedelta(minutes=50), timedelta(minutes=10), timedelta(hours=30)]
+    restored = [
+        s.model_copy(update={"occurred_at": now - age})
+        for s, age in zip(earlier, ages, strict=True)
+    ]
+
+    assert sampler.restore([*restored, restored[0]], now) == 3  # a republished one counts once
+    # The hour holds the two recent ones: no room.
+    assert sampler.select_batch([make_result(10, 0.3)]).selected == []
+    clock.now += 10 * 60 + 1  # the one selected 50 minutes before now leaves the hour
+    outcome = sampler.select_batch([make_result(n, 0.3) for n in (0, 2, 11, 12)])
+    # The frames selected before the restart are not selected again; one new frame has room.
+    assert [s.frame_sha256 for s in outcome.selected] == [frame_sha(11)]
+    assert outcome.repeats == {"bin-a": 2}
+    clock.now += 40 * 60  # so does the one selected 10 minutes before
+    assert len(sampler.select_batch([make_result(13, 0.3)]).selected) == 1
+
+
+def test_a_restored_grant_is_kept_for_what_is_left_of_its_window() -> None:
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(1, HOUR_S, clock)
+    limiter.restore("bin-a", 2 * HOUR_S)  # outside the window: not kept
+    limiter.restore("bin-a", -5.0)  # a clock ahead of ours: counted from now
+    assert not limiter.has_room("bin-a")
+    clock.now += HOUR_S
+    assert limiter.has_room("bin-a")
+
+
 def test_every_count_of_a_batch_outcome_is_exported_by_bin() -> None:
     def value(name: str, labels: dict[str, str]) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
@@ -391,3 +427,64 @@ async def test_sampler_service_selects_a_batch_exactly_once_and_dead_letters_gar
         assert selection.event_id == selection_id(source)
         assert selection.predicted == source.top_k
         assert selection.frame_key == frame_key(source.bin_id, CAPTURED_AT, source.frame_sha256)
+
+
+async def _stored_selections(js: JetStreamContext) -> list[SampleSelected]:
+    info = await js.stream_info("ENGINE")
+    if info.state.messages == 0:
+        return []
+    return [
+        SampleSelected.model_validate_json((await js.get_msg("ENGINE", seq)).data or b"")
+        for seq in range(info.state.first_seq, info.state.last_seq + 1)
+    ]
+
+
+@pytest.mark.integration
+async def test_a_restarted_sampler_keeps_each_bins_daily_quota_and_its_selected_frames(
+    js: JetStreamContext, nats_client: Client, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(
+        "strategies:\n"
+        "  least_confidence: {threshold: 0.6}\n"
+        "  threshold_band: {enabled: false}\n"
+        "  class_balance: {enabled: false}\n"
+        "  diversity: {enabled: false}\n"
+        "  random: {enabled: false}\n"
+        "rate_limits: {per_bin_per_hour: 3, per_bin_per_day: 3}\n"
+    )
+    settings = SamplerSettings(
+        nats_url=nats_server.url, http_port=0, retry_delay_s=0.05, policy_file=policy_file
+    )
+
+    async def run_once(results: list[InferenceResult], sentinel: InferenceResult) -> None:
+        """Runs the service until it has judged `results` and then `sentinel` (another bin,
+        which has room: its selection shows the results before it were judged)."""
+        service = create_app(settings)
+        await service.start()
+        try:
+            for result in [*results, sentinel]:
+                await js.publish(
+                    INFERENCE_RESULT.subject(result.bin_id), result.model_dump_json().encode()
+                )
+            deadline = asyncio.get_running_loop().time() + 20
+            while not any(
+                s.frame_sha256 == sentinel.frame_sha256 for s in await _stored_selections(js)
+            ):
+                assert asyncio.get_running_loop().time() < deadline, "sentinel not selected"
+                await asyncio.sleep(0.05)
+        finally:
+            await service.stop()
+
+    first = [make_result(n, 0.3, bin_id="bin-a") for n in range(6)]
+    await run_once(first, make_result(900, 0.3, bin_id="bin-b"))
+    # The pod restarted (a deploy, an OOM kill) minutes later; the edge re-sent a frame too.
+    later = [make_result(n, 0.3, bin_id="bin-a") for n in range(100, 106)]
+    await run_once([*later, first[0]], make_result(901, 0.3, bin_id="bin-b"))
+
+    stored = await _stored_selections(js)
+    # The policy says at most 3 selections for bin-a in any 24 hours.
+    bin_a = [s.frame_sha256 for s in stored if s.bin_id == "bin-a"]
+    assert len(bin_a) == 3, f"{len(bin_a)} selections for bin-a within one day"
+    assert len(set(bin_a)) == 3
+    assert len([s for s in stored if s.bin_id == "bin-b"]) == 2

@@ -15,7 +15,7 @@ import math
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -99,8 +99,10 @@ class Remembered:
     and a redelivery brings the same result again. About 0.5 KiB, where the SampleSelected
     itself took about 5 KiB (100,000 of them alone would fill the sampler's 512 MiB)."""
 
-    source_event_id: uuid.UUID
-    """event_id of the inference result it was made for."""
+    source_event_id: uuid.UUID | None
+    """event_id of the inference result it was made for; None for a selection restored from
+    the stream at start (published already, so a redelivery has nothing to republish and is
+    counted as a repeat)."""
     occurred_at: datetime
     strategy: SamplingStrategy
     score: float
@@ -145,6 +147,32 @@ class Sampler:
         self.remember = remember
         # selection_id(result).int -> the selection made for it
         self._selected: OrderedDict[int, Remembered] = OrderedDict()
+
+    def restore(self, selections: Iterable[SampleSelected], now: datetime) -> int:
+        """Takes back what a previous run of the sampler selected (read from the stream at
+        start): each selection counts against its bin's rate limits for as long as it would have
+        (its age by `now`, the wall clock, as the limiters' own clock may have restarted), and
+        its frame is not selected again for that model version. Returns how many were new.
+
+        The pHash and strategy memories are not restored: a selection carries neither the hash
+        nor the embedding."""
+        restored = 0
+        for selection in selections:
+            key = selection.event_id.int
+            if key in self._selected:  # published twice (a republish after the dedup window)
+                continue
+            self.limits.restore(selection.bin_id, (now - selection.occurred_at).total_seconds())
+            self._selected[key] = Remembered(
+                None,
+                selection.occurred_at,
+                selection.strategy,
+                selection.score,
+                selection.reason,
+            )
+            restored += 1
+        while len(self._selected) > self.remember:
+            self._selected.popitem(last=False)
+        return restored
 
     def candidates(self, results: Sequence[InferenceResult]) -> list[tuple[Candidate | None, bool]]:
         """Every strategy's verdicts on the batch, combined per frame, with whether any

@@ -134,7 +134,12 @@ class RepresentativePolicy(_Strict):
 
 
 class DisagreementPolicy(_Strict):
-    enabled: bool = Field(default=True, description="Run this strategy (needs a shadow model)")
+    enabled: bool = Field(
+        default=False,
+        description="Run this strategy. Off by default: it needs a second model version "
+        "answering for the same frames (a shadow inferencer), which nothing in binloop runs "
+        "yet; with one model it never fires and still costs up to ~20 MiB and work per result",
+    )
     weight: Weight = 1.0
     min_disagreement: float = Field(
         default=0.2,

@@ -1,8 +1,12 @@
 """Per-key sliding-window limits: at most `limit` acquisitions in any `window_s` seconds, and
-several windows (per hour and per day) that must all have room before one is granted."""
+several windows (per hour and per day) that must all have room before one is granted.
+
+The windows live in memory; `restore` puts back grants made before a restart (the sampler reads
+them from its own selections in the stream), so a restart does not hand out a fresh quota."""
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -37,6 +41,14 @@ class SlidingWindowLimiter:
         granted.append(now)
         return True
 
+    def restore(self, key: str, age_s: float) -> None:
+        """Counts a grant made `age_s` seconds ago (by wall clock: this clock may have
+        restarted since) against `key`, whether or not there is room: it was granted then."""
+        if age_s >= self.window_s:
+            return
+        at = self.clock() - max(age_s, 0.0)
+        bisect.insort(self._granted.setdefault(key, deque()), at)
+
 
 class RateLimits:
     """All windows or none: a grant refused by the daily limit does not use the hourly one."""
@@ -65,3 +77,12 @@ class RateLimits:
         for limiter in self.limiters:
             limiter.try_acquire(key)
         return True
+
+    def restore(self, key: str, age_s: float) -> None:
+        for limiter in self.limiters:
+            limiter.restore(key, age_s)
+
+    @property
+    def longest_window_s(self) -> float:
+        """How far back a grant can still count: what a restart has to restore."""
+        return max((limiter.window_s for limiter in self.limiters), default=0.0)
