@@ -5,7 +5,7 @@ BinloopError
 │   ├── CorruptFrameError     bytes that do not decode as an image
 │   ├── UnknownUriError       a blob URI with a scheme no backend serves
 │   ├── ChecksumMismatchError bytes whose sha256 is not the one promised
-│   ├── MissingBlobError      a referenced blob that is gone for good
+│   ├── MissingBlobError      a referenced blob that is not there (a model promotion waits)
 │   └── UnfinishedHandlingError (binloop.bus.handling) handling kept ending the process
 ├── TransientError        try again later: nak with a delay (dead-lettered after max attempts)
 │   ├── StoreUnavailableError the object store did not answer

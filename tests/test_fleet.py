@@ -36,17 +36,37 @@ def _beat(bin_id: str, version: int | None, at: datetime, model: str = "waste") 
 
 def test_fleet_view_counts_live_bins_per_version_from_their_latest_beat() -> None:
     view = FleetView(stale_after=timedelta(minutes=5))
+    view.observe([_beat("bin-3", 1, NOW - timedelta(minutes=10))], NOW - timedelta(minutes=10))
     view.observe(
         [
             _beat("bin-1", 1, NOW - timedelta(seconds=30)),
             _beat("bin-1", 2, NOW - timedelta(seconds=10)),  # swapped to v2 since
-            _beat("bin-2", 2, NOW - timedelta(seconds=5)),
-            _beat("bin-3", 1, NOW - timedelta(minutes=10)),  # silent: left out
+            _beat("bin-2", 1, NOW - timedelta(seconds=5)),
             _beat("bin-4", None, NOW),  # no model yet
-        ]
+        ],
+        NOW - timedelta(seconds=5),
     )
-    view.observe([_beat("bin-2", 1, NOW - timedelta(minutes=1))])  # late, older: ignored
+    view.observe([_beat("bin-2", 2, NOW)], NOW)
+    # bin-3 is silent (its last beat arrived 10 minutes ago): left out.
     assert view.serving(NOW) == {("waste", 2): 2}
+
+
+def test_fleet_view_counts_a_bin_whose_clock_is_behind_while_its_beats_arrive() -> None:
+    view = FleetView(stale_after=timedelta(minutes=5))
+    # The Jetson's clock runs 6 minutes late (no NTP yet); its heartbeat arrived just now.
+    view.observe([_beat("bin-7", 2, NOW - timedelta(minutes=6))], NOW)
+    assert view.serving(NOW) == {("waste", 2): 1}
+
+
+def test_fleet_view_takes_the_last_arrived_beat_when_a_bins_clock_goes_back() -> None:
+    view = FleetView(stale_after=timedelta(minutes=5))
+    # Booted with its clock a day ahead and served v1; NTP then set the clock right, and the
+    # bin installed v2.
+    view.observe([_beat("bin-7", 1, NOW + timedelta(days=1))], NOW)
+    view.observe([_beat("bin-7", 2, NOW + timedelta(seconds=15))], NOW + timedelta(seconds=15))
+    assert view.serving(NOW + timedelta(seconds=16)) == {("waste", 2): 1}
+    # A future-dated beat does not keep a bin alive: silent for two hours, it is gone.
+    assert view.serving(NOW + timedelta(hours=2)) == {}
 
 
 def _uploader_beat(bin_id: str, backlog: int, at: datetime) -> FleetHeartbeat:
@@ -64,13 +84,17 @@ def _uploader_beat(bin_id: str, backlog: int, at: datetime) -> FleetHeartbeat:
 def test_fleet_view_keeps_each_live_uploaders_backlog() -> None:
     view = FleetView(stale_after=timedelta(minutes=5))
     view.observe(
+        [_uploader_beat("bin-3", 900, NOW - timedelta(minutes=10))],  # silent: left out
+        NOW - timedelta(minutes=10),
+    )
+    view.observe(
         [
             _uploader_beat("bin-1", 40, NOW - timedelta(seconds=30)),
             _uploader_beat("bin-1", 12, NOW - timedelta(seconds=10)),
             _uploader_beat("bin-2", 0, NOW),
-            _uploader_beat("bin-3", 900, NOW - timedelta(minutes=10)),  # silent: left out
             _beat("bin-4", 2, NOW),  # an inferencer's beat says nothing about uploads
-        ]
+        ],
+        NOW,
     )
     assert view.spool_backlog(NOW) == {"bin-1": 12, "bin-2": 0}
 

@@ -27,6 +27,7 @@ from binloop.errors import (
 )
 from binloop.settings import ServiceSettings
 from binloop.storage import (
+    BlobExistsError,
     BlobStore,
     LocalBlobStore,
     PresigningStore,
@@ -114,6 +115,52 @@ def test_put_then_get_returns_the_bytes_and_a_reference_to_them(backend: Backend
     assert ref.uri == backend.store.uri(key)
     assert ref.uri.startswith({"local": "file:///", "s3": "s3://"}[backend.name])
     assert read_verified(ref) == data
+
+
+def test_a_create_only_put_writes_a_new_key_and_refuses_an_existing_one(
+    backend: Backend,
+) -> None:
+    store = backend.store
+    key = "models/m/v00001/claim.json"
+
+    ref = store.put_new(key, b"first", "application/json")
+
+    assert (ref.key, ref.sha256, ref.size) == (key, sha256_hex(b"first"), 5)
+    assert read_verified(ref) == b"first"
+    for data in (b"second", b"first"):  # even the same bytes: the key is taken
+        with pytest.raises(BlobExistsError, match="exists already"):
+            store.put_new(key, data, "application/json")
+    assert store.get(key) == b"first"
+    assert store.list("models/m/") == [key]  # no temporary file left behind
+
+
+def test_a_create_only_put_refuses_a_key_an_ordinary_put_wrote(backend: Backend) -> None:
+    backend.store.put("models/m/v00002/model.onnx", b"onnx")
+    with pytest.raises(BlobExistsError):
+        backend.store.put_new("models/m/v00002/model.onnx", b"other")
+    assert backend.store.get("models/m/v00002/model.onnx") == b"onnx"
+
+
+def test_of_racing_create_only_puts_exactly_one_wins(backend: Backend) -> None:
+    key = "models/m/v00003/claim.json"
+    won: list[bytes] = []
+    lost: list[bytes] = []
+
+    def write(data: bytes) -> None:
+        try:
+            backend.store.put_new(key, data)
+        except BlobExistsError:
+            lost.append(data)
+        else:
+            won.append(data)
+
+    writers = [threading.Thread(target=write, args=(b"writer-%d" % n,)) for n in range(8)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert (len(won), len(lost)) == (1, 7)
+    assert backend.store.get(key) == won[0]
 
 
 def test_exists_list_and_delete(backend: Backend) -> None:

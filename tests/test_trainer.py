@@ -45,10 +45,13 @@ from services.trainer import TrainerSettings, create_app
 from services.trainer.core import (
     InsufficientDataError,
     TrainingOutcome,
+    UnclaimedVersionError,
+    claim_model_version,
     load_eval_set,
     next_model_version,
     preprocessor_for,
     run_training,
+    store_model,
     train_config,
 )
 from services.trainer.data import (
@@ -60,7 +63,7 @@ from services.trainer.data import (
     load_items,
     model_classes,
 )
-from services.trainer.evaluate import confusion_matrix, evaluate
+from services.trainer.evaluate import EvalReport, confusion_matrix, evaluate
 from services.trainer.export import (
     ParityError,
     check_parity,
@@ -81,6 +84,7 @@ from services.trainer.train import (
     train_classifier,
 )
 from tests.helpers import Collector
+from tests.modelfactory import make_card
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 TINY_CLASSES = ("cardboard", "glass", "metal")
@@ -574,3 +578,54 @@ def test_a_run_with_enough_val_items_bakes_the_fitted_temperature_into_the_graph
         raw = model.eval()(torch.from_numpy(inputs)).numpy()
     exported = onnx_logits(onnx_session(read_verified(outcome.artifact)), inputs)
     np.testing.assert_allclose(exported, raw / temperature, rtol=1e-3, atol=1e-4)
+
+
+def _perfect_report(classes: list[str]) -> EvalReport:
+    return EvalReport(
+        labels=classes,
+        confusion=np.eye(len(classes), dtype=np.int64),
+        accuracy=1.0,
+        macro_f1=1.0,
+        per_class_f1=dict.fromkeys(classes, 1.0),
+        compartment_accuracy=1.0,
+    )
+
+
+def test_two_writers_that_guess_one_model_version_claim_different_ones(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    # The trainer and `binloop import-model` both list the store before either has written.
+    assert next_model_version(store, "waste") == next_model_version(store, "waste") == 1
+    trainer = claim_model_version(store, "waste", "trainer")
+    importer = claim_model_version(store, "waste", "model-import")
+    assert (trainer.version, importer.version) == (1, 2)
+    assert next_model_version(store, "waste") == 3  # a claim alone takes its number
+
+
+def test_storing_a_model_version_claimed_by_another_writer_leaves_its_artifact_intact(
+    tmp_path: Path,
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    classes = ["glass", "paper"]
+    report = _perfect_report(classes)
+    first_claim = claim_model_version(store, "waste", "trainer")
+    first = store_model(
+        store,
+        make_card(classes, name="waste", version=1),
+        b"onnx-A" * 100,
+        report,
+        claim=first_claim,
+    )
+    # A second writer that skipped the claim (or forged one) for the same number is refused
+    # before it writes a byte.
+    forged = dataclasses.replace(first_claim, claim_id="not-the-first-one", claimant="import")
+    with pytest.raises(UnclaimedVersionError, match="waste v1 is not claimed by import"):
+        store_model(
+            store,
+            make_card(classes, name="waste", version=1),
+            b"onnx-B" * 100,
+            report,
+            claim=forged,
+        )
+    # What a bin downloads for the promoted v1 still hashes to what models.promoted says.
+    assert sha256_hex(store.get(first.artifact.key)) == first.artifact.sha256
+    assert read_verified(first.artifact) == b"onnx-A" * 100

@@ -11,10 +11,11 @@ from binloop.storage.keys import (
     training_run_key,
 )
 from binloop.storage.local import LocalBlobStore
-from binloop.storage.protocol import BlobStore, PresigningStore, sha256_hex
+from binloop.storage.protocol import BlobExistsError, BlobStore, PresigningStore, sha256_hex
 from binloop.storage.s3 import S3BlobStore
 
 __all__ = [
+    "BlobExistsError",
     "BlobStore",
     "LocalBlobStore",
     "PresigningStore",

@@ -34,6 +34,27 @@ def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
             os.close(folder)
 
 
+def write_exclusively(path: Path, data: bytes) -> None:
+    """Like write_atomically, but FileExistsError when `path` exists: the whole file is written
+    under a temporary name and hard-linked into place, and link() never replaces a name, so of
+    two writers exactly one wins and a reader never sees half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def read_regular_file(path: Path, size: int, uri: str) -> bytes:
     """The bytes of `path`, which must be a regular file of exactly `size` bytes: one open,
     one fstat of the open file, one read (no separate exists/stat calls that a swap between

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 from binloop.errors import MissingBlobError, UnknownUriError
 from binloop.observability import metrics
-from binloop.storage.files import read_regular_file, write_atomically
-from binloop.storage.protocol import sha256_hex
+from binloop.storage.files import read_regular_file, write_atomically, write_exclusively
+from binloop.storage.protocol import BlobExistsError, sha256_hex
 from schemas.base import BlobRef
 
 
@@ -45,6 +45,23 @@ class LocalBlobStore:
         metrics.BLOB_PUTS.labels(self.backend, outcome).inc()
         return BlobRef(
             key=key, uri=self.uri(key), sha256=digest, size=len(data), content_type=content_type
+        )
+
+    def put_new(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> BlobRef:
+        path = self._path(key)
+        try:
+            write_exclusively(path, data)
+        except FileExistsError as exc:
+            raise BlobExistsError(f"{self.uri(key)} exists already") from exc
+        metrics.BLOB_PUTS.labels(self.backend, "written").inc()
+        return BlobRef(
+            key=key,
+            uri=self.uri(key),
+            sha256=sha256_hex(data),
+            size=len(data),
+            content_type=content_type,
         )
 
     def get(self, key: str) -> bytes:

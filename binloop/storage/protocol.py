@@ -6,7 +6,12 @@ import hashlib
 from datetime import timedelta
 from typing import Protocol, runtime_checkable
 
+from binloop.errors import PermanentError
 from schemas.base import BlobRef
+
+
+class BlobExistsError(PermanentError):
+    """A create-only write (BlobStore.put_new) found a blob under its key already."""
 
 
 def sha256_hex(data: bytes) -> str:
@@ -20,6 +25,12 @@ class BlobStore(Protocol):
 
     def put(self, key: str, data: bytes, content_type: str = ...) -> BlobRef:
         """Store `data` under `key`; a second put of the same bytes is a no-op."""
+        ...
+
+    def put_new(self, key: str, data: bytes, content_type: str = ...) -> BlobRef:
+        """Store `data` under `key` only if no blob is there, in one atomic step: of two
+        writers of one key exactly one succeeds, the other gets BlobExistsError (whatever the
+        bytes). For claims (a model version), not for content-addressed data."""
         ...
 
     def get(self, key: str) -> bytes:

@@ -21,6 +21,7 @@ import certifi
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import DictType
 
 from binloop.errors import (
     ChecksumMismatchError,
@@ -30,7 +31,7 @@ from binloop.errors import (
 )
 from binloop.observability import metrics
 from binloop.settings import ServiceSettings
-from binloop.storage.protocol import sha256_hex
+from binloop.storage.protocol import BlobExistsError, sha256_hex
 from schemas.base import BlobRef
 
 SHA256_METADATA = "sha256"
@@ -59,6 +60,10 @@ _RETRYABLE_CODES = frozenset(
         "XMinioAdminBucketQuotaExceeded",
     }
 )
+_EXISTS_CODES = frozenset({"PreconditionFailed"})
+"""A create-only put (If-None-Match: *) whose key exists."""
+_CONDITIONAL_CONFLICT_CODES = frozenset({"ConditionalRequestConflict"})
+"""S3's 409 for a conditional write racing another one on the same key: try again."""
 _RETRYABLE_STATUS = frozenset({408, 429})
 """Besides any 5xx: a store that timed out or throttles, whatever code it names."""
 
@@ -205,6 +210,43 @@ class S3BlobStore:
                 metadata={SHA256_METADATA: digest},
                 part_size=self.part_size,
             )
+
+    def put_new(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> BlobRef:
+        """A conditional PutObject (If-None-Match: *, honoured by S3 since 2024, MinIO and
+        moto): the store itself refuses a key that exists, so no race between a check and a
+        write. Always a single PUT: a multipart upload would need the condition on its
+        completion instead."""
+        digest = sha256_hex(data)
+        headers: DictType = {
+            "Content-Type": content_type,
+            SHA256_HEADER: digest,
+            "If-None-Match": "*",
+        }
+        self._ensure_bucket()
+        try:
+            with self._errors("create-only put", key):
+                try:
+                    # put_object() turns every extra header into x-amz-meta-*: the condition
+                    # has to go through the SDK's plain PutObject call.
+                    self.client._put_object(self.bucket, key, data, headers=headers)
+                except S3Error as exc:
+                    if exc.code in _EXISTS_CODES:
+                        raise BlobExistsError(f"{self.uri(key)} exists already") from exc
+                    if exc.code in _CONDITIONAL_CONFLICT_CODES:
+                        raise StoreUnavailableError(
+                            f"create-only put {self.uri(key)}: {exc.code}: {exc.message}"
+                        ) from exc
+                    raise
+        except MissingBlobError:
+            # Someone removed the bucket after we made it: make it again, once.
+            self._bucket_ready = False
+            return self.put_new(key, data, content_type)
+        metrics.BLOB_PUTS.labels(self.backend, "written").inc()
+        return BlobRef(
+            key=key, uri=self.uri(key), sha256=digest, size=len(data), content_type=content_type
+        )
 
     def get(self, key: str) -> bytes:
         with self._errors("get", key):

@@ -161,8 +161,10 @@ def create_app(
     fleet = _FleetGauge()
 
     async def on_heartbeats(deliveries: list[Delivery[FleetHeartbeat]]) -> list[Outgoing]:
-        fleet.view.observe([d.event for d in deliveries])
-        fleet.refresh(clock())
+        # Liveness by this registry's clock, not the bins' (see FleetView).
+        now = clock()
+        fleet.view.observe([d.event for d in deliveries], received_at=now)
+        fleet.refresh(now)
         return []
 
     async def refresh_fleet() -> None:

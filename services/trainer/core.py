@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -19,7 +20,7 @@ from binloop.datasets import DatasetManifest, latest_version, read_manifest
 from binloop.errors import PermanentError
 from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import FloatArray, Preprocessor
-from binloop.storage import BlobStore, dataset_key, model_key
+from binloop.storage import BlobExistsError, BlobStore, dataset_key, model_key
 from binloop.storage.blobstore import check_digest
 from schemas.base import BlobRef, utc_now
 from schemas.events import DatasetSnapshot, ModelMetrics, TrainingCompleted, TrainingRequested
@@ -180,11 +181,54 @@ def manifest_for_request(store: BlobStore, request: TrainingRequested) -> Datase
 
 
 def next_model_version(store: BlobStore, model_name: str) -> int:
+    """One more than the highest version in the store, claimed or complete. Only a guess: a
+    writer takes its version with claim_model_version."""
     pattern = re.compile(rf"^models/{re.escape(model_name)}/v(\d+)/")
     versions = [
         int(m.group(1)) for key in store.list(f"models/{model_name}/") if (m := pattern.match(key))
     ]
     return max(versions, default=0) + 1
+
+
+CLAIM_FILE = "claim.json"
+TRAINER_CLAIMANT = "trainer"
+
+
+class UnclaimedVersionError(PermanentError):
+    """store_model was asked to write a version whose claim is not the caller's."""
+
+
+@dataclass(frozen=True)
+class ModelVersionClaim:
+    """A model version taken by one writer: models/<name>/vNNNNN/claim.json, written
+    create-only before anything else of that version."""
+
+    model_name: str
+    version: int
+    claim_id: str
+    claimant: str
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2) + "\n").encode()
+
+
+def claim_model_version(store: BlobStore, model_name: str, claimant: str) -> ModelVersionClaim:
+    """Takes the next free version of `model_name` for `claimant` (the trainer, an import).
+    Two writers that list the store at the same time guess the same number; the store lets
+    only one create the claim, and the other takes the next number. A writer that dies after
+    its claim leaves that number unused: versions may have gaps, never two artifacts."""
+    version = next_model_version(store, model_name)
+    while True:
+        claim = ModelVersionClaim(model_name, version, uuid.uuid4().hex, claimant)
+        try:
+            store.put_new(model_key(model_name, version, CLAIM_FILE), claim.to_json())
+        except BlobExistsError:
+            log.info(
+                "%s v%d was claimed by another writer; trying v%d", model_name, version, version + 1
+            )
+            version += 1
+            continue
+        return claim
 
 
 def _check_enough(
@@ -234,9 +278,20 @@ def store_model(
     onnx_bytes: bytes,
     report: EvalReport,
     extras: Sequence[tuple[str, bytes, str]] = (),
+    *,
+    claim: ModelVersionClaim,
 ) -> StoredModel:
     """Writes model.onnx, the `extras` (name, data, content type), confusion.png and, last,
-    card.json under the card's name and version."""
+    card.json under the card's name and version, which `claim` must hold: a version someone
+    else claimed is never written over (its artifact's sha256 is what the registry promotes)."""
+    claim_key = model_key(card.name, card.version, CLAIM_FILE)
+    if (claim.model_name, claim.version) != (card.name, card.version) or store.get(
+        claim_key
+    ) != claim.to_json():
+        raise UnclaimedVersionError(
+            f"{card.name} v{card.version} is not claimed by {claim.claimant} "
+            f"(claim {claim.claim_id} for {claim.model_name} v{claim.version})"
+        )
 
     def put(name: str, data: bytes, content_type: str) -> BlobRef:
         return store.put(model_key(card.name, card.version, name), data, content_type)
@@ -307,7 +362,8 @@ def run_training(
     )
     metrics = report.to_metrics(eval_set.eval_set_id)
 
-    version = next_model_version(store, settings.model_name)
+    claim = claim_model_version(store, settings.model_name, TRAINER_CLAIMANT)
+    version = claim.version
     skipped = {**train_items.skipped, **val_items.skipped}
     card = ModelCard(
         name=settings.model_name,
@@ -336,6 +392,7 @@ def run_training(
             ("model.pt", _weights_bytes(result.model), "application/octet-stream"),
             ("training.json", _training_log(result, skipped), "application/json"),
         ],
+        claim=claim,
     )
     return TrainingOutcome(
         model_name=settings.model_name,

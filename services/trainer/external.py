@@ -10,13 +10,15 @@ from binloop.storage import BlobStore
 from services.edge_inferencer.models import load_model
 from services.trainer.core import (
     TrainingOutcome,
+    claim_model_version,
     load_eval_set,
-    next_model_version,
     score_on_eval_set,
     store_model,
     taxonomy_for,
 )
 from services.trainer.settings import TrainerSettings
+
+IMPORT_CLAIMANT = "model-import"
 
 EXTERNAL_DATASET = "external"
 """The dataset recorded when the card names none: binloop never saw the training data."""
@@ -29,8 +31,8 @@ def import_external_model(
     settings.eval_dir exactly as trained candidates are, with its card rewritten to that name,
     version and measurement. Raises ModelLoadError when a bin could not serve it.
 
-    The version is the next free one in the store, as the trainer picks it: an import while the
-    trainer stores a run may claim the same number, and the registry refuses the second claim."""
+    The version is claimed in the store as the trainer claims its own (claim_model_version):
+    an import while the trainer stores a run takes the next number instead of the same one."""
     onnx_bytes = onnx_path.read_bytes()
     model = load_model(onnx_path, card_path, intra_op_threads=settings.torch_threads)
     card = model.card
@@ -42,7 +44,8 @@ def import_external_model(
         taxonomy_for(settings),
     )
     metrics = report.to_metrics(eval_set.eval_set_id)
-    version = next_model_version(store, settings.model_name)
+    claim = claim_model_version(store, settings.model_name, IMPORT_CLAIMANT)
+    version = claim.version
     origin = (
         f"Imported as {settings.model_name} v{version} from {onnx_path.name} "
         f"(card: {card.name} v{card.version}); measured on eval set "
@@ -57,7 +60,7 @@ def import_external_model(
             "notes": f"{card.notes} {origin}".strip(),
         }
     )
-    stored = store_model(store, stored_card, onnx_bytes, report)
+    stored = store_model(store, stored_card, onnx_bytes, report, claim=claim)
     return TrainingOutcome(
         model_name=settings.model_name,
         version=version,
