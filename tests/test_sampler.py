@@ -5,7 +5,6 @@ policy validation are in test_active_learning.py."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import hashlib
 import math
@@ -457,6 +456,10 @@ async def test_a_restarted_sampler_keeps_each_bins_daily_quota_and_its_selected_
         nats_url=nats_server.url, http_port=0, retry_delay_s=0.05, policy_file=policy_file
     )
 
+    stored_selections = await Collector(SampleSelected).attach_stream(
+        js, SAMPLES_SELECTED.subject()
+    )
+
     async def run_once(results: list[InferenceResult], sentinel: InferenceResult) -> None:
         """Runs the service until it has judged `results` and then `sentinel` (another bin,
         which has room: its selection shows the results before it were judged)."""
@@ -467,12 +470,9 @@ async def test_a_restarted_sampler_keeps_each_bins_daily_quota_and_its_selected_
                 await js.publish(
                     INFERENCE_RESULT.subject(result.bin_id), result.model_dump_json().encode()
                 )
-            deadline = asyncio.get_running_loop().time() + 20
-            while not any(
-                s.frame_sha256 == sentinel.frame_sha256 for s in await _stored_selections(js)
-            ):
-                assert asyncio.get_running_loop().time() < deadline, "sentinel not selected"
-                await asyncio.sleep(0.05)
+            await stored_selections.wait_for(
+                lambda items: any(s.frame_sha256 == sentinel.frame_sha256 for s in items)
+            )
         finally:
             await service.stop()
 

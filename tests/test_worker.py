@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import operator
 import os
+import select
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 
 from binloop.errors import ChecksumMismatchError, TransientError
 from binloop.worker import WorkerDiedError, WorkerProcess
+from tests.helpers import eventually
 
 
 @pytest.fixture
@@ -48,17 +49,23 @@ async def test_a_result_that_cannot_travel_back_is_an_error_not_a_hang(
         await worker.call(threading.Lock)
 
 
+def _block_after_marking(marker: str) -> None:
+    Path(marker).touch()
+    threading.Event().wait()  # until the process is killed
+
+
 async def test_a_cancelled_call_stops_the_work_and_the_next_call_gets_a_fresh_process(
-    worker: WorkerProcess,
+    worker: WorkerProcess, tmp_path: Path
 ) -> None:
     pid = await worker.call(os.getpid)
-    busy = asyncio.create_task(worker.call(time.sleep, 600))
-    await asyncio.sleep(0.5)  # under way (a cancel before the worker read it is fine too)
+    marker = tmp_path / "under-way"
+    busy = asyncio.create_task(worker.call(_block_after_marking, str(marker)))
+    await eventually(marker.exists)
     busy.cancel()
     with pytest.raises(asyncio.CancelledError):
         await busy
     with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)  # gone, not sleeping on in the background
+        os.kill(pid, 0)  # gone (killed and reaped), not working on in the background
     assert await worker.call(os.getpid) not in (pid, None)
 
 
@@ -116,8 +123,20 @@ async def test_an_error_keeps_its_kind_so_the_bus_still_tells_retry_from_dead_le
     assert type(raised.value) is TransientError  # a stand-in, of the same kind
 
 
-def _started_at(payload: list[str]) -> float:
-    return time.time()
+def _length(payload: list[str]) -> int:
+    return len(payload)
+
+
+_GATED_START = """\
+import os, sys, threading
+if "--multiprocessing-fork" in sys.argv:
+    # Holds the worker's start until the test opens the gate (a FIFO), or 30 s.
+    reader = threading.Thread(target=lambda: open(os.environ["GATE"]).read(), daemon=True)
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():
+        open(os.environ["GATE"] + ".timed-out", "w").close()
+"""
 
 
 async def test_the_event_loop_runs_while_a_fresh_worker_starts_and_reads_a_large_call(
@@ -125,27 +144,29 @@ async def test_the_event_loop_runs_while_a_fresh_worker_starts_and_reads_a_large
 ) -> None:
     """A call larger than the pipe's buffer (a TrashNet-sized manifest) is read only once the
     freshly spawned worker's interpreter has started; sent from the event loop, it held up
-    every service of `binloop up` for that long. The start is slowed down here, so the loop
-    has many turns to take in the meantime if (and only if) it is free."""
-    slow_start = tmp_path / "slow-start"
-    slow_start.mkdir()
-    (slow_start / "sitecustomize.py").write_text(
-        "import sys, time\nif '--multiprocessing-fork' in sys.argv:\n    time.sleep(1.5)\n"
-    )
-    monkeypatch.setenv("PYTHONPATH", str(slow_start))
-    turns: list[float] = []
+    every service of `binloop up` for that long. Here the worker's start waits for a gate that
+    this test opens, which it can only do while the loop is free; sent from the loop, the
+    call would hold it until the gate's 30 s fallback, which leaves a mark."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_GATED_START)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("GATE", str(gate))
 
-    async def take_turns() -> None:
-        while True:
-            turns.append(time.time())
-            await asyncio.sleep(0.01)
+    def gate_opened() -> bool:
+        try:  # without blocking: fails until the worker waits at the gate
+            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            return False
+        return True
 
-    turning = asyncio.create_task(take_turns())
-    called_at = time.time()
     payload = [f"{item:064d}" for item in range(50_000)]  # ~3.5 MB pickled
-    started_at = await worker.call(_started_at, payload)
-    turning.cancel()
-    assert len([t for t in turns if called_at < t < started_at]) >= 10
+    call = asyncio.create_task(worker.call(_length, payload))
+    await eventually(gate_opened, 60)
+    assert await call == 50_000
+    assert not await asyncio.to_thread(os.path.exists, f"{gate}.timed-out")
 
 
 def test_a_worker_ends_itself_when_its_service_is_killed(tmp_path: Path) -> None:
@@ -168,19 +189,14 @@ def test_a_worker_ends_itself_when_its_service_is_killed(tmp_path: Path) -> None
     )
     assert service.stdout is not None
     worker_pid = int(service.stdout.readline())
-    service.kill()
-    service.wait(timeout=10)
-    deadline = time.monotonic() + 30
-    while _alive(worker_pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(worker_pid)
-
-
-def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (ended, not yet reaped by init) counts as ended.
-    status = Path(f"/proc/{pid}/status").read_text()
-    return "State:\tZ" not in status
+        ended = os.pidfd_open(worker_pid)  # readable once the process has ended
+    except ProcessLookupError:  # already ended and reaped
+        return
+    try:
+        service.kill()
+        service.wait(timeout=10)
+        readable, _, _ = select.select([ended], [], [], 30)
+        assert readable, f"worker {worker_pid} still running 30 s after its service was killed"
+    finally:
+        os.close(ended)
