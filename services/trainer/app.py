@@ -22,7 +22,7 @@ from binloop.bus import Delivery, Outgoing, subscribe
 from binloop.datasets import DatasetManifest
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
-from binloop.storage import open_store, training_run_key
+from binloop.storage import BlobStore, open_store, training_run_key
 from binloop.worker import WorkerProcess
 from schemas.base import Event
 from schemas.events import (
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainerState:
-    eval_set: EvalSet | None = None
+    eval_set_id: str | None = None
+    """Of the evaluation set the worker process loaded (and checked) at start."""
     champion: int | None = None
     champion_at: datetime | None = None
     one_run_at_a_time: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -87,7 +88,20 @@ def _outcome_of(error: BaseException) -> str:
 
 
 _eval_sets: dict[tuple[str, str], EvalSet] = {}
-"""The worker process's evaluation set, decoded on its first training."""
+"""The worker process's evaluation set, decoded once (at start, or after a new worker)."""
+
+
+def _eval_set(store: BlobStore, settings: TrainerSettings) -> EvalSet:
+    key = (str(settings.eval_dir), settings.eval_dataset_name)
+    if key not in _eval_sets:
+        _eval_sets[key] = load_eval_set(store, settings)
+    return _eval_sets[key]
+
+
+def load_eval_set_in_worker(settings: TrainerSettings) -> str:
+    """In the worker process, at the service's start: decodes and checks the evaluation set
+    where training needs it (the service itself never does), and returns its id."""
+    return _eval_set(open_store(settings), settings).eval_set_id
 
 
 def train_and_record(
@@ -100,11 +114,8 @@ def train_and_record(
     """One training, in the worker process: train, store the model, then store the
     announcement under `record_key` before it is returned (and published)."""
     store = open_store(settings)
-    key = (str(settings.eval_dir), settings.eval_dataset_name)
-    if key not in _eval_sets:
-        _eval_sets[key] = load_eval_set(store, settings)
     outcome = run_training(
-        store, manifest, _eval_sets[key], settings, parent_version=parent_version
+        store, manifest, _eval_set(store, settings), settings, parent_version=parent_version
     )
     completed = outcome.completed_event(producer)
     store.put(record_key, completed.model_dump_json().encode(), "application/json")
@@ -122,7 +133,8 @@ def create_app(settings: TrainerSettings) -> ServiceApp:
     worker = WorkerProcess("trainer-training")
 
     async def prepare_eval_set(_: JetStreamContext) -> None:
-        state.eval_set = await asyncio.to_thread(load_eval_set, blob_store, settings)
+        # In the worker, which starts now rather than at the first training.
+        state.eval_set_id = await worker.call(load_eval_set_in_worker, settings)
 
     async def seed_champion(js: JetStreamContext) -> None:
         await recall_champion(js, settings.model_name, state)
@@ -132,13 +144,13 @@ def create_app(settings: TrainerSettings) -> ServiceApp:
 
     service.on_start.extend([prepare_eval_set, seed_champion])
     service.on_stop.append(stop_worker)
-    service.ready_checks.append(lambda: state.eval_set is not None)
+    service.ready_checks.append(lambda: state.eval_set_id is not None)
 
     async def train(load_manifest: Callable[[], DatasetManifest], cause: Event) -> list[Outgoing]:
         """Trains once per input event. The announcement is stored before it is published, so
         a redelivery (the input's ack was lost after training.completed went out) announces
         that model again instead of training and registering another version."""
-        if state.eval_set is None:  # on_start loads (and checks) it before any consumer runs
+        if state.eval_set_id is None:  # on_start checks it before any consumer runs
             raise RuntimeError("the evaluation set is not loaded")
         record_key = training_run_key(settings.model_name, str(cause.event_id))
         async with state.one_run_at_a_time:
