@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import shutil
 import zlib
 from collections import Counter
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
+from prometheus_client import REGISTRY
 
 from binloop.bus.publish import PublishTimeoutError
 from binloop.errors import ConfigError, CorruptFrameError
@@ -30,8 +32,9 @@ from schemas.base import BlobRef
 from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED
 from services.frame_ingestor import FrameIngestorSettings, core, create_app, run_capture
-from services.frame_ingestor.core import CapturePlan, RateSchedule, capture
+from services.frame_ingestor.core import CapturePlan, RateSchedule, announce_leftovers, capture
 from services.frame_ingestor.jpeg import as_jpeg, jpeg_size
+from services.frame_ingestor.outbox import Outbox
 from services.frame_ingestor.sources import (
     ImageFolderSource,
     ReplayFileSource,
@@ -42,9 +45,11 @@ from services.frame_ingestor.sources import (
     label_from_folder,
     open_source,
 )
+from services.uploader.spool import ANNOUNCING_SUFFIX
 from tests.helpers import Collector
 
 DEMO_STREAM = Path(__file__).resolve().parent.parent / "data" / "demo" / "stream"
+BIN = "bin-1"
 TRASHNET_CLASSES = {"cardboard", "glass", "metal", "paper", "plastic", "trash"}
 
 
@@ -481,6 +486,80 @@ async def test_capture_stops_when_asked(tmp_path: Path) -> None:
     assert stats.published == len(emitted) == 2
 
 
+async def test_each_frame_waits_in_the_outbox_until_jetstream_has_it(tmp_path: Path) -> None:
+    frames = [SourceFrame(p.read_bytes(), 160, 120, None, "x") for p in _demo_jpegs(2)]
+    spool = LocalBlobStore(tmp_path / "spool")
+    held: list[FrameCaptured] = []
+
+    async def emit(event: FrameCaptured) -> None:
+        # The frame is in the spool, and its event beside it, before it is published.
+        assert spool.get(event.spool.key) == frames[event.sequence].jpeg
+        held.append(FrameCaptured.model_validate_json(spool.get(_marker(event))))
+
+    plan = CapturePlan(bin_id="bin-7", producer="frame-ingestor", loops=1)
+    stats = await capture(ListSource(frames), spool, emit, plan)
+
+    assert stats.published == 2
+    assert [e.sequence for e in held] == [0, 1]
+    assert not [key for key in spool.list("bin-7/") if key.endswith(ANNOUNCING_SUFFIX)]
+
+
+def _marker(event: FrameCaptured) -> str:
+    return event.spool.key + ANNOUNCING_SUFFIX
+
+
+def _spool_as_if_killed(spool: LocalBlobStore, jpeg: bytes, sequence: int) -> FrameCaptured:
+    """What a frame-ingestor killed before JetStream acked the frame's event leaves behind."""
+    ref = core.spool_ref(spool, BIN, jpeg)
+    frame = SourceFrame(jpeg, 160, 120, "glass", f"test:{sequence}")
+    plan = CapturePlan(bin_id=BIN, producer="frame-ingestor")
+    event = core._frame_event(frame, ref, sequence, plan)
+    core.spool_frame(spool, Outbox(spool, BIN), event, jpeg)
+    return event
+
+
+async def test_leftovers_are_announced_as_they_were_and_broken_markers_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(core, "EMIT_RETRY_FIRST_S", 0.001)
+    spool = LocalBlobStore(tmp_path / "spool")
+    first, second, orphan, garbled, misplaced = [p.read_bytes() for p in _demo_jpegs(5)]
+    leftovers = [_spool_as_if_killed(spool, jpeg, i) for i, jpeg in enumerate((first, second))]
+    # Killed between the marker and the frame: nothing to announce.
+    orphan_event = _spool_as_if_killed(spool, orphan, 2)
+    spool.delete(orphan_event.spool.key)
+    garbled_event = _spool_as_if_killed(spool, garbled, 3)
+    spool.put(_marker(garbled_event), b'{"event_id": "cut sh')
+    # A marker that names another frame than the one it sits beside.
+    misplaced_key = spool_key(BIN, sha256_hex(misplaced))
+    spool.put(misplaced_key, misplaced)
+    spool.put(misplaced_key + ANNOUNCING_SUFFIX, leftovers[0].model_dump_json().encode())
+
+    dropped: list[str] = []
+    sent: list[FrameCaptured] = []
+    failures = iter([PublishTimeoutError("no ack")])  # the bus is away at first
+
+    async def emit(event: FrameCaptured) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        sent.append(event)
+
+    with caplog.at_level(logging.WARNING, logger="services.frame_ingestor"):
+        announced = await announce_leftovers(Outbox(spool, BIN, dropped.append), emit, None)
+
+    assert announced == 2
+    assert sent == leftovers  # the same events, event ids included, oldest capture first
+    assert sorted(dropped) == ["frame_gone", "unreadable_marker", "unreadable_marker"]
+    assert not [key for key in spool.list(f"{BIN}/") if key.endswith(ANNOUNCING_SUFFIX)]
+    for event in (*leftovers, garbled_event):
+        assert spool.exists(event.spool.key)  # frames are the uploader's to reclaim
+    warnings = " ".join(r.getMessage() for r in caplog.records)
+    assert _marker(orphan_event) in warnings
+    assert _marker(garbled_event) in warnings
+    assert "not announced yet" in warnings  # the outage was retried, not fatal
+
+
 # --- the service against a real nats-server ------------------------------------------------
 
 
@@ -522,6 +601,69 @@ async def test_run_capture_puts_demo_frames_in_the_frames_stream(
         assert sha256_hex(spool.get(event.spool.key)) == event.frame_sha256
         assert event.source.startswith("folder:")
         assert event.source.endswith(".jpg")
+
+
+@pytest.mark.integration
+async def test_a_frame_left_unannounced_by_a_killed_ingestor_is_announced_once_at_restart(
+    js: JetStreamContext, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(nats_server, tmp_path)
+    spool = LocalBlobStore(settings.spool_root)
+    # First run: the bus takes the first frame's event and never answers; the ingestor is
+    # killed (cancelled) while it waits, after the frame is in the spool.
+    publishing = asyncio.Event()
+    hanging = new_service("frame-ingestor", settings).publisher
+
+    async def hang(route: object, event: FrameCaptured, bin_id: str | None = None) -> None:
+        publishing.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(hanging, "publish", hang)
+    killed = asyncio.create_task(run_capture(settings, hanging))
+    await asyncio.wait_for(publishing.wait(), 20)
+    killed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await killed
+    (unannounced,) = [
+        FrameCaptured.model_validate_json(spool.get(key))
+        for key in spool.list(f"{BIN}/")
+        if key.endswith(ANNOUNCING_SUFFIX)
+    ]
+    assert spool.exists(unannounced.spool.key)
+
+    service = new_service("frame-ingestor", settings)
+    await service.start()
+    try:
+        # Another kill, after JetStream stored the event but before its marker went: the
+        # next start sends it again with the same id, and JetStream drops the copy.
+        stored = _spool_as_if_killed(spool, _demo_jpegs(20)[-1].read_bytes(), 99)
+        await service.publisher.publish(FRAMES_CAPTURED, stored, BIN)
+        orphan = _spool_as_if_killed(spool, _demo_jpegs(19)[-1].read_bytes(), 98)
+        spool.delete(orphan.spool.key)
+        gone_before = _unannounced_count("frame_gone")
+        collector = await Collector(FrameCaptured).attach_stream(js, FRAMES_CAPTURED.wildcard)
+
+        new_frames = [SourceFrame(p.read_bytes(), 160, 120, None, "new") for p in _demo_jpegs(3)]
+        published = await run_capture(
+            settings, service.publisher, source=ListSource(new_frames[1:])
+        )
+    finally:
+        await service.stop()
+
+    assert published == 2
+    events = await collector.wait_for(4)
+    info = await js.stream_info("FRAMES", subjects_filter=FRAMES_CAPTURED.wildcard)
+    assert info.state.messages == 4  # stored (once), the leftover, then the two new frames
+    assert [e.event_id for e in events[:2]] == [stored.event_id, unannounced.event_id]
+    assert [e.source for e in events[2:]] == ["new", "new"]
+    assert events[1] == unannounced
+    assert not [key for key in spool.list(f"{BIN}/") if key.endswith(ANNOUNCING_SUFFIX)]
+    assert _unannounced_count("frame_gone") == gone_before + 1
+
+
+def _unannounced_count(reason: str) -> float:
+    labels = {"bin": BIN, "reason": reason}
+    return REGISTRY.get_sample_value("binloop_frames_unannounced_total", labels) or 0.0
 
 
 @pytest.mark.integration

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -240,10 +241,31 @@ class Prometheus:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    command: list[str]
+    env: dict[str, str] | None = None
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> None:
+        """The same command again: the same port, config and storage."""
+        self.stop()
+        self.process = _spawn(self.command, self.log, self.env)
 
 
-def start_prometheus(tmp_path: Path, targets: list[str]) -> Prometheus:
-    config = {
+def _spawn(command: list[str], log: Path, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+    with log.open("ab") as sink:
+        return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+
+
+def server_config(targets: list[str]) -> dict[str, Any]:
+    """A Prometheus with the shipped rules, scraping `targets` (if any) every 500 ms."""
+    return {
         "global": {
             "scrape_interval": "500ms",
             "scrape_timeout": "500ms",
@@ -252,25 +274,35 @@ def start_prometheus(tmp_path: Path, targets: list[str]) -> Prometheus:
         "rule_files": [str(RULES)],
         "scrape_configs": [
             {"job_name": "binloop", "static_configs": [{"targets": targets}]},
-        ],
+        ]
+        if targets
+        else [],
     }
-    config_path = tmp_path / "prometheus.yml"
+
+
+def start_prometheus(
+    folder: Path,
+    config: dict[str, Any],
+    *,
+    args: tuple[str, ...] = ("--storage.tsdb.path={folder}/tsdb",),
+    env: dict[str, str] | None = None,
+) -> Prometheus:
+    """Prometheus on a free loopback port, with `config`, its files in `folder`. `args`
+    ({folder} is filled in) choose the storage; agent mode and the remote-write receiver are
+    flags too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port()
-    log = tmp_path / "prometheus.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [
-                _tool("prometheus"),
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    return Prometheus(f"http://127.0.0.1:{port}", process, log)
+    command = [
+        _tool("prometheus"),
+        f"--config.file={config_path}",
+        *(arg.format(folder=folder) for arg in args),
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    log = folder / "prometheus.log"
+    return Prometheus(f"http://127.0.0.1:{port}", _spawn(command, log, env), log, command, env)
 
 
 async def poll(
@@ -311,21 +343,18 @@ async def actuator(nats_server: NatsServer) -> AsyncIterator[ServiceApp]:
 
 
 @pytest.fixture
-def prometheus_for(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
+def prometheus_for(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
+    """Starts Prometheus servers for a test (`start_prometheus`'s arguments, the folder a
+    fresh one under tmp_path) and stops them afterwards."""
     started: list[Prometheus] = []
 
-    def start(targets: list[str]) -> Prometheus:
-        started.append(start_prometheus(tmp_path, targets))
+    def start(config: dict[str, Any], **options: Any) -> Prometheus:
+        started.append(start_prometheus(tmp_path / f"prometheus-{len(started)}", config, **options))
         return started[-1]
 
     yield start
     for server in started:
-        server.process.terminate()
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+        server.stop()
 
 
 async def _get(session: aiohttp.ClientSession, url: str, **params: str) -> dict[str, Any]:
@@ -339,13 +368,11 @@ def _evaluated(rule: dict[str, Any]) -> bool:
     return not str(rule.get("lastEvaluation", "0001")).startswith("0001")
 
 
-@pytest.mark.integration
-async def test_prometheus_scrapes_a_service_and_answers_a_dashboard_query(
-    js: JetStreamContext, actuator: ServiceApp, prometheus_for: Callable[..., Prometheus]
-) -> None:
-    bin_id = actuator.settings.bin_id  # type: ignore[attr-defined]
+async def actuate(js: JetStreamContext, bin_id: str, count: int, first: int = 0) -> None:
+    """`count` glass items through the bin's actuator, new frames numbered from `first`;
+    returns once the actuator reported each one done."""
     done = await Collector(ActuationDone).attach_stream(js, ACTUATION_DONE.subject(bin_id))
-    for index in range(3):
+    for index in range(first, first + count):
         command = ActuationCommand(
             producer="test",
             bin_id=bin_id,
@@ -363,23 +390,44 @@ async def test_prometheus_scrapes_a_service_and_answers_a_dashboard_query(
             command.model_dump_json().encode(),
             headers={"Nats-Msg-Id": str(command.event_id)},
         )
-    await done.wait_for(3, timeout=20)
+    await done.wait_for(first + count, timeout=20)
+
+
+async def wait_ready(session: aiohttp.ClientSession, prometheus: Prometheus) -> None:
+    async def ready() -> int:
+        try:
+            async with session.get(f"{prometheus.url}/-/ready") as response:
+                return response.status
+        except aiohttp.ClientConnectionError:
+            assert prometheus.process.poll() is None, prometheus.log.read_text()
+            return 0
+
+    # Until its storage is open Prometheus refuses connections, then answers 503.
+    await poll(ready, lambda status: status == 200, 60, "Prometheus to be ready")
+
+
+async def instant_query(
+    session: aiohttp.ClientSession, prometheus: Prometheus, expr: str, at: float | None = None
+) -> list[dict[str, Any]]:
+    params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+    body = await _get(session, f"{prometheus.url}/api/v1/query", **params)
+    assert body["status"] == "success", body
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+@pytest.mark.integration
+async def test_prometheus_scrapes_a_service_and_answers_a_dashboard_query(
+    js: JetStreamContext, actuator: ServiceApp, prometheus_for: Callable[..., Prometheus]
+) -> None:
+    bin_id = actuator.settings.bin_id  # type: ignore[attr-defined]
+    await actuate(js, bin_id, 3)
 
     assert actuator.health is not None
-    prometheus = prometheus_for([f"127.0.0.1:{actuator.health.port}"])
+    prometheus = prometheus_for(server_config([f"127.0.0.1:{actuator.health.port}"]))
     api = f"{prometheus.url}/api/v1"
     async with aiohttp.ClientSession() as session:
-
-        async def ready() -> int:
-            try:
-                async with session.get(f"{prometheus.url}/-/ready") as response:
-                    return response.status
-            except aiohttp.ClientConnectionError:
-                assert prometheus.process.poll() is None, prometheus.log.read_text()
-                return 0
-
-        # Until its storage is open Prometheus refuses connections, then answers 503.
-        await poll(ready, lambda status: status == 200, 60, "Prometheus to be ready")
+        await wait_ready(session, prometheus)
 
         async def targets() -> list[dict[str, Any]]:
             active: list[dict[str, Any]] = (await _get(session, f"{api}/targets"))["data"][
@@ -393,14 +441,12 @@ async def test_prometheus_scrapes_a_service_and_answers_a_dashboard_query(
         assert up[0]["labels"]["job"] == "binloop"
 
         expr = _dashboard_expr("edge-bin-detail.json", "Items actuated (total)", bin=bin_id)
-
-        async def query() -> list[dict[str, Any]]:
-            result: list[dict[str, Any]] = (await _get(session, f"{api}/query", query=expr))[
-                "data"
-            ]["result"]
-            return result
-
-        result = await poll(query, lambda r: len(r) == 1, 30, f"a sample of {expr}")
+        result = await poll(
+            lambda: instant_query(session, prometheus, expr),
+            lambda r: len(r) == 1,
+            30,
+            f"a sample of {expr}",
+        )
         assert result[0]["metric"] == {"bin": bin_id}
         assert float(result[0]["value"][1]) == 3.0
 
@@ -420,3 +466,183 @@ async def test_prometheus_scrapes_a_service_and_answers_a_dashboard_query(
         # rules may fire: the scraped process shares its metrics registry with earlier tests.)
         states = {rule["name"]: rule["state"] for rule in evaluated}
         assert states["BinloopTargetDown"] == "inactive"
+
+
+# --- The bins' metrics: Prometheus in agent mode on the bin, remote write to the cloud ---
+
+EDGE = ROOT / "edge"
+EDGE_SERVICES = ("frame-ingestor", "edge-inferencer", "actuator", "uploader")
+AGENT_CONFIG = EDGE / "prometheus" / "agent.yml"
+AGENT_UNIT = EDGE / "systemd" / "binloop-metrics.service"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines as systemd's EnvironmentFile reads them (comments and blanks skipped)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    pairs = [line.split("=", 1) for line in lines if line.strip() and not line.startswith("#")]
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def edge_environment(service: str) -> dict[str, str]:
+    """What binloop@<service>.service gives the service: bin.env, then its own file."""
+    return read_env_file(EDGE / "env" / "bin.env") | read_env_file(EDGE / "env" / f"{service}.env")
+
+
+def agent_exec_start() -> list[str]:
+    """binloop-metrics.service's ExecStart, as a command line (continuations joined)."""
+    text = AGENT_UNIT.read_text(encoding="utf-8").replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.startswith("ExecStart=")]
+    return line.removeprefix("ExecStart=").split()
+
+
+def test_edge_services_each_get_their_own_port_and_the_agent_scrapes_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a bin the four services share one host: with the default port (8000) for all, three
+    could not serve /metrics. The shipped env files are valid settings of their service, and
+    the agent's targets are exactly their ports."""
+    ports = {}
+    for service in EDGE_SERVICES:
+        settings_cls, _ = SERVICES[service].load()
+        with monkeypatch.context() as env:
+            for key, value in edge_environment(service).items():
+                env.setenv(key, value)
+            settings = settings_cls()
+        assert settings.http_host == "127.0.0.1", service  # scraped on the bin only
+        ports[service] = settings.http_port
+    assert len(set(ports.values())) == len(EDGE_SERVICES), ports
+    config = yaml.safe_load(AGENT_CONFIG.read_text(encoding="utf-8"))
+    (job,) = config["scrape_configs"]
+    (targets,) = job["static_configs"]
+    assert sorted(targets["targets"]) == sorted(f"127.0.0.1:{p}" for p in ports.values())
+    assert (job["job_name"], targets["labels"]) == ("binloop", {"tier": "edge"})
+    # The one bin id of bin.env labels every series (expanded by the agent at start).
+    assert config["global"]["external_labels"] == {"bin": "${BINLOOP_BIN_ID}"}
+    assert "BINLOOP_BIN_ID" in read_env_file(EDGE / "env" / "bin.env")
+    for unit in ("binloop@.service", "nats-leaf.service", "binloop-metrics.service"):
+        text = (EDGE / "systemd" / unit).read_text(encoding="utf-8")
+        assert "EnvironmentFile=/etc/binloop/bin.env" in text, unit
+    checked = _promtool("check", "config", "--agent", "--syntax-only", str(AGENT_CONFIG))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def agent_config_for_test(target: str, cloud: Prometheus, password_file: Path) -> dict[str, Any]:
+    """The shipped agent config, pointed at a test's service and cloud: the target, the
+    receiver's URL (plain HTTP, so no CA) and a test password file replace the bin's; short
+    intervals replace 15 s. Everything else (job, tier, external labels, auth) is as shipped."""
+    config: dict[str, Any] = yaml.safe_load(AGENT_CONFIG.read_text(encoding="utf-8"))
+    config["global"] |= {"scrape_interval": "500ms", "scrape_timeout": "500ms"}
+    config["scrape_configs"][0]["static_configs"][0]["targets"] = [target]
+    (remote,) = config["remote_write"]
+    del remote["tls_config"]
+    remote["url"] = f"{cloud.url}/api/v1/write"
+    remote["basic_auth"]["password_file"] = str(password_file)
+    remote["queue_config"] = {"batch_send_deadline": "500ms", "max_backoff": "500ms"}
+    return config
+
+
+def agent_args(folder_flag: str = "{folder}") -> tuple[str, ...]:
+    """binloop-metrics.service's flags, with the test's storage instead of the bin's (the
+    config file and the listen address are start_prometheus's)."""
+    args = agent_exec_start()[1:]
+    kept = [a for a in args if not a.startswith(("--config.file=", "--web.listen-address="))]
+    storage = [a for a in kept if a.startswith("--storage.agent.path=")]
+    assert storage, args
+    return tuple(f"--storage.agent.path={folder_flag}/agent" if a in storage else a for a in kept)
+
+
+async def _agent_metric(session: aiohttp.ClientSession, agent: Prometheus, name: str) -> float:
+    """The sum of one of the agent's own counters (its /metrics; agents answer no queries)."""
+    async with session.get(f"{agent.url}/metrics") as response:
+        text = await response.text()
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    ]
+    return sum(values)
+
+
+@pytest.mark.integration
+async def test_a_bins_metrics_reach_the_cloud_dashboards_through_an_outage(
+    js: JetStreamContext,
+    actuator: ServiceApp,
+    prometheus_for: Callable[..., Prometheus],
+    tmp_path: Path,
+) -> None:
+    """The shipped agent (edge/prometheus/agent.yml, started with binloop-metrics.service's
+    flags) scrapes a real actuator and remote-writes to a cloud Prometheus that scrapes no
+    bin: the edge dashboard's panel answers for the bin there, and every series carries the
+    bin's id. Then the cloud is down while the bin sorts on; when it is back, the samples of
+    the outage arrive from the agent's write-ahead log (not only the counter's later total)."""
+    bin_id = actuator.settings.bin_id  # type: ignore[attr-defined]
+    assert actuator.health is not None
+    await actuate(js, bin_id, 3)
+    cloud = prometheus_for(
+        server_config([]),
+        args=("--storage.tsdb.path={folder}/tsdb", "--web.enable-remote-write-receiver"),
+    )
+    password_file = tmp_path / "metrics-password"
+    password_file.write_text("test-password", encoding="utf-8")
+    agent = prometheus_for(
+        agent_config_for_test(f"127.0.0.1:{actuator.health.port}", cloud, password_file),
+        args=agent_args(),
+        env={"BINLOOP_BIN_ID": bin_id, "PATH": "/usr/bin:/bin"},
+    )
+    actuated = _dashboard_expr("edge-bin-detail.json", "Items actuated (total)", bin=bin_id)
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, cloud)
+        await wait_ready(session, agent)
+
+        # `up` is the agent's own series: only the external label can say which bin it is.
+        up = f'up{{job="binloop", tier="edge", bin="{bin_id}"}}'
+        result = await poll(
+            lambda: instant_query(session, cloud, up), lambda r: len(r) == 1, 60, up
+        )
+        assert float(result[0]["value"][1]) == 1.0
+        result = await poll(
+            lambda: instant_query(session, cloud, actuated),
+            lambda r: len(r) == 1 and float(r[0]["value"][1]) == 3.0,
+            60,
+            actuated,
+        )
+        assert result[0]["metric"] == {"bin": bin_id}
+        targets_up = _dashboard_expr("fleet-overview.json", "Scrape targets up")
+        assert float((await instant_query(session, cloud, targets_up))[0]["value"][1]) >= 1
+
+        # The cloud goes away; the bin sorts two more items, and the agent keeps trying.
+        cloud.stop()
+        outage_start = time.time()
+        await actuate(js, bin_id, 2, first=3)
+        retried = "prometheus_remote_storage_samples_retried_total"
+        failed_sends = await _agent_metric(session, agent, retried)
+        await poll(
+            lambda: _agent_metric(session, agent, retried),
+            lambda value: value > failed_sends,
+            60,
+            "the agent to retry sending while the cloud is down",
+        )
+        # ... and has scraped for at least a second of the outage (the last sample it took).
+        newest = "prometheus_remote_storage_highest_timestamp_in_seconds"
+        await poll(
+            lambda: _agent_metric(session, agent, newest),
+            lambda seconds: seconds >= outage_start + 1,
+            60,
+            "the agent to scrape during the outage",
+        )
+        outage_end = time.time()
+        cloud.restart()
+        await wait_ready(session, cloud)
+
+        await poll(
+            lambda: instant_query(session, cloud, actuated),
+            lambda r: len(r) == 1 and float(r[0]["value"][1]) == 5.0,
+            60,
+            f"{actuated} to count the items sorted during the outage",
+        )
+        # Samples scraped while the cloud was down, stored under their own times.
+        window_ms = int((outage_end - outage_start) * 1000)
+        during = f"count_over_time({up}[{window_ms}ms])"
+        result = await instant_query(session, cloud, during, at=outage_end)
+        assert len(result) == 1, (during, result)
+        assert float(result[0]["value"][1]) >= 1, (during, result)

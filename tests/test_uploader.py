@@ -43,7 +43,13 @@ from services.uploader.limits import SpoolLimits, plan_drops
 from services.uploader.queue import QueuedFrame, UploadQueue
 from services.uploader.readers import SPOOL_TO_EVENT_SLACK_S, unread_since
 from services.uploader.schedule import UploadSchedule
-from services.uploader.spool import DEAD_LETTERED_SUFFIX, UPLOADED_SUFFIX, Spool, SpoolIOError
+from services.uploader.spool import (
+    ANNOUNCING_SUFFIX,
+    DEAD_LETTERED_SUFFIX,
+    UPLOADED_SUFFIX,
+    Spool,
+    SpoolIOError,
+)
 from tests.helpers import Collector
 
 DEMO_STREAM = Path(__file__).resolve().parent.parent / "data" / "demo" / "stream"
@@ -1211,6 +1217,39 @@ def test_a_frame_spooled_again_after_it_was_dead_lettered_waits_for_its_upload(
     spool.store.delete(event.spool.key)
     spool.sweep(marked_at + 1_000, retention_s=0)
     assert not spool.store.exists(event.spool.key + DEAD_LETTERED_SUFFIX)
+
+
+def test_a_frame_whose_announce_is_pending_is_neither_swept_nor_dropped(tmp_path: Path) -> None:
+    """The frame-ingestor's announce marker (its outbox) is no frame, and while it is there a
+    capture of the frame is yet to be queued: the sweep and the spool-full policy keep it."""
+    uploaded, orphaned = [
+        _spool_and_describe(tmp_path / "spool", jpeg, i) for i, jpeg in enumerate(_demo_jpegs(2))
+    ]
+    spool = Spool(tmp_path / "spool", BIN)
+    uploaded_at = time.time()
+    FrameUploader(spool, LocalBlobStore(tmp_path / "blobs"), lambda: uploaded_at).upload(uploaded)
+    # Captured again, killed before JetStream acked that capture's event.
+    spool.store.put(uploaded.spool.key + ANNOUNCING_SUFFIX, uploaded.model_dump_json().encode())
+    # Killed between writing a marker and its frame, long ago; and a marker just written.
+    orphan = orphaned.spool.key + ANNOUNCING_SUFFIX
+    spool.store.put(orphan, orphaned.model_dump_json().encode())
+    spool.store.delete(orphaned.spool.key)
+    os.utime(spool.store.root / orphan, (uploaded_at - 120, uploaded_at - 120))
+    fresh = f"{BIN}/zz/{'f' * 64}.jpg{ANNOUNCING_SUFFIX}"
+    spool.store.put(fresh, b"{}")
+
+    scan = spool.sweep(uploaded_at + 30, retention_s=0)
+
+    assert (scan.pending, scan.kept, scan.deleted) == (1, 0, 0)
+    assert spool.store.exists(uploaded.spool.key)
+    assert not spool.store.exists(orphan)
+    assert spool.store.exists(fresh)  # its frame may be on its way
+    spool.discard(uploaded.spool.key)  # the spool-full policy's deletion
+    assert spool.store.exists(uploaded.spool.key)
+
+    spool.store.delete(uploaded.spool.key + ANNOUNCING_SUFFIX)  # announced
+    assert spool.sweep(uploaded_at + 30, retention_s=0).deleted == 1
+    assert not spool.store.exists(uploaded.spool.key)
 
 
 @pytest.mark.integration

@@ -62,8 +62,9 @@ def counted_within(counter: str, window: str, by: str = "") -> str:
     )
 
 
-# The cloud Prometheus scrapes no bin: what the bins serve comes from their heartbeats, through
-# the model-registry's fleet gauge (max: two registry replicas report the same bins).
+# What the bins serve comes from their heartbeats, through the model-registry's fleet gauge: over
+# NATS, with or without the bins' metrics agents, and a bin that falls silent drops out (max: two
+# registry replicas report the same bins).
 SERVING_BINS = "max by (model, version) (binloop_fleet_serving_bins)"
 
 
@@ -256,7 +257,7 @@ def fleet_overview() -> Dashboard:
                 "Uploader backlog per bin",
                 (
                     q("max by (bin) (binloop_uploader_backlog_frames)", "{{bin}}"),
-                    # Bins are not scraped from the cloud: their heartbeats say it there.
+                    # The agents' series, and the heartbeats (there also without an agent).
                     q("max by (bin) (binloop_fleet_spool_backlog_frames)", "{{bin}} (heartbeat)"),
                 ),
                 unit="short",

@@ -110,6 +110,12 @@ FRAMES_SKIPPED = Counter(
     "Source frames the frame-ingestor could not use (corrupt, unreadable, bad replay line)",
     ["bin", "reason"],
 )
+FRAMES_UNANNOUNCED = Counter(
+    "binloop_frames_unannounced_total",
+    "Announce markers a killed frame-ingestor left that the next start gave up, by reason "
+    "(frame_gone: killed before the frame was written; unreadable_marker)",
+    ["bin", "reason"],
+)
 BLOB_PUTS = Counter(
     "binloop_blob_puts_total",
     "Object-store writes by backend; outcome 'unchanged' means the same bytes were already there",

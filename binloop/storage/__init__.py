@@ -2,6 +2,7 @@
 
 from binloop.storage.blobstore import open_store, read_verified
 from binloop.storage.keys import (
+    SPOOL_ANNOUNCING_SUFFIX,
     dataset_key,
     frame_key,
     label_key,
@@ -15,6 +16,7 @@ from binloop.storage.protocol import BlobExistsError, BlobStore, PresigningStore
 from binloop.storage.s3 import S3BlobStore
 
 __all__ = [
+    "SPOOL_ANNOUNCING_SUFFIX",
     "BlobExistsError",
     "BlobStore",
     "LocalBlobStore",

@@ -13,6 +13,11 @@ def spool_key(bin_id: str, sha256: str) -> str:
     return f"{bin_id}/{sha256[:2]}/{sha256}.jpg"
 
 
+SPOOL_ANNOUNCING_SUFFIX = ".announcing"
+"""`<spool key>.announcing`: the frame-ingestor's outbox marker of a frame whose FrameCaptured
+JetStream has not acked yet (services/frame_ingestor/outbox.py; the uploader keeps the frame)."""
+
+
 def label_key(dataset: str, frame_sha256: str) -> str:
     return f"labels/{dataset}/{frame_sha256}.json"
 

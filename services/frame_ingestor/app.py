@@ -11,7 +11,8 @@ from binloop.runtime import ServiceApp, new_service
 from binloop.storage import LocalBlobStore
 from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED
-from services.frame_ingestor.core import CapturePlan, capture
+from services.frame_ingestor.core import CapturePlan, announce_leftovers, capture
+from services.frame_ingestor.outbox import Outbox
 from services.frame_ingestor.settings import FrameIngestorSettings
 from services.frame_ingestor.sources import FrameSource, VideoSource, open_source
 
@@ -35,9 +36,10 @@ async def run_capture(
     source: FrameSource | None = None,
     stop: asyncio.Event | None = None,
 ) -> int:
-    """Capture from the configured (or given) source until it is exhausted, `max_frames` is
-    reached or `stop` is set. Each frame is acked by JetStream before the next one. Returns
-    the number of frames published."""
+    """Announce what a killed run left in the outbox, then capture from the configured (or
+    given) source until it is exhausted, `max_frames` is reached or `stop` is set. Each frame
+    is acked by JetStream before the next one. Returns the number of frames captured and
+    published (not counting the leftovers)."""
     frame_source = source or source_from_settings(settings)
     bin_id = settings.bin_id
     captured = metrics.FRAMES_CAPTURED.labels(bin_id)
@@ -56,8 +58,16 @@ async def run_capture(
         loops=settings.loops,
         max_frames=settings.max_frames,
     )
+
+    def on_drop(reason: str) -> None:
+        metrics.FRAMES_UNANNOUNCED.labels(bin_id, reason).inc()
+
     spool = LocalBlobStore(settings.spool_root)
-    stats = await capture(frame_source, spool, emit, plan, stop=stop, on_skip=on_skip)
+    outbox = Outbox(spool, bin_id, on_drop=on_drop)
+    await announce_leftovers(outbox, emit, stop)
+    stats = await capture(
+        frame_source, spool, emit, plan, stop=stop, on_skip=on_skip, outbox=outbox
+    )
     log.info(
         "%s: %s done, %d frames published, skipped %s",
         SERVICE,

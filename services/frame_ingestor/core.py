@@ -1,6 +1,8 @@
 """The capture loop: pace frames, write each to the spool, describe it as a FrameCaptured.
 
-No bus here: the loop hands each event to an `emit` coroutine the caller provides.
+No bus here: the loop hands each event to an `emit` coroutine the caller provides. Each event
+waits in the outbox (outbox.py) until `emit` returns, and `announce_leftovers` sends at start
+what an ingestor killed before that left there.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from binloop.errors import TransientError
 from binloop.storage import LocalBlobStore, sha256_hex, spool_key
 from schemas.base import BlobRef, utc_now
 from schemas.events import FrameCaptured
+from services.frame_ingestor.outbox import Outbox
 from services.frame_ingestor.sources import FrameSource, SourceFrame
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[FrameCaptured], Awaitable[None]]
+JPEG = "image/jpeg"
 
 
 class RateSchedule:
@@ -54,13 +58,21 @@ class RateSchedule:
         return max(0.0, due - now)
 
 
-def spool_frame(spool: LocalBlobStore, bin_id: str, jpeg: bytes) -> BlobRef:
-    """Write the frame to the spool (idempotent by content) and stamp it as freshly spooled:
-    the uploader's sweep keeps a frame that was spooled again after it was uploaded."""
-    ref = spool.put(spool_key(bin_id, sha256_hex(jpeg)), jpeg, "image/jpeg")
+def spool_ref(spool: LocalBlobStore, bin_id: str, jpeg: bytes) -> BlobRef:
+    """Where `spool_frame` puts the frame (the key is content-addressed)."""
+    digest = sha256_hex(jpeg)
+    key = spool_key(bin_id, digest)
+    return BlobRef(key=key, uri=spool.uri(key), sha256=digest, size=len(jpeg), content_type=JPEG)
+
+
+def spool_frame(spool: LocalBlobStore, outbox: Outbox, event: FrameCaptured, jpeg: bytes) -> None:
+    """Hold the event in the outbox, then write the frame to the spool (idempotent by content)
+    and stamp it as freshly spooled: the uploader's sweep keeps a frame that was spooled again
+    after it was uploaded. Marker first: a kill in between leaves no frame nothing announces."""
+    outbox.hold(event)
+    spool.put(event.spool.key, jpeg, JPEG)
     now = time.time()
-    os.utime(spool.root / ref.key, (now, now))
-    return ref
+    os.utime(spool.root / event.spool.key, (now, now))
 
 
 @dataclass
@@ -112,6 +124,22 @@ async def emit_until_stored(
             delay = min(delay * 2, EMIT_RETRY_MAX_S)
 
 
+async def announce_leftovers(outbox: Outbox, emit: Emit, stop: asyncio.Event | None) -> int:
+    """Announce what an ingestor killed before JetStream acked it left in the outbox: each
+    event as it was (same id, so JetStream drops a copy it stored already), retried while the
+    bus is away. Returns how many were announced; stops early when `stop` is set."""
+    announced = 0
+    for event in await asyncio.to_thread(outbox.leftovers):
+        if stop is not None and stop.is_set():
+            break
+        await emit_until_stored(emit, event, stop, "outbox")
+        await asyncio.to_thread(outbox.release, event)
+        announced += 1
+    if announced:
+        log.info("outbox: announced %d frames a previous run had left unannounced", announced)
+    return announced
+
+
 async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
     if stop is None:
         await asyncio.sleep(seconds)
@@ -145,10 +173,12 @@ async def capture(
     *,
     stop: asyncio.Event | None = None,
     on_skip: Callable[[str], None] | None = None,
+    outbox: Outbox | None = None,
 ) -> CaptureStats:
     """Run the source for `plan.loops` passes (one for a live source) or until `max_frames`
     frames were emitted or `stop` is set. Blocking reads and spool writes run in a thread."""
     stats = CaptureStats()
+    outbox = outbox or Outbox(spool, plan.bin_id)
     schedule = RateSchedule(plan.fps)
 
     def report_skip(reason: str, detail: str) -> None:
@@ -175,9 +205,11 @@ async def capture(
                     await _pause(wait, stop)
                     if finished():
                         break
-                ref = await asyncio.to_thread(spool_frame, spool, plan.bin_id, frame.jpeg)
+                ref = spool_ref(spool, plan.bin_id, frame.jpeg)
                 event = _frame_event(frame, ref, stats.published, plan)
+                await asyncio.to_thread(spool_frame, spool, outbox, event, frame.jpeg)
                 await emit_until_stored(emit, event, stop, source.description)
+                await asyncio.to_thread(outbox.release, event)
                 stats.published += 1
         finally:
             # After a cancel the generator may still be inside next() in its worker thread;

@@ -10,6 +10,11 @@ A frame `<bin>/<xx>/<sha>.jpg` is marked by a sibling file holding the time it w
 The sweep never deletes an unmarked frame; only the spool-full policy gives one up (see
 limits.py), and never silently.
 
+A third sibling is not the uploader's: `<sha>.jpg.announcing`, the frame-ingestor's outbox (see
+services/frame_ingestor/outbox.py), holds a FrameCaptured that JetStream has not acked yet.
+While it is there, neither the sweep nor the spool-full policy deletes the frame: a capture of
+it is being announced (or will be, at the ingestor's next start).
+
 Errors: a frame file that cannot be read or written for now (EACCES, EIO, a full disk) raises
 SpoolIOError, transient and about this one frame, not the object store; a path that can never
 hold the frame (a folder in its place) raises MissingBlobError, as a missing frame does.
@@ -27,7 +32,7 @@ from binloop.errors import (
     PermanentError,
     StoreUnavailableError,
 )
-from binloop.storage import LocalBlobStore
+from binloop.storage import SPOOL_ANNOUNCING_SUFFIX, LocalBlobStore
 from binloop.storage.blobstore import check_digest
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,11 @@ log = logging.getLogger(__name__)
 UPLOADED_SUFFIX = ".uploaded"
 DEAD_LETTERED_SUFFIX = ".dead_lettered"
 MARKER_SUFFIXES = (UPLOADED_SUFFIX, DEAD_LETTERED_SUFFIX)
+ANNOUNCING_SUFFIX = SPOOL_ANNOUNCING_SUFFIX
+NOT_FRAME_SUFFIXES = (*MARKER_SUFFIXES, ANNOUNCING_SUFFIX)
+ORPHAN_ANNOUNCING_GRACE_S = 60.0
+"""An announce marker is written just before its frame, so one without a frame is an orphan
+(the ingestor was killed in between) only once it is older than this."""
 
 
 class SpoolIOError(StoreUnavailableError):
@@ -93,10 +103,17 @@ class Spool:
         return self.store.exists(key) and self.settled_at(key) is None
 
     def discard(self, key: str) -> None:
-        """Give a frame up (the spool-full policy decided so): the frame and any marker."""
+        """Give a frame up (the spool-full policy decided so): the frame and any marker. Kept
+        while a capture of it is being announced: that capture will be queued in its turn."""
+        if self.is_announcing(key):
+            return
         self.store.delete(key)
         for suffix in MARKER_SUFFIXES:
             self.store.delete(key + suffix)
+
+    def is_announcing(self, key: str) -> bool:
+        """The frame-ingestor has not had a capture of this frame acked by JetStream yet."""
+        return self.store.exists(key + ANNOUNCING_SUFFIX)
 
     def uploaded_at(self, key: str) -> float | None:
         """When the frame was uploaded, or None when it is not marked (or the mark is unreadable:
@@ -130,13 +147,16 @@ class Spool:
         spooled again since; drop markers whose frame is gone. Counts what is left.
 
         Frames spooled at or after `keep_spooled_since` are kept however long ago they
-        settled: the edge-inferencer, which reads them from here, has not got to them yet."""
+        settled: the edge-inferencer, which reads them from here, has not got to them yet.
+        A frame with an announce marker counts as pending, whatever its own markers say."""
         keys = set(self.store.list(f"{self.bin_id}/"))
-        frames = sorted(k for k in keys if not k.endswith(MARKER_SUFFIXES))
+        frames = sorted(k for k in keys if not k.endswith(NOT_FRAME_SUFFIXES))
         pending = kept = deleted = 0
         for key in frames:
             settled_at = self.settled_at(key)
-            if settled_at is None:
+            # Asked of the disk, not of the listing: the ingestor may have started a capture
+            # of these bytes since.
+            if settled_at is None or self.is_announcing(key):
                 pending += 1
                 continue
             try:
@@ -160,4 +180,16 @@ class Spool:
             for suffix in MARKER_SUFFIXES:
                 if marker.endswith(suffix) and marker[: -len(suffix)] not in keys:
                     self.store.delete(marker)
+            if marker.endswith(ANNOUNCING_SUFFIX) and marker[: -len(ANNOUNCING_SUFFIX)] not in keys:
+                self._drop_orphan_announce_marker(marker, now)
         return SpoolScan(pending=pending, kept=kept, deleted=deleted)
+
+    def _drop_orphan_announce_marker(self, marker: str, now: float) -> None:
+        path = self.store.root / marker
+        try:
+            written_at = path.stat().st_mtime
+        except FileNotFoundError:
+            return  # the ingestor announced it and let it go
+        if now - written_at >= ORPHAN_ANNOUNCING_GRACE_S and not path.with_suffix("").exists():
+            log.warning("spool: announce marker %s has no frame; dropped", path)
+            self.store.delete(marker)
