@@ -14,6 +14,17 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Version = Annotated[int, Field(ge=1)]
 Milliseconds = Annotated[FiniteFloat, Field(ge=0)]
 """A duration: infinity (which JSON's `Infinity` literal parses to) is no time a step took."""
+ChampionRevision = Annotated[
+    int | None,
+    Field(
+        ge=0,
+        description="Revision of the registry's champion key that this change replaced (0: "
+        "no champion yet). Every later change of the champion carries a larger one, whatever "
+        "the clocks or the order of arrival: a consumer that applied one ignores any event "
+        "with a revision not above it. None from registries before it was sent: order those "
+        "by occurred_at.",
+    ),
+]
 
 
 class FrameCaptured(Event):
@@ -241,6 +252,7 @@ class ModelPromoted(Event):
     card: BlobRef
     metrics: ModelMetrics
     reason: Annotated[str, StringConstraints(max_length=512)]
+    champion_revision: ChampionRevision = None
 
 
 class ModelRolledBack(Event):
@@ -250,6 +262,7 @@ class ModelRolledBack(Event):
     artifact: BlobRef
     card: BlobRef
     reason: Annotated[str, StringConstraints(max_length=512)]
+    champion_revision: ChampionRevision = None
 
 
 class DeadLetter(Event):

@@ -4,26 +4,30 @@ real nats-server with its key-value bucket."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import nats
 import pytest
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from binloop.bus import Publisher, ensure_streams
-from binloop.bus.publish import PublishTimeoutError
+from binloop.bus.publish import Outgoing, PendingAcks, PublishTimeoutError
 from binloop.cli import app as binloop_cli
+from binloop.ml.card import ModelCard
 from binloop.natsserver import NatsServer
 from binloop.runtime import ServiceApp, new_service
 from binloop.settings import ServiceSettings
 from schemas import DeadLetter
-from schemas.base import BlobRef, Event
+from schemas.base import BlobRef, Event, utc_now
 from schemas.events import (
     ModelMetrics,
     ModelPromoted,
@@ -39,6 +43,13 @@ from schemas.routes import (
     TRAINING_COMPLETED,
     Route,
 )
+from services.edge_inferencer.models import (
+    LoadedModel,
+    ModelSlot,
+    ModelUpdate,
+    update_for,
+    update_verdict,
+)
 from services.model_registry import (
     RegistryError,
     RegistrySettings,
@@ -47,6 +58,7 @@ from services.model_registry import (
     rollback,
 )
 from services.model_registry.core import (
+    PROMOTED_VERSIONS_KEPT,
     ChampionRecord,
     VersionRecord,
     check_replay,
@@ -63,7 +75,7 @@ from services.model_registry.core import (
 )
 from services.model_registry.operations import record_training
 from services.model_registry.settings import DEFAULT_KV_BUCKET
-from services.model_registry.store import RegistryStore
+from services.model_registry.store import RegistryStore, champion_key, version_key
 from tests.helpers import Collector, eventually
 
 EVAL_SET = "e" * 64
@@ -206,10 +218,14 @@ def test_a_replay_tells_applied_unfinished_and_superseded_promotions_apart() -> 
     assert replay_state(v5, champion_6_over_5, 3) == "settled"
     rejected = v5.model_copy(update={"decision": "rejected"})
     assert replay_state(rejected, champion_6, 2) == "settled"
-    # Records from before revisions were kept: the champion version decides.
+    # Records from before revisions were kept: unfinished only while the champion is the one
+    # decided against and unchanged since; otherwise never applied nor decided again, as a
+    # promotion rolled back since cannot be told from one that never took effect.
     legacy = v5.model_copy(update={"champion_revision": None})
     assert replay_state(legacy, champion_4, 3) == "unfinished"
-    assert replay_state(legacy, champion_6, 3) == "superseded"
+    assert replay_state(legacy, champion_6, 3) == "settled"
+    rolled_back_since = champion_4.model_copy(update={"changed_at": NOW + timedelta(minutes=1)})
+    assert replay_state(legacy, rolled_back_since, 3) == "settled"
 
 
 def test_a_superseded_promotion_is_decided_again_against_the_new_champion() -> None:
@@ -710,3 +726,272 @@ def test_the_rollback_command_uses_the_configured_bucket_and_never_creates_one(
     assert f"KV_{bucket}" in streams
     assert "KV_no-such-bucket" not in streams
     assert f"KV_{DEFAULT_KV_BUCKET}" not in streams
+
+
+# --- the order of promotions and rollbacks, end to end ---------------------------------------
+
+
+class _HeldPromotions:
+    """Holds the registry's publish of models.promoted, after its champion write, until
+    `release` is set: the milliseconds a rollback can fall into, made as long as a test needs."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+        self._send_all = publisher.send_all
+        publisher.send_all = self.send_all  # type: ignore[method-assign]
+
+    async def send_all(self, outgoing: Sequence[Outgoing]) -> PendingAcks:
+        if any(item.route is MODELS_PROMOTED for item in outgoing):
+            self.reached.set()
+            await self.release.wait()
+        return await self._send_all(outgoing)
+
+
+def _served_by(update: ModelUpdate) -> LoadedModel:
+    """What a bin serves after `update`, as update_verdict sees it (no session needed)."""
+    card = ModelCard(
+        name=update.name,
+        version=update.version,
+        architecture="stub",
+        classes=["glass", "trash"],
+        input_size=(8, 8),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.2, 0.2, 0.2),
+        parameters=0,
+        created_at=NOW,
+    )
+    stub = cast(Any, None)
+    return LoadedModel(card, stub, stub, update, update.artifact_sha256)
+
+
+async def _bin_serves(events: Sequence[ModelPromoted | ModelRolledBack]) -> int | None:
+    """The version a bin serves after receiving `events` in this order: what the
+    edge-inferencer's apply_update does with each, on a real model slot, without downloads."""
+    slot = ModelSlot("race-bin")
+    for event in events:
+        update = update_for(event)
+        skipped = update_verdict(slot.current, update)
+        if skipped is None:
+            skipped = await slot.install(_served_by(update))
+        if skipped is not None:
+            await slot.acknowledge(update)
+    return slot.served[1] if slot.served is not None else None
+
+
+async def _model_decisions(js: JetStreamContext) -> list[ModelPromoted | ModelRolledBack]:
+    """Promotions and rollbacks in the order the ENGINE stream stored them."""
+    info = await js.stream_info("ENGINE")
+    events: list[ModelPromoted | ModelRolledBack] = []
+    for sequence in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            msg = await js.get_msg("ENGINE", sequence)
+        except NotFoundError:
+            continue
+        if msg.subject == MODELS_PROMOTED.subject():
+            events.append(ModelPromoted.model_validate_json(msg.data or b""))
+        elif msg.subject == MODELS_ROLLED_BACK.subject():
+            events.append(ModelRolledBack.model_validate_json(msg.data or b""))
+    return events
+
+
+@pytest.mark.integration
+async def test_a_rollback_between_the_champion_write_and_its_publish_wins_on_every_bin(
+    js: JetStreamContext, nats_client: Client, nats_server: NatsServer
+) -> None:
+    model = "race"
+    # The registry's host runs a few seconds ahead of the operator's: occurred_at cannot
+    # order what the two publish.
+    settings = RegistrySettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        retry_delay_s=0.05,
+        kv_bucket="registry-race",
+        model_name=model,
+    )
+    service = create_app(settings, clock=lambda: utc_now() + timedelta(seconds=5))
+    promoted = await Collector(ModelPromoted).attach(nats_client, MODELS_PROMOTED.subject())
+    subject = TRAINING_COMPLETED.subject()
+    await service.start()
+    try:
+        await js.publish(subject, _completed(1, 0.50, model=model).model_dump_json().encode())
+        await promoted.wait_for(1)
+        held = _HeldPromotions(service.publisher)
+        await js.publish(
+            subject, _completed(2, 0.53, parent=1, model=model).model_dump_json().encode()
+        )
+        await asyncio.wait_for(held.reached.wait(), 20)
+        async with _operator(nats_server.url) as operator:
+            outcome = await rollback(
+                operator.js, operator.publisher, model, bucket=settings.kv_bucket
+            )
+        held.release.set()
+        await promoted.wait_for(2)
+        store = await RegistryStore.open(js, settings.kv_bucket)
+        champion = (await store.champion(model)).record
+    finally:
+        await service.stop()
+    stream = await _model_decisions(js)
+
+    assert champion is not None
+    assert (champion.version, champion.pending_rollback) == (1, None)
+    assert (outcome.event.from_version, outcome.event.to_version) == (2, 1)
+    # The race happened: the promotion the rollback undid is the last event on the stream.
+    kinds = [type(e).__name__ for e in stream]
+    assert kinds == ["ModelPromoted", "ModelRolledBack", "ModelPromoted"]
+    late = stream[2]
+    assert isinstance(late, ModelPromoted)
+    assert late.model_version == 2
+    assert late.occurred_at > outcome.event.occurred_at
+    # The registry's order travels with the events: the rollback replaced the revision the
+    # promotion wrote.
+    assert stream[0].champion_revision == 0
+    assert late.champion_revision is not None
+    assert outcome.event.champion_revision is not None
+    assert outcome.event.champion_revision > late.champion_revision
+    # In the stream's order, and in any order the bin's two consumers deliver them, a bin
+    # ends on the registry's champion.
+    assert await _bin_serves(stream) == champion.version
+    for order in itertools.permutations(stream):
+        assert await _bin_serves(order) == champion.version, order
+
+
+# --- champion records from before promoted_versions and champion_revision were kept ----------
+
+
+async def _write_legacy(
+    store: RegistryStore, records: list[VersionRecord], champion: ChampionRecord
+) -> None:
+    """What an older registry left: no champion_revision, promoted_versions, promoted_floor."""
+    for record in records:
+        await store.kv.put(
+            version_key(record.model_name, record.version),
+            record.model_dump_json(exclude={"champion_revision"}).encode(),
+        )
+    await store.kv.put(
+        champion_key(champion.model_name),
+        champion.model_dump_json(exclude={"promoted_versions", "promoted_floor"}).encode(),
+    )
+
+
+def _legacy_pair(model: str) -> tuple[TrainingCompleted, list[VersionRecord]]:
+    """v1 and v2 (promoted over v1), as an older registry recorded them; v2's training event."""
+    v1 = register(_completed(1, 0.50, model=model), None, None, 0.02, NOW, 0)
+    v2_event = _completed(2, 0.53, parent=1, model=model)
+    v2 = register(v2_event, None, v1, 0.02, NOW + timedelta(minutes=1), 0)
+    v2 = v2.model_copy(update={"champion_before": 1})
+    return v2_event, [v1, v2]
+
+
+@pytest.mark.integration
+async def test_a_redelivery_never_brings_back_a_rolled_back_version_of_an_old_record(
+    js: JetStreamContext, nats_server: NatsServer
+) -> None:
+    bucket = "registry-legacy"
+    store = await RegistryStore.open_or_create(js, bucket)
+    # Rolled back by this registry, from a champion record an older one wrote.
+    v2_event, records = _legacy_pair("legacy-now")
+    await _write_legacy(
+        store,
+        records,
+        ChampionRecord(
+            model_name="legacy-now",
+            version=2,
+            history=[1],
+            changed_at=NOW + timedelta(minutes=1),
+            reason="older registry",
+        ),
+    )
+    async with _operator(nats_server.url) as operator:
+        await rollback(operator.js, operator.publisher, "legacy-now", bucket=bucket)
+    replayed_now = await record_training(store, v2_event, 0.02, "test")
+    champion_now = (await store.champion("legacy-now")).record
+
+    # Rolled back by the older registry itself, before this one ever read the record.
+    v2_event_before, records_before = _legacy_pair("legacy-before")
+    await _write_legacy(
+        store,
+        records_before,
+        ChampionRecord(
+            model_name="legacy-before",
+            version=1,
+            changed_at=NOW + timedelta(hours=1),
+            reason="rollback from v2: field accuracy dropped",
+        ),
+    )
+    replayed_before = await record_training(store, v2_event_before, 0.02, "test")
+    champion_before = (await store.champion("legacy-before")).record
+
+    # A promotion an older registry recorded and died before applying is still applied.
+    v2_event_crashed, records_crashed = _legacy_pair("legacy-crashed")
+    await _write_legacy(
+        store,
+        records_crashed,
+        ChampionRecord(
+            model_name="legacy-crashed", version=1, changed_at=NOW, reason="first model"
+        ),
+    )
+    applied = await record_training(store, v2_event_crashed, 0.02, "test")
+    champion_crashed = (await store.champion("legacy-crashed")).record
+
+    assert [type(e) for e in replayed_now] == [ModelRegistered]
+    assert champion_now is not None
+    # Migrated when the rollback read it, and kept through the rollback's write.
+    assert (champion_now.version, champion_now.history) == (1, [])
+    assert champion_now.promoted_versions == [1, 2]
+    assert [type(e) for e in replayed_before] == [ModelRegistered]
+    assert champion_before is not None
+    assert champion_before.version == 1
+    assert [type(e) for e in applied] == [ModelRegistered, ModelPromoted]
+    assert champion_crashed is not None
+    assert (champion_crashed.version, champion_crashed.promoted_versions) == (2, [1, 2])
+
+
+def test_promoted_versions_stay_bounded_and_a_dropped_one_is_never_promoted_again() -> None:
+    champion: ChampionRecord | None = None
+    champion_record: VersionRecord | None = None
+    records: list[VersionRecord] = []
+    promotions = PROMOTED_VERSIONS_KEPT + 72
+    for version in range(1, promotions + 1):
+        record = register(
+            _completed(version, 0.10 + version * 0.004),
+            champion,
+            champion_record,
+            0.0,
+            NOW,
+            version,
+        )
+        champion = pending_promotion(record, champion, version)
+        champion_record = record
+        records.append(record)
+    assert champion is not None
+    stored = ChampionRecord.model_validate_json(champion.model_dump_json())
+    # An old version, rolled back to: the versions promoted after it left history.
+    rolled_back = rolled_back_champion(
+        champion,
+        rolled_back_event(champion, records[9], "bad", "test", promotions + 1),
+    )
+
+    assert len(champion.promoted_versions) == PROMOTED_VERSIONS_KEPT
+    assert champion.promoted_versions[0] == promotions - PROMOTED_VERSIONS_KEPT + 1
+    assert champion.promoted_versions[-1] == promotions
+    assert champion.promoted_floor == promotions - PROMOTED_VERSIONS_KEPT
+    assert stored == champion
+    assert (rolled_back.version, rolled_back.history) == (10, list(range(1, 10)))
+    # v30 served and was dropped from the list: its redelivery is settled, never decided
+    # again (it would beat v10 and come back).
+    dropped = records[29]
+    assert dropped.version not in rolled_back.promoted_versions
+    assert replay_state(dropped, rolled_back, promotions + 2) == "settled"
+    assert pending_promotion(dropped, rolled_back, promotions + 2) is None
+    # One still listed is told apart as before.
+    assert replay_state(records[-1], rolled_back, promotions + 2) == "settled"
+
+
+def test_a_champion_record_without_promoted_versions_is_migrated_on_read() -> None:
+    legacy = (
+        '{"model_name": "m", "version": 5, "history": [1, 3], '
+        '"changed_at": "2025-05-01T12:00:00Z", "reason": "older registry"}'
+    )
+    record = ChampionRecord.model_validate_json(legacy)
+    assert (record.promoted_versions, record.promoted_floor) == ([1, 3, 5], 0)

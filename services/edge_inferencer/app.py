@@ -50,6 +50,7 @@ from services.edge_inferencer.models import (
     ModelSlot,
     ModelUpdate,
     card_path_for,
+    is_older,
     load_model,
     update_for,
     update_verdict,
@@ -149,6 +150,8 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
             if skipped is None:
                 await remember_served()
         if skipped is not None:
+            if await model_slot.acknowledge(update):
+                await remember_served()  # a rollback to the served model: newer on record
             log.info("bin %s: ignored %s v%d (%s)", bin_id, update.name, update.version, skipped)
 
     remembering = asyncio.Lock()
@@ -205,13 +208,13 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
             )
 
     async def restore_champion(js: JetStreamContext) -> None:
-        """The last promotion and rollback in the stream, oldest first (the verdict skips the
-        stale one). A restarted bin's durable consumers acked them long ago and will not
-        deliver them again; on a leaf node they are in the bin's own ENGINE stream, and a
-        model fetched before is loaded from the cache, so this works offline too. One that
-        cannot be fetched yet is tried again in the background while the model recalled from
-        the cache (or default_model) serves; one that cannot be read is left to the consumers
-        (it never stops the bin from starting)."""
+        """The last promotion and rollback in the stream, oldest first by the registry's
+        order (the verdict skips the stale one). A restarted bin's durable consumers acked
+        them long ago and will not deliver them again; on a leaf node they are in the bin's
+        own ENGINE stream, and a model fetched before is loaded from the cache, so this works
+        offline too. One that cannot be fetched yet is tried again in the background while
+        the model recalled from the cache (or default_model) serves; one that cannot be read
+        is left to the consumers (it never stops the bin from starting)."""
         events: list[ModelPromoted | ModelRolledBack] = []
         for route in (MODELS_PROMOTED, MODELS_ROLLED_BACK):
             try:
@@ -222,7 +225,9 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
                 continue
             except (NatsError, TimeoutError, ValidationError) as exc:
                 log.warning("bin %s: cannot read the last %s: %s", bin_id, route.name, exc)
-        for event in sorted(events, key=lambda e: e.occurred_at):
+        if len(events) == 2 and is_older(update_for(events[1]), update_for(events[0])):
+            events.reverse()
+        for event in events:
             await restore(event)
 
     async def keep_restoring() -> None:

@@ -4,6 +4,7 @@ the slot that swaps it between frames. No bus here."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -59,6 +60,25 @@ class ModelUpdate:
     rollback: bool = False
     artifact_sha256: str | None = None
     """sha256 of the ONNX file the decision names (its BlobRef's); None when unknown."""
+    champion_revision: int | None = None
+    """The registry's order of its decisions (the events' champion_revision); None from
+    registries before it was sent."""
+
+
+def is_older(update: ModelUpdate, installed_by: ModelUpdate) -> bool:
+    """Whether the registry decided `update` no later than the decision `installed_by`.
+
+    By the champion key's revision when both carry one (for the same model): it orders the
+    registry's decisions whatever the order they arrive in and whatever the clocks of the
+    machines that stamped them (the registry's, an operator's running `binloop rollback`);
+    see services.model_registry.core.registration_events. Otherwise by issue time."""
+    if (
+        update.name == installed_by.name
+        and update.champion_revision is not None
+        and installed_by.champion_revision is not None
+    ):
+        return update.champion_revision <= installed_by.champion_revision
+    return update.issued_at <= installed_by.issued_at
 
 
 @dataclass(frozen=True)
@@ -118,6 +138,7 @@ class _ServedRecord(BaseModel):
     rollback: bool
     onnx_sha256: str
     card_sha256: str
+    champion_revision: int | None = None
 
 
 class ModelCache:
@@ -173,6 +194,7 @@ class ModelCache:
             rollback=update.rollback,
             onnx_sha256=model.onnx_sha256,
             card_sha256=model.card_sha256,
+            champion_revision=update.champion_revision,
         )
         write_atomically(self.root / CURRENT_FILE, record.model_dump_json(indent=1).encode())
 
@@ -203,6 +225,7 @@ class ModelCache:
                 record.issued_at,
                 rollback=record.rollback,
                 artifact_sha256=record.onnx_sha256,
+                champion_revision=record.champion_revision,
             )
             return load_model(
                 onnx_path,
@@ -238,12 +261,14 @@ def update_for(event: ModelPromoted | ModelRolledBack) -> ModelUpdate:
             event.occurred_at,
             rollback=True,
             artifact_sha256=event.artifact.sha256,
+            champion_revision=event.champion_revision,
         )
     return ModelUpdate(
         event.model_name,
         event.model_version,
         event.occurred_at,
         artifact_sha256=event.artifact.sha256,
+        champion_revision=event.champion_revision,
     )
 
 
@@ -251,17 +276,21 @@ def update_verdict(current: LoadedModel | None, update: ModelUpdate) -> str | No
     """None when `update` should replace `current`; otherwise why it is skipped.
 
     Promotions and rollbacks arrive on two consumers, so their relative order is not
-    guaranteed: an update older than the registry event that installed the current model is
-    stale. A promotion must also bring a newer version; a rollback may go to any other one.
+    guaranteed, nor is it on the stream (a rollback between the registry's champion write
+    and its publish lands first): an update the registry decided before the event that
+    installed the current model is stale (see is_older). A promotion must also bring a newer
+    version; a rollback may go to any other one.
     A model loaded from disk at start is the same as the registry's only with the same bytes.
     """
     if current is None:
         return None
     card, installed_by = current.card, current.installed_by
-    if installed_by is not None and update.issued_at <= installed_by.issued_at:
+    if installed_by is not None and is_older(update, installed_by):
         return (
-            f"stale: issued at {update.issued_at.isoformat()}, the served model was installed "
-            f"by an event of {installed_by.issued_at.isoformat()}"
+            f"stale: issued at {update.issued_at.isoformat()} (champion revision "
+            f"{update.champion_revision}), the served model was installed by an event of "
+            f"{installed_by.issued_at.isoformat()} (champion revision "
+            f"{installed_by.champion_revision})"
         )
     same_model = card.name == update.name
     if same_model and update.version == card.version:
@@ -322,6 +351,25 @@ class ModelSlot:
             self._current = model
         self._record_swap(previous, model)
         return None
+
+    async def acknowledge(self, update: ModelUpdate) -> bool:
+        """Records `update` as the decision behind the served model when it names that very
+        model and is newer than the decision that installed it, typically a rollback to the
+        version served (nothing to install). Without it, a decision the registry made before
+        that rollback but published after it (a promotion whose publish the rollback
+        overtook) would be newer than the one on record and replace the rolled-back-to model.
+        Only for a model a registry event installed: one from default_model keeps None.
+        Returns whether it recorded it (the caller then remembers the served model)."""
+        async with self._lock:
+            current = self._current
+            if current is None or current.installed_by is None:
+                return False
+            if (current.card.name, current.card.version) != (update.name, update.version):
+                return False
+            if is_older(update, current.installed_by):
+                return False
+            self._current = dataclasses.replace(current, installed_by=update)
+        return True
 
     def _record_swap(self, previous: LoadedModel | None, model: LoadedModel) -> None:
         card = model.card

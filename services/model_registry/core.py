@@ -7,9 +7,9 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, model_validator
 
 from binloop.errors import PermanentError, TransientError
 from schemas.base import BlobRef, Frozen
@@ -27,6 +27,9 @@ EVENT_NAMESPACE = uuid.UUID("5d1f7a34-8f0e-4b8e-9a57-6c1c0a3b9e21")
 KEY_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # Accuracy arrives as float; 0.52 - 0.50 must count as a gain of 0.02.
 EPSILON = 1e-9
+PROMOTED_VERSIONS_KEPT = 128
+"""Promotions a champion record lists one by one (ChampionRecord.promoted_versions); older
+ones are folded into ChampionRecord.promoted_floor."""
 
 
 class RegistryError(PermanentError):
@@ -97,10 +100,50 @@ class ChampionRecord(Frozen):
     )
     promoted_versions: list[int] = Field(
         default_factory=list,
-        description="Every version a promotion made champion, oldest first. Unlike history, "
-        "rollbacks never remove one: a redelivered training event tells by it a promotion "
-        "that took effect (never to be applied again) from one that never did",
+        description="The last versions a promotion made champion (at most "
+        "PROMOTED_VERSIONS_KEPT), oldest first. Unlike history, rollbacks never remove one: a "
+        "redelivered training event tells by it a promotion that took effect (never to be "
+        "applied again) from one that never did",
     )
+    promoted_floor: int = Field(
+        default=0,
+        ge=0,
+        description="The highest version dropped from promoted_versions to keep it bounded: a "
+        "promotion of a version at or below it counts as one that took effect",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_and_bound(cls, data: Any) -> Any:
+        """Records written before promoted_versions was kept get it from what they still
+        know (every version in history, and the champion); a longer list keeps its last
+        PROMOTED_VERSIONS_KEPT and folds the rest into promoted_floor.
+
+        Why the bound is safe: the list only tells a promotion that took effect and was
+        replaced since ("settled") from one the champion replaced before it took effect
+        ("superseded", decided again); a promotion not applied yet is told by the champion
+        key's revision alone (see replay_state). Counting a dropped version as taken effect
+        can therefore never apply or announce a promotion; at worst a candidate no newer
+        than one promoted PROMOTED_VERSIONS_KEPT promotions ago, whose promotion never took
+        effect, is not decided again when its training event is redelivered. Versions are
+        claimed in increasing order and redeliveries come within minutes, so such a
+        candidate is long obsolete; deciding it again could only bring back an old model.
+        """
+        if not isinstance(data, dict) or "version" not in data:
+            return data
+        if "promoted_versions" not in data:
+            known = [*data.get("history", []), data["version"]]
+            data = {**data, "promoted_versions": list(dict.fromkeys(known))}
+        promoted = list(data["promoted_versions"])
+        if len(promoted) > PROMOTED_VERSIONS_KEPT:
+            dropped = promoted[:-PROMOTED_VERSIONS_KEPT]
+            floor = max(int(data.get("promoted_floor", 0)), *(int(v) for v in dropped))
+            data = {
+                **data,
+                "promoted_versions": promoted[-PROMOTED_VERSIONS_KEPT:],
+                "promoted_floor": floor,
+            }
+        return data
 
 
 @dataclass(frozen=True)
@@ -194,13 +237,15 @@ def _version_label(version: int | None) -> str:
 
 
 def took_effect(record: VersionRecord, champion: ChampionRecord | None) -> bool:
-    """Whether `record`'s version was made champion, whatever happened since. Champion
-    records written before promoted_versions was kept fall back on the history."""
+    """Whether `record`'s version was made champion, whatever happened since: it serves,
+    served before (history), or a promotion made it champion (promoted_versions, or at or
+    below promoted_floor; see ChampionRecord._migrate_and_bound)."""
     if champion is None:
         return False
     return (
         record.version == champion.version
         or record.version in champion.promoted_versions
+        or record.version <= champion.promoted_floor
         or record.version in champion.history
     )
 
@@ -218,16 +263,31 @@ def replay_state(
     (the record is written before the champion key, and a crash may fall in between): apply it.
     superseded: a promotion that never took effect and whose champion was replaced meanwhile;
     the decision compared against a model that no longer serves: decide again.
+
+    Records written before champion_revision was kept cannot tell a promotion that took
+    effect and was rolled back since from one that never took effect: such a record is
+    unfinished only while the champion is the one it was decided against and unchanged since
+    (changed_at not after the decision), and otherwise settled, never decided again: a
+    rolled-back version must not come back, and a lost old candidate costs nothing.
     """
-    if record.decision != "promoted" or took_effect(record, champion):
+    if record.decision != "promoted":
         return "settled"
-    if record.champion_revision is None:  # recorded before revisions were kept
-        unchanged = (champion.version if champion else None) == record.champion_before
-    else:
+    if record.champion_revision is not None:
         # The revision, not the version: a champion that changed and came back (a rollback)
         # was announced after this decision, and announcing the decision now would lose to it.
-        unchanged = champion_revision == record.champion_revision
-    return "unfinished" if unchanged else "superseded"
+        # Unchanged, the key cannot hold this promotion (applying it writes the key).
+        if champion_revision == record.champion_revision:
+            return "unfinished"
+        return "settled" if took_effect(record, champion) else "superseded"
+    if took_effect(record, champion):
+        return "settled"
+    if champion is None:
+        unchanged = record.champion_before is None
+    else:
+        unchanged = (
+            champion.version == record.champion_before and champion.changed_at <= record.recorded_at
+        )
+    return "unfinished" if unchanged else "settled"
 
 
 def pending_promotion(
@@ -244,6 +304,7 @@ def pending_promotion(
         changed_at=record.recorded_at,
         reason=record.reason,
         promoted_versions=[*(champion.promoted_versions if champion else []), record.version],
+        promoted_floor=champion.promoted_floor if champion else 0,
     )
 
 
@@ -277,6 +338,18 @@ def registration_events(
     the last promotion on the stream is what bins, the trainer and the labeling bridge take
     for the champion, so a replayed promotion that never took effect, or that a later
     promotion or rollback replaced, must not become it.
+
+    Writing the champion and publishing its event are two steps, so a rollback that reads
+    the new champion in between publishes models.rolled_back first, and the older promotion
+    lands after it on the stream. Neither the stream's order nor occurred_at (stamped by the
+    registry's clock here and the operator's in `binloop rollback`) can order the two, but
+    the champion key's revision can: every change of a champion is a compare-and-set over
+    the key's current revision, so each change replaces a larger revision than the change
+    before it. Both events carry the revision their change replaced (`champion_revision`;
+    here the one the decision was made against, which is the one its promotion replaced),
+    and a consumer ignores an event whose revision is not above the one it applied last
+    (services.edge_inferencer.models.update_verdict): whatever the order of arrival, a bin
+    ends on the registry's champion.
     """
     registered = ModelRegistered(
         event_id=_decision_event_id(record, "registered"),
@@ -302,6 +375,7 @@ def registration_events(
         card=record.card,
         metrics=record.metrics,
         reason=record.reason,
+        champion_revision=record.champion_revision,
     )
     return [registered, promoted]
 
@@ -339,6 +413,7 @@ def rolled_back_champion(champion: ChampionRecord, event: ModelRolledBack) -> Ch
         reason=f"rollback from v{champion.version}: {event.reason}"[:512],
         pending_rollback=event,
         promoted_versions=champion.promoted_versions,
+        promoted_floor=champion.promoted_floor,
     )
 
 
@@ -358,8 +433,9 @@ def rolled_back_event(
     champion: ChampionRecord, target: VersionRecord, reason: str, producer: str, revision: int
 ) -> ModelRolledBack:
     """The announcement of rolling `champion` back to `target`. `revision` (the champion
-    key's revision being replaced) gives each rollback its own event id; a retry republishes
-    the one kept in ChampionRecord.pending_rollback rather than building a new one."""
+    key's revision being replaced) gives each rollback its own event id and orders it after
+    the promotion it undoes (see registration_events); a retry republishes the one kept in
+    ChampionRecord.pending_rollback rather than building a new one."""
     return ModelRolledBack(
         event_id=_event_id(champion.model_name, "rollback", revision, target.version),
         producer=producer,
@@ -369,4 +445,5 @@ def rolled_back_event(
         artifact=target.artifact,
         card=target.card,
         reason=reason[:512],
+        champion_revision=revision,
     )
