@@ -6,7 +6,8 @@ BinloopError
 │   ├── UnknownUriError       a blob URI with a scheme no backend serves
 │   ├── ChecksumMismatchError bytes whose sha256 is not the one promised
 │   ├── MissingBlobError      a referenced blob that is not there (a model promotion waits)
-│   └── UnfinishedHandlingError (binloop.bus.handling) handling kept ending the process
+│   ├── UnfinishedHandlingError (binloop.bus.handling) handling kept ending the process
+│   └── StoppedHandlingError  (binloop.bus.handling) handling kept being cut off by stops
 ├── TransientError        try again later: nak with a delay (dead-lettered after max attempts)
 │   ├── StoreUnavailableError the object store did not answer
 │   └── NotReadyError         the service cannot work yet (no model loaded, ...)

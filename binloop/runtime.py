@@ -240,7 +240,9 @@ def new_service(name: str, settings: ServiceSettings) -> ServiceApp:
         settings=settings,
         broker=broker,
         publisher=Publisher(broker, name, producer),
-        policy=RetryPolicy(settings.max_deliveries, settings.retry_delay_s),
+        policy=RetryPolicy(
+            settings.max_deliveries, settings.retry_delay_s, max_stops=settings.max_stops
+        ),
     )
     service.declare_publishes(DLQ, bin_id=name)
     return service

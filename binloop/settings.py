@@ -61,6 +61,19 @@ class ServiceSettings(BaseSettings):
         description="Failures (not not-ready retries), or deaths of the process handling it "
         "(plus one), after which a message is dead-lettered",
     )
+    max_stops: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="Stops of its service (SIGTERM: a deploy, a node drain, a Job's "
+        "activeDeadlineSeconds) that the handling of one message may be cancelled by, counted "
+        "from its second delivery; at the next it is dead-lettered (StoppedHandlingError) "
+        "instead of naked again. Above max_deliveries because a stop is mostly innocent: every "
+        "rollout or drain cancels whatever is in flight, but an innocent message meets one "
+        "stop per rollout, so 8 in a row happen only to one that causes them (a training "
+        "longer than the trainer's 6 h deadline). Not much above: each such stop costs a whole "
+        "run, up to 6 h of the trainer's GPU with its other work waiting behind it",
+    )
     retry_delay_s: float = Field(default=2.0, gt=0, le=3600, description="Delay before a retry")
     stream_replicas: int = Field(
         default=1,

@@ -37,8 +37,8 @@ T = TypeVar("T")
 pytestmark = pytest.mark.integration
 
 
-def _settings(url: str) -> ServiceSettings:
-    return ServiceSettings(nats_url=url, http_port=0, retry_delay_s=0.05, max_deliveries=3)
+def _settings(url: str, **more: Any) -> ServiceSettings:
+    return ServiceSettings(nats_url=url, http_port=0, retry_delay_s=0.05, max_deliveries=3, **more)
 
 
 async def test_publish_is_deduplicated_by_event_id(js: JetStreamContext, nats_server) -> None:
@@ -1061,10 +1061,9 @@ async def test_a_stop_mid_handling_is_not_taken_for_a_process_ending(
     js: JetStreamContext, nats_client: Client, nats_server: Any
 ) -> None:
     """A handler still running when its service stops is cancelled and its message naked (the
-    trainer's rolling update): its record goes back, so five such stops in a row, above
-    max_deliveries=3, dead-letter nothing, and the sixth run handles it."""
-    from nats.js.errors import KeyNotFoundError
-
+    trainer's rolling update): its record's deaths go back and it counts one more stop, so five
+    such stops in a row, above max_deliveries=3 (and below max_stops), dead-letter nothing,
+    and the sixth run handles it."""
     from binloop.bus.handling import BUCKET, record_key
 
     kv = await js.key_value(BUCKET)
@@ -1105,14 +1104,122 @@ async def test_a_stop_mid_handling_is_not_taken_for_a_process_ending(
             if last:
                 assert await _wait_until_settled(js, "stopped")
             else:
-                assert (await kv.get(key)).value == b"1"  # recorded while it runs
+                running = b"1" if run == 0 else f"1,{run}".encode()
+                assert (await kv.get(key)).value == running  # recorded while it runs
         finally:
             await service.stop()
-        if not last:
-            with pytest.raises(KeyNotFoundError):
-                await kv.get(key)  # a stop is no death: back to no record
+        if not last:  # a stop is no death: no deaths, one more stop
+            assert (await kv.get(key)).value == f"0,{run + 1}".encode()
     assert attempts == list(range(1, stops + 3))
     assert (await js.stream_info("DLQ")).state.messages == 0
+    assert await _handling_records(js) == 0
+
+
+async def test_a_message_whose_handling_is_stopped_too_often_is_dead_lettered_at_the_stop(
+    js: JetStreamContext, nats_client: Client, nats_server: Any
+) -> None:
+    """A trainer Job cut off by its deadline, over and over: max_stops=2. One message, two
+    consumers. Each run's handlers block until the service stops and cancels them. "patient"
+    is stopped 3 times (its first delivery's stop is not counted, then 2 counted: the limit)
+    and handled by the 4th run; "hopeless" is stopped a 4th time there, one more than
+    allowed, and is dead-lettered by that stop instead of naked. A 5th run gets nothing."""
+    from binloop.bus.handling import BUCKET, record_key
+
+    kv = await js.key_value(BUCKET)
+    event = TrainingRequested(producer="test", dataset_name="long")
+    ack = await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+    hopeless_key = record_key(("ENGINE", "stops-hopeless", ack.seq))
+    attempts: dict[str, list[int]] = {"stops-hopeless": [], "stops-patient": []}
+    blocked_runs = {"stops-hopeless": 4, "stops-patient": 3}
+    dlq = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
+
+    def handler(durable: str, run: int, began: asyncio.Event) -> EventHandler[TrainingRequested]:
+        async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+            attempts[durable].append(delivery.attempt)
+            began.set()
+            if run < blocked_runs[durable]:
+                await asyncio.Event().wait()  # a long training, cancelled by the stop
+            return []
+
+        return handle
+
+    for run in range(5):
+        settings = _settings(nats_server.url, max_stops=2)
+        service = new_service("stops", settings)
+        service.broker.config.broker_config.graceful_timeout = 0.5
+        began = {durable: asyncio.Event() for durable in attempts}
+        for durable in attempts:
+            subscribe(
+                service.broker,
+                service.publisher,
+                TRAINING_REQUESTED,
+                handler(durable, run, began[durable]),
+                durable=durable,
+                policy=service.policy,
+            )
+        await service.start()
+        try:
+            if run < 4:
+                await asyncio.wait_for(began["stops-hopeless"].wait(), 20)
+            if run < 3:
+                await asyncio.wait_for(began["stops-patient"].wait(), 20)
+            else:
+                assert await _wait_until_settled(js, "stops-patient")
+            if run == 4:
+                assert await _wait_until_settled(js, "stops-hopeless")
+        finally:
+            await service.stop()
+        if run in (1, 2):  # counted from the second delivery on: no death, one more stop
+            assert (await kv.get(hopeless_key)).value == f"0,{run}".encode()
+        if run < 3:
+            assert dlq.items == []
+    (letter,) = await dlq.wait_for(1)
+    assert attempts == {"stops-hopeless": [1, 2, 3, 4], "stops-patient": [1, 2, 3, 4]}
+    assert letter.error_type == "StoppedHandlingError"
+    assert "handling was stopped 3 times without an outcome" in letter.error
+    assert "more than max_stops=2" in letter.error
+    assert letter.delivery_attempt == 4
+    assert await _handling_records(js) == 0
+    assert (await js.stream_info("DLQ")).state.messages == 1
+
+
+async def test_a_redelivery_whose_record_says_stopped_too_often_is_dead_lettered_unhandled(
+    js: JetStreamContext, nats_client: Client, nats_server: Any
+) -> None:
+    """As a stop whose dead letter could not be published leaves it: no deaths, 3 stops,
+    above max_stops=2. The redelivery is dead-lettered before its handler runs."""
+    from binloop.bus.handling import BUCKET, record_key
+
+    event = TrainingRequested(producer="test", dataset_name="stopped-often")
+    ack = await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
+    kv = await js.key_value(BUCKET)
+    await kv.put(record_key(("ENGINE", "stop-seeded", ack.seq)), b"0,3")
+    settings = _settings(nats_server.url, max_stops=2)
+    service = new_service("stop-seeded", settings)
+    attempts: list[int] = []
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        attempts.append(delivery.attempt)
+        raise NotReadyError("not yet")
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="stop-seeded",
+        policy=service.policy,
+    )
+    dlq = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
+    await service.start()
+    try:
+        (letter,) = await dlq.wait_for(1)
+        assert await _wait_until_settled(js, "stop-seeded")
+    finally:
+        await service.stop()
+    assert attempts == [1]
+    assert letter.error_type == "StoppedHandlingError"
+    assert "handling was stopped 3 times without an outcome" in letter.error
     assert await _handling_records(js) == 0
 
 

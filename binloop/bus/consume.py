@@ -29,6 +29,12 @@ path free of I/O) is dead-lettered (`UnfinishedHandlingError`) instead of handle
 batch consumer handles a redelivered message that ended a process before on its own, so the
 one that kills its batch does not take its batch-mates to the dead-letter subject with it.
 
+A stop of the service (SIGTERM) cancels the handlers still running after the graceful wait and
+naks their messages: no failure and no death, but counted in the same record, since a handler
+that always outlasts its process's time (a trainer Job's activeDeadlineSeconds) would otherwise
+be tried by every process for ever. The stop after `max_stops` counted ones (again not counting
+a first delivery's) dead-letters the message (`StoppedHandlingError`) instead of naking it.
+
 Hot subjects use `subscribe_batch`: one fetch of up to N messages, one validation pass, one
 handler call for the whole batch.
 """
@@ -57,14 +63,17 @@ from pydantic import ValidationError
 
 from binloop.bus import outages
 from binloop.bus.handling import (
+    EarlierAttempts,
     MessageKey,
+    StoppedHandlingError,
     UnfinishedHandlingError,
     UnfinishedStarts,
     message_key,
 )
 from binloop.bus.publish import MSG_ID_HEADER, Outgoing, PendingAcks, Publisher
-from binloop.errors import NotReadyError, PermanentError
+from binloop.errors import NotReadyError, PermanentError, TransientError
 from binloop.observability import metrics
+from binloop.settings import ServiceSettings
 from schemas.base import Event
 from schemas.events import DeadLetter
 from schemas.routes import DLQ, Route
@@ -97,6 +106,10 @@ class RetryPolicy:
     """JetStream deliveries of a message at which its next failure is its last, for failures
     spread over restarts. Large: not-ready retries (every retry_delay_s while a service waits
     for a model or a store) count here too."""
+    max_stops: int = ServiceSettings.model_fields["max_stops"].default
+    """Stops of the service that may cancel the handling of one message (counted durably,
+    from its second delivery); the next dead-letters it (the setting's description argues
+    the default)."""
 
 
 class FailureCounts:
@@ -265,14 +278,24 @@ class _Consumer(Generic[E]):
                     # the next beat may still come within the ack wait.
                     log.info("%s: in-progress ack not sent (%r)", self.service, exc)
 
+    def unhandleable(self, earlier: EarlierAttempts) -> PermanentError | None:
+        """Why a redelivery is dead-lettered unhandled, if it is: its handling ended the
+        process too often, or stops cancelled it more often than allowed (a stop whose dead
+        letter was not published)."""
+        if earlier.ended >= self.policy.max_deliveries:
+            return UnfinishedHandlingError(earlier.ended)
+        if earlier.stopped > self.policy.max_stops:
+            return StoppedHandlingError(earlier.stopped, self.policy.max_stops)
+        return None
+
     async def begin(self, msg: Msg, delivered: int) -> bool:
         """Before a delivery is handled on its own: False when its handling ended the process
-        too often and it was dead-lettered instead; otherwise this attempt is recorded (for a
-        redelivery) and it is to be handled."""
+        or was stopped too often and it was dead-lettered instead; otherwise this attempt is
+        recorded (for a redelivery) and it is to be handled."""
         try:
-            ended = await self.starts.check(msg, delivered)
-            if ended >= self.policy.max_deliveries:
-                await self.dead_letter(msg, UnfinishedHandlingError(ended))
+            earlier = await self.starts.check(msg, delivered)
+            if (reason := self.unhandleable(earlier)) is not None:
+                await self.dead_letter(msg, reason)
                 return False
             await self.starts.start(msg)
         except BaseException:  # a stop, or the dead letter not published: back it goes
@@ -286,20 +309,20 @@ class _Consumer(Generic[E]):
         """Splits a batch into what is handled together (its start recorded) and the
         redeliveries whose handling ended a process before, to be handled one at a time (each
         after `start_alone`), those that ended it least often first; dead-letters those that
-        ended it too often."""
+        ended it, or were stopped, too often."""
         if all(delivery.attempt < 2 for _, delivery in good):
             return good, []  # the hot path: no I/O
         together: list[tuple[Msg, Delivery[E]]] = []
         alone: list[tuple[int, Msg, Delivery[E]]] = []
         try:
-            ended = await asyncio.gather(
+            earlier = await asyncio.gather(
                 *(self.starts.check(msg, delivery.attempt) for msg, delivery in good)
             )
-            for (msg, delivery), count in zip(good, ended, strict=True):
-                if count >= self.policy.max_deliveries:
-                    await self.dead_letter(msg, UnfinishedHandlingError(count))
-                elif count:
-                    alone.append((count, msg, delivery))
+            for (msg, delivery), attempts in zip(good, earlier, strict=True):
+                if (reason := self.unhandleable(attempts)) is not None:
+                    await self.dead_letter(msg, reason)
+                elif attempts.ended:
+                    alone.append((attempts.ended, msg, delivery))
                 else:
                     together.append((msg, delivery))
             await asyncio.gather(*(self.starts.start(msg) for msg, _ in together))
@@ -317,11 +340,38 @@ class _Consumer(Generic[E]):
             await asyncio.shield(self.hand_back(msg))
             raise
 
-    async def hand_back(self, msg: Msg) -> None:
+    async def hand_back(self, msg: Msg, *, stopped: bool = False) -> None:
         """Stopping (or unable to go on): the message goes back for redelivery now rather
         than after its ack wait, and its record to what it was before this attempt (a stop is
-        no death). One already acked (dead-lettered) stays acked."""
-        await self.starts.finish(msg, final=False)
+        no death). One already acked (dead-lettered) stays acked.
+
+        `stopped`: the stop cancelled its handler, which the record counts; the stop after
+        `max_stops` counted ones dead-letters it instead."""
+        if stopped and (stops := self.starts.stops(msg)) is not None:
+            if stops >= self.policy.max_stops:
+                try:
+                    await self.dead_letter(
+                        msg, StoppedHandlingError(stops + 1, self.policy.max_stops)
+                    )
+                    return
+                except (NatsError, TransientError) as exc:
+                    # Its record says so from the nak on: the next delivery is dead-lettered
+                    # before it is handled.
+                    log.warning(
+                        "%s: could not dead-letter a message from %s stopped %d times (%r)",
+                        self.service,
+                        msg.subject,
+                        stops + 1,
+                        exc,
+                    )
+            log.info(
+                "%s: handling a message from %s stopped (stop %d of %d allowed)",
+                self.service,
+                msg.subject,
+                stops + 1,
+                self.policy.max_stops,
+            )
+        await self.starts.finish(msg, final=False, stopped=stopped)
         with contextlib.suppress(NatsError):  # the connection is going: ack_wait it is
             await msg.nak()
 
@@ -334,7 +384,9 @@ class _Consumer(Generic[E]):
             return await work()
         except asyncio.CancelledError:
             # Stopping: hand the messages back now rather than after their ack wait.
-            await asyncio.shield(asyncio.gather(*(self.hand_back(msg) for msg in msgs)))
+            await asyncio.shield(
+                asyncio.gather(*(self.hand_back(msg, stopped=True) for msg in msgs))
+            )
             raise
         except Exception as exc:  # every failure is retried or dead-lettered by the caller
             return exc
@@ -593,6 +645,7 @@ __all__ = [
     "FailureCounts",
     "RetryPolicy",
     "Settlements",
+    "StoppedHandlingError",
     "UnfinishedHandlingError",
     "subscribe",
     "subscribe_batch",

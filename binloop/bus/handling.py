@@ -1,4 +1,5 @@
-"""A durable count of the handling attempts that ended their process, per redelivered message.
+"""A durable count of the handling attempts that ended their process, or were cancelled by a
+stop of it, per redelivered message.
 
 Failures are counted in the process (`consume.FailureCounts`, so that not-ready retries do not
 count), and a process that dies while handling (out of memory, a native crash, SIGKILL) counts
@@ -6,22 +7,31 @@ nothing: without a count kept outside it, the message would come back to the nex
 the next, without end. So each handling attempt of a redelivered message is recorded in one
 shared JetStream key-value bucket
 (`binloop_handling`), under `<stream>.<consumer>.<stream sequence>`, whose value is the number of
-attempts that started and never reached an outcome:
+attempts that started and never reached an outcome, then, once any were, the number cancelled
+by a stop (`3`, or `1,2`: one death, two stops):
 
-- before a redelivery is handled, its record is read: at `max_deliveries` the message is
-  dead-lettered (`UnfinishedHandlingError`) instead of handled; below, this start is added.
-  Without a record, one conditional write (create) both reads and records;
+- before a redelivery is handled, its record is read: at `max_deliveries` deaths the message is
+  dead-lettered (`UnfinishedHandlingError`), above `max_stops` stops (a dead letter a stop
+  could not publish) too (`StoppedHandlingError`), instead of handled; otherwise this start is
+  added. Without a record, one conditional write (create) both reads and records;
 - when the attempt ends with an outcome, the record follows it: acked or dead-lettered, it is
-  removed; naked (a failure, not ready, a stopping service), it goes back to the count before
-  this start: a nak is no death, and the deaths before it still count;
+  removed; naked (a failure, not ready), it goes back to the count before this start: a nak is
+  no death, and the deaths and stops before it still count;
+- when a stop of the service cancels the handler, the deaths go back as for a nak and the
+  stops go up by one. A stop is no death: every rollout or drain cancels what is in flight.
+  But a handler that always outlasts the time its process is given (a trainer Job cut off by
+  its activeDeadlineSeconds gets SIGTERM first, so it stops rather than dies) would otherwise
+  be tried again by every process for ever: the stop after `max_stops` dead-letters it
+  (`StoppedHandlingError`) instead of naking it;
 - first deliveries are neither read nor recorded, so the hot path (the edge at 20 fps) does no
   extra I/O. A death on a first delivery is therefore noticed only from the second one on: a
   message that ends every process handling it is dead-lettered after `max_deliveries + 1`
-  deaths, at its delivery `max_deliveries + 2`.
+  deaths, at its delivery `max_deliveries + 2`; likewise a stop of a first delivery is not
+  counted, and a message whose handling every stop cancels is dead-lettered by its
+  `max_stops + 2`-th stop.
 
-A stop is no death, whatever asked for it: a Job cut off by its activeDeadlineSeconds gets
-SIGTERM first and stops, its handler cancelled and its message naked, which is not counted; only
-a process killed before it could do that (its event loop stuck in native code, say) counts.
+A process killed before it could stop (its event loop stuck in native code, say) counts as a
+death, not a stop.
 
 Records are removed by purging their subject (a KV delete would leave a marker behind for every
 message ever retried); one whose outcome was never seen (its consumer deleted, a process that
@@ -76,6 +86,30 @@ class UnfinishedHandlingError(PermanentError):
         self.count = count
 
 
+class StoppedHandlingError(PermanentError):
+    """Stops of the service cancelled handling the message too often (its handling may always
+    outlast the time its process is given): it is dead-lettered instead of naked again."""
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(
+            f"handling was stopped {count} times without an outcome (its service stopped: "
+            f"SIGTERM from a deploy, a drain or a Job's activeDeadlineSeconds; a stop of its "
+            f"first delivery is not counted), more than max_stops={limit}; not handled again"
+        )
+        self.count = count
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class EarlierAttempts:
+    """What a message's record says about its handling attempts before this delivery."""
+
+    ended: int = 0
+    """Attempts that ended their process (deaths)."""
+    stopped: int = 0
+    """Attempts cancelled by a stop of their service."""
+
+
 def message_key(msg: Msg) -> MessageKey | None:
     """None for a message without JetStream metadata (core NATS)."""
     try:
@@ -106,7 +140,8 @@ def bucket_config(replicas: int = 1) -> KeyValueConfig:
     return KeyValueConfig(
         bucket=BUCKET,
         description="binloop: handling attempts of redelivered messages that ended their "
-        "process, per <stream>.<consumer>.<stream sequence> (binloop/bus/handling.py)",
+        "process or were stopped, per <stream>.<consumer>.<stream sequence> "
+        "(binloop/bus/handling.py)",
         history=1,
         ttl=RECORD_TTL_S,
         max_value_size=64,
@@ -141,6 +176,8 @@ class _Record:
     """The KV key."""
     found: int
     """Attempts that ended the process before this delivery."""
+    stops: int
+    """Attempts cancelled by a stop before this delivery."""
     revision: int | None
     """Of the record as last read or written here; None when the bucket holds none."""
     started: bool = False
@@ -168,33 +205,33 @@ class UnfinishedStarts:
         """Messages read here whose attempt has no outcome yet."""
         return len(self._open)
 
-    async def check(self, msg: Msg, delivered: int) -> int:
-        """How many handling attempts of `msg` ended their process before this delivery: 0
-        for a first delivery, without any I/O. When the bucket has no record, this start is
-        recorded already (the same write); otherwise `start` records it."""
+    async def check(self, msg: Msg, delivered: int) -> EarlierAttempts:
+        """How many handling attempts of `msg` ended their process, or were stopped, before
+        this delivery: none for a first delivery, without any I/O. When the bucket has no
+        record, this start is recorded already (the same write); otherwise `start` records it."""
         if delivered < 2:
-            return 0
+            return EarlierAttempts()
         key = message_key(msg)
         if key is None:
-            return 0
-        record = _Record(record_key(key), found=0, revision=None)
+            return EarlierAttempts()
+        record = _Record(record_key(key), found=0, stops=0, revision=None)
         try:
             kv = await self._bucket()
             try:
-                record.revision = await kv.create(record.key, b"1")
+                record.revision = await kv.create(record.key, _value(1, 0))
                 record.started = True
             except KeyWrongLastSequenceError:
                 entry = await kv.get(record.key)
-                record.found, record.revision = _count(entry.value), entry.revision
+                (record.found, record.stops), record.revision = _parse(entry.value), entry.revision
         except (NatsError, TimeoutError) as exc:
             self._lost(exc)
-            return 0
+            return EarlierAttempts()
         self._back()
         self._open[key] = record
         self._open.move_to_end(key)
         while len(self._open) > self._capacity:  # outcomes never seen (a dead-letter publish
             self._open.popitem(last=False)  # that failed): the bucket's TTL ends those
-        return record.found
+        return EarlierAttempts(record.found, record.stops)
 
     async def start(self, msg: Msg) -> None:
         """Records that handling `msg` starts now (once per attempt; nothing for a message
@@ -205,7 +242,7 @@ class UnfinishedStarts:
         try:
             kv = await self._bucket()
             record.revision = await kv.update(
-                record.key, str(record.found + 1).encode(), last=record.revision or 0
+                record.key, _value(record.found + 1, record.stops), last=record.revision or 0
             )
         except KeyWrongLastSequenceError:
             # Written meanwhile by another process handling it too (an ack wait ran out): its
@@ -218,20 +255,28 @@ class UnfinishedStarts:
         self._back()
         record.started = True
 
-    async def finish(self, msg: Msg, *, final: bool) -> None:
+    def stops(self, msg: Msg) -> int | None:
+        """Stops recorded for `msg` before this attempt; None when it has no record open here
+        (a first delivery, or the bucket unavailable): its stop would not be counted."""
+        record = self._record(msg, pop=False)
+        return None if record is None or not record.started else record.stops
+
+    async def finish(self, msg: Msg, *, final: bool, stopped: bool = False) -> None:
         """The attempt on `msg` ended with an outcome. `final` (acked, dead-lettered): the
-        record goes. Otherwise (naked: a failure, not ready, a stop) it goes back to the count
-        before this start. Never raises for the bus: the outcome matters more."""
+        record goes. Otherwise (naked: a failure, not ready, a stop) its deaths go back to the
+        count before this start, and `stopped` (a stop cancelled the handler) adds a stop.
+        Never raises for the bus: the outcome matters more."""
         record = self._record(msg, pop=True)
         if record is None or record.revision is None or not (final or record.started):
             return
+        stops = record.stops + int(stopped)
         try:
-            if final or record.found == 0:
+            if final or (record.found, stops) == (0, 0):
                 js = await self._jetstream()
                 await js.purge_stream(BUCKET_STREAM, subject=f"$KV.{BUCKET}.{record.key}")
             else:
                 kv = await self._bucket()
-                await kv.update(record.key, str(record.found).encode(), last=record.revision)
+                await kv.update(record.key, _value(record.found, stops), last=record.revision)
         except KeyWrongLastSequenceError:
             return  # another process's attempt wrote it since: its record stands
         except (NatsError, TimeoutError) as exc:
@@ -278,8 +323,16 @@ class UnfinishedStarts:
             log.info("%s: the record of handling attempts is available again", self._consumer)
 
 
-def _count(value: bytes | None) -> int:
+def _value(ended: int, stopped: int) -> bytes:
+    """`ended`, or `ended,stopped` once a stop is counted (what releases before stops were
+    counted wrote and read)."""
+    return (f"{ended},{stopped}" if stopped else str(ended)).encode()
+
+
+def _parse(value: bytes | None) -> tuple[int, int]:
+    """(ended, stopped) from `_value`'s bytes."""
     try:
-        return max(0, int((value or b"0").decode("ascii")))
-    except (UnicodeDecodeError, ValueError):  # not written by binloop: no deaths known
-        return 0
+        ended, _, stopped = (value or b"0").decode("ascii").partition(",")
+        return max(0, int(ended)), max(0, int(stopped or "0"))
+    except (UnicodeDecodeError, ValueError):  # not written by binloop: nothing known
+        return 0, 0
