@@ -36,10 +36,11 @@ from schemas.base import BlobRef
 from schemas.events import DeadLetter, FleetHeartbeat, FrameCaptured, FrameStored
 from schemas.routes import DLQ, FLEET_HEARTBEAT, FRAMES_CAPTURED, FRAMES_STORED
 from services.uploader import UploaderSettings, create_app
+from services.uploader import app as uploader_app
 from services.uploader.backoff import Backoff
 from services.uploader.core import FrameUploader, stored_event
 from services.uploader.forwarder import Announce, DeadLetterSink, Forwarder, ProgressHook
-from services.uploader.limits import SpoolLimits, plan_drops
+from services.uploader.limits import UNREAD_BY_INFERENCER, SpoolLimits, plan_drops
 from services.uploader.queue import QueuedFrame, UploadQueue
 from services.uploader.readers import SPOOL_TO_EVENT_SLACK_S, unread_since
 from services.uploader.schedule import UploadSchedule
@@ -461,6 +462,43 @@ def test_plan_drops_counts_bytes_once_per_spooled_file(tmp_path: Path) -> None:
     assert not plan.still_over
 
 
+def test_plan_drops_gives_up_frames_the_edge_inferencer_has_read_first(tmp_path: Path) -> None:
+    t0 = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    events = [
+        _spool_and_describe(tmp_path, jpeg, i).model_copy(
+            update={"captured_at": t0 + timedelta(seconds=10 * i)}
+        )
+        for i, jpeg in enumerate(_demo_jpegs(6))
+    ]
+    queued = _queued(events, [0, 1, 2, 3, 4, 5])
+    limits = SpoolLimits(max_frames=3, max_bytes=10**9, policy="drop_newest", min_age_s=2)
+    # What the sweep learns: the inferencer has read frames 0 and 1, not 2 onwards.
+    unread_since = events[2].captured_at.timestamp() - SPOOL_TO_EVENT_SLACK_S
+
+    newest = plan_drops(queued, set(), limits, now=5.5, unread_since=unread_since)
+    # Over by 3; 4 and 5 are young. Frames 2 and 3 are past the minimum age but unread: the
+    # read ones go first (newest first), and only then the newest unread one, so named.
+    assert [d.frame.event.sequence for d in newest.drops] == [1, 0, 3]
+    assert [d.reason for d in newest.drops] == ["max_frames", "max_frames", UNREAD_BY_INFERENCER]
+    assert not newest.still_over
+
+    oldest = plan_drops(
+        queued, set(), replace(limits, policy="drop_oldest"), now=5.5, unread_since=unread_since
+    )
+    assert [d.frame.event.sequence for d in oldest.drops] == [0, 1, 2]
+    assert [d.reason for d in oldest.drops] == ["max_frames", "max_frames", UNREAD_BY_INFERENCER]
+
+    enough = plan_drops(
+        queued, set(), replace(limits, max_frames=4), now=5.5, unread_since=unread_since
+    )
+    assert [d.frame.event.sequence for d in enough.drops] == [1, 0]  # no unread frame goes
+
+    # Read everything (or no inferencer on this bin): the plain policy.
+    everything = plan_drops(queued, set(), limits, now=5.5, unread_since=None)
+    assert [d.frame.event.sequence for d in everything.drops] == [3, 2, 1]
+    assert {d.reason for d in everything.drops} == {"max_frames"}
+
+
 ROOMY = SpoolLimits(max_frames=1000, max_bytes=10**9)
 
 
@@ -570,6 +608,92 @@ async def test_when_only_protected_frames_are_left_the_spool_stays_over_and_warn
     assert forwarder.queue.pending_frames == 3
     assert len(caplog.records) == 1
     assert "over its limits" in caplog.records[0].getMessage()
+
+
+@pytest.mark.integration
+async def test_a_full_spool_keeps_what_the_edge_inferencer_has_not_read(
+    js: JetStreamContext, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool-full policy asks the same fact as the sweep: what the inferencer's durable
+    consumer has still to read. Frames it has read go first, even under drop_newest."""
+    settings = UploaderSettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        http_host="127.0.0.1",
+        bin_id=BIN,
+        spool_root=tmp_path / "spool",
+        spool_max_pending_frames=4,
+        spool_full_policy="drop_newest",
+        spool_drop_min_age_s=30,
+        sweep_interval_s=0.05,
+        retry_initial_s=0.02,
+        retry_max_s=0.05,
+    )
+    t0 = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    events = [
+        _spool_and_describe(settings.spool_root, jpeg, i).model_copy(
+            update={"captured_at": t0 + timedelta(seconds=10 * i)}
+        )
+        for i, jpeg in enumerate(_demo_jpegs(5))
+    ]
+    # The sweep loop's question to JetStream, observed (the answer is JetStream's own).
+    answers: list[float | None] = []
+    answered = asyncio.Event()
+
+    async def observed_unread_since(js: JetStreamContext, bin_id: str) -> float | None:
+        answer = await unread_since(js, bin_id)
+        answers.append(answer)
+        answered.set()
+        return answer
+
+    monkeypatch.setattr(uploader_app, "unread_since", observed_unread_since)
+    inferencer = await js.pull_subscribe(
+        FRAMES_CAPTURED.subject(BIN),
+        durable=edge_inferencer_durable(BIN),
+        stream=FRAMES_CAPTURED.stream,
+    )
+    now = [1_000.0]
+    steps = Steps()
+    dropped_before = {r: _dropped(r) for r in ("max_frames", UNREAD_BY_INFERENCER)}
+    service = create_app(
+        settings, store=FailingStore(tmp_path / "blobs"), clock=lambda: now[0], on_progress=steps
+    )
+    await service.start()
+
+    async def capture(event: FrameCaptured) -> None:
+        await js.publish(
+            FRAMES_CAPTURED.subject(BIN),
+            event.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": str(event.event_id)},
+        )
+
+    async def until_answer(expected: float) -> None:
+        while not answers or answers[-1] != expected:
+            answered.clear()
+            await asyncio.wait_for(answered.wait(), 10)
+
+    try:
+        for event in events[:4]:
+            await capture(event)
+        await steps.until(lambda: steps.count("queued") == 4)
+        for msg in await inferencer.fetch(2, timeout=5):  # the inferencer reads frames 0 and 1
+            await msg.ack_sync()
+        await until_answer(events[2].captured_at.timestamp() - SPOOL_TO_EVENT_SLACK_S)
+        now[0] += 60  # every waiting frame is past spool_drop_min_age_s now
+        await capture(events[4])
+        await steps.until(lambda: steps.count("dropped") == 1)
+    finally:
+        await service.stop()
+
+    # drop_newest alone would give up frame 3, which the inferencer has still to read.
+    assert steps.order("dropped") == [events[1].frame_sha256]
+    kept = [f.event.sequence for f in UploadQueue(settings.spool_root, BIN).snapshot()]
+    assert kept == [0, 2, 3, 4]
+    spool = Spool(settings.spool_root, BIN)
+    for event in events:
+        assert spool.store.exists(event.spool.key) == (event.sequence in kept)
+    assert _dropped("max_frames") - dropped_before["max_frames"] == 1
+    assert _dropped(UNREAD_BY_INFERENCER) == dropped_before[UNREAD_BY_INFERENCER]
 
 
 def test_unreadable_queue_entries_are_set_aside_and_counted(tmp_path: Path) -> None:

@@ -143,9 +143,11 @@ def create_app(
     async def sweep_spool() -> None:
         while True:
             try:
-                keep_since = await unread_since(service.js, bin_id)
+                # Asked once, for both: the sweep keeps what the edge-inferencer has not read,
+                # and the spool-full policy drops it last.
+                forwarder.unread_since = await unread_since(service.js, bin_id)
                 await asyncio.to_thread(
-                    spool.sweep, clock(), settings.spool_retention_s, keep_since
+                    spool.sweep, clock(), settings.spool_retention_s, forwarder.unread_since
                 )
                 await asyncio.to_thread(forwarder.prune_wanted)
             except OSError as exc:  # a disk that fails now may not next time: keep uploading

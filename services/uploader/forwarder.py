@@ -25,7 +25,13 @@ from binloop.storage import spool_key
 from schemas.events import FrameCaptured, FrameStored
 from services.uploader.backoff import Backoff
 from services.uploader.core import FrameUploader, StoreRefusedError, stored_event
-from services.uploader.limits import Drop, DropPlan, SpoolLimits, plan_drops
+from services.uploader.limits import (
+    UNREAD_BY_INFERENCER,
+    Drop,
+    DropPlan,
+    SpoolLimits,
+    plan_drops,
+)
 from services.uploader.queue import QueuedFrame, UploadQueue
 from services.uploader.schedule import UploadSchedule
 from services.uploader.spool import Spool, SpoolIOError
@@ -81,9 +87,14 @@ class Forwarder:
         self.on_progress = on_progress
         self.bin_id = spool.bin_id
         self.running = False
+        self.unread_since: float | None = None
+        """From when the edge-inferencer has frames left to read (readers.unread_since), as the
+        app's sweep loop last asked JetStream; the spool-full policy drops those last. None: it
+        has read them all, or does not read this bin."""
         self._wake = asyncio.Event()
         self._report_lock = threading.Lock()  # intake threads and the sweep both report
         self._drops_unreported = 0
+        self._unread_drops_unreported = 0
         self._last_drop_warning: float | None = None
         self._over_limit_warned = False
         # The frame being uploaded right now is not the spool-full policy's to drop.
@@ -141,6 +152,7 @@ class Forwarder:
                     self.limits,
                     self.clock(),
                     busy={self._in_flight} if self._in_flight else set(),
+                    unread_since=self.unread_since,
                 )
             for drop in plan.drops:
                 self._drop(drop)
@@ -153,6 +165,8 @@ class Forwarder:
         metrics.UPLOADER_DROPPED.labels(self.bin_id, drop.reason).inc()
         with self._report_lock:
             self._drops_unreported += 1
+            if drop.reason == UNREAD_BY_INFERENCER:
+                self._unread_drops_unreported += 1
 
     def _report(self, plan: DropPlan) -> None:
         self.report_drops()
@@ -179,14 +193,16 @@ class Forwarder:
                 last is not None and now - last < DROP_WARNING_INTERVAL_S
             ):
                 return
-            dropped = self._drops_unreported
-            self._drops_unreported = 0
+            dropped, unread = self._drops_unreported, self._unread_drops_unreported
+            self._drops_unreported = self._unread_drops_unreported = 0
             self._last_drop_warning = now
         log.warning(
-            "uploader %s: spool full, dropped %d frames not selected for labeling (policy %s; "
-            "limits %d frames, %d bytes; %d frames, %d bytes waiting)",
+            "uploader %s: spool full, dropped %d frames not selected for labeling, %d of them "
+            "not read by the edge-inferencer yet (policy %s; limits %d frames, %d bytes; %d "
+            "frames, %d bytes waiting)",
             self.bin_id,
             dropped,
+            unread,
             self.limits.policy,
             self.limits.max_frames,
             self.limits.max_bytes,
