@@ -32,6 +32,7 @@ from binloop.errors import (
     NotReadyError,
     UnknownUriError,
 )
+from binloop.ml.decisions import ModelUpdate
 from binloop.ml.phash import phash
 from binloop.ml.preprocess import decode_rgb
 from binloop.ml.shipped import SHIPPED_MODEL
@@ -72,7 +73,6 @@ from services.edge_inferencer.core import (
 from services.edge_inferencer.models import (
     LoadedModel,
     ModelCache,
-    ModelUpdate,
     card_path_for,
     load_model,
     update_verdict,

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import shutil
+import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter
 from datetime import UTC, datetime, timedelta, timezone
@@ -35,6 +36,7 @@ from binloop.errors import (
     StoreUnavailableError,
     TransientError,
 )
+from binloop.ml.decisions import ModelUpdate
 from binloop.natsserver import NatsServer
 from binloop.storage import (
     LocalBlobStore,
@@ -51,17 +53,24 @@ from schemas.events import (
     DatasetSnapshot,
     DeadLetter,
     LabelAnnotated,
+    ModelMetrics,
+    ModelPromoted,
+    ModelRolledBack,
     SampleSelected,
 )
 from schemas.routes import (
     DATASETS_SNAPSHOT,
     LABELS_ANNOTATED,
+    MODELS_PROMOTED,
+    MODELS_ROLLED_BACK,
     SAMPLES_SELECTED,
     Route,
     dlq_subject,
 )
 from schemas.taxonomy import Taxonomy
-from services.edge_inferencer.models import ModelCache, ModelUpdate
+from services.edge_inferencer.models import (
+    ModelCache,
+)
 from services.labeling_bridge import LabelingBridgeSettings, create_app
 from services.labeling_bridge.app import LabelStudioParts
 from services.labeling_bridge.backends import (
@@ -957,6 +966,113 @@ async def test_predict_answers_a_frame_lost_while_it_reads_with_an_empty_predict
     kept, lost = body["results"]
     assert kept["result"][0]["value"]["choices"][0] in TAXONOMY.labels
     assert lost == {"result": [], "score": 0.0, "model_version": "tiny-cnn:v1"}
+
+
+@pytest.mark.integration
+async def test_the_ml_backend_keeps_the_rollback_that_overtook_the_promotion_it_undid(
+    js: JetStreamContext, nats_server: NatsServer, blob_store: LocalBlobStore, tmp_path: Path
+) -> None:
+    """The registry made v2 champion over v1 (replacing champion revision 1); an operator
+    rolled back to v1 (replacing revision 2) before the registry published that promotion,
+    whose clock runs ahead of the operator's. The bridge, serving v1, gets the rollback
+    first and the overtaken promotion after it, and must stay on v1."""
+    # Imported here: torch takes seconds to import and only these tests need it.
+    from tests.modelfactory import make_onnx_model
+
+    refs: dict[int, tuple[BlobRef, BlobRef]] = {}
+    for version in (1, 2):
+        onnx_path, card_path = make_onnx_model(
+            tmp_path / f"v{version}", TAXONOMY.labels, version=version, seed=version
+        )
+        refs[version] = (
+            blob_store.put(model_key("tiny-cnn", version, "model.onnx"), onnx_path.read_bytes()),
+            blob_store.put(model_key("tiny-cnn", version, "card.json"), card_path.read_bytes()),
+        )
+    metrics = ModelMetrics(
+        eval_set_id="c" * 64,
+        eval_items=1,
+        accuracy=0.5,
+        macro_f1=0.5,
+        compartment_accuracy=0.5,
+        per_class_f1={},
+    )
+    promoted_v1 = ModelPromoted(
+        producer="model-registry",
+        model_name="tiny-cnn",
+        model_version=1,
+        previous_version=None,
+        artifact=refs[1][0],
+        card=refs[1][1],
+        metrics=metrics,
+        reason="first",
+        champion_revision=0,
+    )
+    rollback = ModelRolledBack(
+        producer="binloop-cli",
+        model_name="tiny-cnn",
+        from_version=2,
+        to_version=1,
+        artifact=refs[1][0],
+        card=refs[1][1],
+        reason="regression",
+        champion_revision=2,
+    )
+    overtaken = promoted_v1.model_copy(
+        update={
+            "event_id": uuid.uuid4(),
+            "model_version": 2,
+            "previous_version": 1,
+            "artifact": refs[2][0],
+            "card": refs[2][1],
+            "reason": "better",
+            "champion_revision": 1,
+            "occurred_at": rollback.occurred_at + timedelta(seconds=5),
+        }
+    )
+    settings = LabelingBridgeSettings(
+        backend="label-studio",
+        label_studio_url="http://127.0.0.1:9",  # never reached: reconciliation just fails
+        label_studio_token="token",
+        webhook_secret="secret",
+        register_ml_backend=False,
+        reconcile_every_s=3600,
+        web_host="127.0.0.1",
+        web_port=0,
+        model_cache=tmp_path / "models",
+        blob_root=blob_store.root,
+        nats_url=nats_server.url,
+        http_port=0,
+        retry_delay_s=0.05,
+    )
+    parts = LabelStudioParts()
+    service = create_app(settings, store=blob_store, parts=parts)
+    champion = parts.champion
+    assert champion is not None
+    loop = asyncio.get_running_loop()
+    handled: asyncio.Queue[tuple[int, bool]] = asyncio.Queue()
+    install = champion.install
+
+    def watched_install(update: ModelUpdate, artifact: BlobRef, card: BlobRef) -> str | None:
+        try:
+            return install(update, artifact, card)
+        finally:
+            loop.call_soon_threadsafe(handled.put_nowait, (update.version, update.rollback))
+
+    champion.install = watched_install  # type: ignore[method-assign]
+    await service.start()
+    try:
+        for route, event, expected in [
+            (MODELS_PROMOTED, promoted_v1, (1, False)),
+            (MODELS_ROLLED_BACK, rollback, (1, True)),
+            (MODELS_PROMOTED, overtaken, (2, False)),
+        ]:
+            await js.publish(route.subject(), event.model_dump_json().encode())
+            # One at a time, so they are handled in the raced order.
+            assert await asyncio.wait_for(handled.get(), 30) == expected
+    finally:
+        await service.stop()
+
+    assert champion.model_version == "tiny-cnn:v1"
 
 
 def test_an_unreadable_label_record_is_left_out_not_fatal(

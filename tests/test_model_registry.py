@@ -23,6 +23,7 @@ from binloop.bus import Publisher, ensure_streams
 from binloop.bus.publish import Outgoing, PendingAcks, PublishTimeoutError
 from binloop.cli import app as binloop_cli
 from binloop.ml.card import ModelCard
+from binloop.ml.decisions import ModelUpdate, update_for
 from binloop.natsserver import NatsServer
 from binloop.runtime import ServiceApp, new_service
 from binloop.settings import ServiceSettings
@@ -46,8 +47,6 @@ from schemas.routes import (
 from services.edge_inferencer.models import (
     LoadedModel,
     ModelSlot,
-    ModelUpdate,
-    update_for,
     update_verdict,
 )
 from services.model_registry import (

@@ -7,6 +7,7 @@ import dataclasses
 import re
 import shutil
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +21,18 @@ from binloop.datasets import DatasetManifest, ManifestItem, import_image_folder,
 from binloop.errors import PermanentError
 from binloop.ml.backend import OnnxBackend
 from binloop.ml.card import ModelCard
+from binloop.ml.decisions import update_for
 from binloop.ml.preprocess import Preprocessor, decode_rgb
 from binloop.natsserver import NatsServer
 from binloop.storage import LocalBlobStore, model_key, sha256_hex
 from binloop.storage.blobstore import read_verified
 from schemas import DeadLetter
-from schemas.base import utc_now
+from schemas.base import BlobRef, utc_now
 from schemas.events import (
     DatasetSnapshot,
     ModelMetrics,
     ModelPromoted,
+    ModelRolledBack,
     TrainingCompleted,
     TrainingRequested,
 )
@@ -37,11 +40,13 @@ from schemas.routes import (
     DATASETS_SNAPSHOT,
     DLQ,
     MODELS_PROMOTED,
+    MODELS_ROLLED_BACK,
     TRAINING_COMPLETED,
     TRAINING_REQUESTED,
 )
 from schemas.taxonomy import Taxonomy
 from services.trainer import TrainerSettings, create_app
+from services.trainer.app import TrainerState, recall_champion
 from services.trainer.core import (
     InsufficientDataError,
     TrainingOutcome,
@@ -553,6 +558,71 @@ def _some_metrics() -> ModelMetrics:
         compartment_accuracy=0.5,
         per_class_f1={},
     )
+
+
+def _raced_pair(ref: BlobRef) -> tuple[ModelRolledBack, ModelPromoted]:
+    """The registry made v2 champion over v1 (replacing champion revision 1); an operator
+    rolled back to v1 (replacing revision 2) before the registry published that promotion,
+    whose clock runs ahead of the operator's: the rollback is the newer decision, the
+    promotion the later event."""
+    rollback = ModelRolledBack(
+        producer="binloop-cli",
+        model_name="binloop-waste",
+        from_version=2,
+        to_version=1,
+        artifact=ref,
+        card=ref,
+        reason="regression",
+        champion_revision=2,
+    )
+    overtaken = ModelPromoted(
+        producer="model-registry",
+        model_name="binloop-waste",
+        model_version=2,
+        previous_version=1,
+        artifact=ref,
+        card=ref,
+        metrics=_some_metrics(),
+        reason="better",
+        champion_revision=1,
+        occurred_at=rollback.occurred_at + timedelta(seconds=5),
+    )
+    return rollback, overtaken
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("rollback_first", [True, False])
+async def test_a_restarted_trainer_keeps_the_rollback_that_overtook_the_promotion_it_undid(
+    js: JetStreamContext, blob_store: LocalBlobStore, rollback_first: bool
+) -> None:
+    ref = blob_store.put("models/binloop-waste/v1/model.onnx", b"onnx")
+    rollback, overtaken = _raced_pair(ref)
+    published = [(MODELS_ROLLED_BACK, rollback), (MODELS_PROMOTED, overtaken)]
+    for route, event in published if rollback_first else reversed(published):
+        await js.publish(route.subject(), event.model_dump_json().encode())
+
+    state = TrainerState()
+    await recall_champion(js, "binloop-waste", state)
+
+    assert state.champion == 1
+
+
+def test_the_trainer_follows_the_registrys_order_not_the_order_of_arrival() -> None:
+    ref = BlobRef(uri="file:///m", key="m", sha256="a" * 64, size=1)
+    rollback, overtaken = _raced_pair(ref)
+    for arrival in ([rollback, overtaken], [overtaken, rollback]):
+        state = TrainerState()
+        for event in arrival:
+            state.follow(update_for(event))
+        assert state.champion == 1, arrival
+    # A rollback to the champion followed already is the decision on record too.
+    promoted_v1 = overtaken.model_copy(
+        update={"model_version": 1, "previous_version": None, "champion_revision": 0}
+    )
+    state = TrainerState()
+    for event in (promoted_v1, rollback, overtaken):
+        state.follow(update_for(event))
+    assert state.champion == 1
 
 
 def test_a_run_with_enough_val_items_bakes_the_fitted_temperature_into_the_graph(

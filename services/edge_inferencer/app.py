@@ -25,6 +25,7 @@ from binloop.errors import (
     StoreUnavailableError,
     TransientError,
 )
+from binloop.ml.decisions import ModelUpdate, is_older, update_for
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from binloop.storage import open_store
@@ -48,11 +49,8 @@ from services.edge_inferencer.models import (
     MODEL_ACK_WAIT_S,
     ModelCache,
     ModelSlot,
-    ModelUpdate,
     card_path_for,
-    is_older,
     load_model,
-    update_for,
     update_verdict,
 )
 from services.edge_inferencer.settings import EdgeInferencerSettings

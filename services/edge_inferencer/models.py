@@ -18,13 +18,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from binloop.errors import ConfigError, ModelLoadError, NotReadyError
 from binloop.ml.backend import InferenceBackend, OnnxBackend
 from binloop.ml.card import ModelCard
+from binloop.ml.decisions import ModelUpdate, is_older
 from binloop.ml.preprocess import Preprocessor
 from binloop.observability import metrics
 from binloop.storage import sha256_hex
 from binloop.storage.blobstore import read_verified
 from binloop.storage.files import write_atomically
 from schemas.base import BlobRef
-from schemas.events import ModelPromoted, ModelRolledBack
 
 log = logging.getLogger(__name__)
 
@@ -48,37 +48,6 @@ def card_path_for(onnx_path: Path) -> Path:
     if shared.exists():
         return shared
     raise ConfigError(f"no model card for {onnx_path}: looked for {beside.name} and card.json")
-
-
-@dataclass(frozen=True)
-class ModelUpdate:
-    """A registry decision to serve (name, version), issued at `issued_at`."""
-
-    name: str
-    version: int
-    issued_at: datetime
-    rollback: bool = False
-    artifact_sha256: str | None = None
-    """sha256 of the ONNX file the decision names (its BlobRef's); None when unknown."""
-    champion_revision: int | None = None
-    """The registry's order of its decisions (the events' champion_revision); None from
-    registries before it was sent."""
-
-
-def is_older(update: ModelUpdate, installed_by: ModelUpdate) -> bool:
-    """Whether the registry decided `update` no later than the decision `installed_by`.
-
-    By the champion key's revision when both carry one (for the same model): it orders the
-    registry's decisions whatever the order they arrive in and whatever the clocks of the
-    machines that stamped them (the registry's, an operator's running `binloop rollback`);
-    see services.model_registry.core.registration_events. Otherwise by issue time."""
-    if (
-        update.name == installed_by.name
-        and update.champion_revision is not None
-        and installed_by.champion_revision is not None
-    ):
-        return update.champion_revision <= installed_by.champion_revision
-    return update.issued_at <= installed_by.issued_at
 
 
 @dataclass(frozen=True)
@@ -252,26 +221,6 @@ class ModelCache:
         )
 
 
-def update_for(event: ModelPromoted | ModelRolledBack) -> ModelUpdate:
-    """The registry event as the update it asks of a bin."""
-    if isinstance(event, ModelRolledBack):
-        return ModelUpdate(
-            event.model_name,
-            event.to_version,
-            event.occurred_at,
-            rollback=True,
-            artifact_sha256=event.artifact.sha256,
-            champion_revision=event.champion_revision,
-        )
-    return ModelUpdate(
-        event.model_name,
-        event.model_version,
-        event.occurred_at,
-        artifact_sha256=event.artifact.sha256,
-        champion_revision=event.champion_revision,
-    )
-
-
 def update_verdict(current: LoadedModel | None, update: ModelUpdate) -> str | None:
     """None when `update` should replace `current`; otherwise why it is skipped.
 
@@ -301,6 +250,23 @@ def update_verdict(current: LoadedModel | None, update: ModelUpdate) -> str | No
     if same_model and not update.rollback and update.version < card.version:
         return f"v{update.version} is not newer than the served v{card.version}"
     return None
+
+
+def acknowledged(current: LoadedModel | None, update: ModelUpdate) -> LoadedModel | None:
+    """`current` with `update` as the decision behind it, when `update` names that very model
+    and is newer than the decision that installed it: typically a rollback to the version
+    served (nothing to install). Without it, a decision the registry made before that
+    rollback but published after it (a promotion whose publish the rollback overtook) would
+    be newer than the one on record and replace the rolled-back-to model. Only for a model a
+    registry event installed (one from default_model keeps None); None when nothing changes.
+    """
+    if current is None or current.installed_by is None:
+        return None
+    if (current.card.name, current.card.version) != (update.name, update.version):
+        return None
+    if is_older(update, current.installed_by):
+        return None
+    return dataclasses.replace(current, installed_by=update)
 
 
 SwapListener = Callable[[LoadedModel], None]
@@ -353,22 +319,13 @@ class ModelSlot:
         return None
 
     async def acknowledge(self, update: ModelUpdate) -> bool:
-        """Records `update` as the decision behind the served model when it names that very
-        model and is newer than the decision that installed it, typically a rollback to the
-        version served (nothing to install). Without it, a decision the registry made before
-        that rollback but published after it (a promotion whose publish the rollback
-        overtook) would be newer than the one on record and replace the rolled-back-to model.
-        Only for a model a registry event installed: one from default_model keeps None.
+        """Records `update` as the decision behind the served model (see acknowledged).
         Returns whether it recorded it (the caller then remembers the served model)."""
         async with self._lock:
-            current = self._current
-            if current is None or current.installed_by is None:
+            recorded = acknowledged(self._current, update)
+            if recorded is None:
                 return False
-            if (current.card.name, current.card.version) != (update.name, update.version):
-                return False
-            if is_older(update, current.installed_by):
-                return False
-            self._current = dataclasses.replace(current, installed_by=update)
+            self._current = recorded
         return True
 
     def _record_swap(self, previous: LoadedModel | None, model: LoadedModel) -> None:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from binloop.bus import Delivery, Outgoing, subscribe
 from binloop.errors import BinloopError, ConfigError, PermanentError, TransientError
+from binloop.ml.decisions import ModelUpdate, update_for
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from binloop.storage import BlobStore, PresigningStore, open_store, reconcile_cursor_key
@@ -34,7 +35,7 @@ from schemas.routes import (
     MODELS_ROLLED_BACK,
     SAMPLES_SELECTED,
 )
-from services.edge_inferencer.models import MODEL_ACK_WAIT_S, ModelCache, ModelUpdate
+from services.edge_inferencer.models import MODEL_ACK_WAIT_S, ModelCache
 from services.labeling_bridge.backends import (
     LabelingBackend,
     LabelStudioBackend,
@@ -444,14 +445,12 @@ def _attach_label_studio(
 
     async def on_promoted(delivery: Delivery[ModelPromoted]) -> list[Outgoing]:
         event = delivery.event
-        update = ModelUpdate(event.model_name, event.model_version, event.occurred_at)
-        await install(update, event.artifact, event.card)
+        await install(update_for(event), event.artifact, event.card)
         return []
 
     async def on_rolled_back(delivery: Delivery[ModelRolledBack]) -> list[Outgoing]:
         event = delivery.event
-        update = ModelUpdate(event.model_name, event.to_version, event.occurred_at, rollback=True)
-        await install(update, event.artifact, event.card)
+        await install(update_for(event), event.artifact, event.card)
         return []
 
     service.on_start.append(start_web)

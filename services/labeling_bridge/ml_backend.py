@@ -1,6 +1,7 @@
 """The Label Studio ML backend: predictions from the current champion model, so annotators see
 live pre-annotations. Which model is the champion follows models.promoted and
-models.rolled_back (see app.py). No bus and no HTTP here.
+models.rolled_back (see app.py), in the registry's order of its decisions as the edge does
+(services.edge_inferencer.models.update_verdict). No bus and no HTTP here.
 
 Label Studio's protocol: POST /setup answers {"model_version"}; POST /predict gets
 {"tasks": [...]} and answers {"results": [...]}, one prediction per task, in order.
@@ -20,10 +21,11 @@ from binloop.errors import (
     MissingBlobError,
     NotReadyError,
 )
+from binloop.ml.decisions import ModelUpdate
 from binloop.ml.preprocess import decode_rgb
 from binloop.storage import BlobStore, sha256_hex
 from schemas.base import BlobRef
-from services.edge_inferencer.models import LoadedModel, ModelCache, ModelUpdate, update_verdict
+from services.edge_inferencer.models import LoadedModel, ModelCache, acknowledged, update_verdict
 from services.labeling_bridge.intake import TaskData
 from services.labeling_bridge.label_studio import choice_result, model_version_of
 
@@ -31,7 +33,8 @@ NO_MODEL = "none"
 
 
 class Champion:
-    """The model the ML backend predicts with: the latest promotion (or rollback) wins."""
+    """The model the ML backend predicts with: the promotion (or rollback) the registry
+    decided last wins, whatever the order they arrive in."""
 
     def __init__(self, cache: ModelCache) -> None:
         self.cache = cache
@@ -56,9 +59,14 @@ class Champion:
 
     def install(self, update: ModelUpdate, artifact: BlobRef, card: BlobRef) -> str | None:
         """Downloads and loads the model unless it is stale or already served. Blocking.
-        Returns why it was skipped, or None."""
+        Returns why it was skipped, or None. A rollback to the model served is recorded as
+        the decision behind it (see acknowledged), so the promotion it overtook is stale."""
         skipped = update_verdict(self._current, update)
         if skipped is not None:
+            with self._lock:
+                recorded = acknowledged(self._current, update)
+                if recorded is not None:
+                    self._current = recorded
             return skipped
         model = self.cache.fetch(update, artifact, card)
         with self._lock:

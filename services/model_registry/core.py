@@ -348,8 +348,8 @@ def registration_events(
     before it. Both events carry the revision their change replaced (`champion_revision`;
     here the one the decision was made against, which is the one its promotion replaced),
     and a consumer ignores an event whose revision is not above the one it applied last
-    (services.edge_inferencer.models.update_verdict): whatever the order of arrival, a bin
-    ends on the registry's champion.
+    (binloop.ml.decisions.is_older, applied by bins, the trainer and the labeling bridge):
+    whatever the order of arrival, each ends on the registry's champion.
     """
     registered = ModelRegistered(
         event_id=_decision_event_id(record, "registered"),

@@ -4,7 +4,8 @@ Training runs in a worker process (binloop.worker), one run at a time, so it nev
 the service's event loop (nor, in `binloop up`, the other services'); the bus wrapper keeps
 the message alive while it works, and a stop or a taken-back message stops the training too.
 The current champion (the parent of the next model) is followed from models.promoted and
-models.rolled_back.
+models.rolled_back, in the registry's order of its decisions (binloop.ml.decisions), not in
+the order they arrive.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from binloop.bus import Delivery, Outgoing, subscribe
 from binloop.datasets import DatasetManifest
+from binloop.ml.decisions import ModelUpdate, is_older, update_for
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from binloop.storage import BlobStore, open_store, training_run_key
@@ -57,13 +58,16 @@ class TrainerState:
     eval_set_id: str | None = None
     """Of the evaluation set the worker process loaded (and checked) at start."""
     champion: int | None = None
-    champion_at: datetime | None = None
+    champion_by: ModelUpdate | None = None
+    """The registry decision (promotion or rollback) that named the champion."""
     one_run_at_a_time: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def follow(self, version: int, at: datetime) -> None:
-        """A newer promotion or rollback names the champion; a redelivered older one does not."""
-        if self.champion_at is None or at >= self.champion_at:
-            self.champion, self.champion_at = version, at
+    def follow(self, update: ModelUpdate) -> None:
+        """A promotion or rollback the registry decided after the one on record names the
+        champion; an older one (redelivered, or a promotion whose publish a rollback
+        overtook) does not. A rollback to the champion itself becomes the one on record."""
+        if self.champion_by is None or not is_older(update, self.champion_by):
+            self.champion, self.champion_by = update.version, update
 
 
 async def recall_champion(js: JetStreamContext, model_name: str, state: TrainerState) -> None:
@@ -77,10 +81,8 @@ async def recall_champion(js: JetStreamContext, model_name: str, state: TrainerS
         if raw.data is None:
             continue
         event = route.model.model_validate_json(raw.data)
-        if isinstance(event, ModelPromoted) and event.model_name == model_name:
-            state.follow(event.model_version, event.occurred_at)
-        elif isinstance(event, ModelRolledBack) and event.model_name == model_name:
-            state.follow(event.to_version, event.occurred_at)
+        if isinstance(event, ModelPromoted | ModelRolledBack) and event.model_name == model_name:
+            state.follow(update_for(event))
 
 
 def _outcome_of(error: BaseException) -> str:
@@ -203,12 +205,12 @@ def create_app(settings: TrainerSettings) -> ServiceApp:
 
     async def on_promoted(delivery: Delivery[ModelPromoted]) -> list[Outgoing]:
         if delivery.event.model_name == settings.model_name:
-            state.follow(delivery.event.model_version, delivery.event.occurred_at)
+            state.follow(update_for(delivery.event))
         return []
 
     async def on_rolled_back(delivery: Delivery[ModelRolledBack]) -> list[Outgoing]:
         if delivery.event.model_name == settings.model_name:
-            state.follow(delivery.event.to_version, delivery.event.occurred_at)
+            state.follow(update_for(delivery.event))
         return []
 
     subscribe(

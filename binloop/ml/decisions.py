@@ -1,0 +1,65 @@
+"""The registry's decisions on which model is champion (models.promoted, models.rolled_back)
+and their order, the one rule every follower of the champion applies (the edge, the trainer,
+the labeling bridge's ML backend)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from schemas.events import ModelPromoted, ModelRolledBack
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    """A registry decision to serve (name, version), issued at `issued_at`."""
+
+    name: str
+    version: int
+    issued_at: datetime
+    rollback: bool = False
+    artifact_sha256: str | None = None
+    """sha256 of the ONNX file the decision names (its BlobRef's); None when unknown."""
+    champion_revision: int | None = None
+    """The registry's order of its decisions (the events' champion_revision); None from
+    registries before it was sent."""
+
+
+def is_older(update: ModelUpdate, installed_by: ModelUpdate) -> bool:
+    """Whether the registry decided `update` no later than the decision `installed_by`.
+
+    By the champion key's revision when both carry one (for the same model): it orders the
+    registry's decisions whatever the order they arrive in and whatever the clocks of the
+    machines that stamped them (the registry's, an operator's running `binloop rollback`);
+    see services.model_registry.core.registration_events. Otherwise by issue time.
+
+    A follower records every decision that is not older as the one on record, also one that
+    names the model it already follows (a rollback to it): a promotion whose publish that
+    rollback overtook is then older, and skipped."""
+    if (
+        update.name == installed_by.name
+        and update.champion_revision is not None
+        and installed_by.champion_revision is not None
+    ):
+        return update.champion_revision <= installed_by.champion_revision
+    return update.issued_at <= installed_by.issued_at
+
+
+def update_for(event: ModelPromoted | ModelRolledBack) -> ModelUpdate:
+    """The registry event as the decision it announces."""
+    if isinstance(event, ModelRolledBack):
+        return ModelUpdate(
+            event.model_name,
+            event.to_version,
+            event.occurred_at,
+            rollback=True,
+            artifact_sha256=event.artifact.sha256,
+            champion_revision=event.champion_revision,
+        )
+    return ModelUpdate(
+        event.model_name,
+        event.model_version,
+        event.occurred_at,
+        artifact_sha256=event.artifact.sha256,
+        champion_revision=event.champion_revision,
+    )
