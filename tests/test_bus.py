@@ -1183,59 +1183,34 @@ async def test_a_message_whose_handling_is_stopped_too_often_is_dead_lettered_at
     assert (await js.stream_info("DLQ")).state.messages == 1
 
 
-async def test_a_redelivery_whose_record_says_stopped_too_often_is_dead_lettered_unhandled(
-    js: JetStreamContext, nats_client: Client, nats_server: Any
+@pytest.mark.parametrize(
+    ("record", "max_stops", "error_type", "reason"),
+    [
+        # As three dead processes would have left it: 3 deaths (max_deliveries).
+        (b"3", 8, "UnfinishedHandlingError", "handling ended the process 3 times"),
+        # As a stop whose dead letter could not be published leaves it: no deaths, 3 stops,
+        # above max_stops=2.
+        (b"0,3", 2, "StoppedHandlingError", "handling was stopped 3 times"),
+    ],
+)
+async def test_a_redelivery_whose_record_says_too_often_is_dead_lettered_unhandled(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: Any,
+    record: bytes,
+    max_stops: int,
+    error_type: str,
+    reason: str,
 ) -> None:
-    """As a stop whose dead letter could not be published leaves it: no deaths, 3 stops,
-    above max_stops=2. The redelivery is dead-lettered before its handler runs."""
+    """The first delivery does not read the handling record; the redelivery goes to the
+    dead-letter subject with the reason instead of to the handler, and the record goes."""
     from binloop.bus.handling import BUCKET, record_key
 
-    event = TrainingRequested(producer="test", dataset_name="stopped-often")
+    event = TrainingRequested(producer="test", dataset_name="seeded")
     ack = await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
     kv = await js.key_value(BUCKET)
-    await kv.put(record_key(("ENGINE", "stop-seeded", ack.seq)), b"0,3")
-    settings = _settings(nats_server.url, max_stops=2)
-    service = new_service("stop-seeded", settings)
-    attempts: list[int] = []
-
-    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
-        attempts.append(delivery.attempt)
-        raise NotReadyError("not yet")
-
-    subscribe(
-        service.broker,
-        service.publisher,
-        TRAINING_REQUESTED,
-        handle,
-        durable="stop-seeded",
-        policy=service.policy,
-    )
-    dlq = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
-    await service.start()
-    try:
-        (letter,) = await dlq.wait_for(1)
-        assert await _wait_until_settled(js, "stop-seeded")
-    finally:
-        await service.stop()
-    assert attempts == [1]
-    assert letter.error_type == "StoppedHandlingError"
-    assert "handling was stopped 3 times without an outcome" in letter.error
-    assert await _handling_records(js) == 0
-
-
-async def test_a_message_that_ended_its_process_too_often_is_dead_lettered_unhandled(
-    js: JetStreamContext, nats_client: Client, nats_server: Any
-) -> None:
-    """As three dead processes would have left it: its record says 3 (max_deliveries). The
-    first delivery does not read it; the redelivery goes to the dead-letter subject with the
-    reason instead of to the handler, and the record goes."""
-    from binloop.bus.handling import BUCKET, record_key
-
-    event = TrainingRequested(producer="test", dataset_name="deadly")
-    ack = await js.publish(TRAINING_REQUESTED.subject(), event.model_dump_json().encode())
-    kv = await js.key_value(BUCKET)
-    await kv.put(record_key(("ENGINE", "seeded", ack.seq)), b"3")
-    service = new_service("seeded", _settings(nats_server.url))
+    await kv.put(record_key(("ENGINE", "seeded", ack.seq)), record)
+    service = new_service("seeded", _settings(nats_server.url, max_stops=max_stops))
     attempts: list[int] = []
 
     async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
@@ -1258,8 +1233,8 @@ async def test_a_message_that_ended_its_process_too_often_is_dead_lettered_unhan
     finally:
         await service.stop()
     assert attempts == [1]
-    assert letter.error_type == "UnfinishedHandlingError"
-    assert "handling ended the process 3 times without an outcome" in letter.error
+    assert letter.error_type == error_type
+    assert f"{reason} without an outcome" in letter.error
     assert letter.delivery_attempt == 2
     assert await _handling_records(js) == 0
 
