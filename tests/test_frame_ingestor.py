@@ -27,7 +27,7 @@ from binloop.bus.publish import PublishTimeoutError
 from binloop.errors import ConfigError, CorruptFrameError
 from binloop.natsserver import NatsServer
 from binloop.runtime import new_service
-from binloop.storage import LocalBlobStore, sha256_hex, spool_key
+from binloop.storage import SPOOL_ANNOUNCING_SUFFIX, LocalBlobStore, sha256_hex, spool_key
 from schemas.base import BlobRef
 from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED
@@ -45,7 +45,6 @@ from services.frame_ingestor.sources import (
     label_from_folder,
     open_source,
 )
-from services.uploader.spool import ANNOUNCING_SUFFIX
 from tests.helpers import Collector
 
 DEMO_STREAM = Path(__file__).resolve().parent.parent / "data" / "demo" / "stream"
@@ -501,11 +500,11 @@ async def test_each_frame_waits_in_the_outbox_until_jetstream_has_it(tmp_path: P
 
     assert stats.published == 2
     assert [e.sequence for e in held] == [0, 1]
-    assert not [key for key in spool.list("bin-7/") if key.endswith(ANNOUNCING_SUFFIX)]
+    assert not [key for key in spool.list("bin-7/") if key.endswith(SPOOL_ANNOUNCING_SUFFIX)]
 
 
 def _marker(event: FrameCaptured) -> str:
-    return event.spool.key + ANNOUNCING_SUFFIX
+    return event.spool.key + SPOOL_ANNOUNCING_SUFFIX
 
 
 def _spool_as_if_killed(spool: LocalBlobStore, jpeg: bytes, sequence: int) -> FrameCaptured:
@@ -533,7 +532,7 @@ async def test_leftovers_are_announced_as_they_were_and_broken_markers_dropped(
     # A marker that names another frame than the one it sits beside.
     misplaced_key = spool_key(BIN, sha256_hex(misplaced))
     spool.put(misplaced_key, misplaced)
-    spool.put(misplaced_key + ANNOUNCING_SUFFIX, leftovers[0].model_dump_json().encode())
+    spool.put(misplaced_key + SPOOL_ANNOUNCING_SUFFIX, leftovers[0].model_dump_json().encode())
 
     dropped: list[str] = []
     sent: list[FrameCaptured] = []
@@ -551,7 +550,7 @@ async def test_leftovers_are_announced_as_they_were_and_broken_markers_dropped(
     assert announced == 2
     assert sent == leftovers  # the same events, event ids included, oldest capture first
     assert sorted(dropped) == ["frame_gone", "unreadable_marker", "unreadable_marker"]
-    assert not [key for key in spool.list(f"{BIN}/") if key.endswith(ANNOUNCING_SUFFIX)]
+    assert not [key for key in spool.list(f"{BIN}/") if key.endswith(SPOOL_ANNOUNCING_SUFFIX)]
     for event in (*leftovers, garbled_event):
         assert spool.exists(event.spool.key)  # frames are the uploader's to reclaim
     warnings = " ".join(r.getMessage() for r in caplog.records)
@@ -627,7 +626,7 @@ async def test_a_frame_left_unannounced_by_a_killed_ingestor_is_announced_once_a
     (unannounced,) = [
         FrameCaptured.model_validate_json(spool.get(key))
         for key in spool.list(f"{BIN}/")
-        if key.endswith(ANNOUNCING_SUFFIX)
+        if key.endswith(SPOOL_ANNOUNCING_SUFFIX)
     ]
     assert spool.exists(unannounced.spool.key)
 
@@ -657,7 +656,7 @@ async def test_a_frame_left_unannounced_by_a_killed_ingestor_is_announced_once_a
     assert [e.event_id for e in events[:2]] == [stored.event_id, unannounced.event_id]
     assert [e.source for e in events[2:]] == ["new", "new"]
     assert events[1] == unannounced
-    assert not [key for key in spool.list(f"{BIN}/") if key.endswith(ANNOUNCING_SUFFIX)]
+    assert not [key for key in spool.list(f"{BIN}/") if key.endswith(SPOOL_ANNOUNCING_SUFFIX)]
     assert _unannounced_count("frame_gone") == gone_before + 1
 
 

@@ -31,7 +31,14 @@ from binloop.errors import (
     TransientError,
 )
 from binloop.natsserver import NatsServer
-from binloop.storage import BlobStore, LocalBlobStore, frame_key, sha256_hex, spool_key
+from binloop.storage import (
+    SPOOL_ANNOUNCING_SUFFIX,
+    BlobStore,
+    LocalBlobStore,
+    frame_key,
+    sha256_hex,
+    spool_key,
+)
 from schemas.base import BlobRef
 from schemas.events import DeadLetter, FleetHeartbeat, FrameCaptured, FrameStored
 from schemas.routes import DLQ, FLEET_HEARTBEAT, FRAMES_CAPTURED, FRAMES_STORED
@@ -45,7 +52,6 @@ from services.uploader.queue import QueuedFrame, UploadQueue
 from services.uploader.readers import SPOOL_TO_EVENT_SLACK_S, unread_since
 from services.uploader.schedule import UploadSchedule
 from services.uploader.spool import (
-    ANNOUNCING_SUFFIX,
     DEAD_LETTERED_SUFFIX,
     UPLOADED_SUFFIX,
     Spool,
@@ -1353,13 +1359,15 @@ def test_a_frame_whose_announce_is_pending_is_neither_swept_nor_dropped(tmp_path
     uploaded_at = time.time()
     FrameUploader(spool, LocalBlobStore(tmp_path / "blobs"), lambda: uploaded_at).upload(uploaded)
     # Captured again, killed before JetStream acked that capture's event.
-    spool.store.put(uploaded.spool.key + ANNOUNCING_SUFFIX, uploaded.model_dump_json().encode())
+    spool.store.put(
+        uploaded.spool.key + SPOOL_ANNOUNCING_SUFFIX, uploaded.model_dump_json().encode()
+    )
     # Killed between writing a marker and its frame, long ago; and a marker just written.
-    orphan = orphaned.spool.key + ANNOUNCING_SUFFIX
+    orphan = orphaned.spool.key + SPOOL_ANNOUNCING_SUFFIX
     spool.store.put(orphan, orphaned.model_dump_json().encode())
     spool.store.delete(orphaned.spool.key)
     os.utime(spool.store.root / orphan, (uploaded_at - 120, uploaded_at - 120))
-    fresh = f"{BIN}/zz/{'f' * 64}.jpg{ANNOUNCING_SUFFIX}"
+    fresh = f"{BIN}/zz/{'f' * 64}.jpg{SPOOL_ANNOUNCING_SUFFIX}"
     spool.store.put(fresh, b"{}")
 
     scan = spool.sweep(uploaded_at + 30, retention_s=0)
@@ -1371,7 +1379,7 @@ def test_a_frame_whose_announce_is_pending_is_neither_swept_nor_dropped(tmp_path
     spool.discard(uploaded.spool.key)  # the spool-full policy's deletion
     assert spool.store.exists(uploaded.spool.key)
 
-    spool.store.delete(uploaded.spool.key + ANNOUNCING_SUFFIX)  # announced
+    spool.store.delete(uploaded.spool.key + SPOOL_ANNOUNCING_SUFFIX)  # announced
     assert spool.sweep(uploaded_at + 30, retention_s=0).deleted == 1
     assert not spool.store.exists(uploaded.spool.key)
 

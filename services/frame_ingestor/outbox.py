@@ -19,8 +19,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from binloop.storage import SPOOL_ANNOUNCING_SUFFIX as ANNOUNCING_SUFFIX
-from binloop.storage import LocalBlobStore
+from binloop.storage import SPOOL_ANNOUNCING_SUFFIX, LocalBlobStore
 from binloop.storage.files import write_atomically
 from schemas.events import FrameCaptured
 
@@ -48,12 +47,12 @@ class Outbox:
         """Keep the event until `release`: call before the frame is written to the spool."""
         data = event.model_dump_json().encode()
         write_atomically(
-            self.spool.root / (event.spool.key + ANNOUNCING_SUFFIX), data, durable=False
+            self.spool.root / (event.spool.key + SPOOL_ANNOUNCING_SUFFIX), data, durable=False
         )
 
     def release(self, event: FrameCaptured) -> None:
         """JetStream stored the event: nothing is left to announce for it."""
-        self.spool.delete(event.spool.key + ANNOUNCING_SUFFIX)
+        self.spool.delete(event.spool.key + SPOOL_ANNOUNCING_SUFFIX)
 
     def leftovers(self) -> list[FrameCaptured]:
         """The events a killed ingestor did not see acked, in capture order. A marker whose frame
@@ -61,9 +60,9 @@ class Outbox:
         warning."""
         events = []
         for key in self.spool.list(f"{self.bin_id}/"):
-            if not key.endswith(ANNOUNCING_SUFFIX):
+            if not key.endswith(SPOOL_ANNOUNCING_SUFFIX):
                 continue
-            frame_key = key.removesuffix(ANNOUNCING_SUFFIX)
+            frame_key = key.removesuffix(SPOOL_ANNOUNCING_SUFFIX)
             try:
                 event = FrameCaptured.model_validate_json((self.spool.root / key).read_bytes())
             except FileNotFoundError:

@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 class TrainerState:
     eval_set_id: str | None = None
     """Of the evaluation set the worker process loaded (and checked) at start."""
-    champion: int | None = None
     champion_by: ModelUpdate | None = None
     """The registry decision (promotion or rollback) that named the champion."""
     one_run_at_a_time: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -67,7 +66,12 @@ class TrainerState:
         champion; an older one (redelivered, or a promotion whose publish a rollback
         overtook) does not. A rollback to the champion itself becomes the one on record."""
         if self.champion_by is None or not is_older(update, self.champion_by):
-            self.champion, self.champion_by = update.version, update
+            self.champion_by = update
+
+    @property
+    def champion(self) -> int | None:
+        """The champion's version: the parent of the next model."""
+        return None if self.champion_by is None else self.champion_by.version
 
 
 async def recall_champion(js: JetStreamContext, model_name: str, state: TrainerState) -> None:

@@ -40,8 +40,7 @@ log = logging.getLogger(__name__)
 UPLOADED_SUFFIX = ".uploaded"
 DEAD_LETTERED_SUFFIX = ".dead_lettered"
 MARKER_SUFFIXES = (UPLOADED_SUFFIX, DEAD_LETTERED_SUFFIX)
-ANNOUNCING_SUFFIX = SPOOL_ANNOUNCING_SUFFIX
-NOT_FRAME_SUFFIXES = (*MARKER_SUFFIXES, ANNOUNCING_SUFFIX)
+NOT_FRAME_SUFFIXES = (*MARKER_SUFFIXES, SPOOL_ANNOUNCING_SUFFIX)
 ORPHAN_ANNOUNCING_GRACE_S = 60.0
 """An announce marker is written just before its frame, so one without a frame is an orphan
 (the ingestor was killed in between) only once it is older than this."""
@@ -113,7 +112,7 @@ class Spool:
 
     def is_announcing(self, key: str) -> bool:
         """The frame-ingestor has not had a capture of this frame acked by JetStream yet."""
-        return self.store.exists(key + ANNOUNCING_SUFFIX)
+        return self.store.exists(key + SPOOL_ANNOUNCING_SUFFIX)
 
     def uploaded_at(self, key: str) -> float | None:
         """When the frame was uploaded, or None when it is not marked (or the mark is unreadable:
@@ -180,7 +179,10 @@ class Spool:
             for suffix in MARKER_SUFFIXES:
                 if marker.endswith(suffix) and marker[: -len(suffix)] not in keys:
                     self.store.delete(marker)
-            if marker.endswith(ANNOUNCING_SUFFIX) and marker[: -len(ANNOUNCING_SUFFIX)] not in keys:
+            if (
+                marker.endswith(SPOOL_ANNOUNCING_SUFFIX)
+                and marker.removesuffix(SPOOL_ANNOUNCING_SUFFIX) not in keys
+            ):
                 self._drop_orphan_announce_marker(marker, now)
         return SpoolScan(pending=pending, kept=kept, deleted=deleted)
 
