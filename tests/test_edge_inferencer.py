@@ -197,6 +197,11 @@ def _loaded(version: int, by: ModelUpdate | None, files: dict[int, ModelFiles]) 
     return load_model(model.onnx, model.card, installed_by=by)
 
 
+def _input_phash(model: LoadedModel, data: bytes) -> str:
+    """The hash the edge sends: of the frame resized to the model's input, not normalised."""
+    return phash(model.preprocessor.resize(model.preprocessor.decode(data)))
+
+
 def test_update_rules(models: dict[int, ModelFiles]) -> None:
     v2 = _loaded(2, ModelUpdate("tiny-cnn", 2, T0), models)
     later = T0 + timedelta(minutes=1)
@@ -398,8 +403,9 @@ def test_classify_times_every_stage_and_builds_matching_events(
     assert result.compartment == Taxonomy().compartment_for(result.label)
     assert (result.ground_truth, result.frame_event_id) == ("metal", str(frame.event_id))
     assert (command.compartment, command.model_version) == (result.compartment, 1)
-    # The pHash of the decoded frame rides along for the sampler's near-duplicate filter.
-    assert result.phash == phash(decode_rgb(data))
+    # The pHash of the frame at the model's input size rides along for the sampler's
+    # near-duplicate filter.
+    assert result.phash == _input_phash(model, data)
     # A redelivered frame republishes the same ids, which JetStream deduplicates.
     assert again.event_id == result.event_id
     assert command.event_id != result.event_id
@@ -533,8 +539,9 @@ async def test_every_frame_gets_one_result_and_one_command(
     assert Counter(r.frame_event_id for r in results.items) == Counter(sent.keys())
     assert Counter(c.frame_event_id for c in commands.items) == Counter(sent.keys())
     by_frame = {c.frame_event_id: c for c in commands.items}
+    served = _loaded(1, None, models)
     phashes = {
-        sha256_hex(data): phash(decode_rgb(data))
+        sha256_hex(data): _input_phash(served, data)
         for data in (path.read_bytes() for path in _demo_frames(2))
     }
     for result in results.items:

@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY
 
 from binloop.bus.publish import PublishTimeoutError
 from binloop.errors import ConfigError, CorruptFrameError
+from binloop.ml.preprocess import jpeg_size
 from binloop.natsserver import NatsServer
 from binloop.runtime import new_service
 from binloop.storage import SPOOL_ANNOUNCING_SUFFIX, LocalBlobStore, sha256_hex, spool_key
@@ -33,7 +34,7 @@ from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED
 from services.frame_ingestor import FrameIngestorSettings, core, create_app, run_capture
 from services.frame_ingestor.core import CapturePlan, RateSchedule, announce_leftovers, capture
-from services.frame_ingestor.jpeg import as_jpeg, jpeg_size
+from services.frame_ingestor.jpeg import as_jpeg
 from services.frame_ingestor.outbox import Outbox
 from services.frame_ingestor.sources import (
     ImageFolderSource,

@@ -185,7 +185,9 @@ def load_images(
         data = path.read_bytes()
         rgb = decode_rgb(data)
         shas.append(hashlib.sha256(data).hexdigest())
-        hashes.append(phash(rgb))  # what the edge inferencer puts on InferenceResult.phash
+        # The edge hashes the frame at its model's input size: within 2 bits of this on
+        # TrashNet (docs/active-learning.md, Near-duplicates).
+        hashes.append(phash(rgb))
         small.append(cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA))
     return np.stack(small), shas, hashes
 

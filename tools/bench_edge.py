@@ -321,8 +321,8 @@ class EdgePath:
         )
         breakdown.add("classify", inside)
         breakdown.add("read", stages.read_ms)
-        breakdown.add("decode+phash", stages.decode_ms)
-        breakdown.add("preproc", stages.preprocess_ms)
+        breakdown.add("decode", stages.decode_ms)
+        breakdown.add("preproc+phash", stages.preprocess_ms)
         breakdown.add("infer", stages.infer_ms)
         breakdown.add("postproc", stages.postprocess_ms)
         # Parsing the event and taking the model slot, outside classify's clock.

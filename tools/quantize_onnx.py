@@ -21,7 +21,7 @@ import numpy as np
 from rich.progress import track
 
 from binloop.ml.card import ModelCard
-from binloop.ml.preprocess import Preprocessor, decode_rgb
+from binloop.ml.preprocess import Preprocessor
 from services.edge_inferencer.models import card_path_for
 from services.trainer.quantize import calibration_sample, quantize_int8
 
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
     chosen = [paths[i] for i in np.random.default_rng(args.seed).permutation(len(paths))]
     preprocess = Preprocessor.from_card(card)
     calibration = track(chosen[: args.images], "calibrating")
-    inputs = np.stack([preprocess(decode_rgb(p.read_bytes())) for p in calibration])
+    inputs = np.stack([preprocess.load(p.read_bytes()) for p in calibration])
     args.out.mkdir(parents=True, exist_ok=True)
     if args.out.resolve() != args.source.resolve():
         shutil.copy2(onnx, args.out / "model.onnx")

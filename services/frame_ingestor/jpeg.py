@@ -9,13 +9,9 @@ import numpy as np
 import numpy.typing as npt
 
 from binloop.errors import CorruptFrameError
-from binloop.ml.preprocess import max_image_pixels
+from binloop.ml.preprocess import JPEG_SOI, jpeg_size, max_image_pixels
 
-SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
-# Start-of-frame markers carry the image size; C4 (DHT), C8 (JPG) and CC (DAC) do not.
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
 # Scan data escapes every 0xFF, so an end-of-image marker cannot appear in it by chance; only
 # the tail is searched because some writers append padding after the marker.
 _EOI_SEARCH_BYTES = 4096
@@ -25,36 +21,6 @@ class JpegFrame(NamedTuple):
     data: bytes
     width: int
     height: int
-
-
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the frame header, without decoding; None if it cannot be read."""
-    if not data.startswith(SOI):
-        return None
-    position = 2
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            position += 1
-            continue
-        if marker in _STANDALONE_MARKERS:
-            position += 2
-            continue
-        if marker in (0xD9, 0xDA):  # image ended or scan began before any frame header
-            return None
-        length = int.from_bytes(data[position + 2 : position + 4], "big")
-        if length < 2:
-            return None
-        if marker in _SOF_MARKERS:
-            if position + 9 > len(data):
-                return None
-            height = int.from_bytes(data[position + 5 : position + 7], "big")
-            width = int.from_bytes(data[position + 7 : position + 9], "big")
-            return (width, height) if width and height else None
-        position += 2 + length
-    return None
 
 
 def encode_jpeg(bgr: npt.NDArray[np.uint8], quality: int) -> JpegFrame:
@@ -80,7 +46,7 @@ def as_jpeg(data: bytes, quality: int) -> JpegFrame:
     re-encoded. Raises CorruptFrameError for bytes that are not a usable image."""
     if not data:
         raise CorruptFrameError("empty file")
-    if data.startswith(SOI):
+    if data.startswith(JPEG_SOI):
         # libjpeg "decodes" a truncated file into a half-grey image; that is not a frame to keep.
         if data.rfind(EOI, max(0, len(data) - _EOI_SEARCH_BYTES)) < 0:
             raise CorruptFrameError(f"{len(data)} bytes of JPEG without an end-of-image marker")

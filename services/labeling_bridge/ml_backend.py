@@ -22,7 +22,6 @@ from binloop.errors import (
     NotReadyError,
 )
 from binloop.ml.decisions import ModelUpdate
-from binloop.ml.preprocess import decode_rgb
 from binloop.storage import BlobStore, sha256_hex
 from schemas.base import BlobRef
 from services.edge_inferencer.models import LoadedModel, ModelCache, acknowledged, update_verdict
@@ -99,10 +98,9 @@ class Champion:
             if frame is None:
                 continue
             try:
-                rgb = decode_rgb(frame)
+                images.append(model.preprocessor.load(frame))
             except CorruptFrameError:
                 continue
-            images.append(model.preprocessor(rgb))
             positions.append(position)
         results: list[dict[str, Any]] = [
             {"result": [], "score": 0.0, "model_version": version} for _ in tasks

@@ -26,7 +26,7 @@ from binloop.datasets import (
     scan_image_folder,
 )
 from binloop.errors import ChecksumMismatchError, ConfigError, CorruptFrameError, MissingBlobError
-from binloop.ml.preprocess import FloatArray, Preprocessor, decode_rgb
+from binloop.ml.preprocess import FloatArray, Preprocessor
 from binloop.storage import BlobStore, dataset_key, sha256_hex
 from binloop.storage.blobstore import check_digest
 
@@ -64,7 +64,7 @@ def model_classes(manifest: DatasetManifest) -> list[str]:
 
 def _read_item(store: BlobStore, item: ManifestItem, preprocessor: Preprocessor) -> FloatArray:
     data = check_digest(store.get(item.key), item.sha256, item.key)
-    return preprocessor(decode_rgb(data))
+    return preprocessor.load(data)
 
 
 def load_items(

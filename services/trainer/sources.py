@@ -26,7 +26,7 @@ from binloop.datasets import (
 )
 from binloop.datasets import split_for as split_by_hash
 from binloop.errors import ChecksumMismatchError, CorruptFrameError, MissingBlobError
-from binloop.ml.preprocess import FloatArray, Preprocessor, decode_rgb
+from binloop.ml.preprocess import FloatArray, Preprocessor
 from binloop.storage import BlobStore, dataset_key, sha256_hex
 from binloop.storage.blobstore import check_digest
 from services.trainer.data import LoadedItems
@@ -259,7 +259,7 @@ def load_and_split(source: SourceImages, preprocessor: Preprocessor, rule: Split
     for image in source.images:
         try:
             data = image.read()
-            array = preprocessor(decode_rgb(data))
+            array = preprocessor.load(data)
         except UNREADABLE as exc:
             skipped[image.name] = f"{type(exc).__name__}: {exc}"
             continue
