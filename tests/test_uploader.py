@@ -20,6 +20,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 from binloop.bus import ensure_streams
 from binloop.bus.consumers import edge_inferencer_durable
@@ -85,6 +86,18 @@ def _spool_and_describe(spool_root: Path, jpeg: bytes, sequence: int) -> FrameCa
 
 
 # --- core: upload --------------------------------------------------------------------------
+
+
+def test_settings_refuse_a_drop_age_below_the_sweep_interval() -> None:
+    """Frames captured since the last sweep are kept from the spool-full policy by their age
+    alone (the sweep is what learns the edge-inferencer has not read them yet)."""
+    below = r"spool_drop_min_age_s \(30.0\) is below sweep_interval_s \(60.0\)"
+    with pytest.raises(ValidationError, match=below):
+        UploaderSettings(sweep_interval_s=60, spool_drop_min_age_s=30)
+    settings = UploaderSettings(sweep_interval_s=30, spool_drop_min_age_s=30)
+    assert settings.spool_drop_min_age_s == settings.sweep_interval_s
+    defaults = UploaderSettings()
+    assert defaults.spool_drop_min_age_s > defaults.sweep_interval_s
 
 
 def test_upload_is_verified_idempotent_and_marks_the_spool(tmp_path: Path) -> None:

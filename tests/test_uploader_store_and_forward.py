@@ -73,7 +73,8 @@ def _settings(nats_server: NatsServer, tmp_path: Path, s3: MotoS3) -> UploaderSe
         retry_initial_s=0.02,
         retry_max_s=0.3,
         store_timeout_s=2.0,
-        sweep_interval_s=3600,
+        sweep_interval_s=3600,  # no sweep while a test runs
+        spool_drop_min_age_s=3600,
         **s3.overrides(),  # a bucket of its own: moto keeps objects process-wide
     )
 

@@ -91,3 +91,15 @@ class UploaderSettings(ServiceSettings):
                 f"({self.retry_initial_s})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _drop_age_covers_a_sweep(self) -> UploaderSettings:
+        # The sweep learns which frames the edge-inferencer has read; a frame captured after
+        # it is kept from the spool-full policy only by its age until the next sweep.
+        if self.spool_drop_min_age_s < self.sweep_interval_s:
+            raise ValueError(
+                f"spool_drop_min_age_s ({self.spool_drop_min_age_s}) is below "
+                f"sweep_interval_s ({self.sweep_interval_s}): a full spool could drop a frame "
+                "captured since the last sweep before the edge-inferencer reads it"
+            )
+        return self
