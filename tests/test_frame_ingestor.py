@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import shutil
 import zlib
 from collections import Counter
@@ -518,22 +519,29 @@ def _spool_as_if_killed(spool: LocalBlobStore, jpeg: bytes, sequence: int) -> Fr
     return event
 
 
-async def test_leftovers_are_announced_as_they_were_and_broken_markers_dropped(
+async def test_leftovers_are_announced_as_they_were_and_broken_markers_rebuilt_or_dropped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(core, "EMIT_RETRY_FIRST_S", 0.001)
     spool = LocalBlobStore(tmp_path / "spool")
-    first, second, orphan, garbled, misplaced = [p.read_bytes() for p in _demo_jpegs(5)]
+    first, second, orphan, garbled, misplaced, damaged = [p.read_bytes() for p in _demo_jpegs(6)]
     leftovers = [_spool_as_if_killed(spool, jpeg, i) for i, jpeg in enumerate((first, second))]
     # Killed between the marker and the frame: nothing to announce.
     orphan_event = _spool_as_if_killed(spool, orphan, 2)
     spool.delete(orphan_event.spool.key)
+    # A power cut left the marker cut short (it is not fsynced); the frame is intact.
     garbled_event = _spool_as_if_killed(spool, garbled, 3)
     spool.put(_marker(garbled_event), b'{"event_id": "cut sh')
+    spooled_at = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
+    os.utime(spool.root / garbled_event.spool.key, (spooled_at.timestamp(),) * 2)
     # A marker that names another frame than the one it sits beside.
     misplaced_key = spool_key(BIN, sha256_hex(misplaced))
     spool.put(misplaced_key, misplaced)
     spool.put(misplaced_key + SPOOL_ANNOUNCING_SUFFIX, leftovers[0].model_dump_json().encode())
+    # Marker and frame both cut short: nothing the frame could say.
+    damaged_event = _spool_as_if_killed(spool, damaged, 5)
+    spool.put(_marker(damaged_event), b"")
+    spool.put(damaged_event.spool.key, damaged[:100])
 
     dropped: list[str] = []
     sent: list[FrameCaptured] = []
@@ -545,18 +553,37 @@ async def test_leftovers_are_announced_as_they_were_and_broken_markers_dropped(
             raise failure
         sent.append(event)
 
+    outbox = Outbox(spool, BIN, dropped.append, producer="frame-ingestor-test")
     with caplog.at_level(logging.WARNING, logger="services.frame_ingestor"):
-        announced = await announce_leftovers(Outbox(spool, BIN, dropped.append), emit, None)
+        announced = await announce_leftovers(outbox, emit, None)
 
-    assert announced == 2
-    assert sent == leftovers  # the same events, event ids included, oldest capture first
-    assert sorted(dropped) == ["frame_gone", "unreadable_marker", "unreadable_marker"]
+    assert announced == 4
+    # The intact markers' events as they were, event ids included, oldest capture first.
+    assert [event for event in sent if event in leftovers] == leftovers
+    rebuilt = {event.spool.key: event for event in sent if event not in leftovers}
+    assert set(rebuilt) == {garbled_event.spool.key, misplaced_key}
+    recovered = rebuilt[garbled_event.spool.key]
+    assert recovered.spool == garbled_event.spool  # key, uri, sha256, size, content type
+    assert (recovered.frame_sha256, recovered.bin_id) == (garbled_event.frame_sha256, BIN)
+    assert (recovered.width, recovered.height) == (160, 120)  # from the JPEG header
+    assert recovered.captured_at == spooled_at  # the actuator finds it stale, the loop keeps it
+    assert recovered.source == f"recovered:{garbled_event.spool.key}"
+    assert recovered.producer == "frame-ingestor-test"
+    assert rebuilt[misplaced_key].frame_sha256 == sha256_hex(misplaced)
+    # A rebuilt event's id is fixed by the frame: rebuilt again after a second power cut, it
+    # is the same event, which JetStream's duplicate window drops.
+    spool.put(_marker(garbled_event), b"")
+    assert [event.event_id for event in outbox.leftovers()] == [recovered.event_id]
+    spool.delete(_marker(garbled_event))
+    assert sorted(dropped) == ["frame_gone", "unreadable_marker"]
     assert not [key for key in spool.list(f"{BIN}/") if key.endswith(SPOOL_ANNOUNCING_SUFFIX)]
-    for event in (*leftovers, garbled_event):
+    for event in (*leftovers, garbled_event, damaged_event):
         assert spool.exists(event.spool.key)  # frames are the uploader's to reclaim
     warnings = " ".join(r.getMessage() for r in caplog.records)
     assert _marker(orphan_event) in warnings
-    assert _marker(garbled_event) in warnings
+    assert f"{_marker(garbled_event)} unreadable" in warnings
+    assert "rebuilt from its frame" in warnings
+    assert _marker(damaged_event) in warnings
     assert "not announced yet" in warnings  # the outage was retried, not fatal
 
 

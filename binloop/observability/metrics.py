@@ -113,7 +113,8 @@ FRAMES_SKIPPED = Counter(
 FRAMES_UNANNOUNCED = Counter(
     "binloop_frames_unannounced_total",
     "Announce markers a killed frame-ingestor left that the next start gave up, by reason "
-    "(frame_gone: killed before the frame was written; unreadable_marker)",
+    "(frame_gone: killed before the frame was written; unreadable_marker: neither the marker "
+    "nor its frame can be read; an unreadable marker beside an intact frame is rebuilt)",
     ["bin", "reason"],
 )
 BLOB_PUTS = Counter(

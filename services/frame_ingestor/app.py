@@ -63,7 +63,7 @@ async def run_capture(
         metrics.FRAMES_UNANNOUNCED.labels(bin_id, reason).inc()
 
     spool = LocalBlobStore(settings.spool_root)
-    outbox = Outbox(spool, bin_id, on_drop=on_drop)
+    outbox = Outbox(spool, bin_id, on_drop=on_drop, producer=publisher.service)
     await announce_leftovers(outbox, emit, stop)
     stats = await capture(
         frame_source, spool, emit, plan, stop=stop, on_skip=on_skip, outbox=outbox
