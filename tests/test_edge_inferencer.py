@@ -32,7 +32,7 @@ from binloop.errors import (
     NotReadyError,
     UnknownUriError,
 )
-from binloop.ml.decisions import ModelUpdate
+from binloop.ml.decisions import ModelUpdate, update_for
 from binloop.ml.phash import phash
 from binloop.ml.preprocess import decode_rgb
 from binloop.ml.shipped import SHIPPED_MODEL
@@ -73,6 +73,7 @@ from services.edge_inferencer.core import (
 from services.edge_inferencer.models import (
     LoadedModel,
     ModelCache,
+    acknowledged,
     card_path_for,
     load_model,
     update_verdict,
@@ -231,6 +232,78 @@ def test_update_rules(models: dict[int, ModelFiles]) -> None:
     assert "already serving" in str(update_verdict(v2, other_bytes))
 
 
+def _decisions_around_a_rollback_to_v1(
+    v1_sha256: str | None, files: dict[int, ModelFiles]
+) -> tuple[ModelUpdate, ModelUpdate]:
+    """The registry promoted v2 (champion revision 5), then rolled back to v1 (revision 6)
+    with the artifact `v1_sha256`; the rollback is published first."""
+    overtaken = ModelUpdate(
+        "tiny-cnn",
+        2,
+        T0,
+        artifact_sha256=sha256_hex(files[2].onnx.read_bytes()),
+        champion_revision=5,
+    )
+    rollback = ModelUpdate(
+        "tiny-cnn",
+        1,
+        T0 + timedelta(seconds=1),
+        rollback=True,
+        artifact_sha256=v1_sha256,
+        champion_revision=6,
+    )
+    return overtaken, rollback
+
+
+def test_a_rollback_to_the_default_models_own_bytes_makes_the_promotion_it_overtook_stale(
+    models: dict[int, ModelFiles],
+) -> None:
+    default = _loaded(1, None, models)  # default_model: no registry decision behind it
+    overtaken, rollback = _decisions_around_a_rollback_to_v1(default.onnx_sha256, models)
+
+    assert "already serving" in str(update_verdict(default, rollback))
+    recorded = acknowledged(default, rollback)
+
+    assert recorded is not None
+    assert (recorded.installed_by, recorded.onnx_sha256) == (rollback, default.onnx_sha256)
+    assert "stale" in str(update_verdict(recorded, overtaken))
+    assert acknowledged(recorded, overtaken) is None
+    assert acknowledged(recorded, rollback) is None  # the same decision again: nothing new
+    newer = ModelUpdate("tiny-cnn", 2, T0, champion_revision=7)
+    assert update_verdict(recorded, newer) is None
+
+
+def test_a_rollback_to_the_default_models_version_but_other_bytes_is_installed(
+    models: dict[int, ModelFiles],
+) -> None:
+    default = _loaded(1, None, models)
+    # E.g. the shipped v1 and the registry's first trained model, also v1.
+    _, other_bytes = _decisions_around_a_rollback_to_v1("0" * 64, models)
+    _, unknown_bytes = _decisions_around_a_rollback_to_v1(None, models)
+
+    assert update_verdict(default, other_bytes) is None
+    assert acknowledged(default, other_bytes) is None
+    # Without the artifact's hash the served bytes cannot be the registry's v1 for sure.
+    assert acknowledged(default, unknown_bytes) is None
+    assert acknowledged(default, ModelUpdate("other-model", 1, T0, champion_revision=6)) is None
+
+
+async def test_a_default_model_slot_acknowledged_by_a_rollback_skips_the_overtaken_promotion(
+    models: dict[int, ModelFiles],
+) -> None:
+    slot = ModelSlot("bin-unit")
+    assert await slot.install(_loaded(1, None, models)) is None
+    assert slot.current is not None
+    overtaken, rollback = _decisions_around_a_rollback_to_v1(slot.current.onnx_sha256, models)
+
+    assert await slot.acknowledge(rollback)
+    skipped = await slot.install(_loaded(2, overtaken, models))
+
+    assert "stale" in str(skipped)
+    assert slot.served == ("tiny-cnn", 1)
+    assert slot.current.installed_by == rollback
+
+
 def test_a_bin_serves_the_shipped_model_unless_told_to_start_with_none(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -330,6 +403,37 @@ def test_the_cache_recalls_the_model_it_served_last_only_while_its_bytes_check_o
     assert cache.recall() is None
     (tmp_path / "cache" / "current.json").write_text("{not json")
     assert cache.recall() is None
+
+
+def test_the_cache_recalls_a_default_model_a_rollback_acknowledged(
+    tmp_path: Path, models: dict[int, ModelFiles]
+) -> None:
+    # default_model lives outside the cache: remember copies it in, so recall can check it.
+    shutil.copytree(models[1].onnx.parent, tmp_path / "default")
+    default = load_model(
+        tmp_path / "default" / models[1].onnx.name, tmp_path / "default" / models[1].card.name
+    )
+    overtaken, rollback = _decisions_around_a_rollback_to_v1(default.onnx_sha256, models)
+    recorded = acknowledged(default, rollback)
+    assert recorded is not None
+    cache = ModelCache(tmp_path / "cache")
+
+    cache.remember(recorded)
+    recalled = ModelCache(tmp_path / "cache").recall()
+
+    assert recalled is not None
+    assert (recalled.card.name, recalled.card.version) == ("tiny-cnn", 1)
+    assert (recalled.onnx_sha256, recalled.card_sha256) == (
+        default.onnx_sha256,
+        default.card_sha256,
+    )
+    assert recalled.installed_by == rollback
+    assert "stale" in str(update_verdict(recalled, overtaken))
+    # A default model whose file changed since it was loaded is not recorded as served.
+    (tmp_path / "default" / models[1].onnx.name).write_bytes(models[2].onnx.read_bytes())
+    with pytest.raises(ModelLoadError, match="changed since it was loaded"):
+        ModelCache(tmp_path / "other-cache").remember(recorded)
+    assert ModelCache(tmp_path / "other-cache").recall() is None
 
 
 # ---------------------------------------------------------------- reading and classifying frames
@@ -892,6 +996,90 @@ async def test_a_restarted_bin_serves_its_cached_model_while_a_promotion_waits_f
     assert installed == [1, 2]
     assert slot.current is not None
     assert slot.current.onnx_sha256 == v2.artifact.sha256
+    assert dead.items == []
+
+
+async def _consumed(js: JetStreamContext, durable: str, stream_sequence: int) -> None:
+    """Waits until the consumer `durable` acked everything up to `stream_sequence`."""
+
+    async def settled() -> bool:
+        info = await js.consumer_info("ENGINE", durable)
+        return info.ack_floor.stream_seq >= stream_sequence and info.num_ack_pending == 0
+
+    async def poll() -> None:
+        while not await settled():  # noqa: ASYNC110 (server-side state: polled)
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), 20)
+
+
+@pytest.mark.integration
+async def test_a_bin_on_its_default_model_keeps_it_when_the_rollback_to_it_overtakes_a_promotion(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    blob_store: LocalBlobStore,
+    models: dict[int, ModelFiles],
+) -> None:
+    results, _, dead = await _collectors(nats_client)
+    settings = _settings(nats_server, tmp_path, models[1].onnx)
+    now = datetime.now(UTC)
+    # The registry's v1 is the bin's default model, byte for byte. It promoted v2 (revision
+    # 5), then rolled back to v1 (revision 6), and the rollback was published first.
+    promotion = _promotion(blob_store, models, 2, occurred_at=now).model_copy(
+        update={"champion_revision": 5}
+    )
+    artifact, card = _store_model(blob_store, models[1], 1)
+    rollback = ModelRolledBack(
+        producer="model-registry",
+        occurred_at=now + timedelta(seconds=1),
+        model_name="tiny-cnn",
+        from_version=2,
+        to_version=1,
+        artifact=artifact,
+        card=card,
+        reason="accuracy dropped in the field",
+        champion_revision=6,
+    )
+    slot = ModelSlot(BIN)
+    installed: list[int] = []
+    slot.add_listener(lambda model: installed.append(model.card.version))
+    app = await _started(create_app(settings, slot))
+    spool = LocalBlobStore(tmp_path / "spool")
+    try:
+        await _publish(js, MODELS_ROLLED_BACK, rollback)
+        await eventually(lambda: slot.current is not None and slot.current.installed_by is not None)
+        ack = await js.publish(
+            MODELS_PROMOTED.subject(),
+            promotion.model_dump_json().encode(),
+            headers={MSG_ID_HEADER: str(promotion.event_id)},
+        )
+        await _consumed(js, f"{SERVICE}-{BIN}-promoted", ack.seq)
+        (frame,) = await _publish_frames(js, spool, _demo_frames(1)[:1])
+        (result,) = await results.wait_for(1)
+    finally:
+        await app.stop()
+
+    assert installed == [1]  # the default model only: v2 was never installed
+    assert (result.frame_event_id, result.model_version) == (str(frame.event_id), 1)
+    assert slot.current is not None
+    assert slot.current.installed_by == update_for(rollback)
+
+    # Restarted, the bin serves the same model with the rollback on record (from its cache),
+    # and the last promotion and rollback in the stream change nothing.
+    restarted = ModelSlot(BIN)
+    reinstalled: list[int] = []
+    restarted.add_listener(lambda model: reinstalled.append(model.card.version))
+    app = await _started(create_app(settings, restarted))
+    try:
+        assert restarted.current is not None
+        assert restarted.current.onnx_sha256 == artifact.sha256
+        assert restarted.current.installed_by == update_for(rollback)
+    finally:
+        await app.stop()
+
+    assert reinstalled == [1]
     assert dead.items == []
 
 

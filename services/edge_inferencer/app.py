@@ -164,8 +164,10 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
                 return
             try:
                 await asyncio.to_thread(cache.remember, served)
-            except OSError as exc:
-                # The bin keeps serving; only a restart would fall back to an older model.
+            except (OSError, ModelLoadError) as exc:
+                # The bin keeps serving; only a restart would fall back to an older model
+                # (or to default_model), which restore_champion's replay of the last
+                # promotion and rollback then replaces.
                 log.warning(
                     "bin %s: cannot record %s v%d as served in %s: %s",
                     bin_id,

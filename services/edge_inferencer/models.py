@@ -56,10 +56,14 @@ class LoadedModel:
     backend: InferenceBackend
     preprocessor: Preprocessor
     installed_by: ModelUpdate | None = None
-    """The registry event that installed it (recalled from the cache after a restart); None
-    for a model loaded from a file of the settings (default_model)."""
+    """The registry decision behind it: the event that installed it (recalled from the cache
+    after a restart), or a later one naming it (see acknowledged). None for a model loaded
+    from a file of the settings (default_model) until a registry decision names its bytes."""
     onnx_sha256: str | None = None
     card_sha256: str | None = None
+    onnx_path: Path | None = None
+    card_path: Path | None = None
+    """The files it was loaded from (the cache's, or default_model's)."""
 
 
 def _parse_card(data: bytes, where: str) -> ModelCard:
@@ -92,12 +96,14 @@ def load_model(
         installed_by,
         onnx_sha256,
         sha256_hex(card_bytes),
+        onnx_path,
+        card_path,
     )
 
 
 class _ServedRecord(BaseModel):
-    """The cache's `current.json`: the registry model the bin served last, and the event that
-    installed it (so the verdict on the registry's events is the same after a restart)."""
+    """The cache's `current.json`: the registry model the bin served last, and the decision
+    behind it (so the verdict on the registry's events is the same after a restart)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -113,7 +119,9 @@ class _ServedRecord(BaseModel):
 class ModelCache:
     """Promoted models on local disk, as <root>/<name>/v<version>/model.onnx + model.card.json,
     and <root>/current.json naming the one served last, so a restarted bin serves it again
-    without the network (`remember`, `recall`)."""
+    without the network (`remember`, `recall`). A served model this cache did not fetch (the
+    default_model a registry decision names, see acknowledged) is copied in by `remember`:
+    `recall` loads only what the cache holds and verifies."""
 
     def __init__(self, root: Path, intra_op_threads: int = 1) -> None:
         self.root = root
@@ -151,11 +159,18 @@ class ModelCache:
         )
 
     def remember(self, model: LoadedModel) -> None:
-        """Record `model` (fetched by this cache) as the one served, replacing the record
-        atomically. Blocking (fsync): use a worker thread."""
+        """Record `model` as the one served, replacing the record atomically; its files are
+        copied into the cache first unless it holds them already (a default_model that a
+        registry decision names). ModelLoadError when they cannot be copied as loaded.
+        Blocking (file reads, fsync): use a worker thread."""
         update = model.installed_by
         if update is None or model.onnx_sha256 is None or model.card_sha256 is None:
             raise ValueError("only a model installed from a registry event can be remembered")
+        if not _PATH_SAFE_NAME.match(update.name):
+            raise ModelLoadError(f"model name {update.name!r} is not safe as a folder name")
+        onnx_path = self._onnx_path(update.name, update.version)
+        if not self._holds(onnx_path, model.onnx_sha256, model.card_sha256):
+            self._copy_in(model, onnx_path)
         record = _ServedRecord(
             name=update.name,
             version=update.version,
@@ -206,6 +221,27 @@ class ModelCache:
             log.warning("model cache %s: %s cannot be loaded: %s", self.root, served, exc)
             return None
 
+    @staticmethod
+    def _copy_in(model: LoadedModel, onnx_path: Path) -> None:
+        """Copies the files `model` was loaded from to where fetch would have put them,
+        checked against the hashes taken at load (a file replaced since then is not the
+        model served)."""
+        served = f"{model.card.name} v{model.card.version}"
+        if model.onnx_path is None or model.card_path is None:
+            raise ModelLoadError(f"{served} is not in the cache and its files are unknown")
+        onnx_bytes = model.onnx_path.read_bytes()
+        card_bytes = model.card_path.read_bytes()
+        if (sha256_hex(onnx_bytes), sha256_hex(card_bytes)) != (
+            model.onnx_sha256,
+            model.card_sha256,
+        ):
+            raise ModelLoadError(
+                f"{served}: {model.onnx_path} or {model.card_path} changed since it was loaded"
+            )
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(onnx_path, onnx_bytes)
+        write_atomically(onnx_path.with_name(f"{onnx_path.stem}.card.json"), card_bytes)
+
     def _onnx_path(self, name: str, version: int) -> Path:
         return self.root / name / f"v{version}" / ONNX_FILE
 
@@ -254,17 +290,21 @@ def update_verdict(current: LoadedModel | None, update: ModelUpdate) -> str | No
 
 def acknowledged(current: LoadedModel | None, update: ModelUpdate) -> LoadedModel | None:
     """`current` with `update` as the decision behind it, when `update` names that very model
-    and is newer than the decision that installed it: typically a rollback to the version
-    served (nothing to install). Without it, a decision the registry made before that
-    rollback but published after it (a promotion whose publish the rollback overtook) would
-    be newer than the one on record and replace the rolled-back-to model. Only for a model a
-    registry event installed (one from default_model keeps None); None when nothing changes.
-    """
-    if current is None or current.installed_by is None:
+    and is newer than the decision on record: typically a rollback to the version served
+    (nothing to install). Without it, a decision the registry made before that rollback but
+    published after it (a promotion whose publish the rollback overtook) would be newer than
+    the one on record and replace the rolled-back-to model. A model from default_model has
+    no decision on record; `update` names it only with its very bytes (the shipped v1 is not
+    the registry's first trained v1), so a hash that differs or is unknown changes nothing.
+    None when nothing changes."""
+    if current is None:
         return None
     if (current.card.name, current.card.version) != (update.name, update.version):
         return None
-    if is_older(update, current.installed_by):
+    if current.installed_by is None:
+        if update.artifact_sha256 is None or update.artifact_sha256 != current.onnx_sha256:
+            return None
+    elif is_older(update, current.installed_by):
         return None
     return dataclasses.replace(current, installed_by=update)
 
