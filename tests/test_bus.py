@@ -1283,6 +1283,98 @@ async def test_without_the_handling_bucket_redeliveries_are_handled_and_it_is_sa
     assert await _handling_records(js) == 0
 
 
+def _lose_the_first_ack(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The first ack of any message never reaches the server, as when the connection drops
+    right after it was handed to the socket: `ack()` returns as if sent, `ack_sync()` gets no
+    confirmation (a timeout). Returns the acks asked for, in order."""
+    import nats.errors
+
+    asked: list[str] = []
+    real_ack, real_ack_sync = Msg.ack, Msg.ack_sync
+
+    async def ack(self: Msg) -> None:
+        asked.append("ack")
+        if len(asked) > 1:
+            await real_ack(self)
+
+    async def ack_sync(self: Msg, timeout: float = 1.0) -> Msg:
+        asked.append("ack_sync")
+        if len(asked) == 1:
+            raise nats.errors.TimeoutError
+        return await real_ack_sync(self, timeout)
+
+    monkeypatch.setattr(Msg, "ack", ack)
+    monkeypatch.setattr(Msg, "ack_sync", ack_sync)
+    return asked
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one", "batch"])
+async def test_a_dead_letter_whose_ack_was_lost_is_not_handled_again_on_its_redelivery(
+    js: JetStreamContext, nats_server: Any, monkeypatch: pytest.MonkeyPatch, batched: bool
+) -> None:
+    """A handler dead-letters its message; the ack after the DLQ publish is lost, so JetStream
+    redelivers the message after its ack wait. The redelivery is dead-lettered again (the same
+    entry, dropped by its id) and acked, without running the handler a second time."""
+    service = new_service("lostack", _settings(nats_server.url))
+    calls: list[int] = []
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        calls.append(delivery.attempt)
+        raise PermanentError("side effects done, then refused")
+
+    async def handle_batch(deliveries: list[Delivery[TrainingRequested]]) -> list[Outgoing]:
+        for delivery in deliveries:
+            await handle(delivery)
+        return []
+
+    if batched:
+        subscribe_batch(
+            service.broker,
+            service.publisher,
+            TRAINING_REQUESTED,
+            handle_batch,
+            durable="lostack",
+            policy=service.policy,
+            ack_wait_s=1.0,
+        )
+    else:
+        subscribe(
+            service.broker,
+            service.publisher,
+            TRAINING_REQUESTED,
+            handle,
+            durable="lostack",
+            policy=service.policy,
+            ack_wait_s=1.0,
+        )
+    asked = _lose_the_first_ack(monkeypatch)
+    await service.start()
+    try:
+        await _publish_request(js, "refused")
+        await eventually(lambda: len(asked) >= 2)  # the lost ack, then the redelivery's
+        assert await _wait_until_settled(js, "lostack")
+    finally:
+        await service.stop()
+    assert calls == [1]
+    assert len(asked) == 2  # the lost ack, then the redelivery's
+    assert (await js.stream_info("DLQ")).state.messages == 1
+    info = await js.consumer_info("ENGINE", "lostack")
+    assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
+    assert info.delivered.stream_seq == info.ack_floor.stream_seq
+    assert await _handling_records(js) == 0  # the mark went with the confirmed ack
+
+
+def test_handling_records_of_earlier_releases_read_as_before_and_marks_apart() -> None:
+    from binloop.bus.handling import _dead_value, _parse, _value
+
+    assert _parse(b"3") == (3, 0, None)  # counts, as every release wrote them
+    assert _parse(b"1,2") == (1, 2, None)
+    assert _parse(_value(0, 4)) == (0, 4, None)
+    assert _parse(_dead_value("PermanentError")) == (0, 0, "PermanentError")
+    assert len(_dead_value("E" * 200)) <= 64  # the bucket's max_value_size
+    assert _parse(b"\xff") == (0, 0, None)
+
+
 def test_handling_record_keys_are_valid_kv_keys_for_any_consumer_name() -> None:
     from nats.js.kv import _is_key_valid
 

@@ -35,6 +35,12 @@ that always outlasts its process's time (a trainer Job's activeDeadlineSeconds) 
 be tried by every process for ever. The stop after `max_stops` counted ones (again not counting
 a first delivery's) dead-letters the message (`StoppedHandlingError`) instead of naking it.
 
+A dead-lettered message is marked so in the same record before its dead letter is published,
+and the record removed only once the server confirmed the ack: when the ack is lost (the
+connection dropped), the redelivery publishes the same dead letter again (dropped by its id)
+and is acked, without being handled (`DeadLetteredBeforeError`); unless the bucket was
+unavailable for the mark, when it is handled once more, as before the mark existed.
+
 Hot subjects use `subscribe_batch`: one fetch of up to N messages, one validation pass, one
 handler call for the whole batch.
 """
@@ -63,6 +69,7 @@ from pydantic import ValidationError
 
 from binloop.bus import outages
 from binloop.bus.handling import (
+    DeadLetteredBeforeError,
     EarlierAttempts,
     MessageKey,
     StoppedHandlingError,
@@ -212,7 +219,13 @@ class _Consumer(Generic[E]):
         return good, bad
 
     async def dead_letter(self, msg: Msg, error: BaseException) -> None:
-        error_type = type(error).__name__
+        """Publishes the DeadLetter, then acks. The message is marked dead-lettered first and
+        its record removed only after the server confirmed the ack: a lost ack brings it back
+        to `begin` or `triage`, which dead-letter it again instead of handling it."""
+        again = isinstance(error, DeadLetteredBeforeError)
+        error_type = (
+            error.error_type if isinstance(error, DeadLetteredBeforeError) else type(error).__name__
+        )
         headers = {k: v for k, v in (msg.headers or {}).items() if isinstance(v, str)}
         entry = DeadLetter(
             event_id=dead_letter_id(self.service, msg),
@@ -226,11 +239,13 @@ class _Consumer(Generic[E]):
             headers=headers,
             delivery_attempt=_attempt(msg),
         )
+        record = await self.starts.dead_lettering(msg, error_type)
         await self.publisher.publish(DLQ, entry, self.service)
-        await self.starts.finish(msg, final=True)
-        await msg.ack()
+        if await self.ack_confirmed(msg) and record is not None:
+            await self.starts.remove(record)
         self.failures.forget(message_key(msg))
-        metrics.DEAD_LETTERS.labels(self.service, self.route.name, error_type).inc()
+        if not again:  # its dead letter is counted once, whatever came back
+            metrics.DEAD_LETTERS.labels(self.service, self.route.name, error_type).inc()
         log.warning(
             "%s: dead-lettered a message from %s (%s: %s)",
             self.service,
@@ -238,6 +253,23 @@ class _Consumer(Generic[E]):
             error_type,
             str(error)[:300],
         )
+
+    async def ack_confirmed(self, msg: Msg) -> bool:
+        """Acks `msg` and waits for the server to confirm it. False when no confirmation came
+        (the connection dropped, the server slow): the ack may be lost, and then the message
+        comes back after its ack wait."""
+        try:
+            await msg.ack_sync(timeout=self.publisher.ack_timeout_s)
+        except NatsError as exc:  # nats-py's TimeoutError too
+            log.warning(
+                "%s: the ack of a dead-lettered message from %s was not confirmed (%r); if it "
+                "comes back, it is dead-lettered again without being handled",
+                self.service,
+                msg.subject,
+                exc,
+            )
+            return False
+        return True
 
     async def fail(self, msg: Msg, error: BaseException) -> None:
         if isinstance(error, PermanentError):
@@ -279,9 +311,11 @@ class _Consumer(Generic[E]):
                     log.info("%s: in-progress ack not sent (%r)", self.service, exc)
 
     def unhandleable(self, earlier: EarlierAttempts) -> PermanentError | None:
-        """Why a redelivery is dead-lettered unhandled, if it is: its handling ended the
-        process too often, or stops cancelled it more often than allowed (a stop whose dead
-        letter was not published)."""
+        """Why a redelivery is dead-lettered unhandled, if it is: it was dead-lettered before
+        (its ack lost), its handling ended the process too often, or stops cancelled it more
+        often than allowed (a stop whose dead letter was not published)."""
+        if earlier.dead_lettered is not None:
+            return DeadLetteredBeforeError(earlier.dead_lettered)
         if earlier.ended >= self.policy.max_deliveries:
             return UnfinishedHandlingError(earlier.ended)
         if earlier.stopped > self.policy.max_stops:
@@ -641,6 +675,7 @@ def subscribe_batch(
 __all__ = [
     "DEFAULT_MAX_UNSETTLED",
     "MSG_ID_HEADER",
+    "DeadLetteredBeforeError",
     "Delivery",
     "FailureCounts",
     "RetryPolicy",

@@ -14,21 +14,31 @@ by a stop (`3`, or `1,2`: one death, two stops):
   dead-lettered (`UnfinishedHandlingError`), above `max_stops` stops (a dead letter a stop
   could not publish) too (`StoppedHandlingError`), instead of handled; otherwise this start is
   added. Without a record, one conditional write (create) both reads and records;
-- when the attempt ends with an outcome, the record follows it: acked or dead-lettered, it is
-  removed; naked (a failure, not ready), it goes back to the count before this start: a nak is
-  no death, and the deaths and stops before it still count;
+- when the attempt ends with an outcome, the record follows it: acked, it is removed; naked
+  (a failure, not ready), it goes back to the count before this start: a nak is no death, and
+  the deaths and stops before it still count;
+- a message about to be dead-lettered (for any reason, on any delivery) is first marked so
+  (`dead-lettered:<error type>`, one write on the dead-letter path only), then its dead letter
+  published, then it is acked with the server's confirmation (`ack_sync`), and only then is
+  its record removed. An ack that never reached the server (the connection dropped) brings
+  the message back after its ack wait: its record says dead-lettered, so the same dead letter
+  (the same event id) is published again and the message acked, without handling it
+  (`DeadLetteredBeforeError`). JetStream drops that repeat by its id within the DLQ's
+  duplicate window (24 h); a redelivery later than that (its consumer stopped for a day)
+  leaves a second DLQ entry with the same event id. An unconfirmed ack leaves the record to
+  age out;
 - when a stop of the service cancels the handler, the deaths go back as for a nak and the
   stops go up by one. A stop is no death: every rollout or drain cancels what is in flight.
   But a handler that always outlasts the time its process is given (a trainer Job cut off by
   its activeDeadlineSeconds gets SIGTERM first, so it stops rather than dies) would otherwise
   be tried again by every process for ever: the stop after `max_stops` dead-letters it
   (`StoppedHandlingError`) instead of naking it;
-- first deliveries are neither read nor recorded, so the hot path (the edge at 20 fps) does no
-  extra I/O. A death on a first delivery is therefore noticed only from the second one on: a
-  message that ends every process handling it is dead-lettered after `max_deliveries + 1`
-  deaths, at its delivery `max_deliveries + 2`; likewise a stop of a first delivery is not
-  counted, and a message whose handling every stop cancels is dead-lettered by its
-  `max_stops + 2`-th stop.
+- first deliveries are neither read nor recorded (but for the mark of a dead letter), so the
+  hot path (the edge at 20 fps) does no extra I/O. A death on a first delivery is therefore
+  noticed only from the second one on: a message that ends every process handling it is
+  dead-lettered after `max_deliveries + 1` deaths, at its delivery `max_deliveries + 2`;
+  likewise a stop of a first delivery is not counted, and a message whose handling every stop
+  cancels is dead-lettered by its `max_stops + 2`-th stop.
 
 A process killed before it could stop (its event loop stuck in native code, say) counts as a
 death, not a stop.
@@ -40,7 +50,12 @@ ack wait (the trainer's is 600 s), so it still counts while the message can come
 
 When the bucket cannot be read or written (the server slow or away, the bucket missing), handling
 goes on as if there were no record, logged once until it works again: a crash loop meanwhile
-goes on as it did before the record existed.
+goes on as it did before the record existed, and a dead letter whose mark could not be written
+and whose ack was lost is handled once more on its redelivery.
+
+Releases before the dead-letter mark wrote only counts, which this one reads as before; they
+read a mark as no record, so during a rolling update from one an old process may still handle
+such a redelivery once more.
 """
 
 from __future__ import annotations
@@ -100,6 +115,18 @@ class StoppedHandlingError(PermanentError):
         self.limit = limit
 
 
+class DeadLetteredBeforeError(PermanentError):
+    """An earlier delivery of the message was dead-lettered (or set out to be), and its ack did
+    not reach the server: the same dead letter is published again instead of handling it."""
+
+    def __init__(self, error_type: str) -> None:
+        super().__init__(
+            f"dead-lettered by an earlier delivery ({error_type}) whose ack was not confirmed; "
+            "not handled again"
+        )
+        self.error_type = error_type
+
+
 @dataclass(frozen=True)
 class EarlierAttempts:
     """What a message's record says about its handling attempts before this delivery."""
@@ -108,6 +135,8 @@ class EarlierAttempts:
     """Attempts that ended their process (deaths)."""
     stopped: int = 0
     """Attempts cancelled by a stop of their service."""
+    dead_lettered: str | None = None
+    """The error type of the dead letter an earlier delivery published (or set out to)."""
 
 
 def message_key(msg: Msg) -> MessageKey | None:
@@ -182,6 +211,8 @@ class _Record:
     """Of the record as last read or written here; None when the bucket holds none."""
     started: bool = False
     """This attempt is recorded (found + 1 in the bucket)."""
+    dead_lettered: str | None = None
+    """The bucket marks the message dead-lettered, with this error type."""
 
 
 class UnfinishedStarts:
@@ -222,7 +253,8 @@ class UnfinishedStarts:
                 record.started = True
             except KeyWrongLastSequenceError:
                 entry = await kv.get(record.key)
-                (record.found, record.stops), record.revision = _parse(entry.value), entry.revision
+                record.found, record.stops, record.dead_lettered = _parse(entry.value)
+                record.revision = entry.revision
         except (NatsError, TimeoutError) as exc:
             self._lost(exc)
             return EarlierAttempts()
@@ -231,7 +263,7 @@ class UnfinishedStarts:
         self._open.move_to_end(key)
         while len(self._open) > self._capacity:  # outcomes never seen (a dead-letter publish
             self._open.popitem(last=False)  # that failed): the bucket's TTL ends those
-        return EarlierAttempts(record.found, record.stops)
+        return EarlierAttempts(record.found, record.stops, record.dead_lettered)
 
     async def start(self, msg: Msg) -> None:
         """Records that handling `msg` starts now (once per attempt; nothing for a message
@@ -284,6 +316,37 @@ class UnfinishedStarts:
             return
         self._back()
 
+    async def dead_lettering(self, msg: Msg, error_type: str) -> str | None:
+        """Marks `msg` dead-lettered before its dead letter is published (one write, unless
+        its record says so already), so that a redelivery after a lost ack is not handled.
+        Returns the record's key, for `remove` once the ack is confirmed; None when there is
+        nothing to remove (no JetStream metadata, or the bucket unavailable: the record, if
+        any, ages out)."""
+        record = self._record(msg, pop=True)
+        if record is not None and record.dead_lettered is not None:
+            return record.key
+        key = message_key(msg)
+        if key is None:
+            return None
+        try:
+            kv = await self._bucket()
+            await kv.put(record_key(key), _dead_value(error_type))
+        except (NatsError, TimeoutError) as exc:
+            self._lost(exc)
+            return None
+        self._back()
+        return record_key(key)
+
+    async def remove(self, key: str) -> None:
+        """Removes the record under `key` (its message is acked). Never raises for the bus."""
+        try:
+            js = await self._jetstream()
+            await js.purge_stream(BUCKET_STREAM, subject=f"$KV.{BUCKET}.{key}")
+        except (NatsError, TimeoutError) as exc:
+            self._lost(exc)
+            return
+        self._back()
+
     def _record(self, msg: Msg, *, pop: bool) -> _Record | None:
         if not self._open:  # the hot path: nothing redelivered in flight
             return None
@@ -329,10 +392,24 @@ def _value(ended: int, stopped: int) -> bytes:
     return (f"{ended},{stopped}" if stopped else str(ended)).encode()
 
 
-def _parse(value: bytes | None) -> tuple[int, int]:
-    """(ended, stopped) from `_value`'s bytes."""
+_DEAD_LETTERED = "dead-lettered:"
+_ERROR_TYPE_CHARS = 48
+"""Of an error type in a dead-letter mark: with the prefix, within the bucket's 64 bytes."""
+
+
+def _dead_value(error_type: str) -> bytes:
+    """The mark of a message being dead-lettered (never a number: see `_parse`)."""
+    name = error_type.encode("ascii", errors="replace").decode("ascii")
+    return f"{_DEAD_LETTERED}{name[:_ERROR_TYPE_CHARS]}".encode()
+
+
+def _parse(value: bytes | None) -> tuple[int, int, str | None]:
+    """(ended, stopped, dead-lettered error type) from `_value`'s or `_dead_value`'s bytes."""
     try:
-        ended, _, stopped = (value or b"0").decode("ascii").partition(",")
-        return max(0, int(ended)), max(0, int(stopped or "0"))
+        text = (value or b"0").decode("ascii")
+        if text.startswith(_DEAD_LETTERED):
+            return 0, 0, text.removeprefix(_DEAD_LETTERED) or "unknown"
+        ended, _, stopped = text.partition(",")
+        return max(0, int(ended)), max(0, int(stopped or "0")), None
     except (UnicodeDecodeError, ValueError):  # not written by binloop: nothing known
-        return 0, 0
+        return 0, 0, None
