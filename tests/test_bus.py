@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 from nats.js.errors import NoStreamResponseError
@@ -1287,8 +1288,6 @@ def _lose_the_first_ack(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The first ack of any message never reaches the server, as when the connection drops
     right after it was handed to the socket: `ack()` returns as if sent, `ack_sync()` gets no
     confirmation (a timeout). Returns the acks asked for, in order."""
-    import nats.errors
-
     asked: list[str] = []
     real_ack, real_ack_sync = Msg.ack, Msg.ack_sync
 
@@ -1300,7 +1299,7 @@ def _lose_the_first_ack(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     async def ack_sync(self: Msg, timeout: float = 1.0) -> Msg:
         asked.append("ack_sync")
         if len(asked) == 1:
-            raise nats.errors.TimeoutError
+            raise NatsTimeoutError
         return await real_ack_sync(self, timeout)
 
     monkeypatch.setattr(Msg, "ack", ack)
