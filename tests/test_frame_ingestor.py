@@ -35,7 +35,7 @@ from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED
 from services.frame_ingestor import FrameIngestorSettings, core, create_app, run_capture
 from services.frame_ingestor.core import CapturePlan, RateSchedule, announce_leftovers, capture
-from services.frame_ingestor.jpeg import as_jpeg
+from services.frame_ingestor.jpeg import as_jpeg, spool_ref
 from services.frame_ingestor.outbox import Outbox
 from services.frame_ingestor.sources import (
     ImageFolderSource,
@@ -511,7 +511,7 @@ def _marker(event: FrameCaptured) -> str:
 
 def _spool_as_if_killed(spool: LocalBlobStore, jpeg: bytes, sequence: int) -> FrameCaptured:
     """What a frame-ingestor killed before JetStream acked the frame's event leaves behind."""
-    ref = core.spool_ref(spool, BIN, jpeg)
+    ref = spool_ref(spool, BIN, jpeg)
     frame = SourceFrame(jpeg, 160, 120, "glass", f"test:{sequence}")
     plan = CapturePlan(bin_id=BIN, producer="frame-ingestor")
     event = core._frame_event(frame, ref, sequence, plan)

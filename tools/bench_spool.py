@@ -21,6 +21,7 @@ from rich.table import Table
 
 from binloop.storage import LocalBlobStore
 from services.frame_ingestor import core
+from services.frame_ingestor.jpeg import JPEG, spool_ref
 from services.frame_ingestor.outbox import Outbox
 from services.frame_ingestor.sources import SourceFrame
 
@@ -39,12 +40,12 @@ def measure(spool_root: Path, frames: int) -> dict[str, list[float]]:
     for sequence in range(frames):
         # A distinct frame each time (a trailing byte after the JPEG's end changes its hash).
         jpeg = jpegs[sequence % len(jpegs)] + sequence.to_bytes(4, "big")
-        ref = core.spool_ref(spool, BIN_ID, jpeg)
+        ref = spool_ref(spool, BIN_ID, jpeg)
         event = core._frame_event(SourceFrame(jpeg, 160, 120, None, "bench"), ref, sequence, plan)
         start = time.perf_counter()
         outbox.hold(event)
         held = time.perf_counter()
-        spool.put(event.spool.key, jpeg, core.JPEG)
+        spool.put(event.spool.key, jpeg, JPEG)
         written = time.perf_counter()
         outbox.release(event)
         released = time.perf_counter()

@@ -20,16 +20,16 @@ from dataclasses import dataclass, field
 from nats.errors import Error as NatsError
 
 from binloop.errors import TransientError
-from binloop.storage import LocalBlobStore, sha256_hex, spool_key
+from binloop.storage import LocalBlobStore
 from schemas.base import BlobRef, utc_now
 from schemas.events import FrameCaptured
+from services.frame_ingestor.jpeg import JPEG, spool_ref
 from services.frame_ingestor.outbox import Outbox
 from services.frame_ingestor.sources import FrameSource, SourceFrame
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[FrameCaptured], Awaitable[None]]
-JPEG = "image/jpeg"
 
 
 class RateSchedule:
@@ -56,13 +56,6 @@ class RateSchedule:
             self._anchor, self._next, due = now, 0, now
         self._next += 1
         return max(0.0, due - now)
-
-
-def spool_ref(spool: LocalBlobStore, bin_id: str, jpeg: bytes) -> BlobRef:
-    """Where `spool_frame` puts the frame (the key is content-addressed)."""
-    digest = sha256_hex(jpeg)
-    key = spool_key(bin_id, digest)
-    return BlobRef(key=key, uri=spool.uri(key), sha256=digest, size=len(jpeg), content_type=JPEG)
 
 
 def spool_frame(spool: LocalBlobStore, outbox: Outbox, event: FrameCaptured, jpeg: bytes) -> None:

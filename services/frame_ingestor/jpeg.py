@@ -1,4 +1,5 @@
-"""JPEG bytes for the spool: pass real JPEGs through untouched, re-encode everything else."""
+"""JPEG bytes for the spool: pass real JPEGs through untouched, re-encode everything else;
+and where the spool keeps them (content-addressed)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,23 @@ import numpy.typing as npt
 
 from binloop.errors import CorruptFrameError
 from binloop.ml.preprocess import JPEG_SOI, jpeg_size, max_image_pixels
+from binloop.storage import LocalBlobStore, sha256_hex, spool_key
+from schemas.base import BlobRef
 
 EOI = b"\xff\xd9"
 # Scan data escapes every 0xFF, so an end-of-image marker cannot appear in it by chance; only
 # the tail is searched because some writers append padding after the marker.
 _EOI_SEARCH_BYTES = 4096
+
+
+JPEG = "image/jpeg"
+
+
+def spool_ref(spool: LocalBlobStore, bin_id: str, jpeg: bytes) -> BlobRef:
+    """Where the frame-ingestor spools `jpeg` (the key is content-addressed)."""
+    digest = sha256_hex(jpeg)
+    key = spool_key(bin_id, digest)
+    return BlobRef(key=key, uri=spool.uri(key), sha256=digest, size=len(jpeg), content_type=JPEG)
 
 
 class JpegFrame(NamedTuple):

@@ -28,10 +28,10 @@ from datetime import UTC, datetime
 from pydantic import ValidationError
 
 from binloop.ml.preprocess import jpeg_size
-from binloop.storage import SPOOL_ANNOUNCING_SUFFIX, LocalBlobStore, sha256_hex, spool_key
+from binloop.storage import SPOOL_ANNOUNCING_SUFFIX, LocalBlobStore
 from binloop.storage.files import write_atomically
-from schemas.base import BlobRef
 from schemas.events import FrameCaptured
+from services.frame_ingestor.jpeg import spool_ref
 
 log = logging.getLogger(__name__)
 
@@ -116,23 +116,17 @@ class Outbox:
             spooled_at = datetime.fromtimestamp(path.stat().st_mtime, UTC)
         except OSError:
             return None
-        digest = sha256_hex(data)
+        ref = spool_ref(self.spool, self.bin_id, data)
         size = jpeg_size(data)
-        if frame_key != spool_key(self.bin_id, digest) or size is None:
+        if ref.key != frame_key or size is None:
             return None
         width, height = size
         return FrameCaptured(
             event_id=uuid.uuid5(_RECOVERED_NAMESPACE, frame_key),
             producer=self.producer,
             bin_id=self.bin_id,
-            frame_sha256=digest,
-            spool=BlobRef(
-                key=frame_key,
-                uri=self.spool.uri(frame_key),
-                sha256=digest,
-                size=len(data),
-                content_type="image/jpeg",
-            ),
+            frame_sha256=ref.sha256,
+            spool=ref,
             captured_at=spooled_at,
             width=width,
             height=height,
