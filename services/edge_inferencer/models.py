@@ -39,9 +39,14 @@ MODEL_ACK_WAIT_S = 30.0
 a model and building its session takes longer than the bus's default ack wait (10 s)."""
 
 
+def card_beside(onnx_path: Path) -> Path:
+    """`<dir>/<stem>.card.json` for `<dir>/<stem>.onnx`: where the cache keeps a card."""
+    return onnx_path.with_name(f"{onnx_path.stem}.card.json")
+
+
 def card_path_for(onnx_path: Path) -> Path:
     """The card of `<dir>/<stem>.onnx` is `<dir>/<stem>.card.json`, else `<dir>/card.json`."""
-    beside = onnx_path.with_name(f"{onnx_path.stem}.card.json")
+    beside = card_beside(onnx_path)
     if beside.exists():
         return beside
     shared = onnx_path.with_name("card.json")
@@ -116,6 +121,12 @@ class _ServedRecord(BaseModel):
     champion_revision: int | None = None
 
 
+def _store(onnx_path: Path, onnx_bytes: bytes, card_bytes: bytes) -> None:
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(onnx_path, onnx_bytes)
+    write_atomically(card_beside(onnx_path), card_bytes)
+
+
 class ModelCache:
     """Promoted models on local disk, as <root>/<name>/v<version>/model.onnx + model.card.json,
     and <root>/current.json naming the one served last, so a restarted bin serves it again
@@ -129,10 +140,7 @@ class ModelCache:
 
     def fetch(self, update: ModelUpdate, artifact: BlobRef, card_ref: BlobRef) -> LoadedModel:
         """Download (sha256 checked), cache and load one model. Blocking: use a worker thread."""
-        if not _PATH_SAFE_NAME.match(update.name):
-            raise ModelLoadError(f"model name {update.name!r} is not safe as a folder name")
         onnx_path = self._onnx_path(update.name, update.version)
-        folder = onnx_path.parent
         if self._holds(onnx_path, artifact.sha256, card_ref.sha256):
             return load_model(
                 onnx_path,
@@ -147,10 +155,7 @@ class ModelCache:
                 f"the card at {card_ref.uri} describes {card.name} v{card.version}, "
                 f"the event promised {update.name} v{update.version}"
             )
-        onnx_bytes = read_verified(artifact)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(onnx_path, onnx_bytes)
-        write_atomically(folder / f"{onnx_path.stem}.card.json", card_bytes)
+        _store(onnx_path, read_verified(artifact), card_bytes)
         return load_model(
             onnx_path,
             card_path_for(onnx_path),
@@ -166,8 +171,6 @@ class ModelCache:
         update = model.installed_by
         if update is None or model.onnx_sha256 is None or model.card_sha256 is None:
             raise ValueError("only a model installed from a registry event can be remembered")
-        if not _PATH_SAFE_NAME.match(update.name):
-            raise ModelLoadError(f"model name {update.name!r} is not safe as a folder name")
         onnx_path = self._onnx_path(update.name, update.version)
         if not self._holds(onnx_path, model.onnx_sha256, model.card_sha256):
             self._copy_in(model, onnx_path)
@@ -213,7 +216,7 @@ class ModelCache:
             )
             return load_model(
                 onnx_path,
-                onnx_path.with_name(f"{onnx_path.stem}.card.json"),
+                card_beside(onnx_path),
                 intra_op_threads=self.intra_op_threads,
                 installed_by=update,
             )
@@ -238,17 +241,18 @@ class ModelCache:
             raise ModelLoadError(
                 f"{served}: {model.onnx_path} or {model.card_path} changed since it was loaded"
             )
-        onnx_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(onnx_path, onnx_bytes)
-        write_atomically(onnx_path.with_name(f"{onnx_path.stem}.card.json"), card_bytes)
+        _store(onnx_path, onnx_bytes, card_bytes)
 
     def _onnx_path(self, name: str, version: int) -> Path:
+        """Where the cache keeps a model; ModelLoadError for a name unsafe as a folder name."""
+        if not _PATH_SAFE_NAME.match(name):
+            raise ModelLoadError(f"model name {name!r} is not safe as a folder name")
         return self.root / name / f"v{version}" / ONNX_FILE
 
     @staticmethod
     def _holds(onnx_path: Path, onnx_sha256: str, card_sha256: str) -> bool:
         """Whether an earlier fetch left exactly these bytes (a restart, maybe offline)."""
-        card_path = onnx_path.with_name(f"{onnx_path.stem}.card.json")  # as fetch writes it
+        card_path = card_beside(onnx_path)
         return (
             onnx_path.is_file()
             and card_path.is_file()
