@@ -487,6 +487,37 @@ async def test_a_send_the_client_refuses_gives_back_its_pending_slot(
         await service.stop()
 
 
+async def test_a_send_waits_for_a_free_pending_slot_at_most_the_ack_timeout(
+    nats_server,
+) -> None:
+    """Sends skip nats-py's timed wait for a slot while one is free (binloop/bus/publish.py);
+    with every slot taken they still wait for one, up to the ack timeout, and no longer."""
+    from nats.js.errors import TooManyStalledMsgsError
+
+    service = new_service("stalled", _settings(nats_server.url))
+    await service.start()
+    try:
+        service.publisher.ack_timeout_s = 0.5
+        js = service.publisher._jetstream()
+        slots = js._publish_async_pending_semaphore
+        taken = 0
+        while not slots.locked():
+            await slots.acquire()
+            taken += 1
+        event = TrainingRequested(producer="t", dataset_name="d")
+        with pytest.raises(TooManyStalledMsgsError):
+            await service.publisher.send_all([Outgoing(PROBE_OUT, event)])
+        asyncio.get_running_loop().call_later(0.1, slots.release)  # one slot frees up
+        await (await service.publisher.send_all([Outgoing(PROBE_OUT, event)])).wait()
+        for _ in range(taken - 1):
+            slots.release()
+        assert not slots.locked()
+        await service.publisher.publish(PROBE_OUT, event)  # the fast path
+        assert js.publish_async_pending() == 0
+    finally:
+        await service.stop()
+
+
 async def test_stopping_a_pipelined_consumer_settles_what_it_sent(
     js: JetStreamContext, nats_server
 ) -> None:
