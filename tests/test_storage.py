@@ -493,3 +493,18 @@ def test_a_local_store_reads_a_blob_only_at_its_promised_size(tmp_path: Path) ->
     os.mkfifo(tmp_path / "served" / "pipe")  # opened without blocking, then refused
     with pytest.raises(MissingBlobError, match="not a regular file"):
         store.read_sized("pipe", 0)
+
+
+def test_a_local_store_refuses_keys_that_lead_out_of_its_folder(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "store")
+    (tmp_path / "store-next-door").mkdir()
+    (tmp_path / "store-next-door" / "f").write_bytes(b"outside")
+    (tmp_path / "store" / "out").symlink_to(tmp_path / "store-next-door")
+    for key in ("../store-next-door/f", "a/../../store-next-door/f", "/etc/hostname", "out/f"):
+        with pytest.raises(UnknownUriError, match="escapes the store root"):
+            store.read_sized(key, 7)
+        with pytest.raises(UnknownUriError):
+            store.put(key, b"x")
+    store.put("a/../b.bin", b"inside")
+    assert store.read_sized("b.bin", 6) == b"inside"
+    assert (tmp_path / "store" / "b.bin").read_bytes() == b"inside"

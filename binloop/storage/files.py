@@ -71,12 +71,17 @@ def read_regular_file(path: Path, size: int, uri: str) -> bytes:
             raise MissingBlobError(f"no blob at {uri} (not a regular file)")
         if info.st_size != size:
             raise PermanentError(f"{uri} holds {info.st_size} bytes; the reference promised {size}")
-        handle = os.fdopen(fd, "rb")
-    except BaseException:
+        # Plain reads on the descriptor (a file object's buffering costs more than the read
+        # of a frame), for one byte more than promised: that shows a file that grew since the
+        # fstat.
+        chunks: list[bytes] = []
+        wanted = size + 1
+        while wanted > 0 and (chunk := os.read(fd, wanted)):
+            chunks.append(chunk)
+            wanted -= len(chunk)
+    finally:
         os.close(fd)
-        raise
-    with handle:
-        data = handle.read(size + 1)  # one byte more shows a file that grew since the fstat
+    data = b"".join(chunks)
     if len(data) != size:
         raise PermanentError(f"{uri} changed while it was read ({len(data)} bytes, not {size})")
     return data
