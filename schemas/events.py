@@ -19,10 +19,19 @@ ChampionRevision = Annotated[
     Field(
         ge=0,
         description="Revision of the registry's champion key that this change replaced (0: "
-        "no champion yet). Every later change of the champion carries a larger one, whatever "
-        "the clocks or the order of arrival: a consumer that applied one ignores any event "
-        "with a revision not above it. None from registries before it was sent: order those "
-        "by occurred_at.",
+        "no champion yet). Every later change of the champion in the same bucket (see "
+        "champion_epoch) carries a larger one, whatever the clocks or the order of arrival: a "
+        "consumer that applied one ignores any event with a revision not above it. None from "
+        "registries before it was sent: order those by occurred_at.",
+    ),
+]
+ChampionEpoch = Annotated[
+    AwareDatetime | None,
+    Field(
+        description="When the registry's bucket that counts champion_revision was created. "
+        "A recreated bucket counts its revisions from the start again and has a later one: "
+        "a consumer orders events of two epochs by epoch, and by champion_revision within "
+        "one. None from registries before it was sent: order by champion_revision alone.",
     ),
 ]
 
@@ -253,6 +262,7 @@ class ModelPromoted(Event):
     metrics: ModelMetrics
     reason: Annotated[str, StringConstraints(max_length=512)]
     champion_revision: ChampionRevision = None
+    champion_epoch: ChampionEpoch = None
 
 
 class ModelRolledBack(Event):
@@ -263,6 +273,7 @@ class ModelRolledBack(Event):
     card: BlobRef
     reason: Annotated[str, StringConstraints(max_length=512)]
     champion_revision: ChampionRevision = None
+    champion_epoch: ChampionEpoch = None
 
 
 class DeadLetter(Event):

@@ -4,6 +4,7 @@ and the service against a real nats-server (results, DLQ, live swaps, waiting fo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import shutil
@@ -48,6 +49,7 @@ from schemas.events import (
     ModelMetrics,
     ModelPromoted,
     ModelRolledBack,
+    TrainingCompleted,
 )
 from schemas.routes import (
     ACTUATION_COMMAND,
@@ -55,6 +57,7 @@ from schemas.routes import (
     INFERENCE_RESULT,
     MODELS_PROMOTED,
     MODELS_ROLLED_BACK,
+    TRAINING_COMPLETED,
     Route,
     dlq_subject,
 )
@@ -78,6 +81,8 @@ from services.edge_inferencer.models import (
     load_model,
     update_verdict,
 )
+from services.model_registry import RegistrySettings
+from services.model_registry import create_app as create_registry
 from tests.helpers import Collector, eventually
 from tests.modelfactory import make_onnx_model
 
@@ -90,6 +95,14 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "stream"
 BIN = "bin-t"
 SERVICE = "edge-inferencer"
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
+METRICS = ModelMetrics(
+    eval_set_id="a" * 64,
+    eval_items=10,
+    accuracy=0.5,
+    macro_f1=0.5,
+    compartment_accuracy=0.6,
+    per_class_f1={c: 0.5 for c in CLASSES},
+)
 
 
 @dataclass(frozen=True)
@@ -405,6 +418,44 @@ def test_the_cache_recalls_the_model_it_served_last_only_while_its_bytes_check_o
     assert cache.recall() is None
 
 
+def test_the_cache_recalls_the_registrys_order_and_records_written_before_the_epoch(
+    tmp_path: Path, blob_store: LocalBlobStore, models: dict[int, ModelFiles]
+) -> None:
+    epoch = T0 - timedelta(days=1)
+    artifact, card = _store_model(blob_store, models[2], 2)
+    update = ModelUpdate(
+        "tiny-cnn",
+        2,
+        T0,
+        artifact_sha256=artifact.sha256,
+        champion_revision=7,
+        champion_epoch=epoch,
+    )
+    cache = ModelCache(tmp_path / "cache")
+    cache.remember(cache.fetch(update, artifact, card))
+    recalled = ModelCache(tmp_path / "cache").recall()
+    assert recalled is not None
+    assert recalled.installed_by == update
+    # A decision of a later bucket is newer whatever its revision; one of the same bucket
+    # is newer only with a later revision.
+    newer_bucket = ModelUpdate("tiny-cnn", 3, T0, champion_revision=0, champion_epoch=T0)
+    assert update_verdict(recalled, newer_bucket) is None
+    same_bucket = dataclasses.replace(newer_bucket, champion_epoch=epoch)
+    assert f"champion revision 0 of the bucket created {epoch.isoformat()}" in str(
+        update_verdict(recalled, same_bucket)
+    )
+
+    # A bin's record from before the epoch was kept: revisions alone, as then.
+    current = tmp_path / "cache" / "current.json"
+    record = json.loads(current.read_text())
+    del record["champion_epoch"]
+    current.write_text(json.dumps(record))
+    recalled = ModelCache(tmp_path / "cache").recall()
+    assert recalled is not None
+    assert recalled.installed_by == dataclasses.replace(update, champion_epoch=None)
+    assert "stale" in str(update_verdict(recalled, newer_bucket))
+
+
 def test_the_cache_recalls_a_default_model_a_rollback_acknowledged(
     tmp_path: Path, models: dict[int, ModelFiles]
 ) -> None:
@@ -595,14 +646,7 @@ def _promotion(
         previous_version=version - 1 if version > 1 else None,
         artifact=artifact,
         card=card,
-        metrics=ModelMetrics(
-            eval_set_id="a" * 64,
-            eval_items=10,
-            accuracy=0.5,
-            macro_f1=0.5,
-            compartment_accuracy=0.6,
-            per_class_f1={c: 0.5 for c in CLASSES},
-        ),
+        metrics=METRICS,
         reason="better on the evaluation set",
     )
 
@@ -1080,6 +1124,86 @@ async def test_a_bin_on_its_default_model_keeps_it_when_the_rollback_to_it_overt
         await app.stop()
 
     assert reinstalled == [1]
+    assert dead.items == []
+
+
+def _training_run(store: LocalBlobStore, files: ModelFiles, version: int) -> TrainingCompleted:
+    """What the trainer announces for `version`, its files in `store` for the bin to fetch."""
+    artifact, card = _store_model(store, files, version)
+    return TrainingCompleted(
+        producer="trainer",
+        model_name="tiny-cnn",
+        model_version=version,
+        parent_version=None,
+        dataset_name="seed",
+        dataset_version=version,
+        artifact=artifact,
+        card=card,
+        metrics=METRICS,
+        onnx_parity_max_abs_diff=1e-6,
+        train_seconds=1.0,
+    )
+
+
+@pytest.mark.integration
+async def test_a_bin_follows_the_registry_whose_bucket_was_recreated(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    blob_store: LocalBlobStore,
+    models: dict[int, ModelFiles],
+) -> None:
+    # The registry promoted v1 from its bucket; an operator recreated the bucket, whose
+    # revisions start again, and the registry promoted v2 from the new one. The bin restarted
+    # in between (v1 and the decision behind it recalled from its cache).
+    _, _, dead = await _collectors(nats_client)
+    promoted = await Collector(ModelPromoted).attach(nats_client, MODELS_PROMOTED.subject())
+    registry = RegistrySettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        retry_delay_s=0.05,
+        kv_bucket="registry-recreated",
+        model_name="tiny-cnn",
+    )
+    edge = _settings(nats_server, tmp_path, None)
+    slot = ModelSlot(BIN)
+    apps = [await _started(create_app(edge, slot)), await _started(create_registry(registry))]
+    try:
+        await _publish(js, TRAINING_COMPLETED, _training_run(blob_store, models[1], 1))
+        await eventually(lambda: slot.served == ("tiny-cnn", 1))
+    finally:
+        for app in reversed(apps):
+            await app.stop()
+    assert await js.delete_key_value(registry.kv_bucket)
+
+    restarted = ModelSlot(BIN)
+    apps = [await _started(create_app(edge, restarted)), await _started(create_registry(registry))]
+    try:
+        assert restarted.served == ("tiny-cnn", 1)
+        assert restarted.current is not None
+        recalled = restarted.current.installed_by  # from the cache's current.json
+        await _publish(js, TRAINING_COMPLETED, _training_run(blob_store, models[2], 2))
+        await promoted.wait_for(2)
+        last = await js.get_last_msg(MODELS_PROMOTED.stream, MODELS_PROMOTED.subject())
+        await _consumed(js, f"{SERVICE}-{BIN}-promoted", last.seq or 0)
+    finally:
+        for app in reversed(apps):
+            await app.stop()
+
+    first, second = promoted.items
+    assert (first.model_version, second.model_version) == (1, 2)
+    # The new bucket's first change replaced no revision, like the old bucket's first one;
+    # the bucket's creation tells the two apart, also after the bin's restart.
+    assert first.champion_revision == second.champion_revision == 0
+    assert first.champion_epoch is not None
+    assert second.champion_epoch is not None
+    assert second.champion_epoch > first.champion_epoch
+    assert recalled == update_for(first)
+    assert restarted.served == ("tiny-cnn", 2)
+    served = ModelCache(edge.model_cache).recall()
+    assert served is not None
+    assert served.installed_by == update_for(second)
     assert dead.items == []
 
 

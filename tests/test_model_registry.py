@@ -80,6 +80,8 @@ from tests.helpers import Collector, eventually
 EVAL_SET = "e" * 64
 OTHER_EVAL_SET = "f" * 64
 NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
+EPOCH = datetime(2025, 4, 1, tzinfo=UTC)
+"""When the registry's bucket was created (the decisions' champion_epoch)."""
 MODEL = "binloop-waste"
 
 
@@ -249,11 +251,14 @@ def test_a_superseded_promotion_is_decided_again_against_the_new_champion() -> N
     )
     assert again.superseded is not None
     assert (again.superseded.champion_before, again.superseded.reason) == (4, first.reason)
-    [registered] = registration_events(again, "reg", 6)
+    [registered] = registration_events(again, "reg", 6, champion_epoch=EPOCH)
     assert isinstance(registered, ModelRegistered)
     assert (registered.decision, registered.champion_version) == ("rejected", 6)
     # Another decision, another event id: the duplicate window must not drop it.
-    assert registered.event_id != registration_events(first, "reg", 4)[0].event_id
+    assert (
+        registered.event_id
+        != registration_events(first, "reg", 4, champion_epoch=EPOCH)[0].event_id
+    )
 
 
 def test_events_are_the_same_for_the_same_record() -> None:
@@ -261,21 +266,23 @@ def test_events_are_the_same_for_the_same_record() -> None:
     record = register(_completed(3, 0.6), None, champion, 0.02, NOW, 0).model_copy(
         update={"champion_before": 1}
     )
-    first, again = registration_events(record, "reg", 3), registration_events(record, "reg", 3)
+    first = registration_events(record, "reg", 3, champion_epoch=EPOCH)
+    again = registration_events(record, "reg", 3, champion_epoch=EPOCH)
     assert [e.event_id for e in first] == [e.event_id for e in again]
     registered, promoted = first
     assert isinstance(registered, ModelRegistered)
     assert isinstance(promoted, ModelPromoted)
     assert (registered.decision, registered.champion_version) == ("promoted", 1)
     assert (promoted.model_version, promoted.previous_version) == (3, 1)
+    assert (promoted.champion_revision, promoted.champion_epoch) == (0, EPOCH)
     assert promoted.artifact == _ref(3, "model.onnx")
     rejected = record.model_copy(update={"decision": "rejected", "version": 4})
-    [only] = registration_events(rejected, "reg", 3)
+    [only] = registration_events(rejected, "reg", 3, champion_epoch=EPOCH)
     assert isinstance(only, ModelRegistered)
     assert only.event_id not in {e.event_id for e in first}
     # Promoted, but not (or no longer) the champion: models.promoted stays silent.
-    assert registration_events(record, "reg", 5) == [registered]
-    assert registration_events(record, "reg", None) == [registered]
+    assert registration_events(record, "reg", 5, champion_epoch=EPOCH) == [registered]
+    assert registration_events(record, "reg", None, champion_epoch=EPOCH) == [registered]
 
 
 def test_a_second_training_run_claiming_a_recorded_version_is_refused() -> None:
@@ -298,7 +305,9 @@ def test_rollback_goes_to_the_previous_champion_or_the_given_version() -> None:
     assert rollback_target(champion, None) == 3
     assert rollback_target(champion, 1) == 1
     target_3 = _champion_of(_completed(3, 0.5))
-    event = rolled_back_event(champion, target_3, "bad in the field", "reg", revision=7)
+    event = rolled_back_event(
+        champion, target_3, "bad in the field", "reg", revision=7, epoch=EPOCH
+    )
     after = rolled_back_champion(champion, event)
     assert (after.version, after.history) == (3, [1])
     # A rollback forgets v5 in the history, not that it was promoted.
@@ -307,14 +316,17 @@ def test_rollback_goes_to_the_previous_champion_or_the_given_version() -> None:
     # The event waits in the record (an outbox) until it is published.
     assert after.pending_rollback == event
     assert (event.from_version, event.to_version, event.artifact) == (5, 3, target_3.artifact)
+    assert (event.champion_revision, event.champion_epoch) == (7, EPOCH)
     with pytest.raises(RollbackNotAnnouncedError, match="v5 -> v3"):
         ensure_announced(after)
     ensure_announced(after.model_copy(update={"pending_rollback": None}))
     target_4 = _champion_of(_completed(4, 0.5))
-    event_4 = rolled_back_event(champion, target_4, "x", "reg", revision=7)
+    event_4 = rolled_back_event(champion, target_4, "x", "reg", revision=7, epoch=EPOCH)
     assert rolled_back_champion(champion, event_4).history == [1, 3, 5]
     # Another rollback (another revision replaced) is another event.
-    assert rolled_back_event(champion, target_3, "x", "reg", 8).event_id != event.event_id
+    assert (
+        rolled_back_event(champion, target_3, "x", "reg", 8, epoch=EPOCH).event_id != event.event_id
+    )
 
 
 def test_rollback_needs_somewhere_to_go() -> None:
@@ -848,6 +860,10 @@ async def test_a_rollback_between_the_champion_write_and_its_publish_wins_on_eve
     assert late.champion_revision is not None
     assert outcome.event.champion_revision is not None
     assert outcome.event.champion_revision > late.champion_revision
+    # All in the epoch of the one bucket they were decided in: its creation.
+    bucket = await js.stream_info(f"KV_{settings.kv_bucket}")
+    assert bucket.created is not None
+    assert {event.champion_epoch for event in stream} == {bucket.created}
     # In the stream's order, and in any order the bin's two consumers deliver them, a bin
     # ends on the registry's champion.
     assert await _bin_serves(stream) == champion.version
@@ -968,7 +984,7 @@ def test_promoted_versions_stay_bounded_and_a_dropped_one_is_never_promoted_agai
     # An old version, rolled back to: the versions promoted after it left history.
     rolled_back = rolled_back_champion(
         champion,
-        rolled_back_event(champion, records[9], "bad", "test", promotions + 1),
+        rolled_back_event(champion, records[9], "bad", "test", promotions + 1, epoch=None),
     )
 
     assert len(champion.promoted_versions) == PROMOTED_VERSIONS_KEPT

@@ -23,6 +23,9 @@ class ModelUpdate:
     champion_revision: int | None = None
     """The registry's order of its decisions (the events' champion_revision); None from
     registries before it was sent."""
+    champion_epoch: datetime | None = None
+    """When the registry's bucket that counts champion_revision was created (the events'
+    champion_epoch); None from registries before it was sent."""
 
 
 def is_older(update: ModelUpdate, installed_by: ModelUpdate) -> bool:
@@ -33,6 +36,11 @@ def is_older(update: ModelUpdate, installed_by: ModelUpdate) -> bool:
     machines that stamped them (the registry's, an operator's running `binloop rollback`);
     see services.model_registry.core.registration_events. Otherwise by issue time.
 
+    Revisions count within one registry bucket, and a recreated bucket counts from the start
+    again: when both carry the epoch (the bucket's creation) and the epochs differ, the later
+    bucket's decision is the newer one, whatever the revisions. Without an epoch on either
+    side, revisions compare as they are (registries from before it was sent).
+
     A follower records every decision that is not older as the one on record, also one that
     names the model it already follows (a rollback to it): a promotion whose publish that
     rollback overtook is then older, and skipped."""
@@ -41,6 +49,12 @@ def is_older(update: ModelUpdate, installed_by: ModelUpdate) -> bool:
         and update.champion_revision is not None
         and installed_by.champion_revision is not None
     ):
+        if (
+            update.champion_epoch is not None
+            and installed_by.champion_epoch is not None
+            and update.champion_epoch != installed_by.champion_epoch
+        ):
+            return update.champion_epoch < installed_by.champion_epoch
         return update.champion_revision <= installed_by.champion_revision
     return update.issued_at <= installed_by.issued_at
 
@@ -55,6 +69,7 @@ def update_for(event: ModelPromoted | ModelRolledBack) -> ModelUpdate:
             rollback=True,
             artifact_sha256=event.artifact.sha256,
             champion_revision=event.champion_revision,
+            champion_epoch=event.champion_epoch,
         )
     return ModelUpdate(
         event.model_name,
@@ -62,4 +77,5 @@ def update_for(event: ModelPromoted | ModelRolledBack) -> ModelUpdate:
         event.occurred_at,
         artifact_sha256=event.artifact.sha256,
         champion_revision=event.champion_revision,
+        champion_epoch=event.champion_epoch,
     )

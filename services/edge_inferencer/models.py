@@ -119,6 +119,7 @@ class _ServedRecord(BaseModel):
     onnx_sha256: str
     card_sha256: str
     champion_revision: int | None = None
+    champion_epoch: datetime | None = None
 
 
 def _store(onnx_path: Path, onnx_bytes: bytes, card_bytes: bytes) -> None:
@@ -182,6 +183,7 @@ class ModelCache:
             onnx_sha256=model.onnx_sha256,
             card_sha256=model.card_sha256,
             champion_revision=update.champion_revision,
+            champion_epoch=update.champion_epoch,
         )
         write_atomically(self.root / CURRENT_FILE, record.model_dump_json(indent=1).encode())
 
@@ -213,6 +215,7 @@ class ModelCache:
                 rollback=record.rollback,
                 artifact_sha256=record.onnx_sha256,
                 champion_revision=record.champion_revision,
+                champion_epoch=record.champion_epoch,
             )
             return load_model(
                 onnx_path,
@@ -261,6 +264,13 @@ class ModelCache:
         )
 
 
+def _registry_order(update: ModelUpdate) -> str:
+    """Where the registry put `update` in its order (see is_older), for a verdict."""
+    epoch = update.champion_epoch
+    bucket = f" of the bucket created {epoch.isoformat()}" if epoch is not None else ""
+    return f"champion revision {update.champion_revision}{bucket}"
+
+
 def update_verdict(current: LoadedModel | None, update: ModelUpdate) -> str | None:
     """None when `update` should replace `current`; otherwise why it is skipped.
 
@@ -276,10 +286,9 @@ def update_verdict(current: LoadedModel | None, update: ModelUpdate) -> str | No
     card, installed_by = current.card, current.installed_by
     if installed_by is not None and is_older(update, installed_by):
         return (
-            f"stale: issued at {update.issued_at.isoformat()} (champion revision "
-            f"{update.champion_revision}), the served model was installed by an event of "
-            f"{installed_by.issued_at.isoformat()} (champion revision "
-            f"{installed_by.champion_revision})"
+            f"stale: issued at {update.issued_at.isoformat()} ({_registry_order(update)}), "
+            "the served model was installed by an event of "
+            f"{installed_by.issued_at.isoformat()} ({_registry_order(installed_by)})"
         )
     same_model = card.name == update.name
     if same_model and update.version == card.version:

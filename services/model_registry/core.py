@@ -330,7 +330,11 @@ def _decision_event_id(record: VersionRecord, kind: str) -> uuid.UUID:
 
 
 def registration_events(
-    record: VersionRecord, producer: str, champion_version: int | None
+    record: VersionRecord,
+    producer: str,
+    champion_version: int | None,
+    *,
+    champion_epoch: datetime | None,
 ) -> list[ModelRegistered | ModelPromoted]:
     """What the decision announces; the same record always yields the same events (ids).
 
@@ -350,6 +354,9 @@ def registration_events(
     and a consumer ignores an event whose revision is not above the one it applied last
     (binloop.ml.decisions.is_older, applied by bins, the trainer and the labeling bridge):
     whatever the order of arrival, each ends on the registry's champion.
+
+    Revisions count within the bucket the record lives in; `champion_epoch`, its creation
+    (see ChampionState.epoch), puts a recreated bucket's decisions after the old one's.
     """
     registered = ModelRegistered(
         event_id=_decision_event_id(record, "registered"),
@@ -376,6 +383,7 @@ def registration_events(
         metrics=record.metrics,
         reason=record.reason,
         champion_revision=record.champion_revision,
+        champion_epoch=champion_epoch,
     )
     return [registered, promoted]
 
@@ -430,12 +438,19 @@ def ensure_announced(champion: ChampionRecord | None) -> None:
 
 
 def rolled_back_event(
-    champion: ChampionRecord, target: VersionRecord, reason: str, producer: str, revision: int
+    champion: ChampionRecord,
+    target: VersionRecord,
+    reason: str,
+    producer: str,
+    revision: int,
+    *,
+    epoch: datetime | None,
 ) -> ModelRolledBack:
     """The announcement of rolling `champion` back to `target`. `revision` (the champion
-    key's revision being replaced) gives each rollback its own event id and orders it after
-    the promotion it undoes (see registration_events); a retry republishes the one kept in
-    ChampionRecord.pending_rollback rather than building a new one."""
+    key's revision being replaced, in the bucket created at `epoch`) gives each rollback its
+    own event id and orders it after the promotion it undoes (see registration_events); a
+    retry republishes the one kept in ChampionRecord.pending_rollback rather than building a
+    new one."""
     return ModelRolledBack(
         event_id=_event_id(champion.model_name, "rollback", revision, target.version),
         producer=producer,
@@ -446,4 +461,5 @@ def rolled_back_event(
         card=target.card,
         reason=reason[:512],
         champion_revision=revision,
+        champion_epoch=epoch,
     )

@@ -68,7 +68,7 @@ async def record_training(
     replay = replay_state(existing.record, state.record, state.revision)
     if replay == "settled":
         serving = state.record.version if state.record is not None else None
-        return registration_events(existing.record, producer, serving)
+        return registration_events(existing.record, producer, serving, champion_epoch=state.epoch)
     if replay == "superseded":
         record = await _decide(store, state, event, margin, clock(), superseded=existing.record)
         await store.replace_version(record, existing.revision)
@@ -108,7 +108,7 @@ async def _apply(
         serving = promotion.version
         metrics.MODEL_ACCURACY.labels(record.model_name, "champion").set(record.metrics.accuracy)
     metrics.MODEL_PROMOTIONS.labels(record.model_name, record.decision).inc()
-    return registration_events(record, producer, serving)
+    return registration_events(record, producer, serving, champion_epoch=state.epoch)
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,9 @@ async def rollback(
     target = await store.version(model_name, target_version)
     if state.record is None or target is None:
         raise RegistryError(f"{model_name} v{target_version} is not a recorded version")
-    event = rolled_back_event(state.record, target, reason, publisher.producer, state.revision)
+    event = rolled_back_event(
+        state.record, target, reason, publisher.producer, state.revision, epoch=state.epoch
+    )
     champion = rolled_back_champion(state.record, event)
     await store.set_champion(champion, state.revision)
     return RollbackOutcome(await _announce(store, publisher, champion), resumed=False)

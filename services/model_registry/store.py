@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
@@ -30,6 +31,11 @@ class ChampionState:
     record: ChampionRecord | None
     revision: int
     """Revision of the champion key; 0 when there is none yet."""
+    epoch: datetime | None
+    """When the bucket that counts `revision` was created: a bucket deleted and created again
+    counts from the start, so decisions carry both (see binloop.ml.decisions.is_older). Read
+    with the revision rather than once at open, so the two come from the same bucket even
+    when it is recreated under a running registry. None from a server that does not tell."""
 
 
 @dataclass(frozen=True)
@@ -139,12 +145,13 @@ class RegistryStore:
         )
 
     async def champion(self, model_name: str) -> ChampionState:
+        epoch = (await self.kv.status()).stream_info.created
         try:
             entry = await self.kv.get(champion_key(model_name))
         except KeyNotFoundError:
-            return ChampionState(None, 0)
+            return ChampionState(None, 0, epoch)
         record = ChampionRecord.model_validate_json(entry.value or b"")
-        return ChampionState(record, entry.revision or 0)
+        return ChampionState(record, entry.revision or 0, epoch)
 
     async def add_version(self, record: VersionRecord) -> bool:
         """Writes a new version record; False when the version is already recorded."""
