@@ -31,7 +31,8 @@ ChampionEpoch = Annotated[
         description="When the registry's bucket that counts champion_revision was created. "
         "A recreated bucket counts its revisions from the start again and has a later one: "
         "a consumer orders events of two epochs by epoch, and by champion_revision within "
-        "one. None from registries before it was sent: order by champion_revision alone.",
+        "one. None from registries before it was sent: such an event is older than any with "
+        "an epoch, and two without one order by champion_revision.",
     ),
 ]
 

@@ -38,11 +38,19 @@ def test_decisions_from_one_bucket_are_ordered_by_revision() -> None:
 
 def test_without_an_epoch_on_either_side_revisions_order_as_before() -> None:
     # Registries from before the epoch was sent, and bins that recorded a decision then.
-    for update_epoch, installed_epoch in ((None, NEW_BUCKET), (NEW_BUCKET, None), (None, None)):
-        installed_by = _decision(5, installed_epoch)
-        assert is_older(_decision(5, update_epoch), installed_by)
-        assert is_older(_decision(3, update_epoch, T0 + timedelta(hours=1)), installed_by)
-        assert not is_older(_decision(6, update_epoch, T0 - timedelta(hours=1)), installed_by)
+    installed_by = _decision(5, None)
+    assert is_older(_decision(5, None), installed_by)
+    assert is_older(_decision(3, None, T0 + timedelta(hours=1)), installed_by)
+    assert not is_older(_decision(6, None, T0 - timedelta(hours=1)), installed_by)
+
+
+def test_a_decision_without_an_epoch_is_older_than_one_with_whatever_the_revisions() -> None:
+    # A bin recorded a decision from before the upgrade: the upgraded registry's next one
+    # replaces it, also from a recreated bucket whose revisions started again.
+    assert not is_older(_decision(0, NEW_BUCKET), _decision(5, None))
+    # A rollback still last on the stream from before the upgrade (revision 10 of the old
+    # bucket) does not undo the recreated bucket's promotion when a bin restarts.
+    assert is_older(_decision(10, None, T0 + timedelta(hours=1)), _decision(1, NEW_BUCKET))
 
 
 def test_without_revisions_issue_time_orders_whatever_the_epochs() -> None:

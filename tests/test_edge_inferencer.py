@@ -31,6 +31,7 @@ from binloop.errors import (
     MissingBlobError,
     ModelLoadError,
     NotReadyError,
+    PermanentError,
     UnknownUriError,
 )
 from binloop.ml.decisions import ModelUpdate, update_for
@@ -155,6 +156,12 @@ def test_stats_of_extreme_distributions() -> None:
     assert certain.margin == 1.0
     assert certain.confidence == 1.0
     assert len(certain.top_k) == 3  # top_k is capped by the number of classes
+
+
+def test_stats_reject_non_finite_probabilities() -> None:
+    for bad in (math.nan, math.inf):
+        with pytest.raises(PermanentError, match="non-finite probabilities"):
+            probability_stats(np.array([0.2, bad, 0.5], dtype=np.float32), list("abc"), 2)
 
 
 def test_stats_reject_a_distribution_of_the_wrong_size() -> None:
@@ -445,7 +452,8 @@ def test_the_cache_recalls_the_registrys_order_and_records_written_before_the_ep
         update_verdict(recalled, same_bucket)
     )
 
-    # A bin's record from before the epoch was kept: revisions alone, as then.
+    # A bin's record from before the epoch was kept: any decision with an epoch is newer,
+    # whatever its revision (a recreated bucket's too); one without compares revisions.
     current = tmp_path / "cache" / "current.json"
     record = json.loads(current.read_text())
     del record["champion_epoch"]
@@ -453,7 +461,9 @@ def test_the_cache_recalls_the_registrys_order_and_records_written_before_the_ep
     recalled = ModelCache(tmp_path / "cache").recall()
     assert recalled is not None
     assert recalled.installed_by == dataclasses.replace(update, champion_epoch=None)
-    assert "stale" in str(update_verdict(recalled, newer_bucket))
+    assert update_verdict(recalled, newer_bucket) is None
+    before_the_epoch = dataclasses.replace(newer_bucket, champion_epoch=None)
+    assert "stale" in str(update_verdict(recalled, before_the_epoch))
 
 
 def test_the_cache_recalls_a_default_model_a_rollback_acknowledged(

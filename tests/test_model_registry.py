@@ -1010,3 +1010,41 @@ def test_a_champion_record_without_promoted_versions_is_migrated_on_read() -> No
     )
     record = ChampionRecord.model_validate_json(legacy)
     assert (record.promoted_versions, record.promoted_floor) == ([1, 3, 5], 0)
+
+
+async def test_the_champion_is_read_with_the_epoch_of_the_bucket_it_came_from(
+    js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bucket is recreated while the champion key is being read: the revision and the
+    epoch must both be the new bucket's, or bins would order the decision wrongly."""
+    bucket = "registry-recreated-mid-read"
+    store = await RegistryStore.open_or_create(js, bucket)
+    champion = ChampionRecord(model_name="m", version=1, changed_at=utc_now(), reason="first")
+    for _ in range(3):  # the old bucket's champion key is at revision 3
+        state = await store.champion("m")
+        await store.set_champion(champion, state.revision)
+    old_epoch = (await js.stream_info(f"KV_{bucket}")).created
+    real_get = store.kv.get
+    recreated = False
+
+    async def get_while_recreated(key: str) -> Any:
+        nonlocal recreated
+        entry = await real_get(key)
+        if not recreated:  # the old bucket's entry comes back, then the bucket is gone
+            recreated = True
+            await js.delete_key_value(bucket)
+            await asyncio.sleep(0.01)  # the new bucket gets a later creation time
+            fresh = await RegistryStore.open_or_create(js, bucket)
+            await fresh.set_champion(champion.model_copy(update={"version": 2}), 0)
+        return entry
+
+    monkeypatch.setattr(store.kv, "get", get_while_recreated)
+    state = await store.champion("m")
+
+    assert recreated
+    assert state.record is not None
+    new_epoch = (await js.stream_info(f"KV_{bucket}")).created
+    assert new_epoch is not None
+    assert old_epoch is not None
+    assert new_epoch > old_epoch
+    assert (state.record.version, state.revision, state.epoch) == (2, 1, new_epoch)

@@ -37,9 +37,12 @@ def is_older(update: ModelUpdate, installed_by: ModelUpdate) -> bool:
     see services.model_registry.core.registration_events. Otherwise by issue time.
 
     Revisions count within one registry bucket, and a recreated bucket counts from the start
-    again: when both carry the epoch (the bucket's creation) and the epochs differ, the later
-    bucket's decision is the newer one, whatever the revisions. Without an epoch on either
-    side, revisions compare as they are (registries from before it was sent).
+    again: when the epochs (the bucket's creation) differ, the later bucket's decision is the
+    newer one, whatever the revisions. A decision without an epoch comes from a registry (or a
+    `binloop rollback`) from before it was sent, so it is older than any decision with one: a
+    rollback still last on the stream from before the upgrade must not undo the promotions of
+    a recreated bucket when a bin restarts. Without an epoch on both sides, revisions compare
+    as they are.
 
     A follower records every decision that is not older as the one on record, also one that
     names the model it already follows (a rollback to it): a promotion whose publish that
@@ -49,13 +52,12 @@ def is_older(update: ModelUpdate, installed_by: ModelUpdate) -> bool:
         and update.champion_revision is not None
         and installed_by.champion_revision is not None
     ):
-        if (
-            update.champion_epoch is not None
-            and installed_by.champion_epoch is not None
-            and update.champion_epoch != installed_by.champion_epoch
-        ):
-            return update.champion_epoch < installed_by.champion_epoch
-        return update.champion_revision <= installed_by.champion_revision
+        epoch, installed_epoch = update.champion_epoch, installed_by.champion_epoch
+        if epoch == installed_epoch:  # one bucket (or no epoch on either side)
+            return update.champion_revision <= installed_by.champion_revision
+        if epoch is None or installed_epoch is None:
+            return epoch is None
+        return epoch < installed_epoch
     return update.issued_at <= installed_by.issued_at
 
 

@@ -35,7 +35,8 @@ class ChampionState:
     """When the bucket that counts `revision` was created: a bucket deleted and created again
     counts from the start, so decisions carry both (see binloop.ml.decisions.is_older). Read
     with the revision rather than once at open, so the two come from the same bucket even
-    when it is recreated under a running registry. None from a server that does not tell."""
+    when it is recreated under a running registry (RegistryStore.champion reads it before and
+    after the key). None from a server that does not tell."""
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,23 @@ class RegistryStore:
             key[: -len(CHAMPION_SUFFIX)] for key in every_key if key.endswith(CHAMPION_SUFFIX)
         )
 
+    async def _epoch(self) -> datetime | None:
+        return (await self.kv.status()).stream_info.created
+
     async def champion(self, model_name: str) -> ChampionState:
-        epoch = (await self.kv.status()).stream_info.created
-        try:
-            entry = await self.kv.get(champion_key(model_name))
-        except KeyNotFoundError:
+        # The epoch is read before and after the key: a bucket recreated in between would
+        # otherwise pair one bucket's revision with the other's epoch. Then it is read again.
+        epoch = await self._epoch()
+        while True:
+            try:
+                entry: KeyValue.Entry | None = await self.kv.get(champion_key(model_name))
+            except KeyNotFoundError:
+                entry = None
+            epoch_after = await self._epoch()
+            if epoch_after == epoch:
+                break
+            epoch = epoch_after
+        if entry is None:
             return ChampionState(None, 0, epoch)
         record = ChampionRecord.model_validate_json(entry.value or b"")
         return ChampionState(record, entry.revision or 0, epoch)
