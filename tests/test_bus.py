@@ -518,6 +518,44 @@ async def test_a_send_waits_for_a_free_pending_slot_at_most_the_ack_timeout(
         await service.stop()
 
 
+async def test_a_long_send_lets_other_tasks_run(nats_server, js: JetStreamContext) -> None:
+    """Sends with a free slot do not yield to the event loop, so send_all gives it a turn
+    every SENDS_PER_TURN events: heartbeats and health checks are not held up by a batch."""
+    from binloop.bus.publish import SENDS_PER_TURN
+
+    service = new_service("long-send", _settings(nats_server.url))
+    await service.start()
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    try:
+        await service.publisher.publish(
+            PROBE_OUT, TrainingRequested(producer="t", dataset_name="0")
+        )
+        before = (await js.stream_info(PROBE_OUT.stream)).state.messages
+        ticker = asyncio.create_task(other_task())
+        await asyncio.sleep(0)
+        events = [
+            Outgoing(PROBE_OUT, TrainingRequested(producer="t", dataset_name=str(i)))
+            for i in range(3 * SENDS_PER_TURN)
+        ]
+        turns = 0
+        pending = await service.publisher.send_all(events)
+        turns_during_send = turns
+        ticker.cancel()
+        await pending.wait()
+        assert turns_during_send >= 2
+        stored = (await js.stream_info(PROBE_OUT.stream)).state.messages - before
+        assert stored == len(events)
+    finally:
+        await service.stop()
+
+
 async def test_stopping_a_pipelined_consumer_settles_what_it_sent(
     js: JetStreamContext, nats_server
 ) -> None:

@@ -43,6 +43,11 @@ PUBLISH_ACK_TIMEOUT_S = 5.0
 own default for `js.publish`)."""
 
 
+SENDS_PER_TURN = 64
+"""Events `send_all` hands over before it lets the event loop run other tasks (and the flusher
+write them out)."""
+
+
 class PendingAcks:
     """JetStream's acks for events already handed to the connection. `wait()` returns once
     every one is stored and raises the first failure (an API error, or no ack in time)."""
@@ -143,9 +148,13 @@ class Publisher:
         # nats-py waits for one of its 4000 pending slots under asyncio.wait_for, which costs a
         # task and a turn of the event loop per publish even when a slot is free (a third of
         # a publish's time here, docs/edge-latency.md). With a slot free the wait returns at
-        # once, so it is asked for without a timeout; only a stalled client gets the timed one.
+        # once, so it is asked for without a timeout; only a stalled client gets the timed one,
+        # and so does a context's first publish, which subscribes its reply inbox before it
+        # takes a slot (other publishes could take the last ones meanwhile).
         slots: asyncio.Semaphore | None = getattr(js, "_publish_async_pending_semaphore", None)
-        wait_stall = self.ack_timeout_s if slots is None or slots.locked() else None
+        slot_free = slots is not None and not slots.locked()
+        ready = slot_free and bool(getattr(js, "_async_reply_prefix", None))
+        wait_stall = None if ready else self.ack_timeout_s
         try:
             ack = await js.publish_async(
                 route.subject(item.bin_id),
@@ -174,7 +183,11 @@ class Publisher:
         the caller must `wait()` on the result before it treats them as stored."""
         acks: list[asyncio.Future[PubAck]] = []
         try:
-            for item in outgoing:
+            for sent, item in enumerate(outgoing):
+                if sent and sent % SENDS_PER_TURN == 0:
+                    # A publish with a free slot does not give the event loop a turn: a long
+                    # batch would hold the loop (heartbeats, health checks) and the socket.
+                    await asyncio.sleep(0)
                 acks.append(await self._send(item))
         except BaseException:
             for ack in acks:

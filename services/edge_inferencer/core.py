@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from binloop.errors import MissingBlobError, UnknownUriError
+from binloop.errors import MissingBlobError, PermanentError, UnknownUriError
 from binloop.ml.phash import phash
 from binloop.ml.preprocess import FloatArray
 from binloop.storage.blobstore import LocalBlobStore, check_sha256, read_verified
@@ -58,6 +58,10 @@ def probability_stats(probs: FloatArray, classes: Sequence[str], top_k: int) -> 
         raise ValueError("a classifier needs at least two classes")
     # A handful of values: plain Python floats beat numpy's per-call overhead threefold here.
     values: list[float] = probs.tolist()
+    if not all(map(math.isfinite, values)):
+        # A broken model (or export): no order of NaNs means anything, and no frame is sorted
+        # by one. The frame is dead-lettered with the values, for whoever replaces the model.
+        raise PermanentError(f"the model gave non-finite probabilities: {values}")
     order = sorted(range(len(values)), key=values.__getitem__, reverse=True)  # stable on ties
     first, second = values[order[0]], values[order[1]]
     entropy = 0.0 - math.fsum(p * math.log(p) for p in values if p > 0)
