@@ -285,6 +285,30 @@ def test_events_are_the_same_for_the_same_record() -> None:
     assert registration_events(record, "reg", None, champion_epoch=EPOCH) == [registered]
 
 
+def test_a_recreated_buckets_events_do_not_repeat_the_old_buckets_ids() -> None:
+    # Versions and revisions start again in a recreated registry bucket, so the same
+    # (model, version) or (revision, target) comes back; within JetStream's two-minute
+    # duplicate window the server would drop the new bucket's event as a repeat.
+    champion = _champion_of(_completed(1, 0.5))
+    record = register(_completed(3, 0.6), None, champion, 0.02, NOW, 0).model_copy(
+        update={"champion_before": 1}
+    )
+    recreated = EPOCH + timedelta(minutes=1)
+    old = registration_events(record, "reg", 3, champion_epoch=EPOCH)
+    new = registration_events(record, "reg", 3, champion_epoch=recreated)
+    assert {e.event_id for e in old}.isdisjoint(e.event_id for e in new)
+
+    target = VersionRecord.model_validate(record.model_dump() | {"version": 1})
+    promoted_3 = ChampionRecord(
+        model_name=MODEL, version=3, history=[1], changed_at=NOW, reason="x"
+    )
+    ids = {
+        rolled_back_event(promoted_3, target, "x", "reg", 4, epoch=epoch).event_id
+        for epoch in (EPOCH, recreated, EPOCH)
+    }
+    assert len(ids) == 2
+
+
 def test_a_second_training_run_claiming_a_recorded_version_is_refused() -> None:
     event = _completed(1, 0.5)
     record = _champion_of(event)

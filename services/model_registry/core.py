@@ -317,16 +317,21 @@ def check_replay(existing: VersionRecord, event: TrainingCompleted) -> None:
         )
 
 
-def _event_id(*parts: object) -> uuid.UUID:
+def _event_id(*parts: object, epoch: datetime | None) -> uuid.UUID:
+    # Versions and revisions start again in a recreated bucket: its creation time (`epoch`)
+    # keeps its events' ids apart from the old bucket's, which JetStream's duplicate window
+    # would otherwise drop as repeats.
+    if epoch is not None:
+        parts = (*parts, epoch.isoformat())
     return uuid.uuid5(EVENT_NAMESPACE, "/".join(str(p) for p in parts))
 
 
-def _decision_event_id(record: VersionRecord, kind: str) -> uuid.UUID:
+def _decision_event_id(record: VersionRecord, kind: str, epoch: datetime | None) -> uuid.UUID:
     # A decision made again (against another champion revision) is another event, which
     # JetStream's duplicate window must not drop.
     if record.superseded is None:
-        return _event_id(record.model_name, record.version, kind)
-    return _event_id(record.model_name, record.version, kind, record.champion_revision)
+        return _event_id(record.model_name, record.version, kind, epoch=epoch)
+    return _event_id(record.model_name, record.version, kind, record.champion_revision, epoch=epoch)
 
 
 def registration_events(
@@ -359,7 +364,7 @@ def registration_events(
     (see ChampionState.epoch), puts a recreated bucket's decisions after the old one's.
     """
     registered = ModelRegistered(
-        event_id=_decision_event_id(record, "registered"),
+        event_id=_decision_event_id(record, "registered", champion_epoch),
         occurred_at=record.recorded_at,
         producer=producer,
         model_name=record.model_name,
@@ -372,7 +377,7 @@ def registration_events(
     if record.decision == "rejected" or champion_version != record.version:
         return [registered]
     promoted = ModelPromoted(
-        event_id=_decision_event_id(record, "promoted"),
+        event_id=_decision_event_id(record, "promoted", champion_epoch),
         occurred_at=record.recorded_at,
         producer=producer,
         model_name=record.model_name,
@@ -452,7 +457,7 @@ def rolled_back_event(
     retry republishes the one kept in ChampionRecord.pending_rollback rather than building a
     new one."""
     return ModelRolledBack(
-        event_id=_event_id(champion.model_name, "rollback", revision, target.version),
+        event_id=_event_id(champion.model_name, "rollback", revision, target.version, epoch=epoch),
         producer=producer,
         model_name=champion.model_name,
         from_version=champion.version,
