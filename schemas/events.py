@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Literal, Self
 
 from pydantic import AwareDatetime, Field, FiniteFloat, StringConstraints, model_validator
@@ -194,6 +195,13 @@ class SampleSelected(Event):
     model_name: Name
     model_version: Version
     ground_truth: Label | None = None
+    source_event_id: uuid.UUID | None = Field(
+        default=None,
+        description="event_id of the inference result the frame was selected from: a sampler "
+        "restarted after publishing this selection but before acking that result tells the "
+        "redelivered result from another result for the same frame. None from a sampler older "
+        "than this field.",
+    )
 
 
 class LabelAnnotated(Event):

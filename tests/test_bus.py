@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import PubAck
+from nats.js.api import AckPolicy, ConsumerConfig, PubAck
 from nats.js.client import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
@@ -446,7 +446,7 @@ async def test_a_restarted_service_updates_its_existing_consumer_to_the_new_sett
 
 
 def test_only_fields_jetstream_can_change_count_as_changes() -> None:
-    from nats.js.api import ConsumerConfig, DeliverPolicy
+    from nats.js.api import DeliverPolicy
 
     from binloop.bus.consumers import changed_fields
 
@@ -456,6 +456,66 @@ def test_only_fields_jetstream_can_change_count_as_changes() -> None:
     assert changed_fields(existing, ConsumerConfig()) == {}
     shorter = ConsumerConfig(ack_wait=5, max_deliver=3)
     assert changed_fields(existing, shorter) == {"max_deliver": 3}
+    # A larger max_ack_pending is applied; a smaller one (an operator's?) costs nothing to keep.
+    pending = ConsumerConfig(ack_wait=10, max_deliver=-1, max_ack_pending=1000)
+    assert changed_fields(pending, ConsumerConfig(max_ack_pending=4096)) == {
+        "max_ack_pending": 4096
+    }
+    assert changed_fields(pending, ConsumerConfig(max_ack_pending=500)) == {}
+    unlimited = ConsumerConfig(max_ack_pending=-1)
+    assert changed_fields(unlimited, ConsumerConfig(max_ack_pending=4096)) == {}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "from-an-earlier-release"])
+async def test_a_batch_above_jetstreams_default_max_ack_pending_is_fetched_whole(
+    js: JetStreamContext, nats_server: NatsServer, existing: bool
+) -> None:
+    # At JetStream's default max_ack_pending (1000) a fetch of 1500 got 1000 messages and
+    # then waited out its whole max_wait_s for the rest: the sampler's batch_size (up to
+    # 4096, its diversity window) was cut at 1000 and its throughput capped.
+    count = 1500
+    if existing:  # as a release that did not set max_ack_pending created it
+        await js.add_consumer(
+            "ENGINE",
+            ConsumerConfig(
+                durable_name="big-batches",
+                filter_subject=TRAINING_REQUESTED.wildcard,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=10,
+                max_deliver=-1,
+            ),
+        )
+        assert (await js.consumer_info("ENGINE", "big-batches")).config.max_ack_pending == 1000
+    service = new_service("big-batches", _settings(nats_server.url))
+    sizes: list[int] = []
+    all_handled = asyncio.Event()
+
+    async def handle(batch: list[Delivery[TrainingRequested]]) -> list[Outgoing]:
+        sizes.append(len(batch))
+        if sum(sizes) >= count:
+            all_handled.set()
+        return []
+
+    subscribe_batch(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="big-batches",
+        batch_size=count,
+        max_wait_s=3.0,
+        policy=service.policy,
+    )
+    event = TrainingRequested(producer="test", dataset_name="d").model_dump_json().encode()
+    await asyncio.gather(*(js.publish(TRAINING_REQUESTED.subject(), event) for _ in range(count)))
+    await service.start()
+    try:
+        await asyncio.wait_for(all_handled.wait(), 30)
+        info = await js.consumer_info("ENGINE", "big-batches")
+    finally:
+        await service.stop()
+    assert sizes == [count]
+    assert info.config.max_ack_pending == count
 
 
 async def test_a_send_the_client_refuses_gives_back_its_pending_slot(

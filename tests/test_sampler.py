@@ -1,7 +1,8 @@
 """The sampler: least confidence, deterministic random baseline, per-bin rate limit,
-deduplication, and the service against a real nats-server (one batch in, each selection stored
-exactly once, the policy read from a YAML file). The other strategies, the combiner, pHash and
-policy validation are in test_active_learning.py."""
+deduplication, restoring after a restart, policy files YAML or UTF-8 would misread, and the
+service against a real nats-server (one batch in, each selection stored exactly once, the policy
+read from a YAML file). The other strategies, the combiner, pHash and policy validation are in
+test_active_learning.py."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from schemas.taxonomy import Compartment
 from services.sampler import SamplerSettings, create_app
 from services.sampler.app import count_outcome
 from services.sampler.core import BatchOutcome, Sampler, build_sampler, selection_id
-from services.sampler.policy import SamplingPolicy
+from services.sampler.policy import PolicyError, SamplingPolicy, load_policy, parse_policy
 from services.sampler.ratelimit import HOUR_S, SlidingWindowLimiter
 from services.sampler.strategies import LeastConfidence, RandomBaseline, uniform_draw
 from tests.helpers import Collector
@@ -315,6 +316,24 @@ def test_restored_selections_count_against_the_limits_for_the_rest_of_their_wind
     assert len(sampler.select_batch([make_result(13, 0.3)]).selected) == 1
 
 
+def test_a_result_redelivered_after_a_restart_republishes_its_selection_not_a_repeat() -> None:
+    # The sampler published the selection and died before acking the result: the restarted
+    # one restores the selection from the stream and then gets the same result again.
+    result = make_result(1, 0.2)
+    (selection,) = make_sampler().select_batch([result]).selected
+    assert selection.source_event_id == result.event_id
+    now = datetime.now(UTC)
+    restarted = make_sampler()
+    assert restarted.restore([selection], now) == 1
+    redelivered = restarted.select_batch([result])
+    assert (redelivered.selected, redelivered.repeats) == ([], {})
+    assert [s.model_dump_json() for s in redelivered.republished] == [selection.model_dump_json()]
+    # A selection stored by a sampler older than source_event_id cannot tell: a repeat.
+    older = make_sampler()
+    older.restore([selection.model_copy(update={"source_event_id": None})], now)
+    assert older.select_batch([result]).repeats == {"bin-a": 1}
+
+
 def test_a_restored_grant_is_kept_for_what_is_left_of_its_window() -> None:
     clock = FakeClock()
     limiter = SlidingWindowLimiter(1, HOUR_S, clock)
@@ -348,6 +367,38 @@ def test_every_count_of_a_batch_outcome_is_exported_by_bin() -> None:
         name: 2.0 + offset for offset, name in enumerate(counted)
     }
     assert value("binloop_sampler_selections_total", selections) - selected_before == 1.0
+
+
+# --- the policy file ------------------------------------------------------------------------
+
+
+def test_a_policy_key_given_twice_is_refused_with_both_lines() -> None:
+    # Plain YAML keeps the last: the second `strategies:` block would silently switch the
+    # margin strategy the first one enabled off again.
+    text = (
+        "strategies:\n"
+        "  margin: {enabled: true}\n"
+        "rate_limits: {per_bin_per_hour: 10, per_bin_per_day: 100}\n"
+        "strategies:\n"
+        "  diversity: {enabled: false}\n"
+    )
+    with pytest.raises(PolicyError, match=r"policy.yaml: line 4: key 'strategies' given twice "):
+        parse_policy(text, "policy.yaml")
+    with pytest.raises(PolicyError, match=r"line 1: key 'enabled' given twice \(first on line 1"):
+        parse_policy("margin: {enabled: true, enabled: false}\n")
+    # What a merge brings in may still be overridden, as YAML intends.
+    merged = parse_policy(
+        "strategies:\n  margin: &on {enabled: true}\n  entropy: {<<: *on, enabled: false}\n"
+    )
+    assert (merged.strategies.margin.enabled, merged.strategies.entropy.enabled) == (True, False)
+
+
+def test_a_policy_file_that_is_not_utf8_is_a_policy_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(b"# gr\xf6\xdfere Gewichte\nseed: 3\n")  # Latin-1
+    with pytest.raises(PolicyError) as refused:
+        load_policy(path)
+    assert str(refused.value) == f"{path}: not UTF-8: byte 0xf6 at offset 4"
 
 
 # --- against a real nats-server ---------------------------------------------------------------

@@ -473,6 +473,18 @@ class _Consumer(Generic[E]):
 DEFAULT_MAX_UNSETTLED = 64
 """Inputs a pipelined consumer lets wait for their outputs' acks before it waits for room."""
 
+JETSTREAM_MAX_ACK_PENDING = 1000
+"""JetStream's own default `max_ack_pending`: what every consumer had before binloop set it."""
+
+
+def max_ack_pending(batch_size: int, unsettled: int = 0) -> int:
+    """The unacked messages a consumer may hold: a whole fetch of `batch_size` plus the
+    `unsettled` inputs still waiting for their outputs' acks (a pipelined consumer's window),
+    and never below JetStream's default, so every consumer that fits in it keeps what it had.
+    Below what the consumer holds, a fetch is cut short and then waits out its whole timeout
+    for messages JetStream will not send."""
+    return max(JETSTREAM_MAX_ACK_PENDING, batch_size + unsettled)
+
 
 class Settlements:
     """Inputs whose outputs are sent but not yet acked by JetStream, settled in background
@@ -532,9 +544,14 @@ def _register(
     description: str,
     on_messages: Callable[[list[Msg]], Awaitable[None]],
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
+    unsettled: int = 0,
 ) -> None:
     subject = route.subject(bin_id) if bin_id else route.wildcard
-    config = ConsumerConfig(ack_wait=ack_wait_s, max_deliver=-1)
+    config = ConsumerConfig(
+        ack_wait=ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=max_ack_pending(batch_size, unsettled),
+    )
     subscriber = broker.subscriber(
         subject,
         stream=JStream(route.stream, declare=False),
@@ -610,6 +627,7 @@ def subscribe(
         description=description,
         on_messages=on_messages,
         deliver_policy=deliver_policy,
+        unsettled=max_unsettled if pipelined else 0,
     )
 
 
@@ -674,6 +692,7 @@ def subscribe_batch(
 
 __all__ = [
     "DEFAULT_MAX_UNSETTLED",
+    "JETSTREAM_MAX_ACK_PENDING",
     "MSG_ID_HEADER",
     "DeadLetteredBeforeError",
     "Delivery",
@@ -682,6 +701,7 @@ __all__ = [
     "Settlements",
     "StoppedHandlingError",
     "UnfinishedHandlingError",
+    "max_ack_pending",
     "subscribe",
     "subscribe_batch",
 ]

@@ -18,9 +18,10 @@ from nats.js.errors import APIError, NotFoundError
 
 log = logging.getLogger(__name__)
 
-UPDATABLE_FIELDS = ("ack_wait", "max_deliver")
+UPDATABLE_FIELDS = ("ack_wait", "max_deliver", "max_ack_pending")
 """What binloop declares and JetStream changes on an existing consumer; the rest (deliver
-policy, filter) is fixed at creation."""
+policy, filter) is fixed at creation. A consumer created before binloop set max_ack_pending
+has JetStream's default (1000), which would cut a larger batch short."""
 
 
 def edge_inferencer_durable(bin_id: str) -> str:
@@ -57,13 +58,18 @@ def changed_fields(existing: ConsumerConfig, wanted: ConsumerConfig) -> dict[str
 
     A shorter ack_wait is left out: a replica of the previous release may still be running
     (a rolling update), keeping its in-flight messages alive at a third of the old ack_wait,
-    and a shorter one would have the server redeliver them under it. It is logged instead."""
+    and a shorter one would have the server redeliver them under it. It is logged instead.
+    A smaller max_ack_pending is left out too, silently: a larger one costs nothing (the
+    consumer holds no more than it fetches), may be an operator's, and lowering it would cut
+    the fetches of a previous release's replica with a larger batch."""
     changes = {}
     for name in UPDATABLE_FIELDS:
         value = getattr(wanted, name)
         current = getattr(existing, name)
         if value is None or value == current:
             continue
+        if name == "max_ack_pending" and current is not None and (current < 0 or value < current):
+            continue  # -1: no limit
         if name == "ack_wait" and current is not None and value < current:
             log.warning(
                 "consumer %s keeps ack_wait %ss, not the shorter %ss it is now declared with "

@@ -100,9 +100,9 @@ class Remembered:
     itself took about 5 KiB (100,000 of them alone would fill the sampler's 512 MiB)."""
 
     source_event_id: uuid.UUID | None
-    """event_id of the inference result it was made for; None for a selection restored from
-    the stream at start (published already, so a redelivery has nothing to republish and is
-    counted as a repeat)."""
+    """event_id of the inference result it was made for, also after a restart (restored from
+    the selection's own `source_event_id`); None for a selection restored from a sampler older
+    than that field, whose redelivered result is then counted as a repeat."""
     occurred_at: datetime
     strategy: SamplingStrategy
     score: float
@@ -152,7 +152,8 @@ class Sampler:
         """Takes back what a previous run of the sampler selected (read from the stream at
         start): each selection counts against its bin's rate limits for as long as it would have
         (its age by `now`, the wall clock, as the limiters' own clock may have restarted), and
-        its frame is not selected again for that model version. Returns how many were new.
+        its frame is not selected again for that model version, and a redelivery of the result
+        it was made for republishes it. Returns how many were new.
 
         The pHash and strategy memories are not restored: a selection carries neither the hash
         nor the embedding."""
@@ -163,7 +164,7 @@ class Sampler:
                 continue
             self.limits.restore(selection.bin_id, (now - selection.occurred_at).total_seconds())
             self._selected[key] = Remembered(
-                None,
+                selection.source_event_id,
                 selection.occurred_at,
                 selection.strategy,
                 selection.score,
@@ -277,6 +278,7 @@ class Sampler:
             model_name=result.model_name,
             model_version=result.model_version,
             ground_truth=result.ground_truth,
+            source_event_id=result.event_id,
         )
 
     def _remember(self, result: InferenceResult, selection: SampleSelected) -> None:

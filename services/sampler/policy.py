@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
@@ -243,10 +243,39 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: object, line: int, first_line: int) -> None:
+        super().__init__(f"line {line}: key {key!r} given twice (first on line {first_line})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error: PyYAML keeps the last,
+    so a second `strategies:` block would silently undo what the first one set. Keys a merge
+    (`<<: *anchor`) brings in may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_lines:
+                    raise _DuplicateKeyError(key, line, first_lines[key])
+                first_lines[key] = line
+            except TypeError:  # unhashable: the base class refuses it with its own message
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_policy(text: str, source: str = "<string>") -> SamplingPolicy:
-    """YAML text -> a validated policy. Raises PolicyError naming each bad key."""
+    """YAML text -> a validated policy. Raises PolicyError naming each bad key, and the line
+    of a key given twice."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+    except _DuplicateKeyError as exc:
+        raise PolicyError(f"{source}: {exc}; YAML would keep only the last") from exc
     except yaml.YAMLError as exc:
         raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
     if raw is None:
@@ -267,6 +296,10 @@ def load_policy(path: Path) -> SamplingPolicy:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            f"{path}: not UTF-8: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+        ) from exc
     return parse_policy(text, str(path))
 
 
