@@ -12,8 +12,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, ValidationError
 
+from binloop.errors import PermanentError
 from binloop.storage import BlobStore, dataset_key, sha256_hex
 from schemas.base import BlobRef, Frozen, utc_now
 
@@ -70,8 +71,17 @@ def write_manifest(store: BlobStore, manifest: DatasetManifest) -> BlobRef:
     return store.put(key, manifest.model_dump_json(indent=1).encode(), "application/json")
 
 
+def parse_manifest(data: bytes, key: str) -> DatasetManifest:
+    """The manifest stored under `key`; PermanentError when it is not one (reading it again
+    cannot help)."""
+    try:
+        return DatasetManifest.model_validate_json(data)
+    except ValidationError as exc:
+        raise PermanentError(f"{key} is not a valid dataset manifest: {exc}") from exc
+
+
 def read_manifest(store: BlobStore, key: str) -> DatasetManifest:
-    return DatasetManifest.model_validate_json(store.get(key))
+    return parse_manifest(store.get(key), key)
 
 
 def latest_version(store: BlobStore, name: str) -> int:
@@ -83,13 +93,28 @@ def latest_version(store: BlobStore, name: str) -> int:
     return max(versions, default=0)
 
 
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
 def scan_image_folder(folder: Path) -> list[tuple[Path, str]]:
-    """ImageFolder layout: <folder>/<label>/<image>. Returns (path, label) sorted."""
+    """ImageFolder layout: <folder>/<label>/<image>. The label is the (lower-cased) class
+    folder right under `folder`, torchvision's ImageFolder rule: an image in a sub-folder of a
+    class belongs to that class. Images directly under `folder` have no class and are left
+    out (unclassified_images lists them); other files are ignored. Returns (path, label)
+    sorted."""
     items = []
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            items.append((path, path.parent.name.lower()))
+        parts = path.relative_to(folder).parts
+        if len(parts) > 1 and _is_image(path):
+            items.append((path, parts[0].lower()))
     return items
+
+
+def unclassified_images(folder: Path) -> list[Path]:
+    """Images directly under an ImageFolder's `folder`, which scan_image_folder leaves out:
+    no class folder names their label."""
+    return sorted(path for path in folder.iterdir() if _is_image(path))
 
 
 def import_image_folder(

@@ -66,9 +66,27 @@ def _source(
     from binloop.storage import open_store
     from services.trainer.settings import TrainerSettings
 
-    name, _, version = (snapshot or "").partition(":")
+    name, version = _snapshot_name_and_version(snapshot or "")
     # The object store is the one the services use (BINLOOP_BLOB_ROOT, or S3 settings).
-    return sources.snapshot(open_store(TrainerSettings()), name, int(version) if version else None)
+    return sources.snapshot(open_store(TrainerSettings()), name, version)
+
+
+def _snapshot_name_and_version(snapshot: str) -> tuple[str, int | None]:
+    """NAME[:VERSION]; no VERSION: the latest."""
+    name, colon, version = snapshot.partition(":")
+    if not colon:
+        return name, None
+    try:
+        number = int(version)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise typer.BadParameter(
+            f"the version in {snapshot!r} is not a whole number from 1 up (NAME[:VERSION]; "
+            "leave out :VERSION for the latest)",
+            param_hint="--snapshot",
+        )
+    return name, number
 
 
 def _train_config(
@@ -229,8 +247,10 @@ def train_command(
         )
     try:
         result = _run_with_progress(source, config, tracker)
-    finally:
-        tracker.finish()
+    except BaseException:
+        tracker.finish(exit_code=1)  # the run shows as failed, not finished
+        raise
+    tracker.finish()
     _print_result(result)
 
 
@@ -282,7 +302,7 @@ def _print_result(result: PipelineResult) -> None:
     counts = result.split_counts
     rows = [
         ("split train/val/test", f"{counts['train']}/{counts['val']}/{counts['test']}"),
-        ("skipped (unreadable)", str(len(result.skipped))),
+        ("skipped (unreadable, no label)", str(len(result.skipped))),
         ("epochs (kept)", f"{len(result.history)} ({result.best_epoch})"),
         ("test accuracy", f"{result.report.accuracy:.4f}"),
         ("test macro F1", f"{result.report.macro_f1:.4f}"),

@@ -192,3 +192,38 @@ def test_a_model_a_bin_could_not_serve_is_refused_before_anything_is_stored(
         import_external_model(store, settings, onnx, card_path)
 
     assert store.list("models/") == []
+
+
+def test_a_card_whose_dataset_name_no_event_can_carry_is_imported_as_external(
+    tmp_path: Path, eval_dir: Path
+) -> None:
+    """`binloop train` once recorded its source's full path as the card's dataset_name, of any
+    length; TrainingCompleted.dataset_name holds at most 128 characters."""
+    onnx, card_path = make_onnx_model(tmp_path / "model", CLASSES)
+    long_folder = "/mnt/datasets/" + "/".join(["waste-sorting-photos-2026"] * 5)
+    card = ModelCard.read(card_path)
+    card.model_copy(update={"dataset_name": f"ImageFolder {long_folder}"}).write(card_path)
+    settings = _settings(tmp_path / "blobs", eval_dir)
+
+    outcome = import_external_model(LocalBlobStore(settings.blob_root), settings, onnx, card_path)
+
+    completed = outcome.completed_event("model-import")
+    assert completed.model_version == outcome.version == 1
+    assert (completed.dataset_name, completed.dataset_version) == ("external", 1)
+
+
+def test_a_card_no_announcement_can_carry_is_refused_before_anything_is_stored(
+    tmp_path: Path, eval_dir: Path
+) -> None:
+    """A version stored but never announced is not registered, and every retry of the import
+    would store one more."""
+    onnx, card_path = make_onnx_model(tmp_path / "model", CLASSES)
+    card = ModelCard.read(card_path)
+    card.model_copy(update={"onnx_parity_max_abs_diff": -1.0}).write(card_path)
+    settings = _settings(tmp_path / "blobs", eval_dir)
+    store = LocalBlobStore(settings.blob_root)
+
+    with pytest.raises(ModelLoadError, match=r"cannot be announced as training\.completed"):
+        import_external_model(store, settings, onnx, card_path)
+
+    assert store.list("models/") == []

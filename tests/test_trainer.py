@@ -24,7 +24,7 @@ from binloop.ml.card import ModelCard
 from binloop.ml.decisions import update_for
 from binloop.ml.preprocess import Preprocessor, decode_rgb
 from binloop.natsserver import NatsServer
-from binloop.storage import LocalBlobStore, model_key, sha256_hex
+from binloop.storage import LocalBlobStore, dataset_key, model_key, sha256_hex
 from binloop.storage.blobstore import read_verified
 from schemas import DeadLetter
 from schemas.base import BlobRef, utc_now
@@ -53,6 +53,7 @@ from services.trainer.core import (
     UnclaimedVersionError,
     claim_model_version,
     load_eval_set,
+    manifest_for_request,
     next_model_version,
     preprocessor_for,
     run_training,
@@ -426,6 +427,16 @@ def test_too_few_items_is_a_permanent_error_with_the_reason(world: TinyWorld) ->
         run_training(world.store, one_class, world.eval_set, world.settings, parent_version=None)
 
 
+def test_a_corrupt_manifest_is_a_permanent_error_that_names_it(tmp_path: Path) -> None:
+    """Reading it again cannot help: dead-lettered at once, not retried max_deliveries times."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    key = store.put(dataset_key("bins", 1), b'{"name": "bins", "version": 1}').key
+    request = TrainingRequested(producer="test", dataset_name="bins", dataset_version=1)
+
+    with pytest.raises(PermanentError, match=f"{re.escape(key)} is not a valid dataset manifest"):
+        manifest_for_request(store, request)
+
+
 def test_eval_set_is_imported_once_per_content(world: TinyWorld) -> None:
     again = ensure_eval_set(
         world.store, world.root / "eval", world.settings.eval_dataset_name, taxonomy_version="t"
@@ -600,6 +611,24 @@ async def test_a_restarted_trainer_keeps_the_rollback_that_overtook_the_promotio
     published = [(MODELS_ROLLED_BACK, rollback), (MODELS_PROMOTED, overtaken)]
     for route, event in published if rollback_first else reversed(published):
         await js.publish(route.subject(), event.model_dump_json().encode())
+
+    state = TrainerState()
+    await recall_champion(js, "binloop-waste", state)
+
+    assert state.champion == 1
+
+
+@pytest.mark.integration
+async def test_an_unreadable_last_promotion_does_not_stop_the_trainer_from_starting(
+    js: JetStreamContext, blob_store: LocalBlobStore
+) -> None:
+    """recall_champion runs when the trainer starts: a last message it cannot read (a foreign
+    publish, a newer registry's event with a field this one does not know) is left to the
+    consumers, which dead-letter it, and the rollback beside it still names the champion."""
+    ref = blob_store.put("models/binloop-waste/v1/model.onnx", b"onnx")
+    rollback, _ = _raced_pair(ref)
+    await js.publish(MODELS_ROLLED_BACK.subject(), rollback.model_dump_json().encode())
+    await js.publish(MODELS_PROMOTED.subject(), b'{"not": "a promotion"}')
 
     state = TrainerState()
     await recall_champion(js, "binloop-waste", state)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import struct
 from pathlib import Path
+from urllib.parse import quote
 
 import cv2
 import numpy as np
@@ -24,6 +26,7 @@ from binloop.ml.preprocess import Preprocessor, softmax
 from binloop.storage import LocalBlobStore
 from binloop.train_command import train_command
 from schemas.taxonomy import Taxonomy
+from services.trainer import tracking
 from services.trainer.calibration import (
     MIN_TEMPERATURE,
     fit_temperature,
@@ -34,22 +37,24 @@ from services.trainer.data import LoadedItems, ManifestDataset
 from services.trainer.evaluate import evaluate, evaluate_compartments, expected_calibration_error
 from services.trainer.export import export_onnx, onnx_logits, onnx_session, parity_max_abs_diff
 from services.trainer.nets import build_model, load_weights
-from services.trainer.pipeline import PipelineConfig, PipelineResult, run_pipeline
+from services.trainer.pipeline import PipelineConfig, PipelineError, PipelineResult, run_pipeline
 from services.trainer.sources import (
     SplitRule,
     image_folder,
     label_studio_export,
     load_and_split,
     parse_label_studio_export,
+    resolve_image,
     snapshot,
 )
-from services.trainer.tracking import WandbTracker
+from services.trainer.tracking import NullTracker, WandbTracker
 from services.trainer.train import (
     Augmenter,
     EpochStats,
     TrainConfig,
     _Run,
     _sampler,
+    _save_atomically,
     predict_logits,
     train_classifier,
 )
@@ -192,6 +197,28 @@ def test_resume_refuses_a_checkpoint_of_other_settings(folder: Path, tmp_path: P
             checkpoint_path=tmp_path / "c",
             resume=True,
         )
+
+
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a power cut right after the rename, checkpoint.pt is the new one whole or the old
+    one: the file and its folder entry are fsynced."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "run" / "checkpoint.pt"
+
+    _save_atomically({"epoch": 1, "weights": torch.ones(3)}, path)
+
+    assert path.stat().st_ino in synced
+    assert path.parent.stat().st_ino in synced
+    assert torch.load(path, weights_only=True)["epoch"] == 1
 
 
 @pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter:UserWarning")
@@ -537,6 +564,16 @@ def test_split_is_deterministic_and_recorded_in_the_card(
     assert card.metrics.eval_items == first.counts()["test"]
 
 
+def test_the_card_names_its_dataset_briefly_and_the_notes_name_it_in_full(
+    pipeline: PipelineResult, folder: Path
+) -> None:
+    """The card's dataset_name travels in events (`binloop import-model` announces it), whose
+    names hold at most 128 characters, however long the path of the source."""
+    card = ModelCard.read(pipeline.out_dir / "card.json")
+    assert card.dataset_name == folder.name
+    assert f"Trained on ImageFolder {folder};" in card.notes
+
+
 def test_corrupt_images_are_skipped_with_a_warning_and_counted(
     folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -550,6 +587,32 @@ def test_corrupt_images_are_skipped_with_a_warning_and_counted(
     assert "CorruptFrameError" in data.skipped["metal/empty.jpg"]
     assert sum(data.counts().values()) == 48
     assert "skipped 2 of 50 entries" in caplog.text
+
+
+def test_an_image_folder_labels_each_image_by_the_class_folder_right_under_it(
+    folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torchvision's ImageFolder rule: an image in a sub-folder of a class belongs to that
+    class; one directly in the folder (a preview picture) has no class and is skipped and
+    counted, not made a class named after the folder. Other files are ignored, as before."""
+    root = tmp_path / "trashnet"
+    shutil.copytree(folder, root)
+    glass = sorted((folder / "glass").glob("*.jpg"))
+    (root / "glass" / "bottles").mkdir()
+    shutil.copy(glass[0], root / "glass" / "bottles" / "b.jpg")
+    shutil.copy(glass[1], root / "preview.jpg")
+    (root / "README.md").write_text("TrashNet\n")
+
+    source = image_folder(root)
+
+    labels = {image.name: image.label for image in source.images}
+    assert labels["glass/bottles/b.jpg"] == "glass"
+    assert sorted(set(labels.values())) == list(CLASSES)
+    assert source.skipped == {"preview.jpg": "not in a class folder (<folder>/<class>/<image>)"}
+    with caplog.at_level(logging.WARNING):
+        data = load_and_split(source, PREPROCESSOR, RULE)
+    assert sum(data.counts().values()) == 49
+    assert "skipped 1 of 50 entries" in caplog.text
 
 
 def _jpeg_claiming(width: int, height: int) -> bytes:
@@ -717,6 +780,18 @@ def test_label_studio_export_reads_local_images(folder: Path, tmp_path: Path) ->
     assert len(data.skipped) == 1
 
 
+def test_a_label_studio_local_file_reference_is_percent_decoded_once(tmp_path: Path) -> None:
+    """Label Studio writes /data/local-files/?d=<quoted path> and serves it decoded once: a
+    '%41' that is part of the file's name stays '%41'."""
+    relative = "batch 7/can%41.jpg"
+
+    resolved = resolve_image(
+        "/data/local-files/?d=" + quote(relative), export_dir=tmp_path, image_root=tmp_path / "root"
+    )
+
+    assert resolved == tmp_path / "root" / relative
+
+
 def test_label_studio_split_by_name_does_not_depend_on_the_image_root(
     folder: Path, tmp_path: Path
 ) -> None:
@@ -788,6 +863,20 @@ def test_snapshot_source_reads_the_store_and_verifies_checksums(
         snapshot(store, "absent")
 
 
+def test_a_snapshot_version_is_a_whole_number_from_one(folder: Path, tmp_path: Path) -> None:
+    """NAME:0 trained on the latest version, and NAME:x ended in a traceback."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    import_image_folder(store, folder, "bins", taxonomy_version="t", classes=list(CLASSES))
+    with pytest.raises(ValueError, match="versions start at 1, not 0"):
+        snapshot(store, "bins", 0)
+    app = typer.Typer()
+    app.command()(train_command)
+    for wrong in ("bins:0", "bins:-1", "bins:x", "bins:"):
+        result = CliRunner().invoke(app, ["--out", str(tmp_path / "out"), "--snapshot", wrong])
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for --snapshot" in result.output, result.output
+
+
 # --- tracking and the command ------------------------------------------------------------------
 
 
@@ -808,6 +897,32 @@ def test_wandb_runs_offline_with_config_epochs_confusion_and_model(
         "confusion_matrix",
         "confusion_matrix_compartments",
     ]
+
+
+def test_a_failed_training_ends_its_wandb_run_as_failed(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finished: list[int] = []
+
+    class RecordingTracker(NullTracker):
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def finish(self, exit_code: int = 0) -> None:
+            finished.append(exit_code)
+
+    monkeypatch.setattr(tracking, "WandbTracker", RecordingTracker)
+    one_class = tmp_path / "one-class"
+    shutil.copytree(folder / "glass", one_class / "glass")
+    app = typer.Typer()
+    app.command()(train_command)
+
+    result = CliRunner().invoke(
+        app, ["--out", str(tmp_path / "out"), "--image-folder", str(one_class), "--device", "cpu"]
+    )
+
+    assert isinstance(result.exception, PipelineError), result.output
+    assert finished == [1]
 
 
 def test_train_command_writes_a_complete_model_folder(folder: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
+from pydantic import ValidationError
 
 from binloop.bus import Delivery, Outgoing, subscribe
 from binloop.datasets import DatasetManifest
@@ -76,15 +77,23 @@ class TrainerState:
 
 async def recall_champion(js: JetStreamContext, model_name: str, state: TrainerState) -> None:
     """Seeds the champion from the last promotion/rollback in the stream, so a restarted
-    trainer (whose durable consumers already acked them) still knows the parent version."""
+    trainer (whose durable consumers already acked them) still knows the parent version.
+
+    One that cannot be read (a foreign publish, an event no schema of this release accepts)
+    is logged and skipped rather than stopping every start: the consumers dead-letter it, and
+    the next promotion or rollback names the champion. A server that cannot answer still fails
+    the start, which is retried, so a restart never forgets a champion it could have read."""
     for route in (MODELS_PROMOTED, MODELS_ROLLED_BACK):
         try:
             raw = await js.get_last_msg(route.stream, route.subject())
+            if raw.data is None:
+                continue
+            event = route.model.model_validate_json(raw.data)
         except NotFoundError:
             continue
-        if raw.data is None:
+        except ValidationError as exc:
+            log.warning("cannot read the last %s to recall the champion: %s", route.name, exc)
             continue
-        event = route.model.model_validate_json(raw.data)
         if isinstance(event, ModelPromoted | ModelRolledBack) and event.model_name == model_name:
             state.follow(update_for(event))
 

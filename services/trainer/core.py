@@ -15,14 +15,15 @@ from datetime import datetime
 
 import numpy as np
 import torch
+from pydantic import TypeAdapter, ValidationError
 
-from binloop.datasets import DatasetManifest, latest_version, read_manifest
+from binloop.datasets import DatasetManifest, latest_version, parse_manifest, read_manifest
 from binloop.errors import PermanentError
 from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import FloatArray, Preprocessor
 from binloop.storage import BlobExistsError, BlobStore, dataset_key, model_key
 from binloop.storage.blobstore import check_digest
-from schemas.base import BlobRef, utc_now
+from schemas.base import BlobRef, Name, utc_now
 from schemas.events import DatasetSnapshot, ModelMetrics, TrainingCompleted, TrainingRequested
 from schemas.taxonomy import Taxonomy
 from services.trainer.calibration import temperature_on_val, with_temperature
@@ -111,6 +112,18 @@ class TrainingOutcome:
         )
 
 
+_EVENT_NAME: TypeAdapter[str] = TypeAdapter(Name)
+
+
+def fits_event_name(value: str) -> bool:
+    """Whether an event's name field (TrainingCompleted.dataset_name, ...) can carry `value`."""
+    try:
+        _EVENT_NAME.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
 def taxonomy_for(settings: TrainerSettings) -> Taxonomy:
     return Taxonomy.from_yaml(settings.taxonomy_path) if settings.taxonomy_path else Taxonomy()
 
@@ -164,7 +177,7 @@ def manifest_for_snapshot(store: BlobStore, snapshot: DatasetSnapshot) -> Datase
     data = check_digest(
         store.get(snapshot.manifest.key), snapshot.manifest.sha256, snapshot.manifest.key
     )
-    manifest = DatasetManifest.model_validate_json(data)
+    manifest = parse_manifest(data, snapshot.manifest.key)
     if (manifest.name, manifest.version) != (snapshot.name, snapshot.version):
         raise PermanentError(
             f"snapshot {snapshot.name} v{snapshot.version} points at the manifest of "

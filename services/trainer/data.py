@@ -24,6 +24,7 @@ from binloop.datasets import (
     latest_version,
     read_manifest,
     scan_image_folder,
+    unclassified_images,
 )
 from binloop.errors import ChecksumMismatchError, ConfigError, CorruptFrameError, MissingBlobError
 from binloop.ml.preprocess import FloatArray, Preprocessor
@@ -133,6 +134,14 @@ def ensure_eval_set(
     """
     if not folder.is_dir() or not scan_image_folder(folder):
         raise ConfigError(f"evaluation folder {folder} has no images in ImageFolder layout")
+    unclassified = unclassified_images(folder)
+    if unclassified:
+        log.warning(
+            "the evaluation folder %s has %d images outside a class folder, left out: %s",
+            folder,
+            len(unclassified),
+            ", ".join(path.name for path in unclassified[:3]),
+        )
     wanted = folder_content_id(folder)
     latest = latest_version(store, name)
     if latest:

@@ -6,22 +6,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from binloop.errors import ModelLoadError
+from binloop.ml.card import ModelCard
 from binloop.storage import BlobStore
+from schemas.base import BlobRef
+from schemas.events import ModelMetrics
 from services.edge_inferencer.models import load_model
 from services.trainer.core import (
+    StoredModel,
     TrainingOutcome,
     claim_model_version,
+    fits_event_name,
     load_eval_set,
+    next_model_version,
     score_on_eval_set,
     store_model,
     taxonomy_for,
 )
+from services.trainer.evaluate import EvalReport
 from services.trainer.settings import TrainerSettings
 
 IMPORT_CLAIMANT = "model-import"
 
 EXTERNAL_DATASET = "external"
-"""The dataset recorded when the card names none: binloop never saw the training data."""
+"""The dataset recorded when the card names none (or one no event can carry): binloop never
+saw the training data."""
 
 
 def import_external_model(
@@ -29,7 +40,8 @@ def import_external_model(
 ) -> TrainingOutcome:
     """Stores the model as the next version of settings.model_name, measured on
     settings.eval_dir exactly as trained candidates are, with its card rewritten to that name,
-    version and measurement. Raises ModelLoadError when a bin could not serve it.
+    version and measurement. Raises ModelLoadError when a bin could not serve it, or when its
+    card holds what no training.completed can carry; either before anything is stored.
 
     The version is claimed in the store as the trainer claims its own (claim_model_version):
     an import while the trainer stores a run takes the next number instead of the same one."""
@@ -44,6 +56,24 @@ def import_external_model(
         taxonomy_for(settings),
     )
     metrics = report.to_metrics(eval_set.eval_set_id)
+    # The announcement is built and checked before a version is claimed, with stand-ins for
+    # what storing gives: one that failed after storing would leave a version nobody
+    # announces, one more on every retry of the import.
+    unstored = BlobRef(key="unstored", uri="unstored:", sha256="0" * 64, size=0)
+    preview = _outcome(
+        settings,
+        next_model_version(store, settings.model_name),
+        card,
+        StoredModel(unstored, unstored, unstored),
+        metrics,
+        report,
+    )
+    try:
+        preview.completed_event(IMPORT_CLAIMANT)
+    except ValidationError as exc:
+        raise ModelLoadError(
+            f"{card_path}: the card cannot be announced as training.completed: {exc}"
+        ) from exc
     claim = claim_model_version(store, settings.model_name, IMPORT_CLAIMANT)
     version = claim.version
     origin = (
@@ -61,13 +91,35 @@ def import_external_model(
         }
     )
     stored = store_model(store, stored_card, onnx_bytes, report, claim=claim)
+    return _outcome(settings, version, stored_card, stored, metrics, report)
+
+
+def announced_dataset(card: ModelCard) -> tuple[str, int]:
+    """The dataset name and version training.completed carries for the card: the card's own,
+    or EXTERNAL_DATASET v1 when it names none or one no event can carry (`binloop train`
+    once recorded its source's full path there, of any length)."""
+    if card.dataset_name is None or not fits_event_name(card.dataset_name):
+        return EXTERNAL_DATASET, 1
+    version = card.dataset_version
+    return card.dataset_name, version if version is not None and version >= 1 else 1
+
+
+def _outcome(
+    settings: TrainerSettings,
+    version: int,
+    card: ModelCard,
+    stored: StoredModel,
+    metrics: ModelMetrics,
+    report: EvalReport,
+) -> TrainingOutcome:
+    dataset_name, dataset_version = announced_dataset(card)
     return TrainingOutcome(
         model_name=settings.model_name,
         version=version,
         parent_version=None,
-        dataset_name=card.dataset_name or EXTERNAL_DATASET,
-        dataset_version=card.dataset_version or 1,
-        card=stored_card,
+        dataset_name=dataset_name,
+        dataset_version=dataset_version,
+        card=card,
         artifact=stored.artifact,
         card_ref=stored.card,
         confusion_ref=stored.confusion,

@@ -25,6 +25,7 @@ from services.trainer.calibration import (
     temperature_on_val,
     with_temperature,
 )
+from services.trainer.core import fits_event_name
 from services.trainer.data import LoadedItems, ManifestDataset
 from services.trainer.evaluate import (
     EvalReport,
@@ -291,10 +292,11 @@ def run_pipeline(
         output="logits",
         parameters=count_parameters(model),
         dataset_name=_dataset_name(source),
+        dataset_version=source.dataset_version,
         metrics=report.to_metrics(data.content_id("test")),
         onnx_parity_max_abs_diff=max(parity_dynamic, parity_fixed),
         created_at=utc_now(),
-        notes=_card_notes(data, calibration, result.best_epoch, len(result.history)),
+        notes=_card_notes(source, data, calibration, result.best_epoch, len(result.history)),
     )
     card.write(out / "card.json")
     train_seconds = time.perf_counter() - started
@@ -350,16 +352,22 @@ def _quantize(
     return Int8Result(path, accuracy, accuracy - float_accuracy, len(int8_bytes))
 
 
-def _dataset_name(source: SourceImages) -> str:
-    return source.description
+def _dataset_name(source: SourceImages) -> str | None:
+    """Short enough for the events that carry it (`binloop import-model` announces the card's
+    dataset_name); the source in full is in the notes."""
+    name = source.dataset_name
+    return name if name is not None and fits_event_name(name) else None
 
 
-def _card_notes(data: SplitData, calibration: Calibration, best: int, epochs: int) -> str:
+def _card_notes(
+    source: SourceImages, data: SplitData, calibration: Calibration, best: int, epochs: int
+) -> str:
     counts = data.counts()
     return (
-        f"{data.rule.describe()}; items train {counts['train']}, val {counts['val']}, "
-        f"test {counts['test']} (test split id {data.content_id('test')}); "
-        f"{len(data.skipped)} unreadable entries skipped. "
+        f"Trained on {source.description}; {data.rule.describe()}; "
+        f"items train {counts['train']}, val {counts['val']}, test {counts['test']} "
+        f"(test split id {data.content_id('test')}); "
+        f"{len(data.skipped)} entries skipped (unreadable or without a label). "
         f"Trained {epochs} epochs, kept epoch {best}. " + _temperature_note(calibration)
     )
 

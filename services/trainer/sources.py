@@ -23,6 +23,7 @@ from binloop.datasets import (
     latest_version,
     read_manifest,
     scan_image_folder,
+    unclassified_images,
 )
 from binloop.datasets import split_for as split_by_hash
 from binloop.errors import ChecksumMismatchError, CorruptFrameError, MissingBlobError
@@ -61,6 +62,11 @@ class SourceImages:
     description: str
     skipped: dict[str, str] = field(default_factory=dict)
     """Entries left out before reading (no usable label, not a local file), with the reason."""
+    dataset_name: str | None = None
+    """Short, for the model card's dataset_name (a folder's or export's name, a snapshot's
+    name); `description` says in full where the images came from."""
+    dataset_version: int | None = None
+    """A snapshot's version."""
 
 
 @dataclass(frozen=True)
@@ -108,14 +114,20 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
 
 
 def image_folder(folder: Path) -> SourceImages:
-    """<folder>/<label>/<image>; labels are the lower-cased folder names."""
+    """<folder>/<label>/<image>; labels are the lower-cased names of the class folders right
+    under `folder` (binloop.datasets.scan_image_folder). An image directly under `folder` has
+    no class: it is skipped and counted."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     images = [
         SourceImage(path.relative_to(folder).as_posix(), label, _file_reader(path))
         for path, label in scan_image_folder(folder)
     ]
-    return SourceImages(images, f"ImageFolder {folder}")
+    skipped = {
+        path.relative_to(folder).as_posix(): "not in a class folder (<folder>/<class>/<image>)"
+        for path in unclassified_images(folder)
+    }
+    return SourceImages(images, f"ImageFolder {folder}", skipped, folder.resolve().name)
 
 
 def _verified_blob(store: BlobStore, key: str, sha256: str) -> Callable[[], bytes]:
@@ -129,15 +141,23 @@ def snapshot(store: BlobStore, name: str, version: int | None = None) -> SourceI
     """Every labeled item of a dataset snapshot (the latest when `version` is None). The
     snapshot's own train/val split is replaced by the pipeline's split rule, which also
     holds out a test split."""
-    version = version or latest_version(store, name)
-    if version == 0:
-        raise FileNotFoundError(f"dataset {name!r} has no snapshot in the store")
+    if version is None:
+        version = latest_version(store, name)
+        if version == 0:
+            raise FileNotFoundError(f"dataset {name!r} has no snapshot in the store")
+    elif version < 1:
+        raise ValueError(f"dataset versions start at 1, not {version}")
     manifest: DatasetManifest = read_manifest(store, dataset_key(name, version))
     images = [
         SourceImage(item.key, item.label, _verified_blob(store, item.key, item.sha256))
         for item in manifest.items
     ]
-    return SourceImages(images, f"dataset snapshot {name} v{version}")
+    return SourceImages(
+        images,
+        f"dataset snapshot {name} v{version}",
+        dataset_name=name,
+        dataset_version=version,
+    )
 
 
 # --- Label Studio ------------------------------------------------------------------------------
@@ -215,8 +235,10 @@ def resolve_image(reference: str, *, export_dir: Path, image_root: Path | None) 
     they are; a relative path is relative to the export file's folder."""
     root = image_root or export_dir
     if reference.startswith(LABEL_STUDIO_LOCAL_FILES):
+        # parse_qs decodes the query already; decoding again would turn a '%41' that is part
+        # of the file's name into an 'A'.
         wanted = parse_qs(urlparse(reference).query).get("d")
-        return root / unquote(wanted[0]) if wanted else None
+        return root / wanted[0] if wanted else None
     if reference.startswith(LABEL_STUDIO_UPLOADS):
         return root / "media" / "upload" / unquote(reference.removeprefix(LABEL_STUDIO_UPLOADS))
     parsed = urlparse(reference)
@@ -242,7 +264,7 @@ def label_studio_export(path: Path, *, image_root: Path | None = None) -> Source
                 f"task {task.task_id}: {local}", task.label, _file_reader(local), task.image
             )
         )
-    return SourceImages(images, f"Label Studio export {path}", skipped)
+    return SourceImages(images, f"Label Studio export {path}", skipped, path.resolve().stem)
 
 
 # --- reading and splitting ---------------------------------------------------------------------

@@ -21,7 +21,9 @@ class Tracker(Protocol):
 
     def log_model(self, name: str, files: list[Path]) -> None: ...
 
-    def finish(self) -> None: ...
+    def finish(self, exit_code: int = 0) -> None:
+        """Ends the run: finished with exit code 0, failed with any other."""
+        ...
 
 
 class NullTracker:
@@ -39,7 +41,7 @@ class NullTracker:
     def log_model(self, name: str, files: list[Path]) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -81,5 +83,5 @@ class WandbTracker:
             artifact.add_file(str(path))
         self.run.log_artifact(artifact)
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)

@@ -6,10 +6,10 @@ the validation split."""
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
+from binloop.storage.files import write_atomically
 from services.trainer.averaging import WeightAverage
 from services.trainer.data import ManifestDataset
 from services.trainer.mixing import BatchMixer
@@ -247,11 +248,11 @@ def _plain(fingerprint: Fingerprint | None) -> dict[str, Any]:
 
 
 def _save_atomically(state: dict[str, Any], path: Path) -> None:
-    """A crash while saving leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    """A crash or a power cut while saving leaves the previous checkpoint intact: the new one
+    is written and fsynced beside it, then renamed over it (binloop.storage.files)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically(path, buffer.getvalue())
 
 
 class _Run:
