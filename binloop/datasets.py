@@ -16,7 +16,7 @@ from pydantic import AwareDatetime, Field, ValidationError
 
 from binloop.errors import PermanentError
 from binloop.storage import BlobStore, dataset_key, sha256_hex
-from schemas.base import BlobRef, Frozen, utc_now
+from schemas.base import BlobRef, Frozen, read_json, utc_now
 
 Split = Literal["train", "val", "test"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -75,7 +75,7 @@ def parse_manifest(data: bytes, key: str) -> DatasetManifest:
     """The manifest stored under `key`; PermanentError when it is not one (reading it again
     cannot help)."""
     try:
-        return DatasetManifest.model_validate_json(data)
+        return read_json(DatasetManifest, data)
     except ValidationError as exc:
         raise PermanentError(f"{key} is not a valid dataset manifest: {exc}") from exc
 

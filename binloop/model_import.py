@@ -23,6 +23,7 @@ from binloop.bus import Publisher, ensure_streams
 from binloop.errors import BinloopError, ConfigError
 from binloop.runtime import new_service
 from binloop.storage import open_store
+from schemas.base import read_json
 from schemas.events import ModelRegistered, TrainingCompleted
 from schemas.routes import MODELS_REGISTERED, TRAINING_COMPLETED
 
@@ -130,7 +131,7 @@ async def _announce(
     decided: asyncio.Future[ModelRegistered] = asyncio.get_running_loop().create_future()
 
     async def on_registered(msg: Msg) -> None:
-        event = ModelRegistered.model_validate_json(msg.data)
+        event = read_json(ModelRegistered, msg.data)
         mine = (event.model_name, event.model_version)
         if mine == (completed.model_name, completed.model_version) and not decided.done():
             decided.set_result(event)

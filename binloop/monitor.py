@@ -18,6 +18,7 @@ from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 from binloop.bus import ensure_streams
+from schemas.base import read_json
 from schemas.events import (
     ActuationDone,
     DatasetSnapshot,
@@ -168,7 +169,7 @@ class BusMonitor:
         if route is None:
             return
         try:
-            event = route.model.model_validate_json(msg.data)
+            event = read_json(route.model, msg.data)
         except ValidationError:
             self.unparsed += 1
             return

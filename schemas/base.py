@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -20,9 +20,24 @@ def utc_now() -> datetime:
 
 class Frozen(BaseModel):
     """Immutable, strict about unknown keys and non-finite numbers (JSON's NaN and Infinity
-    literals, which Python's parser accepts): garbage is rejected, not silently dropped."""
+    literals, which Python's parser accepts): garbage is rejected, not silently dropped.
+    Unknown keys are refused where a model is built or written (a producer's typo fails
+    there); what another release wrote is read with `read_json`, which ignores them."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+FrozenT = TypeVar("FrozenT", bound=Frozen)
+
+
+def read_json(model: type[FrozenT], data: str | bytes | bytearray) -> FrozenT:
+    """`data` as a `model` that another process, of this release or a newer one, wrote: an
+    event off the bus, a model card, a dataset manifest. Keys the model does not know, at any
+    depth, are ignored: a newer producer may add optional fields within a major version, and
+    a consumer still on the older release must read its events (bins upgrade later than the
+    cloud, and the cloud cannot wait for every bin). Everything the model does know is checked
+    as strictly as ever: a wrong type, a missing field or a non-finite number is refused."""
+    return model.model_validate_json(data, extra="ignore")
 
 
 class Event(Frozen):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -97,6 +98,41 @@ async def test_garbage_goes_to_dlq_and_service_keeps_serving(
         assert any("schema_version" in d.error for d in letters)
         await asyncio.wait_for(both_seen.wait(), 20)
         assert sorted(seen) == ["flaky", "good"]
+    finally:
+        await service.stop()
+
+
+async def test_an_event_with_fields_this_release_does_not_know_is_handled(
+    js: JetStreamContext, nats_client: Client, nats_server
+) -> None:
+    # A newer producer may add optional fields within v1; a consumer still on this release
+    # (a bin the cloud upgraded before it) must handle its events, not dead-letter them.
+    service = new_service("older", _settings(nats_server.url))
+    handled: asyncio.Queue[TrainingRequested] = asyncio.Queue()
+
+    async def handle(delivery: Delivery[TrainingRequested]) -> list[Outgoing]:
+        handled.put_nowait(delivery.event)
+        return []
+
+    subscribe(
+        service.broker,
+        service.publisher,
+        TRAINING_REQUESTED,
+        handle,
+        durable="older",
+        policy=service.policy,
+    )
+    dlq = await Collector(DeadLetter).attach(nats_client, DLQ.wildcard)
+    await service.start()
+    try:
+        newer = TrainingRequested(producer="newer", dataset_name="d").model_dump(mode="json")
+        await js.publish(
+            TRAINING_REQUESTED.subject(),
+            json.dumps(newer | {"priority": "high"}).encode(),
+        )
+        event = await asyncio.wait_for(handled.get(), 20)
+        assert (event.producer, event.dataset_name) == ("newer", "d")
+        assert dlq.items == []
     finally:
         await service.stop()
 

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import ROUTES, STREAMS, FrameCaptured, InferenceResult
+from schemas.base import read_json
 from schemas.export import JSONSCHEMA_DIR, render_json_schemas
 from schemas.routes import route_for_subject
 from schemas.taxonomy import Compartment, Taxonomy
@@ -143,6 +144,24 @@ def test_a_result_must_agree_with_the_class_count_and_threshold_it_carries() -> 
     # A result from an edge older than both fields is still valid.
     older = {**fields, "num_classes": None, "confidence_threshold": None}
     assert InferenceResult.model_validate(older).confidence_threshold is None
+
+
+def test_what_another_release_wrote_is_read_without_the_keys_this_one_does_not_know() -> None:
+    # A newer producer may add optional fields within v1, at any depth; a consumer on this
+    # release reads its events (read_json), while building one with an unknown key still
+    # fails, and what the model knows is checked as strictly as ever.
+    from tests.test_sampler import make_result
+
+    payload = make_result(1, 0.3).model_dump(mode="json")
+    newer = {**payload, "added_later": 1, "top_k": [{**payload["top_k"][0], "rank": 1}]}
+    result = read_json(InferenceResult, json.dumps(newer))
+    assert result.top_k[0] == make_result(1, 0.3).top_k[0]
+    with pytest.raises(ValidationError, match="added_later"):
+        InferenceResult.model_validate_json(json.dumps(newer))
+    with pytest.raises(ValidationError, match="confidence"):
+        read_json(InferenceResult, json.dumps({**newer, "confidence": "high"}))
+    with pytest.raises(ValidationError, match="bin_id"):
+        read_json(FrameCaptured, json.dumps(_frame(bin_id="bin.1", added_later=1)))
 
 
 def test_events_are_frozen_and_timezone_aware() -> None:

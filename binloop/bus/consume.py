@@ -81,7 +81,7 @@ from binloop.bus.publish import MSG_ID_HEADER, Outgoing, PendingAcks, Publisher
 from binloop.errors import NotReadyError, PermanentError, TransientError
 from binloop.observability import metrics
 from binloop.settings import ServiceSettings
-from schemas.base import Event
+from schemas.base import Event, read_json
 from schemas.events import DeadLetter
 from schemas.routes import DLQ, Route
 
@@ -209,7 +209,7 @@ class _Consumer(Generic[E]):
         model: Any = self.route.model
         for msg in msgs:
             try:
-                event = model.model_validate_json(msg.data)
+                event = read_json(model, msg.data)
             except ValidationError as exc:
                 bad.append((msg, exc))
             else:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import AwareDatetime, Field
 
-from schemas.base import Frozen
+from schemas.base import Frozen, read_json
 from schemas.events import ModelMetrics
 
 
@@ -45,4 +45,4 @@ class ModelCard(Frozen):
 
     @classmethod
     def read(cls, path: Path) -> ModelCard:
-        return cls.model_validate_json(path.read_text())
+        return read_json(cls, path.read_bytes())

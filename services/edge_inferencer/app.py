@@ -29,7 +29,7 @@ from binloop.ml.decisions import ModelUpdate, is_older, update_for
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from binloop.storage import open_store
-from schemas.base import BlobRef
+from schemas.base import BlobRef, read_json
 from schemas.events import FleetHeartbeat, FrameCaptured, ModelPromoted, ModelRolledBack
 from schemas.routes import (
     ACTUATION_COMMAND,
@@ -220,7 +220,7 @@ def create_app(settings: EdgeInferencerSettings, slot: ModelSlot | None = None) 
             try:
                 raw = await js.get_last_msg(route.stream, route.subject())
                 if raw.data is not None:
-                    events.append(route.model.model_validate_json(raw.data))  # type: ignore[arg-type]
+                    events.append(read_json(route.model, raw.data))  # type: ignore[arg-type]
             except NotFoundError:
                 continue
             except (NatsError, TimeoutError, ValidationError) as exc:

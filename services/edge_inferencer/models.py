@@ -24,7 +24,7 @@ from binloop.observability import metrics
 from binloop.storage import sha256_hex
 from binloop.storage.blobstore import read_verified
 from binloop.storage.files import write_atomically
-from schemas.base import BlobRef
+from schemas.base import BlobRef, read_json
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class LoadedModel:
 
 def _parse_card(data: bytes, where: str) -> ModelCard:
     try:
-        card = ModelCard.model_validate_json(data)
+        card = read_json(ModelCard, data)
     except ValidationError as exc:
         raise ModelLoadError(f"{where}: not a valid model card: {exc}") from exc
     bad = [c for c in card.classes if not _LABEL.match(c)]

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from binloop.bus import Delivery, Outgoing, subscribe_batch
 from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
-from schemas.base import utc_now
+from schemas.base import read_json, utc_now
 from schemas.events import InferenceResult, SampleSelected
 from schemas.routes import INFERENCE_RESULT, SAMPLES_SELECTED
 from services.sampler.core import BatchOutcome, Sampler, build_sampler
@@ -64,7 +64,7 @@ async def recall_selections(js: JetStreamContext, sampler: Sampler) -> int:
             for message in messages:
                 pending = message.metadata.num_pending
                 try:
-                    selections.append(SampleSelected.model_validate_json(message.data))
+                    selections.append(read_json(SampleSelected, message.data))
                 except ValidationError:
                     # Skipped, not raised: one unreadable event would stop every later start.
                     unreadable += 1

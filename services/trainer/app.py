@@ -26,7 +26,7 @@ from binloop.observability import metrics
 from binloop.runtime import ServiceApp, new_service
 from binloop.storage import BlobStore, open_store, training_run_key
 from binloop.worker import WorkerProcess
-from schemas.base import Event
+from schemas.base import Event, read_json
 from schemas.events import (
     DatasetSnapshot,
     ModelPromoted,
@@ -88,7 +88,7 @@ async def recall_champion(js: JetStreamContext, model_name: str, state: TrainerS
             raw = await js.get_last_msg(route.stream, route.subject())
             if raw.data is None:
                 continue
-            event = route.model.model_validate_json(raw.data)
+            event = read_json(route.model, raw.data)
         except NotFoundError:
             continue
         except ValidationError as exc:
