@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from binloop.errors import BinloopError, PermanentError
 from binloop.storage import LocalBlobStore, sha256_hex
+from schemas.base import read_json
 from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED, route_for_subject
 
@@ -144,7 +145,7 @@ def replay_delay(t: float, speed: float, elapsed: float) -> float:
 def _embedded_frame(spool: LocalBlobStore, data: dict[str, Any]) -> bytes:
     """The spooled JPEG a frames.captured payload points at, checked against its sha256."""
     try:
-        event = FrameCaptured.model_validate(data)
+        event = read_json(FrameCaptured, data)
     except ValidationError as exc:
         raise ValueError(
             f"payload is not a valid FrameCaptured ({exc.error_count()} errors)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -30,13 +30,16 @@ class Frozen(BaseModel):
 FrozenT = TypeVar("FrozenT", bound=Frozen)
 
 
-def read_json(model: type[FrozenT], data: str | bytes | bytearray) -> FrozenT:
-    """`data` as a `model` that another process, of this release or a newer one, wrote: an
-    event off the bus, a model card, a dataset manifest. Keys the model does not know, at any
+def read_json(model: type[FrozenT], data: str | bytes | bytearray | dict[str, Any]) -> FrozenT:
+    """`data` (JSON, or JSON already parsed) as a `model` that another process, of this
+    release or a newer one, wrote: an event off the bus or from a recording, a model card, a
+    dataset manifest. Keys the model does not know, at any
     depth, are ignored: a newer producer may add optional fields within a major version, and
     a consumer still on the older release must read its events (bins upgrade later than the
     cloud, and the cloud cannot wait for every bin). Everything the model does know is checked
     as strictly as ever: a wrong type, a missing field or a non-finite number is refused."""
+    if isinstance(data, dict):
+        return model.model_validate(data, extra="ignore")
     return model.model_validate_json(data, extra="ignore")
 
 

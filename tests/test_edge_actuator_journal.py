@@ -15,6 +15,7 @@ import pytest
 
 from schemas.events import ActuationCommand, ActuationDone
 from schemas.taxonomy import Compartment
+from services.actuator import journal as journal_module
 from services.actuator.core import INTERRUPTED_ERROR, Actuator, SimulatedDriver, done_event_id
 from services.actuator.journal import (
     COMPACT_FACTOR,
@@ -322,6 +323,54 @@ async def test_a_journal_that_cannot_be_read_leaves_the_actuator_with_memory_onl
     assert failures == [None]
     assert not actuator.journal.durable
     assert (await actuator.handle(_command())).kind == "actuated"
+
+
+async def test_a_journal_read_at_start_on_a_full_disk_is_kept_and_rewritten_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed while a flap moved (a `moving` record on disk) and back on a disk that is full:
+    the journal reads, only its rewrite at open fails. What was read still answers the
+    redelivered commands (interrupted, repeated: no flap moves again), and once the disk takes
+    writes again the next record rewrites the file first."""
+    path = tmp_path / "handled.journal"
+    moving, handled = _command(), _command()
+    journal = _journal(path)
+    journal.append(Handled("moving", _done(moving.frame_event_id, ok=False, error="x")))
+    journal.append(Handled("done", _done(handled.frame_event_id)))
+    journal.close()
+
+    def disk_full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(journal_module, "write_atomically", disk_full)
+    driver = SnapshottingDriver(path, tmp_path / "snapshot")
+    failures: list[None] = []
+    actuator = Actuator(
+        driver,
+        "actuator",
+        max_command_age_s=600,
+        journal_path=path,
+        clock=lambda: SEEN + timedelta(seconds=1),
+        on_journal_failure=lambda: failures.append(None),
+    )
+    await actuator.open()
+    assert actuator.journal.durable
+    assert len(failures) == 1
+    outcomes = [(await actuator.handle(c)).kind for c in (moving, handled)]
+    assert outcomes == ["interrupted", "repeated"]
+    assert driver.moves == []
+
+    monkeypatch.undo()  # the disk has room again
+    fresh = _command()
+    assert (await actuator.handle(fresh)).kind == "actuated"
+    actuator.close()
+    reopened = _journal(path)
+    assert [reopened.get(c.frame_event_id) is not None for c in (moving, handled, fresh)] == [
+        True,
+        True,
+        True,
+    ]
+    assert len(_lines(path)) == 3
 
 
 async def test_the_journal_is_never_rewritten_while_an_item_waits_for_its_flap(

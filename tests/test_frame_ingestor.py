@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import zlib
 from collections import Counter
 from collections.abc import Generator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import cv2
@@ -35,7 +38,7 @@ from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED
 from services.frame_ingestor import FrameIngestorSettings, core, create_app, run_capture
 from services.frame_ingestor.core import CapturePlan, RateSchedule, announce_leftovers, capture
-from services.frame_ingestor.jpeg import as_jpeg, spool_ref
+from services.frame_ingestor.jpeg import as_jpeg, encode_jpeg, spool_ref
 from services.frame_ingestor.outbox import Outbox
 from services.frame_ingestor.sources import (
     ImageFolderSource,
@@ -356,6 +359,54 @@ async def test_a_lost_live_source_raises_out_of_capture(tmp_path: Path) -> None:
     assert camera.released == camera.opens == 3
 
 
+class GlitchingCapture(FakeCapture):
+    """A stream whose decoder first hands over, with ok=True, a frame OpenCV cannot encode as a
+    JPEG (as some GStreamer/FFmpeg pipelines do on a broken packet), then good frames."""
+
+    def __init__(self, camera: FakeCamera, glitch: np.ndarray[Any, Any], frames: int) -> None:
+        super().__init__(camera, frames)
+        self.glitch: list[np.ndarray[Any, Any]] = [glitch]
+
+    def read(self) -> tuple[bool, object]:
+        if self.glitch:
+            return True, self.glitch.pop()
+        return super().read()
+
+
+@pytest.mark.parametrize(
+    "glitch",
+    [np.zeros((0, 0, 3), dtype=np.uint8), np.zeros((24, 32, 2), dtype=np.uint8)],
+    ids=["empty", "two_channels"],
+)
+def test_a_camera_frame_opencv_cannot_encode_is_skipped_not_fatal(
+    glitch: np.ndarray[Any, Any],
+) -> None:
+    """cv2.imencode asserts (cv2.error) on such an image instead of failing: the source turns
+    that into a skipped corrupt frame, and the capture goes on."""
+    camera = FakeCamera([])
+    source = VideoSource(
+        "rtsp://cam.test/live",
+        live=True,
+        jpeg_quality=80,
+        opener=lambda target: GlitchingCapture(camera, glitch, frames=1),
+        reconnect_attempts=0,
+        sleep=camera.sleep,
+    )
+    skips = SkipLog()
+    frames = source.frames(skips)
+    first = next(frames)
+    frames.close()
+    assert (first.description, first.width, first.height) == (
+        "stream:rtsp://cam.test/live#1",
+        32,
+        24,
+    )
+    assert skips.reasons == {"corrupt": 1}
+    assert "frame 0" in skips.details[0]
+    with pytest.raises(CorruptFrameError, match=re.escape(str(glitch.shape))):
+        encode_jpeg(glitch, 80)
+
+
 def test_a_file_that_disappears_is_a_config_error_not_a_reconnect(tmp_path: Path) -> None:
     path = tmp_path / "clip.avi"
     path.write_bytes(b"")
@@ -380,6 +431,14 @@ def test_rate_schedule_has_no_drift_and_reanchors_after_a_stall() -> None:
     # A long stall: re-anchor at now instead of bursting through the missed frames.
     assert schedule.wait_s(110.0) == 0.0
     assert schedule.wait_s(110.0) == pytest.approx(0.1)
+
+
+def test_a_slot_the_pass_did_not_use_goes_to_the_next_frame() -> None:
+    schedule = RateSchedule(fps=10)
+    assert schedule.wait_s(100.0) == 0.0
+    assert schedule.wait_s(100.0) == pytest.approx(0.1)  # the pass ends in this slot
+    schedule.unused()
+    assert schedule.wait_s(100.1) == 0.0  # the next pass's first frame takes it
 
 
 def test_rate_schedule_without_rate_never_waits() -> None:
@@ -505,6 +564,45 @@ async def test_each_frame_waits_in_the_outbox_until_jetstream_has_it(tmp_path: P
     assert not [key for key in spool.list("bin-7/") if key.endswith(SPOOL_ANNOUNCING_SUFFIX)]
 
 
+class NotingCamera:
+    """A live source (a camera: never finite) that notes when each frame left the camera."""
+
+    finite = False
+    description = "camera:test"
+
+    def __init__(self, jpegs: list[bytes]) -> None:
+        self.jpegs = jpegs
+        self.read_at: list[datetime] = []
+
+    def frames(self, on_skip: SkipHandler) -> Generator[SourceFrame, None, None]:
+        for number, jpeg in enumerate(itertools.cycle(self.jpegs)):
+            self.read_at.append(datetime.now(UTC))
+            yield SourceFrame(jpeg, 160, 120, None, f"camera:test#{number}")
+
+
+async def test_a_paced_camera_frame_is_stamped_when_it_was_read_not_after_the_pacing_wait(
+    tmp_path: Path,
+) -> None:
+    """The actuator judges staleness by captured_at (the camera's time) and
+    binloop_frame_to_actuation_seconds measures from it: a frame stamped after the pacing wait
+    would look up to 1/fps younger than it is."""
+    camera = NotingCamera([p.read_bytes() for p in _demo_jpegs(3)])
+    emitted: list[FrameCaptured] = []
+
+    async def emit(event: FrameCaptured) -> None:
+        emitted.append(event)
+
+    plan = CapturePlan(bin_id="bin-1", producer="frame-ingestor", fps=4, max_frames=3)
+    await capture(camera, LocalBlobStore(tmp_path / "spool"), emit, plan)
+
+    assert len(emitted) == len(camera.read_at) == 3  # paced before the read: none read ahead
+    lags_s = [
+        (event.captured_at - read_at).total_seconds()
+        for event, read_at in zip(emitted, camera.read_at, strict=True)
+    ]
+    assert all(0 <= lag < 0.4 / plan.fps for lag in lags_s), lags_s
+
+
 def _marker(event: FrameCaptured) -> str:
     return event.spool.key + SPOOL_ANNOUNCING_SUFFIX
 
@@ -514,7 +612,7 @@ def _spool_as_if_killed(spool: LocalBlobStore, jpeg: bytes, sequence: int) -> Fr
     ref = spool_ref(spool, BIN, jpeg)
     frame = SourceFrame(jpeg, 160, 120, "glass", f"test:{sequence}")
     plan = CapturePlan(bin_id=BIN, producer="frame-ingestor")
-    event = core._frame_event(frame, ref, sequence, plan)
+    event = core._frame_event(frame, ref, sequence, plan, datetime.now(UTC))
     core.spool_frame(spool, Outbox(spool, BIN), event, jpeg)
     return event
 

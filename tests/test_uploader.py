@@ -50,11 +50,12 @@ from services.uploader.core import FrameUploader, stored_event
 from services.uploader.forwarder import Announce, DeadLetterSink, Forwarder, ProgressHook
 from services.uploader.limits import UNREAD_BY_INFERENCER, SpoolLimits, plan_drops
 from services.uploader.queue import QueuedFrame, UploadQueue
-from services.uploader.readers import SPOOL_TO_EVENT_SLACK_S, unread_since
+from services.uploader.readers import KEEP_EVERYTHING, SPOOL_TO_EVENT_SLACK_S, unread_since
 from services.uploader.schedule import UploadSchedule
 from services.uploader.spool import (
     DEAD_LETTERED_SUFFIX,
     UPLOADED_SUFFIX,
+    UPLOADED_UNREAD_BY_INFERENCER,
     Spool,
     SpoolIOError,
 )
@@ -397,6 +398,140 @@ async def test_the_sweep_task_reclaims_uploaded_frames(
     assert _metric("binloop_uploader_backlog_frames") == 0
 
 
+@pytest.mark.integration
+async def test_the_sweep_outlives_a_message_it_cannot_read_and_an_unexpected_error(
+    js: JetStreamContext,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first message after the edge-inferencer's ack floor does not parse (garbage, or a
+    newer producer's event: the schemas forbid unknown keys): the sweep keeps everything this
+    time, with a warning. An error nobody expected (here, in the first question to JetStream)
+    is logged with its traceback and the next sweep runs: without the sweep the spool is
+    never reclaimed, and the uploader would be restarted into the same crash."""
+    settings = UploaderSettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        http_host="127.0.0.1",
+        blob_root=tmp_path / "blobs",
+        spool_root=tmp_path / "spool",
+        sweep_interval_s=0.05,
+        spool_drop_min_age_s=0.05,
+    )
+    await js.pull_subscribe(  # the edge-inferencer's durable consumer, behind
+        FRAMES_CAPTURED.subject(BIN),
+        durable=edge_inferencer_durable(BIN),
+        stream=FRAMES_CAPTURED.stream,
+    )
+    await js.publish(FRAMES_CAPTURED.subject(BIN), b'{"not": "a frame"}')
+    asked = 0
+    answers: list[float | None] = []
+    answered = asyncio.Event()
+
+    async def buggy_then_real_unread_since(js: JetStreamContext, bin_id: str) -> float | None:
+        nonlocal asked
+        asked += 1
+        if asked == 1:
+            raise RuntimeError("a bug in the sweep")
+        answer = await unread_since(js, bin_id)
+        answers.append(answer)
+        answered.set()
+        return answer
+
+    monkeypatch.setattr(uploader_app, "unread_since", buggy_then_real_unread_since)
+    service = create_app(settings)
+    await service.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            while len(answers) < 2:
+                answered.clear()
+                await asyncio.wait_for(answered.wait(), 10)
+        assert service.is_ready()
+    finally:
+        await service.stop()
+
+    assert answers[:2] == [KEEP_EVERYTHING, KEEP_EVERYTHING]
+    [bug] = [r for r in caplog.records if r.exc_info]
+    assert "spool sweep failed unexpectedly" in bug.getMessage()
+    assert any("is not a FrameCaptured" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.integration
+async def test_uploaded_frames_kept_for_a_stuck_edge_inferencer_stay_within_the_spool_limits(
+    js: JetStreamContext,
+    nats_client: Client,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The sweep keeps every frame the edge-inferencer has not read, however long ago it was
+    uploaded; one that stopped reading (no model yet, its consumer left behind) would grow the
+    spool with the store up, until the disk the frame-ingestor writes to is full. Past what the
+    spool limits leave after the frames waiting for the store, the oldest of those frames go,
+    counted under their own reason."""
+    settings = UploaderSettings(
+        nats_url=nats_server.url,
+        http_port=0,
+        http_host="127.0.0.1",
+        blob_root=tmp_path / "blobs",
+        spool_root=tmp_path / "spool",
+        spool_retention_s=30,
+        sweep_interval_s=0.05,
+        spool_drop_min_age_s=60,  # no frame is dropped while it waits for the store
+        spool_max_pending_frames=3,
+    )
+    await js.pull_subscribe(  # the edge-inferencer's durable consumer: it reads nothing
+        FRAMES_CAPTURED.subject(BIN),
+        durable=edge_inferencer_durable(BIN),
+        stream=FRAMES_CAPTURED.stream,
+    )
+    t0 = datetime.now(UTC)
+    events = [
+        _spool_and_describe(settings.spool_root, jpeg, i).model_copy(
+            update={"captured_at": t0 + timedelta(milliseconds=i)}
+        )
+        for i, jpeg in enumerate(_demo_jpegs(8))
+    ]
+    spool_dir = settings.spool_root / BIN
+    for i, event in enumerate(events):  # spooled in order, oldest first
+        at = t0.timestamp() + i / 1000
+        os.utime(settings.spool_root / event.spool.key, (at, at))
+    stored = await Collector(FrameStored).attach(nats_client, FRAMES_STORED.wildcard)
+    now = [time.time() + 1]
+    clock_read = asyncio.Event()
+
+    def clock() -> float:
+        clock_read.set()  # once the uploads are done, only the sweep reads the clock
+        return now[0]
+
+    before = _dropped(UPLOADED_UNREAD_BY_INFERENCER)
+    service = create_app(settings, clock=clock)
+    await service.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="services.uploader.forwarder"):
+            for event in events:
+                await js.publish(
+                    FRAMES_CAPTURED.subject(BIN),
+                    event.model_dump_json().encode(),
+                    headers={"Nats-Msg-Id": str(event.event_id)},
+                )
+            await stored.wait_for(len(events))
+            now[0] += 60  # every frame past its retention, kept only for the inferencer
+            for _ in range(3):  # whole sweeps after that
+                clock_read.clear()
+                await asyncio.wait_for(clock_read.wait(), 10)
+    finally:
+        await service.stop()
+
+    left = sorted(p.name for p in spool_dir.rglob("*.jpg"))
+    assert left == sorted(Path(e.spool.key).name for e in events[-3:])  # the newest stay
+    assert _dropped(UPLOADED_UNREAD_BY_INFERENCER) - before == len(events) - 3
+    [warning] = [r.getMessage() for r in caplog.records if "not read yet" in r.getMessage()]
+    assert "deleted 5 uploaded frames" in warning
+
+
 # --- store-and-forward pieces, without sockets ---------------------------------------------
 
 
@@ -525,6 +660,10 @@ async def _forward_nothing(stored: FrameStored) -> None:
     raise AssertionError(f"nothing should be announced, got {stored.frame_sha256}")
 
 
+async def _announce_nothing_to_check(stored: FrameStored) -> None:
+    pass
+
+
 async def _no_dead_letters(frame: QueuedFrame, error: PermanentError) -> None:
     raise AssertionError(f"nothing should be dead-lettered, got {error}")
 
@@ -539,6 +678,7 @@ def _forwarder(
     dead_letter: DeadLetterSink = _no_dead_letters,
     on_progress: ProgressHook | None = None,
     set_aside_after: int = 3,
+    backoff: Backoff | None = None,
 ) -> Forwarder:
     spool = Spool(tmp_path / "spool", BIN)
     return Forwarder(
@@ -546,7 +686,7 @@ def _forwarder(
         queue=UploadQueue(tmp_path / "spool", BIN),
         uploader=FrameUploader(spool, store, clock),
         limits=limits,
-        backoff=Backoff(0.001, 0.005, 0.5),
+        backoff=backoff or Backoff(0.001, 0.005, 0.5),
         announce=announce,
         dead_letter=dead_letter,
         producer="uploader",
@@ -1218,6 +1358,70 @@ async def test_an_unexpected_error_is_logged_counted_and_retried(
     assert "a bug in the announcement" in record.getMessage()
     assert len(announced) == 2
     assert forwarder.queue.pending_frames == 0
+
+
+async def test_bytes_written_while_frames_stored_cannot_be_published_are_counted(
+    tmp_path: Path,
+) -> None:
+    """binloop_uploaded_bytes_total is the bytes written to the store. When frames.stored
+    cannot be published (the bin's nats-server restarting) the frame is in the store already,
+    and the retry finds it there and writes nothing: its bytes count at the write."""
+    attempts = 0
+
+    async def announce(stored: FrameStored) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise TransientError("publishing frames.stored: no responders (nats restarting)")
+
+    steps = Steps()
+    forwarder = _forwarder(
+        tmp_path, LocalBlobStore(tmp_path / "blobs"), announce=announce, on_progress=steps
+    )
+    event = _spool_and_describe(tmp_path / "spool", _demo_jpegs(1)[0], 0)
+    before = _metric("binloop_uploaded_bytes_total")
+    await forwarder.accept(event)
+    running = asyncio.create_task(forwarder.run())
+    try:
+        await steps.until(lambda: steps.count("stored") == 1)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    assert (attempts, steps.count("retry")) == (2, 1)
+    assert _metric("binloop_uploaded_bytes_total") - before == event.spool.size
+
+
+async def test_a_frame_selected_while_the_head_waits_out_its_own_retry_goes_up_at_once(
+    tmp_path: Path,
+) -> None:
+    """The head of the queue failed on its own and waits for its retry (up to retry_max_s),
+    and the frames behind it wait too. A frame the sampler selects meanwhile becomes the head:
+    it goes up now, not once that wait is over."""
+    steps = Steps()
+    forwarder = _forwarder(
+        tmp_path,
+        LocalBlobStore(tmp_path / "blobs"),
+        announce=_announce_nothing_to_check,
+        on_progress=steps,
+        set_aside_after=1000,
+        backoff=Backoff(600, 600, 0),
+    )
+    head, selected = (
+        _spool_and_describe(tmp_path / "spool", j, i) for i, j in enumerate(_demo_jpegs(2))
+    )
+    forwarder.spool.store = SickSpool(tmp_path / "spool", {head.spool.key}, errno.EIO)
+    await forwarder.accept(head)
+    await forwarder.accept(selected)
+    running = asyncio.create_task(forwarder.run())
+    try:
+        await steps.until(lambda: steps.count("retry", head.frame_sha256) == 1)
+        assert await forwarder.prioritize(selected.frame_sha256)
+        await steps.until(lambda: steps.count("stored") == 1)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    assert steps.order("stored") == [selected.frame_sha256]
+    assert steps.count("retry") == 1
 
 
 async def test_a_frame_that_keeps_failing_does_not_block_the_frames_behind_it(

@@ -175,9 +175,11 @@ FLEET_SPOOL_BACKLOG = Gauge(
 )
 UPLOADER_DROPPED = Counter(
     "binloop_uploader_dropped_frames_total",
-    "Frames the uploader gave up before they reached the object store, by reason "
-    "(max_frames, max_bytes: the spool-full policy; unread_by_inferencer: the same, a frame "
-    "the edge-inferencer had not read, given up last; unreadable_entry: a broken queue file)",
+    "Frames the uploader gave up, by reason (max_frames, max_bytes: the spool-full policy, "
+    "before they reached the object store; unread_by_inferencer: the same, a frame the "
+    "edge-inferencer had not read, given up last; uploaded_unread_by_inferencer: an uploaded "
+    "frame past its retention the sweep deleted, over the spool limits, before the "
+    "edge-inferencer read it; unreadable_entry: a broken queue file)",
     ["bin", "reason"],
 )
 UPLOADER_RETRIES = Counter(

@@ -154,9 +154,19 @@ class Actuator:
 
     async def open(self) -> None:
         """Load the journal now (else the first command does): a damaged one is reported at
-        start-up. One that cannot be read at all leaves the actuator with memory only."""
+        start-up. One that was read but cannot be rewritten (a full or read-only disk) is kept:
+        its items are still answered, and the next record tries the disk again. Only one that
+        cannot be read at all leaves the actuator with memory only."""
         try:
             await asyncio.to_thread(self.journal.open)
+        except JournalWriteError as exc:
+            log.warning(
+                "actuator: %s; the %d items it holds are remembered, the disk is tried again "
+                "at the next record",
+                exc,
+                len(self.journal),
+            )
+            self.on_journal_failure()
         except JournalError as exc:
             log.error("actuator: %s; going on without it, with memory only", exc)
             self.on_journal_failure()

@@ -19,7 +19,8 @@ those (temporary file, fsync, rename, fsync of the folder) when it is opened and
 holds more than twice as many records. A record that cannot be read back (a write cut short by
 a power cut, a flipped bit) is skipped with a warning, never fatal: at worst that one frame is
 forgotten. A journal file that cannot be read at all (EIO, a folder in its place) raises
-JournalError: the actuator does not start rather than forget every item.
+JournalError. One that reads but cannot be rewritten (a full or read-only disk) keeps what it
+read and raises JournalWriteError; the rewrite is tried again before the next append.
 """
 
 from __future__ import annotations
@@ -164,7 +165,9 @@ class HandledJournal:
     def open(self) -> None:
         """Load the journal (skipping what cannot be read) and rewrite it compacted, so
         appends start on a clean line. Idempotent; a no-op in memory. Raises JournalError
-        when the file is there but cannot be read or rewritten."""
+        when the file is there but cannot be read. When only the rewrite fails (a full or
+        read-only disk) it raises JournalWriteError with what was read kept: the journal is
+        loaded, and the next append tries the rewrite again before it writes."""
         if self._loaded:
             return
         assert self.path is not None
@@ -178,8 +181,10 @@ class HandledJournal:
         self._entries.clear()
         for entry in read_records(data, self.path):
             self.remember_only(entry)
-        self._compact()
+        # Loaded before the rewrite: forgetting what was read would move a flap again for a
+        # command that comes back, the one harm the journal is there to prevent.
         self._loaded = True
+        self._compact()
 
     def close(self) -> None:
         if self._fd is not None:

@@ -14,8 +14,9 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from nats.errors import Error as NatsError
 
@@ -56,6 +57,12 @@ class RateSchedule:
             self._anchor, self._next, due = now, 0, now
         self._next += 1
         return max(0.0, due - now)
+
+    def unused(self) -> None:
+        """The slot wait_s just gave was not used (the pass ended there): the next frame takes
+        it, rather than wait a period more."""
+        if self.period > 0.0 and self._next > 0:
+            self._next -= 1
 
 
 def spool_frame(spool: LocalBlobStore, outbox: Outbox, event: FrameCaptured, jpeg: bytes) -> None:
@@ -141,15 +148,22 @@ async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
+def _read(frames: Iterator[SourceFrame]) -> tuple[SourceFrame | None, datetime]:
+    """The next frame and when it was read (a live camera's frame is taken then); None at the
+    end of a pass. Blocks: run it in a thread, so the time is the read's, not the loop's."""
+    frame = next(frames, None)
+    return frame, utc_now()
+
+
 def _frame_event(
-    frame: SourceFrame, ref: BlobRef, sequence: int, plan: CapturePlan
+    frame: SourceFrame, ref: BlobRef, sequence: int, plan: CapturePlan, captured_at: datetime
 ) -> FrameCaptured:
     return FrameCaptured(
         producer=plan.producer,
         bin_id=plan.bin_id,
         frame_sha256=ref.sha256,
         spool=ref,
-        captured_at=utc_now(),
+        captured_at=captured_at,
         width=frame.width,
         height=frame.height,
         source=frame.description,
@@ -190,16 +204,19 @@ async def capture(
         frames = source.frames(report_skip)
         try:
             while not finished():
-                frame = await asyncio.to_thread(next, frames, None)
-                if frame is None:
-                    break
+                # Paced before the read, stamped at the read: a live camera's frame is taken
+                # when it is read, and the actuator judges the item's age by that time.
                 wait = schedule.wait_s(time.monotonic())
                 if wait > 0:
                     await _pause(wait, stop)
                     if finished():
                         break
+                frame, read_at = await asyncio.to_thread(_read, frames)
+                if frame is None:
+                    schedule.unused()
+                    break
                 ref = spool_ref(spool, plan.bin_id, frame.jpeg)
-                event = _frame_event(frame, ref, stats.published, plan)
+                event = _frame_event(frame, ref, stats.published, plan, read_at)
                 await asyncio.to_thread(spool_frame, spool, outbox, event, frame.jpeg)
                 await emit_until_stored(emit, event, stop, source.description)
                 await asyncio.to_thread(outbox.release, event)

@@ -36,8 +36,20 @@ class JpegFrame(NamedTuple):
     height: int
 
 
+_JPEG_CHANNELS = (1, 3, 4)
+"""Grey, BGR, BGRA: what OpenCV's JPEG encoder takes (it drops alpha)."""
+
+
 def encode_jpeg(bgr: npt.NDArray[np.uint8], quality: int) -> JpegFrame:
-    ok, buffer = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    """Raises CorruptFrameError for an image that is not one to keep: empty, or of a shape
+    the JPEG encoder does not take (a decoder hands such a Mat over on a broken packet)."""
+    channels = 1 if bgr.ndim == 2 else bgr.shape[2] if bgr.ndim == 3 else 0
+    if bgr.size == 0 or channels not in _JPEG_CHANNELS:
+        raise CorruptFrameError(f"a {bgr.shape} image is not a frame OpenCV encodes as JPEG")
+    try:
+        ok, buffer = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    except cv2.error as exc:  # OpenCV asserts on what it cannot encode instead of failing
+        raise CorruptFrameError(f"OpenCV refuses to encode a {bgr.shape} image: {exc.err}") from exc
     if not ok:
         raise CorruptFrameError(f"OpenCV could not encode a {bgr.shape} image as JPEG")
     height, width = bgr.shape[:2]

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from binloop.errors import BinloopError, ConfigError, CorruptFrameError
 from binloop.replay import ReplayStats, iter_replay_file
 from binloop.storage import sha256_hex
+from schemas.base import read_json
 from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED, route_for_subject
 from services.frame_ingestor.jpeg import as_jpeg, encode_jpeg
@@ -287,7 +288,7 @@ class ReplayFileSource:
                 on_skip("no_frame", f"{where}:{message.line}: recorded without an embedded frame")
                 continue
             try:
-                recorded = FrameCaptured.model_validate(message.data)
+                recorded = read_json(FrameCaptured, message.data)
             except ValidationError as exc:
                 on_skip("bad_event", f"{where}:{message.line}: not a FrameCaptured: {exc}")
                 continue

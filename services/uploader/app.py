@@ -146,13 +146,17 @@ def create_app(
                 # Asked once, for both: the sweep keeps what the edge-inferencer has not read,
                 # and the spool-full policy drops it last.
                 forwarder.unread_since = await unread_since(service.js, bin_id)
-                await asyncio.to_thread(
-                    spool.sweep, clock(), settings.spool_retention_s, forwarder.unread_since
-                )
+                await asyncio.to_thread(forwarder.sweep, clock(), settings.spool_retention_s)
                 await asyncio.to_thread(forwarder.prune_wanted)
             except OSError as exc:  # a disk that fails now may not next time: keep uploading
                 log.warning(
                     "spool sweep failed, next one in %.0fs: %s", settings.sweep_interval_s, exc
+                )
+            except Exception:  # a bug, or an error nobody mapped: the next sweep may pass
+                # Without the sweep the spool is never reclaimed: the bin's disk fills up.
+                # (CancelledError is no Exception: stopping still ends the loop.)
+                log.exception(
+                    "spool sweep failed unexpectedly, next one in %.0fs", settings.sweep_interval_s
                 )
             forwarder.report_drops()
             await asyncio.sleep(settings.sweep_interval_s)

@@ -34,7 +34,13 @@ from services.uploader.limits import (
 )
 from services.uploader.queue import QueuedFrame, UploadQueue
 from services.uploader.schedule import UploadSchedule
-from services.uploader.spool import Spool, SpoolIOError
+from services.uploader.spool import (
+    UPLOADED_UNREAD_BY_INFERENCER,
+    Spool,
+    SpoolIOError,
+    SpoolScan,
+    UnreadBudget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,7 @@ class Forwarder:
         self._report_lock = threading.Lock()  # intake threads and the sweep both report
         self._drops_unreported = 0
         self._unread_drops_unreported = 0
+        self._given_up_unreported = 0  # uploaded frames the sweep deleted before they were read
         self._last_drop_warning: float | None = None
         self._over_limit_warned = False
         # The frame being uploaded right now is not the spool-full policy's to drop.
@@ -189,13 +196,30 @@ class Forwarder:
         with self._report_lock:
             now = self.clock()
             last = self._last_drop_warning
-            if not self._drops_unreported or (
+            if not (self._drops_unreported or self._given_up_unreported) or (
                 last is not None and now - last < DROP_WARNING_INTERVAL_S
             ):
                 return
             dropped, unread = self._drops_unreported, self._unread_drops_unreported
+            given_up = self._given_up_unreported
             self._drops_unreported = self._unread_drops_unreported = 0
+            self._given_up_unreported = 0
             self._last_drop_warning = now
+        if given_up:
+            log.warning(
+                "uploader %s: deleted %d uploaded frames the edge-inferencer has not read yet, "
+                "the oldest it kept for it: the spool limits (%d frames, %d bytes) are full "
+                "with those and the %d frames, %d bytes waiting for the store. Is the "
+                "edge-inferencer reading?",
+                self.bin_id,
+                given_up,
+                self.limits.max_frames,
+                self.limits.max_bytes,
+                self.queue.pending_frames,
+                self.queue.pending_bytes,
+            )
+        if not dropped:
+            return
         log.warning(
             "uploader %s: spool full, dropped %d frames not selected for labeling, %d of them "
             "not read by the edge-inferencer yet (policy %s; limits %d frames, %d bytes; %d "
@@ -216,6 +240,8 @@ class Forwarder:
         wanted = await asyncio.to_thread(self._prioritize, sha256)
         if wanted:
             self._notify("prioritized", sha256)
+            # The forwarder may be waiting out the old head's own retry: the new head need not.
+            self.wake()
         return wanted
 
     def _prioritize(self, sha256: str) -> bool:
@@ -225,6 +251,22 @@ class Forwarder:
         if self.queue.want(sha256):
             metrics.UPLOADER_PRIORITIZED.labels(self.bin_id).inc()
         return True
+
+    def sweep(self, now: float, retention_s: float) -> SpoolScan:
+        """Sweep the spool (Spool.sweep), keeping what the edge-inferencer has not read as of
+        `unread_since`, within what the spool limits leave after the frames waiting for the
+        store; the oldest beyond that are deleted and counted (disk: call it in a thread)."""
+        budget = UnreadBudget(
+            frames=max(0, self.limits.max_frames - self.queue.pending_frames),
+            bytes=max(0, self.limits.max_bytes - self.queue.pending_bytes),
+        )
+        scan = self.spool.sweep(now, retention_s, self.unread_since, budget)
+        if scan.given_up:
+            dropped = metrics.UPLOADER_DROPPED.labels(self.bin_id, UPLOADED_UNREAD_BY_INFERENCER)
+            dropped.inc(scan.given_up)
+            with self._report_lock:
+                self._given_up_unreported += scan.given_up
+        return scan
 
     def prune_wanted(self) -> None:
         """Forget requests for frames that are neither queued nor waiting in the spool."""
@@ -328,8 +370,10 @@ class Forwarder:
             await asyncio.to_thread(self._mark_dead_lettered, frame.event, exc)
             await self.dead_letter(frame, exc)
             return "dead_lettered"
-        await self.announce(stored_event(frame.event, upload.blob, self.producer))
+        # Counted once written: a retry after a failed announcement finds the frame stored
+        # and writes (and counts) nothing.
         self._uploaded_bytes.inc(upload.written_bytes)
+        await self.announce(stored_event(frame.event, upload.blob, self.producer))
         if self.backoff.failures:
             log.warning(
                 "uploader %s: uploads go through again after %d failed attempts; %d frames waiting",

@@ -14,8 +14,10 @@ import logging
 from nats.errors import Error as NatsError
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
+from pydantic import ValidationError
 
 from binloop.bus.consumers import edge_inferencer_durable
+from schemas.base import read_json
 from schemas.events import FrameCaptured
 from schemas.routes import FRAMES_CAPTURED
 
@@ -51,5 +53,17 @@ async def unread_since(js: JetStreamContext, bin_id: str) -> float | None:
         return KEEP_EVERYTHING
     if raw.data is None:
         return KEEP_EVERYTHING
-    oldest = FrameCaptured.model_validate_json(raw.data)
+    try:
+        oldest = read_json(FrameCaptured, raw.data)
+    except ValidationError as exc:
+        # Garbage (a newer producer's added fields are read past): it says nothing about
+        # when the frames after it were spooled. The spool limits still bound what is kept
+        # (see Forwarder.sweep).
+        log.warning(
+            "the edge-inferencer's next frames.captured message (stream sequence %s) is not a "
+            "FrameCaptured this uploader reads (%d errors): keeping all",
+            raw.seq,
+            exc.error_count(),
+        )
+        return KEEP_EVERYTHING
     return oldest.captured_at.timestamp() - SPOOL_TO_EVENT_SLACK_S

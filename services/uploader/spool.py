@@ -8,7 +8,9 @@ A frame `<bin>/<xx>/<sha>.jpg` is marked by a sibling file holding the time it w
   its sha256, so it can never be uploaded under that hash, or it was gone (then the sweep
   drops the marker).
 The sweep never deletes an unmarked frame; only the spool-full policy gives one up (see
-limits.py), and never silently.
+limits.py), and never silently. Settled frames the edge-inferencer has not read are kept past
+the retention, but only within a budget (what the spool limits leave after the frames waiting
+for the store): beyond it the sweep gives up the oldest of them, and says how many.
 
 A third sibling is not the uploader's: `<sha>.jpg.announcing`, the frame-ingestor's outbox (see
 services/frame_ingestor/outbox.py), holds a FrameCaptured that JetStream has not acked yet.
@@ -52,13 +54,31 @@ class SpoolIOError(StoreUnavailableError):
     rather than backing off the object store for every frame."""
 
 
+UPLOADED_UNREAD_BY_INFERENCER = "uploaded_unread_by_inferencer"
+"""The drop reason of a settled frame past its retention that the sweep gave up, over its
+budget, before the edge-inferencer read it."""
+
+
+@dataclass(frozen=True)
+class UnreadBudget:
+    """How much the sweep may keep past the retention for the edge-inferencer: settled frames
+    (the store has them, or never will) that it has not read yet."""
+
+    frames: int
+    bytes: int
+
+
 @dataclass(frozen=True)
 class SpoolScan:
     pending: int
     """Frames not (or not since they were spooled again) settled."""
     kept: int
-    """Settled frames (uploaded or dead-lettered) still inside the retention."""
+    """Settled frames (uploaded or dead-lettered) still inside the retention, or not read by
+    the edge-inferencer yet."""
     deleted: int
+    """Settled frames past the retention."""
+    given_up: int = 0
+    """Settled frames the edge-inferencer had not read, deleted over the UnreadBudget."""
 
 
 class Spool:
@@ -140,17 +160,25 @@ class Spool:
         return float(value) if isinstance(value, int | float) else None
 
     def sweep(
-        self, now: float, retention_s: float, keep_spooled_since: float | None = None
+        self,
+        now: float,
+        retention_s: float,
+        keep_spooled_since: float | None = None,
+        unread_budget: UnreadBudget | None = None,
     ) -> SpoolScan:
         """Delete settled frames whose marker is older than `retention_s` and which were not
         spooled again since; drop markers whose frame is gone. Counts what is left.
 
         Frames spooled at or after `keep_spooled_since` are kept however long ago they
         settled: the edge-inferencer, which reads them from here, has not got to them yet.
-        A frame with an announce marker counts as pending, whatever its own markers say."""
+        With an `unread_budget`, only as many of those past the retention as it allows: the
+        oldest beyond it are given up (an inferencer that stopped reading would otherwise
+        fill the disk). A frame with an announce marker counts as pending, whatever its own
+        markers say."""
         keys = set(self.store.list(f"{self.bin_id}/"))
         frames = sorted(k for k in keys if not k.endswith(NOT_FRAME_SUFFIXES))
         pending = kept = deleted = 0
+        held_for_inferencer: list[tuple[float, int, str]] = []  # past the retention
         for key in frames:
             settled_at = self.settled_at(key)
             # Asked of the disk, not of the listing: the ingestor may have started a capture
@@ -159,22 +187,25 @@ class Spool:
                 pending += 1
                 continue
             try:
-                spooled_at = (self.store.root / key).stat().st_mtime
+                stat = (self.store.root / key).stat()
             except FileNotFoundError:
                 continue  # deleted under us; its marker goes on the next sweep
+            spooled_at = stat.st_mtime
             if spooled_at > settled_at:
                 pending += 1  # captured again after it settled: wait for that event's upload
             elif keep_spooled_since is not None and spooled_at >= keep_spooled_since:
                 kept += 1  # not read by the edge-inferencer yet
+                if now - settled_at >= retention_s:
+                    held_for_inferencer.append((spooled_at, stat.st_size, key))
             elif now - settled_at >= retention_s:
-                # Frame first, markers second: a crash in between leaves an orphan marker,
-                # never an unmarked frame that looks pending.
-                self.store.delete(key)
-                for suffix in MARKER_SUFFIXES:
-                    self.store.delete(key + suffix)
+                self._delete_settled(key)
                 deleted += 1
             else:
                 kept += 1
+        given_up = 0
+        if unread_budget is not None:
+            given_up = self._give_up_over_budget(held_for_inferencer, unread_budget)
+            kept -= given_up
         for marker in keys:
             for suffix in MARKER_SUFFIXES:
                 if marker.endswith(suffix) and marker[: -len(suffix)] not in keys:
@@ -184,7 +215,36 @@ class Spool:
                 and marker.removesuffix(SPOOL_ANNOUNCING_SUFFIX) not in keys
             ):
                 self._drop_orphan_announce_marker(marker, now)
-        return SpoolScan(pending=pending, kept=kept, deleted=deleted)
+        return SpoolScan(pending=pending, kept=kept, deleted=deleted, given_up=given_up)
+
+    def _give_up_over_budget(self, held: list[tuple[float, int, str]], budget: UnreadBudget) -> int:
+        """Delete the oldest of `held` (spool time, size, key) until the rest fit `budget`.
+        How many went."""
+        held.sort()
+        frames, size = len(held), sum(entry[1] for entry in held)
+        given_up = 0
+        for spooled_at, frame_bytes, key in held:
+            if frames <= budget.frames and size <= budget.bytes:
+                break
+            frames -= 1
+            size -= frame_bytes
+            # Asked of the disk again: the ingestor may have started a capture of it since.
+            try:
+                respooled = (self.store.root / key).stat().st_mtime != spooled_at
+            except FileNotFoundError:
+                continue
+            if respooled or self.is_announcing(key):
+                continue
+            self._delete_settled(key)
+            given_up += 1
+        return given_up
+
+    def _delete_settled(self, key: str) -> None:
+        # Frame first, markers second: a crash in between leaves an orphan marker, never an
+        # unmarked frame that looks pending.
+        self.store.delete(key)
+        for suffix in MARKER_SUFFIXES:
+            self.store.delete(key + suffix)
 
     def _drop_orphan_announce_marker(self, marker: str, now: float) -> None:
         path = self.store.root / marker
