@@ -7,6 +7,10 @@ the link returns. Models flow the other way: the bin's ENGINE stream sources `mo
 the hub. The leaf's remote (edge/nats/leaf.conf) denies those subjects as plain messages, so
 the sourcing is the one path they take (a second path would store them twice).
 
+The bin's ENGINE stream has the hub's subjects (the routes table) but keeps only what the bin
+reads: promotions and rollbacks (sourced) and the fleet's samples.selected (the uploader's);
+the leaf does not import the cloud's other events, and `bound_bin_engine` caps its size.
+
     python -m edge.streams hub --hub nats://hub:4222 bin-1 bin-2   # on the cloud side
     python -m edge.streams bin --leaf nats://127.0.0.1:4222          # on each bin
 """
@@ -30,6 +34,15 @@ EDGE_STREAMS = ("FRAMES", "INFERENCE", "ACTUATION", "DLQ", "FLEET")
 EDGE_SUBJECTS = ("frames.>", "inference.>", "actuation.>", "dlq.>", "fleet.>")
 HUB_TO_BIN_SUBJECT = "models.>"
 """What the bin sources from the hub's ENGINE stream: promotions and rollbacks."""
+CLOUD_ONLY_SUBJECTS = ("labels.>", "datasets.>", "training.>")
+"""Cloud events no service on a bin reads: its leaf node does not import them."""
+BIN_ENGINE_MAX_BYTES = 256 * 2**20
+"""The most the bin's ENGINE stream keeps (oldest out first) of the bin's 8 GB store.
+
+What it holds is the fleet's samples.selected (the subject names no bin) beside the rare
+promotions and rollbacks, so its size follows the fleet's selection rate: without a cap its
+365-day age (the hub's) would let it fill the store the bin's own streams need. A promotion
+that ages out of it is still what the edge-inferencer's model cache recalls."""
 
 
 def api_prefix(domain: str) -> str:
@@ -74,6 +87,17 @@ async def source_models_into_bin(leaf: JetStreamContext, hub_domain: str = HUB_D
     return await _add_source(leaf, "ENGINE", source)
 
 
+async def bound_bin_engine(leaf: JetStreamContext, max_bytes: int = BIN_ENGINE_MAX_BYTES) -> bool:
+    """Caps the bin's ENGINE stream at `max_bytes`. `ensure_streams` keeps a stream's byte cap,
+    so the services' starts leave it. True when it changed."""
+    config = (await leaf.stream_info("ENGINE")).config
+    if config.max_bytes == max_bytes:
+        return False
+    config.max_bytes = max_bytes
+    await leaf.update_stream(config)
+    return True
+
+
 async def _main(args: argparse.Namespace) -> int:
     client = await nats.connect(args.url)
     try:
@@ -86,6 +110,8 @@ async def _main(args: argparse.Namespace) -> int:
         else:
             added_models = await source_models_into_bin(js, args.hub_domain)
             print("ENGINE sources models.> from the hub" if added_models else "already sourced")
+            await bound_bin_engine(js)
+            print(f"ENGINE keeps at most {BIN_ENGINE_MAX_BYTES // 2**20} MiB")
     finally:
         await client.drain()
     return 0
@@ -97,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     hub = sides.add_parser("hub", help="make the hub source these bins' streams")
     hub.add_argument("--hub", dest="url", default="nats://127.0.0.1:4222")
     hub.add_argument("bins", nargs="+", help="JetStream domain of each bin (its bin id)")
-    bin_side = sides.add_parser("bin", help="make this bin source promotions from the hub")
+    bin_side = sides.add_parser(
+        "bin", help="make this bin source promotions from the hub and cap its ENGINE stream"
+    )
     bin_side.add_argument("--leaf", dest="url", default="nats://127.0.0.1:4222")
     bin_side.add_argument("--hub-domain", default=HUB_DOMAIN)
     return asyncio.run(_main(parser.parse_args(argv)))

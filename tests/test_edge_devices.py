@@ -1,9 +1,11 @@
 """The bin's hardware seams: the actuator's GPIO driver (with recorded pins instead of a Jetson)
-and the TensorRT engine cache (keyed by GPU model and TensorRT version)."""
+and the TensorRT engine cache (keyed by GPU model and TensorRT version); and the systemd units
+that run the bin's services, read as systemd would."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import types
 import uuid
 from datetime import UTC, datetime
@@ -32,6 +34,9 @@ FLAPS = {
     Compartment.TRASH: 16,
 }
 SENSORS = {Compartment.GLASS: 18, Compartment.TRASH: 22}
+EDGE = Path(__file__).resolve().parent.parent / "edge"
+UNITS = sorted((EDGE / "systemd").glob("*.service"))
+EDGE_SERVICES = ("frame-ingestor", "edge-inferencer", "actuator", "uploader")
 
 
 class RecordedPins:
@@ -242,3 +247,63 @@ def test_auto_driver_falls_back_to_the_simulation_without_jetson_gpio() -> None:
     from services.actuator.settings import ActuatorSettings
 
     assert isinstance(make_driver(ActuatorSettings(driver="auto", http_port=0)), SimulatedDriver)
+
+
+# -- systemd units -------------------------------------------------------------------------
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    """Each key of a unit file with its values in order, continuation lines joined."""
+    values: dict[str, list[str]] = {}
+    for line in path.read_text(encoding="utf-8").replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            values.setdefault(key.strip(), []).append(value.strip())
+    return values
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    pairs = [line.split("=", 1) for line in lines if line.strip() and not line.startswith("#")]
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda path: path.name)
+def test_every_path_an_edge_unit_may_write_exists_when_it_starts(unit: Path) -> None:
+    """Under ProtectSystem=strict, a ReadWritePaths= folder that does not exist fails the unit
+    (226/NAMESPACE) unless prefixed with '-', and the service user could not create it on a
+    read-only system anyway: a StateDirectory= makes it, owned by the unit's User. Without one,
+    nats-leaf.service never starts on a new bin, and every binloop@ unit (Requires=) with it."""
+    values = _unit(unit)
+    if values.get("ProtectSystem") != ["strict"]:
+        return
+    created = {f"/var/lib/{d}" for value in values.get("StateDirectory", []) for d in value.split()}
+    writable = [path for value in values.get("ReadWritePaths", []) for path in value.split()]
+    for path in writable:
+        if not path.startswith("-"):
+            assert any(path == c or path.startswith(f"{c}/") for c in created), path
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda path: path.name)
+def test_every_variable_an_edge_unit_expands_comes_from_its_environment_files(
+    unit: Path,
+) -> None:
+    """systemd expands an unset ${VAR} in a command line to nothing: the command then runs with
+    an empty argument (as a TensorRT build given `--onnx ''` did, failing at every boot). The
+    example env files in edge/env/ are what /etc/binloop/ starts from."""
+    values = _unit(unit)
+    instances = EDGE_SERVICES if unit.name.endswith("@.service") else ("",)
+    for instance in instances:
+        environment: dict[str, str] = {}
+        for value in values.get("EnvironmentFile", []):
+            name = Path(value.lstrip("-").replace("%i", instance)).name
+            example = EDGE / "env" / name
+            assert example.is_file(), f"{value} has no example in edge/env/"
+            environment |= _env_file(example)
+        commands = values.get("ExecStartPre", []) + values.get("ExecStart", [])
+        for command in commands:
+            for braced, bare in re.findall(r"\$\{(\w+)\}|\$(\w+)", command):
+                variable = braced or bare
+                if variable != "MAINPID":
+                    assert environment.get(variable), f"{instance or unit.name}: ${variable}"

@@ -1,11 +1,15 @@
 """A hub and a bin's leaf node, two real nats-servers with their own JetStream domains: what the
 bin stores while the link is down reaches the hub's stream once the link returns, exactly once,
-and promotions published at the hub reach the bin."""
+and promotions published at the hub reach the bin. The hub runs the shipped nats.conf (one
+server, loopback ports), so the leaf user's permissions are what every sourcing test runs
+under; a bin that asks for more is refused."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import json
 import re
 import shutil
 import uuid
@@ -24,21 +28,34 @@ from binloop.bus import ensure_streams
 from binloop.natsserver import NatsServer
 from binloop.process import free_port
 from edge.streams import (
+    BIN_ENGINE_MAX_BYTES,
+    CLOUD_ONLY_SUBJECTS,
     EDGE_STREAMS,
     EDGE_SUBJECTS,
     HUB_TO_BIN_SUBJECT,
+    bound_bin_engine,
     source_bin_into_hub,
     source_models_into_bin,
 )
 from schemas.base import BlobRef
 from schemas.events import FrameCaptured
-from schemas.routes import FRAMES_CAPTURED, MODELS_PROMOTED
+from schemas.routes import (
+    DATASETS_SNAPSHOT,
+    FRAMES_CAPTURED,
+    LABELS_ANNOTATED,
+    MODELS_PROMOTED,
+    STREAMS,
+    TRAINING_REQUESTED,
+)
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 LEAF_CONF = ROOT / "edge" / "nats" / "leaf.conf"
+HUB_CONF = ROOT / "deploy" / "k8s" / "base" / "nats" / "nats.conf"
 BIN_ID = "bin-7"
+LEAF_USER = "bin"
+LEAF_PASSWORD = "s3cret-leaf"
 
 
 class LinkProxy:
@@ -91,19 +108,52 @@ class Hub:
     leaf_port: int
 
 
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
+def _without_block(text: str, opening: str) -> str:
+    """`text` less the `opening {...}` block (braces balanced)."""
+    start = text.index(opening)
+    depth = 0
+    for index in range(start, len(text)):
+        if text[index] == "{":
+            depth += 1
+        elif text[index] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[:start] + text[index + 1 :]
+    raise AssertionError(f"unbalanced {opening!r} block")
+
+
+def shipped_hub(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, leafnode_tls: str = ""
+) -> tuple[NatsServer, int]:
+    """deploy/k8s/base/nats/nats.conf as one server on loopback: without the cluster routes,
+    the leafnode listener on a free port, `leafnode_tls` as leafnode-tls.conf (the Secret's
+    certificate in Kubernetes) and the pod's environment; ports, store folder and pid file
+    from the command line. Returns the server, to start, and its leaf port."""
     leaf_port = free_port()
-    config = tmp_path / "hub.conf"
-    # The hub's JetStream domain and leafnode listener (deploy/k8s/base/nats/nats.conf), on
-    # loopback ports and without credentials (the store folder comes from NatsServer's -sd).
-    config.write_text(
-        "server_name: binloop-hub\n"
-        "jetstream { domain: hub }\n"
-        f"leafnodes {{ listen: 127.0.0.1:{leaf_port} }}\n",
-        encoding="utf-8",
+    folder.mkdir()
+    text = _without_block(HUB_CONF.read_text(encoding="utf-8"), "cluster {")
+    for line in ("port: 7422", "store_dir: /data/jetstream"):
+        assert line in text
+    text = text.replace("port: 7422", f"listen: 127.0.0.1:{leaf_port}")
+    (folder / "nats.conf").write_text(
+        text.replace("store_dir: /data/jetstream", ""), encoding="utf-8"
     )
-    with NatsServer(tmp_path / "hub-js", extra_args=["-c", str(config)]) as server:
+    (folder / "leafnode-tls.conf").write_text(leafnode_tls, encoding="utf-8")
+    for name, value in {
+        "POD_NAME": "binloop-hub",
+        "JETSTREAM_MAX_FILE_STORE": "1GB",
+        "LEAF_USER": LEAF_USER,
+        "LEAF_PASSWORD": LEAF_PASSWORD,
+    }.items():
+        monkeypatch.setenv(name, value)
+    config = ["-c", str(folder / "nats.conf"), "-m", "-1", "-P", str(folder / "nats.pid")]
+    return NatsServer(folder / "js", extra_args=config), leaf_port
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
+    server, leaf_port = shipped_hub(tmp_path / "hub", monkeypatch)
+    with server:
         yield Hub(server, leaf_port)
 
 
@@ -118,13 +168,16 @@ async def link(hub: Hub) -> AsyncIterator[LinkProxy]:
 
 @pytest.fixture
 def leaf(link: LinkProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
-    """The shipped leaf.conf; only the site's auth include is empty on loopback."""
+    """The shipped leaf.conf with the leaf user's password; only the site's TLS include is
+    empty on loopback."""
     folder = tmp_path / "leaf-conf"
     folder.mkdir()
     shutil.copy(LEAF_CONF, folder / "leaf.conf")
     (folder / "leaf-auth.conf").write_text("# loopback: no credentials\n", encoding="utf-8")
     monkeypatch.setenv("BINLOOP_BIN_ID", BIN_ID)
-    monkeypatch.setenv("BINLOOP_HUB_LEAF_URL", f"nats-leaf://127.0.0.1:{link.port}")
+    monkeypatch.setenv(
+        "BINLOOP_HUB_LEAF_URL", f"nats-leaf://{LEAF_USER}:{LEAF_PASSWORD}@127.0.0.1:{link.port}"
+    )
     # -m -1: the config's fixed monitoring port, moved to a free one.
     config = ["-c", str(folder / "leaf.conf"), "-m", "-1"]
     with NatsServer(tmp_path / "leaf-js", extra_args=config) as server:
@@ -142,7 +195,8 @@ async def leaf_js(leaf: NatsServer) -> AsyncIterator[JetStreamContext]:
     async for client in _connect(leaf):
         js = client.jetstream()
         await ensure_streams(js)
-        await source_models_into_bin(js)
+        await source_models_into_bin(js)  # what `python -m edge.streams bin` does
+        await bound_bin_engine(js)
         yield js
 
 
@@ -283,7 +337,11 @@ def test_leaf_config_denies_what_sourcing_carries() -> None:
     assert exports is not None
     assert imports is not None
     assert re.findall(r'"([^"]+)"', exports.group(1)) == list(EDGE_SUBJECTS)
-    assert re.findall(r'"([^"]+)"', imports.group(1)) == [*EDGE_SUBJECTS, HUB_TO_BIN_SUBJECT]
+    assert re.findall(r'"([^"]+)"', imports.group(1)) == [
+        *EDGE_SUBJECTS,
+        HUB_TO_BIN_SUBJECT,
+        *CLOUD_ONLY_SUBJECTS,
+    ]
     assert "domain: $BINLOOP_BIN_ID" in text
 
 
@@ -338,28 +396,24 @@ def _issue_tls(folder: Path) -> tuple[Path, Path, Path]:
 async def test_a_bin_joins_a_hub_that_wants_tls_and_a_password_with_the_shipped_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The hub's leafnode listener as deploy/k8s/base/nats/nats.conf has it (user, password,
-    TLS), the bin's as edge/nats/leaf.conf + leaf-auth.conf ship."""
+    """The hub as deploy/k8s/base/nats/nats.conf and leafnode-tls.conf ship it (the leaf user,
+    TLS), the bin as edge/nats/leaf.conf + leaf-auth.conf ship."""
     ca, cert, key = _issue_tls(tmp_path)
-    leaf_port = free_port()
-    hub_conf = tmp_path / "hub.conf"
-    hub_conf.write_text(
-        "server_name: binloop-hub\n"
-        "jetstream { domain: hub }\n"
-        f"leafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n"
-        '  authorization { user: bin, password: "s3cret-leaf" }\n'
-        f'  tls {{ cert_file: "{cert}", key_file: "{key}", timeout: 5 }}\n}}\n',
-        encoding="utf-8",
-    )
+    tls = (HUB_CONF.parent / "leafnode-tls.conf").read_text(encoding="utf-8")
+    tls = tls.replace("/etc/nats-leaf-tls/tls.crt", str(cert))
+    tls = tls.replace("/etc/nats-leaf-tls/tls.key", str(key))
+    hub, leaf_port = shipped_hub(tmp_path / "hub", monkeypatch, leafnode_tls=tls)
     folder = tmp_path / "leaf-conf"
     folder.mkdir()
     shutil.copy(LEAF_CONF, folder / "leaf.conf")
     shutil.copy(LEAF_CONF.with_name("leaf-auth.conf"), folder / "leaf-auth.conf")
     monkeypatch.setenv("BINLOOP_BIN_ID", BIN_ID)
     monkeypatch.setenv("BINLOOP_HUB_CA_FILE", str(ca))
-    monkeypatch.setenv("BINLOOP_HUB_LEAF_URL", f"tls://bin:s3cret-leaf@127.0.0.1:{leaf_port}")
+    monkeypatch.setenv(
+        "BINLOOP_HUB_LEAF_URL", f"tls://{LEAF_USER}:{LEAF_PASSWORD}@127.0.0.1:{leaf_port}"
+    )
     with (
-        NatsServer(tmp_path / "hub-js", extra_args=["-c", str(hub_conf)]) as hub,
+        hub,
         NatsServer(
             tmp_path / "leaf-js", extra_args=["-c", str(folder / "leaf.conf"), "-m", "-1"]
         ) as leaf,
@@ -376,3 +430,113 @@ async def test_a_bin_joins_a_hub_that_wants_tls_and_a_password_with_the_shipped_
                 await hub_js.publish(MODELS_PROMOTED.subject(), b'{"probe": true}')
                 msg = await asyncio.wait_for(arrived.get(), 30)  # only across the TLS link
                 assert msg.data == b'{"probe": true}'
+
+
+async def test_a_bin_stores_only_the_cloud_events_it_reads(
+    hub: Hub, leaf_js: JetStreamContext
+) -> None:
+    """The bin's ENGINE stream has the hub's subjects: whatever the leaf imports of labels.*,
+    datasets.* and training.* (the whole fleet's, read by no edge service) it would keep for the
+    stream's year, until the bin's store is full."""
+    arrived: asyncio.Queue[Msg] = asyncio.Queue()
+    await leaf_js.subscribe(MODELS_PROMOTED.wildcard, cb=arrived.put, ordered_consumer=True)
+    async for hub_client in _connect(hub.server):
+        hub_js = hub_client.jetstream()
+        await ensure_streams(hub_js)
+        await asyncio.sleep(1)  # the leaf's interest reaches the hub
+        for route in (LABELS_ANNOTATED, DATASETS_SNAPSHOT, TRAINING_REQUESTED):
+            await hub_js.publish(route.subject(), b'{"probe": true}')
+        # A promotion, which the bin does read (sourced), published last, as the barrier.
+        await hub_js.publish(MODELS_PROMOTED.subject(), b'{"probe": true}')
+        await asyncio.wait_for(arrived.get(), 30)
+        await asyncio.sleep(1)  # plain messages cross on another path than the sourcing
+        info = await leaf_js.stream_info("ENGINE", subjects_filter=">")
+        assert sorted(info.state.subjects or {}) == [MODELS_PROMOTED.subject()]
+
+
+async def test_the_bins_engine_is_capped_and_a_service_start_keeps_the_cap(
+    hub: Hub, leaf_js: JetStreamContext
+) -> None:
+    """Beside the rare promotions, the bin's ENGINE keeps the fleet's samples.selected (its
+    subject names no bin): capped in bytes on the bin only, whatever the hub keeps."""
+    await ensure_streams(leaf_js)  # what each edge service does when it starts
+    engine = (await leaf_js.stream_info("ENGINE")).config
+    assert engine.max_bytes == BIN_ENGINE_MAX_BYTES
+    assert [source.name for source in engine.sources or []] == ["ENGINE"]
+    assert not await bound_bin_engine(leaf_js)  # idempotent
+    async for hub_client in _connect(hub.server):
+        hub_js = hub_client.jetstream()
+        await ensure_streams(hub_js)
+        hub_engine = (await hub_js.stream_info("ENGINE")).config
+        assert hub_engine.max_bytes == -1
+        assert hub_engine.max_age == STREAMS["ENGINE"].max_age_s
+
+
+async def test_a_bin_cannot_delete_the_hubs_streams(
+    hub: Hub, leaf: NatsServer, leaf_js: JetStreamContext
+) -> None:
+    """The leaf password sits on every bin in the field: with it, a bin must not have the hub's
+    JetStream API (here: deleting the ENGINE stream, every sample, label, dataset, training and
+    model decision)."""
+    arrived: asyncio.Queue[Msg] = asyncio.Queue()
+    await leaf_js.subscribe(MODELS_PROMOTED.wildcard, cb=arrived.put, ordered_consumer=True)
+    async for hub_client in _connect(hub.server):
+        hub_js = hub_client.jetstream()
+        await ensure_streams(hub_js)
+        # The link is up and the bin's sourcing works under the leaf user's permissions.
+        await hub_js.publish(MODELS_PROMOTED.subject(), b'{"probe": true}')
+        await asyncio.wait_for(arrived.get(), 30)
+        async for leaf_client in _connect(leaf):
+            # Refused or unanswered, both are right.
+            with contextlib.suppress(nats.errors.Error):
+                await leaf_client.request("$JS.hub.API.STREAM.DELETE.ENGINE", b"", timeout=5)
+        assert "ENGINE" in {info.config.name for info in await hub_js.streams_info()}
+
+
+async def _rogue_leaf(port: int, subject: str) -> bytes:
+    """A leaf node that ignores what the hub allows it (a tampered bin): it logs in as the leaf
+    user and sends `subject` as its server would, whatever the permissions. The hub's answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()  # INFO
+    connect = {"user": LEAF_USER, "pass": LEAF_PASSWORD, "headers": True, "name": "rogue"}
+    writer.write(f"CONNECT {json.dumps(connect)}\r\nPING\r\n".encode())
+    writer.write(f"LMSG {subject} 2\r\n{{}}\r\nPING\r\n".encode())
+    await writer.drain()
+    answers = b""
+    with contextlib.suppress(TimeoutError):
+        while chunk := await asyncio.wait_for(reader.read(65536), 2):
+            answers += chunk
+    writer.close()
+    return answers
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "$JS.hub.API.STREAM.DELETE.ENGINE",
+        "$JS.hub.API.STREAM.PURGE.ENGINE",
+        "$JS.API.STREAM.DELETE.ENGINE",
+        "$JS.hub.API.CONSUMER.DELETE.ENGINE.sampler",
+        MODELS_PROMOTED.subject(),
+        TRAINING_REQUESTED.subject(),
+        DATASETS_SNAPSHOT.subject(),
+        LABELS_ANNOTATED.subject(),
+    ],
+)
+async def test_the_hub_refuses_a_tampered_bin_its_api_and_the_clouds_subjects(
+    hub: Hub, subject: str
+) -> None:
+    """The hub enforces the leaf user's permissions itself: a bin whose own server was changed
+    to ignore them still cannot manage the hub's streams and consumers or publish the cloud's
+    events."""
+    async for hub_client in _connect(hub.server):
+        hub_js = hub_client.jetstream()
+        await ensure_streams(hub_js)
+        await hub_js.publish(MODELS_PROMOTED.subject(), b'{"probe": true}')
+        await hub_js.add_consumer("ENGINE", durable_name="sampler")
+        answers = await _rogue_leaf(hub.leaf_port, subject)
+        assert b"PONG" in answers  # it was logged in
+        assert b"Permissions Violation" in answers, answers
+        engine = await hub_js.stream_info("ENGINE")
+        assert engine.state.messages == 1
+        assert (await hub_js.consumer_info("ENGINE", "sampler")).name == "sampler"

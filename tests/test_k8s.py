@@ -8,6 +8,7 @@ DESIGN.md's flows."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -773,6 +774,35 @@ def test_nats_is_a_three_server_jetstream_cluster(dev: list[Manifest]) -> None:
     headless = find(dev, "Service", nats["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
     assert find(dev, "PodDisruptionBudget", "nats")["spec"]["maxUnavailable"] == 1
+
+
+_QUANTITY_UNITS = {
+    **{suffix: 2 ** (10 * power) for power, suffix in enumerate(("", "Ki", "Mi", "Gi", "Ti"))},
+    **{suffix: 10 ** (3 * power) for power, suffix in enumerate(("K", "M", "G", "T"), 1)},
+    **{suffix: 10 ** (3 * power) for power, suffix in enumerate(("KB", "MB", "GB", "TB"), 1)},
+}
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes quantity (2Gi) or a nats-server size (18GB) in bytes."""
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", quantity)
+    assert match, quantity
+    return int(float(match.group(1)) * _QUANTITY_UNITS[match.group(2)])
+
+
+def test_the_jetstream_store_limit_fits_the_nats_volume(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    """JetStream refuses writes at its limit; a limit above its volume lets it run the disk
+    full instead, and nats-server disables JetStream on a write that fails for space."""
+    overlay, manifests = rendered
+    nats = find(manifests, "StatefulSet", "nats")
+    (server,) = [c for c in containers(nats) if c["name"] == "nats"]
+    env = {v["name"]: v.get("value") for v in server["env"]}
+    (claim,) = nats["spec"]["volumeClaimTemplates"]
+    volume = _bytes(claim["spec"]["resources"]["requests"]["storage"])
+    store = _bytes(env["JETSTREAM_MAX_FILE_STORE"])
+    assert store <= volume, f"{overlay}: max_file_store of {store} bytes on a {volume}-byte volume"
 
 
 def test_bins_join_the_hub_over_tls_with_the_leaf_password(

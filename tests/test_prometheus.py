@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import shutil
+import struct
 import subprocess
 import time
 import uuid
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "rules" / "binloop.rules.yml"
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
+KPS_VALUES = ROOT / "deploy" / "k8s" / "kube-prometheus-stack.values.yaml"
 T = TypeVar("T")
 
 
@@ -646,3 +648,97 @@ async def test_a_bins_metrics_reach_the_cloud_dashboards_through_an_outage(
         result = await instant_query(session, cloud, during, at=outage_end)
         assert len(result) == 1, (during, result)
         assert float(result[0]["value"][1]) >= 1, (during, result)
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, number = number & 0x7F, number >> 7
+        out.append(low | (0x80 if number else 0))
+        if not number:
+            return bytes(out)
+
+
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+    key = _varint((number << 3) | wire_type)
+    return key + (_varint(len(payload)) + payload if wire_type == 2 else payload)
+
+
+def remote_write_body(labels: dict[str, str], samples: list[tuple[int, float]]) -> bytes:
+    """A prompb.WriteRequest holding one series, snappy-compressed as literal blocks only
+    (valid snappy, without a compressor): what an agent POSTs to /api/v1/write."""
+    label_fields = b"".join(
+        _field(1, 2, _field(1, 2, name.encode()) + _field(2, 2, value.encode()))
+        for name, value in sorted(labels.items())
+    )
+    sample_fields = b"".join(
+        _field(2, 2, _field(1, 1, struct.pack("<d", value)) + _field(2, 0, _varint(ms)))
+        for ms, value in samples
+    )
+    data = _field(1, 2, label_fields + sample_fields)
+    out = bytearray(_varint(len(data)))
+    for start in range(0, len(data), 65536):
+        chunk = data[start : start + 65536]
+        length = len(chunk) - 1
+        out += bytes([length << 2]) if length < 60 else bytes([61 << 2]) + struct.pack("<H", length)
+        out += chunk
+    return bytes(out)
+
+
+def _duration_ms(duration: str) -> int:
+    """A Prometheus duration of one unit (24h, 90m) in milliseconds."""
+    match = re.fullmatch(r"(\d+)(ms|s|m|h|d)", duration)
+    assert match, duration
+    unit_ms = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+    return int(match.group(1)) * unit_ms[match.group(2)]
+
+
+def cloud_as_the_values_configure_it() -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The cloud Prometheus of the kube-prometheus-stack values as a config and flags: what
+    the operator makes of enableRemoteWriteReceiver (a flag) and tsdb.outOfOrderTimeWindow
+    (storage.tsdb in the config). It scrapes something all the time, as the cloud does its own
+    services, so its newest samples are "now"."""
+    spec = yaml.safe_load(KPS_VALUES.read_text(encoding="utf-8"))["prometheus"]["prometheusSpec"]
+    config: dict[str, Any] = {
+        "global": {"scrape_interval": "500ms", "scrape_timeout": "500ms"},
+        "scrape_configs": [{"job_name": "cloud", "static_configs": [{"targets": ["127.0.0.1:1"]}]}],
+    }
+    window = spec.get("tsdb", {}).get("outOfOrderTimeWindow")
+    if window:
+        config["storage"] = {"tsdb": {"out_of_order_time_window": window}}
+    args = ["--storage.tsdb.path={folder}/tsdb"]
+    if spec.get("enableRemoteWriteReceiver"):
+        args.append("--web.enable-remote-write-receiver")
+    return config, tuple(args)
+
+
+@pytest.mark.integration
+async def test_the_cloud_takes_what_a_bin_kept_through_the_longest_outage_its_agent_buffers(
+    prometheus_for: Callable[..., Prometheus],
+) -> None:
+    """The agent keeps up to --storage.agent.retention.max-time of samples and sends them under
+    their own times when the link returns. Without an out-of-order window, the cloud refuses a
+    sample more than about an hour older than its newest one ("out of bounds", 400 for the
+    whole request) and the agent drops it for good."""
+    (retention,) = [
+        arg for arg in agent_exec_start() if arg.startswith("--storage.agent.retention.max-time=")
+    ]
+    buffered_ms = _duration_ms(retention.split("=", 1)[1])
+    config, args = cloud_as_the_values_configure_it()
+    cloud = prometheus_for(config, args=args)
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, cloud)
+        await poll(lambda: instant_query(session, cloud, "up"), lambda r: len(r) == 1, 30, "up")
+        # The oldest sample the agent may still hold, a minute inside its retention.
+        oldest = int(time.time() * 1000) - buffered_ms + 60_000
+        body = remote_write_body(
+            {"__name__": "binloop_frames_captured_total", "bin": "bin-0001", "job": "binloop"},
+            [(oldest, 42.0)],
+        )
+        headers = {
+            "Content-Encoding": "snappy",
+            "Content-Type": "application/x-protobuf",
+            "X-Prometheus-Remote-Write-Version": "0.1.0",
+        }
+        async with session.post(f"{cloud.url}/api/v1/write", data=body, headers=headers) as answer:
+            assert answer.status == 204, f"{answer.status} {await answer.text()}"

@@ -42,9 +42,11 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> list[str]:
         except NotFoundError:
             await js.add_stream(config)
         else:
-            # Sources are the deployment's business (the hub sources each bin's leaf streams,
-            # see edge/streams.py): keep them, or a cloud service starting would cut the bins off.
+            # Sources and byte caps are the deployment's business (the hub sources each bin's
+            # leaf streams, a bin caps its ENGINE: edge/streams.py): keep them, or a cloud
+            # service starting would cut the bins off, and an edge one lift the bin's cap.
             config.sources = info.config.sources
+            config.max_bytes = info.config.max_bytes
             config.num_replicas = max(info.config.num_replicas or 1, replicas)
             await js.update_stream(config)
     await ensure_bucket(js, replicas)

@@ -1,5 +1,6 @@
-"""Inference backends: what the edge runs a model with. ONNX Runtime here; a TensorRT engine on
-the Jetson implements the same protocol."""
+"""Inference backends: what the edge runs a model with. ONNX Runtime, on CUDA where the installed
+build has it and on the CPU otherwise; nothing here loads a TensorRT engine (the engines
+edge/tensorrt_engine.py builds are not used by the edge-inferencer, see docs/edge.md)."""
 
 from __future__ import annotations
 
