@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import httpx
 import pytest
 from aiohttp import web
 from aiohttp.streams import StreamReader
@@ -25,6 +26,8 @@ from label_studio_sdk.core.pagination import SyncPager
 from nats.aio.client import Client
 from nats.errors import NoServersError
 from nats.js.client import JetStreamContext
+from nats.js.errors import NoStreamResponseError
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from binloop.bus.publish import PublishTimeoutError
@@ -86,13 +89,20 @@ from services.labeling_bridge.client import (
 )
 from services.labeling_bridge.core import LabelingBridge, snapshot_event_id
 from services.labeling_bridge.cursor import SavedCursor
-from services.labeling_bridge.intake import parse_tasks
+from services.labeling_bridge.intake import parse_tasks, parse_webhook
 from services.labeling_bridge.label_studio import FROM_NAME, TO_NAME
 from services.labeling_bridge.link import LabelStudioLink, ReconcilePass
 from services.labeling_bridge.ml_backend import Champion
 from services.labeling_bridge.records import LabelRecord, load_labels
 from services.labeling_bridge.snapshots import DatasetBook
-from services.labeling_bridge.web import MAX_PREDICT_TASKS, FrameSigner, WebParts, make_web_app
+from services.labeling_bridge.web import (
+    MAX_PREDICT_TASKS,
+    SECRET_HEADER,
+    WEBHOOK_PATH,
+    FrameSigner,
+    WebParts,
+    make_web_app,
+)
 from tests.helpers import Collector
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
@@ -561,7 +571,8 @@ class _ListingClient:
 
 
 class _RecordingPublisher:
-    """Publishes nowhere. A snapshot announcement can be held until `gate` is set, or fail."""
+    """Publishes nowhere. A snapshot announcement can be held until `gate` is set, or fail;
+    every publish fails with `refusal` while it is set."""
 
     def __init__(self) -> None:
         self.published: list[tuple[str, Any]] = []
@@ -569,8 +580,11 @@ class _RecordingPublisher:
         self.held_version: int | None = None
         self.gate = asyncio.Event()
         self.holding = asyncio.Event()
+        self.refusal: Exception | None = None
 
     async def publish(self, route: Route, event: Any, bin_id: str | None = None) -> None:
+        if self.refusal is not None:
+            raise self.refusal
         if isinstance(event, DatasetSnapshot):
             if event.version == self.held_version:
                 self.holding.set()
@@ -732,6 +746,142 @@ async def test_a_version_cut_while_another_is_announced_again_is_not_forgotten(
     assert dead.entries == []
 
 
+@pytest.mark.integration
+async def test_a_version_an_annotation_cut_is_announced_at_the_next_start_until_it_went_out(
+    nats_client: Client, nats_server: NatsServer, js: JetStreamContext, blob_store: LocalBlobStore
+) -> None:
+    """The label is stored and the version cut, but its announcement fails (NATS away) and the
+    bridge stops: no sample waits in JetStream to announce it again, and reconciliation finds
+    the label stored. The next start announces it; a version that went out is not announced
+    again by a start."""
+    (first, _), (second, _) = demo_frames(2)
+    at = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+    tasks = [
+        ls_task(n, our_task_data(blob_store, data), material("glass"), at + timedelta(seconds=n))
+        for n, data in [(1, first), (2, second)]
+    ]
+    link, publisher = make_link(blob_store, tasks[:1], snapshot_every=1)
+    publisher.failing_versions = {1}
+    with pytest.raises(PublishTimeoutError):
+        await link.take(parse_tasks(5, tasks[:1]).found[0], "webhook")
+
+    settings = LabelingBridgeSettings(
+        nats_url=nats_server.url, http_port=0, blob_root=blob_store.root, snapshot_every=1
+    )
+    snapshots = await Collector(DatasetSnapshot).attach(nats_client, DATASETS_SNAPSHOT.subject())
+    service = create_app(settings, store=blob_store)
+    await service.start()
+    await service.stop()
+    (announced,) = await snapshots.wait_for(1)
+    assert (announced.version, announced.event_id) == (1, snapshot_event_id("binloop", 1))
+    assert make_bridge(blob_store, 1).unannounced_latest() is None  # acked: the next start is quiet
+
+    restarted, publisher = make_link(blob_store, tasks, snapshot_every=1)
+    await restarted.reconcile(_DeadLetters())
+    assert publisher.versions() == [2]
+    assert make_bridge(blob_store, 1).unannounced_latest() is None
+
+
+async def test_reconciliation_dead_letters_an_annotation_whose_frame_is_gone_and_goes_on(
+    blob_store: LocalBlobStore,
+) -> None:
+    """A task is made only once its frame is stored: a frame missing when its annotation comes
+    back was deleted since (retention, a privacy request) and never comes back, so waiting
+    for it would stop every pass at that task, the cursor with it."""
+    (gone, _), (kept, _) = demo_frames(2)
+    at = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+    gone_data = our_task_data(blob_store, gone)
+    blob_store.delete(gone_data["frame_key"])
+    tasks = [
+        ls_task(1, gone_data, material("glass"), at),
+        ls_task(2, our_task_data(blob_store, kept), material("paper"), at + timedelta(seconds=1)),
+    ]
+    link, publisher = make_link(blob_store, tasks)
+    dead = _DeadLetters()
+
+    reconciled = await link.reconcile(dead)
+
+    ((origin, _, error),) = dead.entries
+    assert origin == "task 1"
+    assert error == f"frame {gone_data['frame_key']} of the annotated task is gone from the store"
+    assert reconciled.published == 1
+    assert [name for name, _ in publisher.published] == ["labels.annotated"]
+    assert link.cursor == at + timedelta(seconds=1)
+    # Its webhook is refused the same way (422 and a dead letter), not asked to come back.
+    with pytest.raises(PermanentError, match="gone from the store"):
+        await link.take(parse_tasks(5, tasks[:1]).found[0], "webhook")
+
+
+class _CountingStore(LocalBlobStore):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.frame_reads = 0
+
+    def get(self, key: str) -> bytes:
+        if key.startswith("frames/"):
+            self.frame_reads += 1
+        return super().get(key)
+
+
+async def test_reconciling_annotations_already_stored_reads_no_frame(tmp_path: Path) -> None:
+    """Every pass lists the tasks changed within the overlap again, and a pass without a cursor
+    lists them all: their frames are read (from S3, under the bridge's lock) only for a record
+    that will be written."""
+    store = _CountingStore(tmp_path / "blobs")
+    at = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+    tasks = [
+        ls_task(n, our_task_data(store, data), material("glass"), at)
+        for n, (data, _) in enumerate(demo_frames(3), 1)
+    ]
+    link, _ = make_link(store, tasks)
+    assert (await link.reconcile(_DeadLetters())).published == 3
+    assert store.frame_reads == 3
+    tasks[0] = ls_task(1, tasks[0]["data"], material("paper"), at + timedelta(seconds=1))
+
+    again = await link.reconcile(_DeadLetters())
+
+    assert again.published == 1
+    assert store.frame_reads == 4  # only the corrected one
+
+
+async def test_a_label_corrected_back_to_its_first_value_is_a_new_event(
+    blob_store: LocalBlobStore,
+) -> None:
+    """JetStream drops an event whose id it saw within its 2-minute window: glass, paper, then
+    glass again must not be the first event's id, while one annotation version keeps its id
+    whichever way it comes (its webhook says `...Z`, the listing may say `+00:00`)."""
+    ((data, _),) = demo_frames(1)
+    at = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+    task_data = our_task_data(blob_store, data)
+    link, publisher = make_link(blob_store, [])
+    for seconds, label in [(0, "glass"), (10, "paper"), (20, "glass")]:
+        task = ls_task(1, task_data, material(label), at + timedelta(seconds=seconds))
+        assert (await link.take(parse_tasks(5, [task]).found[0], "webhook")).published
+    ids = [event.event_id for _, event in publisher.published]
+    assert len(set(ids)) == 3
+
+    # The webhook's label is published, then storing it fails; reconciliation publishes the
+    # same annotation version again, with the same id (JetStream drops it).
+    task = ls_task(1, task_data, material("trash"), at + timedelta(seconds=30))
+    webhook = {
+        "action": "ANNOTATION_UPDATED",
+        "project": {"id": 5},
+        "task": task,
+        "annotation": {**task["annotations"][0], "updated_at": "2025-03-14T12:00:30.000000Z"},
+    }
+    annotation = parse_webhook(json.dumps(webhook).encode())
+    assert annotation is not None
+    failing_store = mock.patch.object(
+        link.bridge, "commit", side_effect=StoreUnavailableError("minio: connection refused")
+    )
+    with failing_store, pytest.raises(StoreUnavailableError):
+        await link.take(annotation, "webhook")
+    link.client.tasks = [task]  # type: ignore[attr-defined]
+    assert (await link.reconcile(_DeadLetters())).published == 1
+    by_webhook, by_reconciliation = (event for _, event in publisher.published[3:])
+    assert by_webhook.event_id == by_reconciliation.event_id
+
+
 async def test_keep_in_step_outlives_failed_passes_and_sets_up_a_new_project(
     blob_store: LocalBlobStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -853,6 +1003,30 @@ def test_a_404_for_a_deleted_project_forgets_it_and_waits(
         client.close()
 
 
+def _redirect_loop(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(302, headers={"Location": str(request.url)})
+
+
+def _undecodable(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=b"not gzip")
+
+
+@pytest.mark.parametrize("answer", [_redirect_loop, _undecodable])
+def test_a_label_studio_answering_nothing_usable_makes_samples_wait(
+    monkeypatch: pytest.MonkeyPatch, answer: Any
+) -> None:
+    """A proxy in front of Label Studio redirecting in a loop (http <-> https), or a body that
+    does not decode: no HTTP status to judge, so Label Studio counts as away (samples wait,
+    the reconciliation task lives on) rather than failing with an error nobody handles."""
+    client = _unreachable_client()
+    monkeypatch.setattr(client._http, "_transport", httpx.MockTransport(answer))
+    try:
+        with pytest.raises(NotReadyError, match="Label Studio ensure_project: "):
+            client.project()
+    finally:
+        client.close()
+
+
 class _StubChampion:
     model_version = "tiny-cnn:v1"
 
@@ -867,13 +1041,19 @@ class _StubChampion:
         return [{"result": [], "score": 0.0, "model_version": self.model_version} for _ in tasks]
 
 
-async def post_json(app: web.Application, path: str, body: object) -> tuple[int, Any]:
+async def post_json(
+    app: web.Application, path: str, body: object, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     """The app's answer to a POST, without a server or a socket."""
     payload = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
     payload.feed_data(json.dumps(body).encode())
     payload.feed_eof()
     request = make_mocked_request(
-        "POST", path, headers={"Content-Type": "application/json"}, app=app, payload=payload
+        "POST",
+        path,
+        headers={"Content-Type": "application/json", **(headers or {})},
+        app=app,
+        payload=payload,
     )
     match = await app.router.resolve(request)
     response = await match.handler(request)
@@ -934,24 +1114,30 @@ class _FailingReadStore(LocalBlobStore):
         return super().get(key)
 
 
-@pytest.mark.parametrize("damage", ["deleted", "damaged"])
-async def test_predict_answers_a_frame_lost_while_it_reads_with_an_empty_prediction(
-    tmp_path: Path, damage: str
-) -> None:
-    # Imported here: torch takes seconds to import and only this test needs it.
+def tiny_champion(store: LocalBlobStore, tmp_path: Path) -> Champion:
+    """A champion serving a small random model of the taxonomy, stored in `store`."""
+    # Imported here: torch takes seconds to import and only the tests that predict need it.
     from tests.modelfactory import make_onnx_model
 
-    frames = demo_frames(2)
-    samples = [make_sample(data, None) for data, _ in frames]
-    store = _FailingReadStore(tmp_path / "blobs", samples[1].frame_key, damage)
-    for sample, (data, _) in zip(samples, frames, strict=True):
-        store_frame(store, sample, data)
     onnx_path, card_path = make_onnx_model(tmp_path / "tiny", TAXONOMY.labels)
     artifact = store.put(model_key("tiny-cnn", 1, "model.onnx"), onnx_path.read_bytes())
     card = store.put(model_key("tiny-cnn", 1, "card.json"), card_path.read_bytes())
     champion = Champion(ModelCache(tmp_path / "models"))
     update = ModelUpdate("tiny-cnn", 1, datetime.now(UTC), artifact_sha256=artifact.sha256)
     assert champion.install(update, artifact, card) is None
+    return champion
+
+
+@pytest.mark.parametrize("damage", ["deleted", "damaged"])
+async def test_predict_answers_a_frame_lost_while_it_reads_with_an_empty_prediction(
+    tmp_path: Path, damage: str
+) -> None:
+    frames = demo_frames(2)
+    samples = [make_sample(data, None) for data, _ in frames]
+    store = _FailingReadStore(tmp_path / "blobs", samples[1].frame_key, damage)
+    for sample, (data, _) in zip(samples, frames, strict=True):
+        store_frame(store, sample, data)
+    champion = tiny_champion(store, tmp_path)
     tasks = [
         {
             "id": n,
@@ -966,6 +1152,74 @@ async def test_predict_answers_a_frame_lost_while_it_reads_with_an_empty_predict
     kept, lost = body["results"]
     assert kept["result"][0]["value"]["choices"][0] in TAXONOMY.labels
     assert lost == {"result": [], "score": 0.0, "model_version": "tiny-cnn:v1"}
+
+
+async def test_predict_gives_a_task_naming_a_key_the_store_refuses_an_empty_prediction(
+    blob_store: LocalBlobStore, tmp_path: Path
+) -> None:
+    """A key outside the store's root here (UnknownUriError); on S3, one the bucket policy
+    denies: a PermanentError for that task, not a 500 for the whole batch."""
+    ((data, _),) = demo_frames(1)
+    ours = our_task_data(blob_store, data)
+    refused = {**ours, "frame_key": "../elsewhere/frame.jpg"}
+    app = predict_app(blob_store, tiny_champion(blob_store, tmp_path))
+
+    status, body = await post_json(
+        app, "/predict", {"tasks": [{"id": 1, "data": ours}, {"id": 2, "data": refused}]}
+    )
+
+    assert status == 200
+    kept, lost = body["results"]
+    assert kept["result"][0]["value"]["choices"][0] in TAXONOMY.labels
+    assert lost == {"result": [], "score": 0.0, "model_version": "tiny-cnn:v1"}
+
+
+def _webhooks(outcome: str) -> float:
+    value = REGISTRY.get_sample_value("binloop_label_studio_webhooks_total", {"outcome": outcome})
+    return value or 0.0
+
+
+class _RefusedDeadLetters(_DeadLetters):
+    async def __call__(self, origin: str, payload: bytes, error: Exception) -> None:
+        raise NoStreamResponseError()
+
+
+@pytest.mark.parametrize("material_chosen", ["glass", None])
+async def test_a_webhook_that_nats_refuses_now_answers_503_and_is_counted(
+    blob_store: LocalBlobStore, material_chosen: str | None
+) -> None:
+    """A publish (a label, or the dead letter of an annotation naming no material) that NATS
+    refuses with its own error, not a TransientError (no stream: JetStream's store was
+    reset): the documented 503 (reconciliation brings the label later), not a 500."""
+    ((data, _),) = demo_frames(1)
+    at = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+    task = ls_task(1, our_task_data(blob_store, data), material(material_chosen), at)
+    link, publisher = make_link(blob_store, [task])
+    publisher.refusal = NoStreamResponseError()
+    signer = FrameSigner("secret", lambda: "http://bridge")
+    parts = WebParts(
+        "secret",
+        link,
+        blob_store,
+        signer,
+        _StubChampion(),  # type: ignore[arg-type]
+        _RefusedDeadLetters(),
+    )
+    body = {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": 5},
+        "task": task,
+        "annotation": task["annotations"][0],
+    }
+    failed = _webhooks("failed")
+
+    status, answer = await post_json(
+        make_web_app(parts), WEBHOOK_PATH, body, {SECRET_HEADER: "secret"}
+    )
+
+    assert (status, answer) == (503, {"error": "nats: no response from stream"})
+    assert _webhooks("failed") == failed + 1
+    assert not blob_store.exists(label_key("binloop", task["data"]["frame_sha256"]))
 
 
 @pytest.mark.integration
@@ -1083,6 +1337,27 @@ def test_an_unreadable_label_record_is_left_out_not_fatal(
     with caplog.at_level(logging.ERROR):
         assert load_labels(store, "binloop") == []
     assert "unreadable and left out" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"objects": ["bottle", "tetra-pak"]},
+        {"conditions": ["Soiled"]},
+        {
+            "taxonomy": Taxonomy(
+                version="bins-2", label_to_compartment={"paper-cardboard": "paper_cardboard"}
+            )
+        },
+    ],
+    ids=["object", "condition", "material"],
+)
+def test_choices_a_label_record_cannot_hold_are_refused_at_start(values: dict[str, Any]) -> None:
+    """Annotators are offered every object, condition and material configured, and a label
+    record holds only labels (`^[a-z0-9_]{1,64}$`): one chosen that it cannot hold would
+    dead-letter the whole annotation, material included."""
+    with pytest.raises(ValidationError, match=r"must match \^\[a-z0-9_\]\{1,64\}\$"):
+        LabelingBridgeSettings(**values)
 
 
 def test_frames_can_be_served_to_browsers_under_another_url_than_label_studio_uses(

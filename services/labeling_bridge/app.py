@@ -139,14 +139,26 @@ def create_app(
         _attach_label_studio(service, settings, blob_store, bridge, lock, label_studio)
 
     async def migrate_dataset(_: JetStreamContext) -> None:
-        """A bridge started with a new taxonomy cuts a version in it before taking samples."""
+        """A bridge started with a new taxonomy cuts a version in it before taking samples;
+        a latest version an annotation cut and whose announcement was not acked (the bridge
+        stopped first) is announced again."""
         async with lock:
             migration = await asyncio.to_thread(bridge.migrate)
-        if migration is None:
+            unannounced = (
+                await asyncio.to_thread(bridge.unannounced_latest) if migration is None else None
+            )
+        announced = migration.announced if migration is not None else unannounced
+        if announced is None:
             return
-        announced = migration.announced
         await service.publisher.publish(DATASETS_SNAPSHOT, announced)
-        if not migration.written:
+        async with lock:
+            try:
+                await asyncio.to_thread(bridge.announced, announced)
+            except BinloopError as exc:  # only costs announcing it again at the next start
+                log.warning(
+                    "could not note that dataset version %d went out: %s", announced.version, exc
+                )
+        if migration is None or not migration.written:
             return
         metrics.DATASET_SNAPSHOTS.inc()
         waiting = len(book.needs_relabel)

@@ -2,9 +2,10 @@
 backend, tasks in, annotated tasks out. Blocking calls: run them in a worker thread.
 
 Errors are translated to binloop's tree, so the bus does the right thing with a sample:
-- Label Studio unreachable, timing out, answering 5xx, 401, 403 or 429 -> NotReadyError: the
-  sample waits in JetStream (the backlog), retried after a delay without limit, until Label
-  Studio is back; none is dropped or dead-lettered for it;
+- Label Studio unreachable, timing out, redirecting in a loop, answering a body that cannot
+  be decoded, or answering 5xx, 401, 403 or 429 -> NotReadyError: the sample waits in
+  JetStream (the backlog), retried after a delay without limit, until Label Studio is back;
+  none is dropped or dead-lettered for it;
 - another 4xx -> PermanentError (a request Label Studio will never accept): dead-lettered;
 - except a 400 or 404 because the project itself is gone (deleted in Label Studio):
   ProjectGoneError (a NotReadyError), and the cached project is forgotten, so the next call
@@ -85,7 +86,9 @@ def translated_errors(operation: str) -> Iterator[None]:
         if 400 <= status < 500 and status not in WAIT_STATUSES:
             raise PermanentError(detail) from exc
         raise NotReadyError(detail) from exc
-    except httpx.TransportError as exc:
+    except httpx.RequestError as exc:
+        # Transport failures, and answers that never become one: a redirect loop (a proxy
+        # bouncing http and https), a body that does not decode. Label Studio is away either way.
         metrics.LABEL_STUDIO_ERRORS.labels(operation, type(exc).__name__).inc()
         raise NotReadyError(f"Label Studio {operation}: {type(exc).__name__}: {exc}") from exc
 

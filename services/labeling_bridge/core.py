@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
@@ -18,6 +19,7 @@ from binloop.storage.blobstore import check_digest
 from schemas.base import BlobRef
 from schemas.events import DatasetSnapshot, LabelAnnotated, SampleSelected
 from schemas.taxonomy import Taxonomy
+from services.labeling_bridge.announcements import UnannouncedVersion
 from services.labeling_bridge.backends import Annotation, LabelingBackend
 from services.labeling_bridge.intake import SeenAnnotation, TaskData
 from services.labeling_bridge.records import LabelRecord, save_label, stored_label
@@ -33,12 +35,15 @@ SNAPSHOT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "binloop:datasets.snapshot")
 
 
 def annotation_event_id(
-    dataset: str, frame_sha256: str, annotation_id: str, label: str
+    dataset: str, frame_sha256: str, annotation_id: str, label: str, labeled_at: datetime
 ) -> uuid.UUID:
-    """One per (frame, annotation, label): the same annotation seen again (a redelivery, its
-    webhook and then reconciliation) is the same event, which JetStream drops; a corrected
-    label is a new one."""
-    return uuid.uuid5(LABEL_NAMESPACE, f"{dataset}:{frame_sha256}:{annotation_id}:{label}")
+    """One per (frame, annotation, label, when it was labeled): the same annotation version
+    seen again (a redelivery, its webhook and then reconciliation, which both carry Label
+    Studio's updated_at of that version) is the same event, which JetStream drops; a corrected
+    label is a new one, also a label corrected back to an earlier value within JetStream's
+    duplicate window."""
+    when = labeled_at.astimezone(UTC).isoformat(timespec="microseconds")
+    return uuid.uuid5(LABEL_NAMESPACE, f"{dataset}:{frame_sha256}:{annotation_id}:{label}:{when}")
 
 
 def snapshot_event_id(dataset: str, version: int) -> uuid.UUID:
@@ -86,13 +91,19 @@ class LabelingBridge:
         self.book = book
         self.taxonomy = taxonomy
         self.producer = producer
+        self.unannounced = UnannouncedVersion(store, book.name)
 
     def frame_ref(self, sample: SampleSelected) -> BlobRef:
         return self.frame(sample.frame_key, sample.frame_sha256)
 
-    def frame(self, key: str, frame_sha256: str) -> BlobRef:
-        """The stored frame, its checksum verified."""
+    def frame(self, key: str, frame_sha256: str, *, has_task: bool = False) -> BlobRef:
+        """The stored frame, its checksum verified. A frame not in the store is a
+        TransientError, unless `has_task`: the bridge makes a task only once its frame is
+        stored, so that frame was deleted since (retention, a privacy request) and is a
+        PermanentError."""
         if not self.store.exists(key):
+            if has_task:
+                raise PermanentError(f"frame {key} of the annotated task is gone from the store")
             # The uploader stores frames on its own schedule (and later when a bin is offline).
             raise TransientError(f"frame {key} is not in the object store yet")
         uri = self.store.uri(key)
@@ -131,6 +142,20 @@ class LabelingBridge:
             return Migration(self._announce(latest), written=False)
         return None
 
+    def unannounced_latest(self) -> DatasetSnapshot | None:
+        """The latest version again (same event id) when an annotation cut it and JetStream
+        has not acked its announcement (`commit` notes it before writing the manifest): the
+        bridge stopped before announcing it. A version someone else wrote, or one a sample
+        cut (its redelivery announces it), is not noted."""
+        latest = self.book.latest
+        if latest is not None and self.unannounced.owed() == latest.manifest.version:
+            return self._announce(latest)
+        return None
+
+    def announced(self, snapshot: DatasetSnapshot) -> None:
+        """JetStream acked `snapshot`: no start needs to announce it again."""
+        self.unannounced.settle(snapshot.version)
+
     def prepare(self, annotation: SeenAnnotation) -> PreparedLabel | None:
         """An annotation from Label Studio -> its label record and event; None when the stored
         record already says exactly this (the webhook and reconciliation both saw it), comes
@@ -145,22 +170,28 @@ class LabelingBridge:
         stored = stored_label(self.store, self.book.name, task.frame_sha256)
         if stored is not None and stored.labeled_at > annotation.updated_at:
             return None  # a newer annotation of the frame (its task for a new taxonomy)
-        material = annotation.answers.material
+        answers = annotation.answers
         if (
             stored is not None
-            and (stored.annotation_id, stored.label) == (annotation.key, material)
-            and material not in self.taxonomy.label_to_compartment
+            and (stored.annotation_id, stored.label) == (annotation.key, answers.material)
+            and answers.material not in self.taxonomy.label_to_compartment
         ):
             # Stored under an older taxonomy, listed again after the change: the dataset
             # carries the label over, or asks for the frame's label again.
             return None
-        label, taxonomy_version = self._label_of(task, material)
+        label, taxonomy_version = self._label_of(task, answers.material)
+        if stored is not None and stored.says(
+            label, annotation.key, answers.object_type, answers.conditions
+        ):
+            # Known before the frame is read: every pass lists the tasks within the overlap
+            # again, and a pass without a cursor lists them all.
+            return None
         try:
             record = LabelRecord(
                 dataset=self.book.name,
                 frame_sha256=task.frame_sha256,
                 bin_id=task.bin_id,
-                frame=self.frame(task.frame_key, task.frame_sha256),
+                frame=self.frame(task.frame_key, task.frame_sha256, has_task=True),
                 label=label,
                 # A label waiting to be given again gets the taxonomy's fallback compartment:
                 # the bridge does not know older taxonomies' compartments.
@@ -171,13 +202,11 @@ class LabelingBridge:
                 taxonomy_version=taxonomy_version,
                 # Label Studio's time, not ours: the same annotation is the same record.
                 labeled_at=annotation.updated_at,
-                object_type=annotation.answers.object_type,
-                conditions=list(annotation.answers.conditions),
+                object_type=answers.object_type,
+                conditions=list(answers.conditions),
             )
         except ValidationError as exc:
             raise PermanentError(f"annotation {annotation.key}: {exc}") from exc
-        if stored is not None and stored.same_annotation(record):
-            return None
         same_label = stored is not None and (stored.label, stored.annotation_id) == (
             record.label,
             record.annotation_id,
@@ -185,9 +214,10 @@ class LabelingBridge:
         return PreparedLabel(record, None if same_label else self._annotated(record))
 
     def commit(self, record: LabelRecord) -> DatasetSnapshot | None:
-        """Stores a prepared record; announces the dataset version it completed, if any."""
+        """Stores a prepared record; announces the dataset version it completed, if any (call
+        `announced` once JetStream acked it: until then every start announces it again)."""
         saved, _ = save_label(self.store, record)
-        written = self.book.add(saved)
+        written = self.book.add(saved, before_write=self.unannounced.owe)
         return self._announce(written) if written is not None else None
 
     def _label_of(self, task: TaskData, material: str) -> tuple[str, str]:
@@ -249,7 +279,11 @@ class LabelingBridge:
     def _annotated(self, record: LabelRecord) -> LabelAnnotated:
         return LabelAnnotated(
             event_id=annotation_event_id(
-                record.dataset, record.frame_sha256, record.annotation_id, record.label
+                record.dataset,
+                record.frame_sha256,
+                record.annotation_id,
+                record.label,
+                record.labeled_at,
             ),
             occurred_at=record.labeled_at,
             producer=self.producer,

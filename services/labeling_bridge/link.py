@@ -4,8 +4,8 @@ A webhook brings an annotation as it is made; reconciliation lists the tasks cha
 last pass, so annotations made while the bridge was down (or whose webhook failed) arrive too.
 Both go through `take`, under one lock with the sample handler, and publish before storing: a
 stored label record means its event went out, so the other path finds it and stays quiet.
-The event id is derived from (frame, annotation, label), so a retry that publishes again is
-dropped by JetStream.
+The event id is derived from (frame, annotation, label, the annotation's updated_at), so a
+retry that publishes again is dropped by JetStream.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ class LabelStudioLink:
 
     async def take(self, annotation: SeenAnnotation, source: Source) -> Taken:
         """PermanentError for an annotation that can never become a label (unknown material,
-        a task whose frame does not match, a stored label record of the frame that cannot be
-        read); TransientError when the store is not reachable."""
+        a task whose frame is gone or does not match, a stored label record of the frame that
+        cannot be read); TransientError when the store is not reachable."""
         async with self.lock:
             try:
                 prepared = await asyncio.to_thread(self.bridge.prepare, annotation)
@@ -135,11 +135,18 @@ class LabelStudioLink:
     async def _announce(self, snapshot: DatasetSnapshot) -> None:
         """Called holding `self.lock`, so a version cut meanwhile cannot be forgotten."""
         # Kept until it is out: the label that completed the version is stored already, so
-        # nothing else would announce it again.
+        # nothing else would announce it again (the next pass does; after a restart, the
+        # start does, from the note in the store).
         self._unannounced = snapshot
         await self.publisher.publish(DATASETS_SNAPSHOT, snapshot)
         if self._unannounced is snapshot:
             self._unannounced = None
+        try:
+            await asyncio.to_thread(self.bridge.announced, snapshot)
+        except BinloopError as exc:  # only costs announcing it again (same id) at the next start
+            log.warning(
+                "could not note that dataset version %d went out: %s", snapshot.version, exc
+            )
 
     async def reconcile(self, dead_letter: DeadLetterSink) -> ReconcilePass:
         """One pass: every task changed since the cursor (minus the overlap), oldest first.

@@ -15,12 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from binloop.errors import (
-    ChecksumMismatchError,
-    CorruptFrameError,
-    MissingBlobError,
-    NotReadyError,
-)
+from binloop.errors import CorruptFrameError, NotReadyError, PermanentError
 from binloop.ml.decisions import ModelUpdate
 from binloop.storage import BlobStore, sha256_hex
 from schemas.base import BlobRef
@@ -82,9 +77,9 @@ class Champion:
         """One Label Studio prediction per task, in order. Blocking (store reads, inference).
 
         A task that is not one of ours (no frame reference) or whose frame is gone (also one
-        deleted while the request runs) or damaged gets an empty prediction, so the others
-        still get theirs; so does a task asking for a label again after a taxonomy change (the
-        champion knows only the classes it replaced)."""
+        deleted while the request runs), damaged, or under a key the store refuses gets an
+        empty prediction, so the others still get theirs; so does a task asking for a label
+        again after a taxonomy change (the champion knows only the classes it replaced)."""
         model = self._current
         if model is None:
             raise NotReadyError("no champion model yet: waiting for models.promoted")
@@ -134,6 +129,8 @@ def _frame_bytes(store: BlobStore, task: dict[str, Any]) -> bytes | None:
         # Read, not checked first: a frame deleted between a check and the read would fail
         # the whole batch.
         frame = store.get(ref.frame_key)
-    except (MissingBlobError, ChecksumMismatchError):  # gone, or damaged at rest (S3)
+    except PermanentError:
+        # Gone, damaged at rest (S3), or a key the store refuses (outside its root, denied by
+        # the bucket's policy): this task gets no prediction, the others theirs.
         return None
     return frame if sha256_hex(frame) == ref.frame_sha256 else None

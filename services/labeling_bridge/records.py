@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+from collections.abc import Sequence
 
 from pydantic import AwareDatetime, Field, ValidationError
 
@@ -36,11 +37,21 @@ class LabelRecord(Frozen):
 
     def same_annotation(self, other: LabelRecord) -> bool:
         """Whether `other` says the same as this record (who, and every answer)."""
+        return self.says(other.label, other.annotation_id, other.object_type, other.conditions)
+
+    def says(
+        self,
+        label: str,
+        annotation_id: str,
+        object_type: str | None,
+        conditions: Sequence[str],
+    ) -> bool:
+        """Whether this record holds exactly these answers of this annotation."""
         return (self.label, self.annotation_id, self.object_type, self.conditions) == (
-            other.label,
-            other.annotation_id,
-            other.object_type,
-            other.conditions,
+            label,
+            annotation_id,
+            object_type,
+            list(conditions),
         )
 
 

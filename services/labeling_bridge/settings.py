@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from binloop.settings import ServiceSettings
+from schemas.events import Label
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge.snapshots import TaxonomyMigration
 
 DEFAULT_OBJECTS = ["bottle", "can", "cup", "box", "bag", "napkin", "jar", "wrapper", "other"]
 DEFAULT_CONDITIONS = ["clean", "soiled", "crushed", "wet"]
+_LABEL = TypeAdapter(Label)
+LABEL_PATTERN = next(c.pattern for c in get_args(Label) if isinstance(c, StringConstraints))
+"""What a label record (and every event) takes as a label, object or condition."""
+
+
+def not_labels(values: Iterable[str]) -> list[str]:
+    """The values a label record cannot hold as a label, object or condition."""
+    bad = []
+    for value in values:
+        try:
+            _LABEL.validate_python(value)
+        except ValidationError:
+            bad.append(value)
+    return bad
 
 
 class LabelingBridgeSettings(ServiceSettings):
@@ -128,6 +152,29 @@ class LabelingBridgeSettings(ServiceSettings):
         default=Path(".binloop/labeling-bridge/models"),
         description="Where the champion model is cached for the ML backend",
     )
+
+    @field_validator("taxonomy")
+    @classmethod
+    def _labels_fit_label_records(cls, taxonomy: Taxonomy) -> Taxonomy:
+        # Annotators choose from these; a choice a label record cannot hold would dead-letter
+        # every annotation that makes it.
+        bad = not_labels(taxonomy.labels)
+        if bad:
+            raise ValueError(
+                f"taxonomy {taxonomy.version}: labels must match {LABEL_PATTERN} as a label "
+                f"record's do, got {bad}"
+            )
+        return taxonomy
+
+    @field_validator("objects", "conditions")
+    @classmethod
+    def _choices_fit_label_records(cls, values: list[str]) -> list[str]:
+        bad = not_labels(values)
+        if bad:
+            raise ValueError(
+                f"each must match {LABEL_PATTERN} as a label record's fields do, got {bad}"
+            )
+        return values
 
     @model_validator(mode="after")
     def _label_studio_needs_credentials(self) -> LabelingBridgeSettings:

@@ -23,7 +23,7 @@ from binloop.datasets import (
 )
 from binloop.errors import PermanentError
 from binloop.storage import BlobStore, dataset_key, sha256_hex
-from schemas.base import BlobRef, Frozen, utc_now
+from schemas.base import BlobRef, Frozen, read_json, utc_now
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge.records import LabelRecord, load_labels
 
@@ -192,7 +192,7 @@ class DatasetBook:
             size=len(data),
             content_type=MANIFEST_CONTENT_TYPE,
         )
-        return Snapshot(DatasetManifest.model_validate_json(data), ref)
+        return Snapshot(read_json(DatasetManifest, data), ref)
 
     def load(self) -> None:
         """(Re)reads the latest manifest and every label record from the store."""
@@ -252,8 +252,11 @@ class DatasetBook:
         self._ensure_loaded()
         return frame_sha256 in self._in_latest
 
-    def add(self, record: LabelRecord) -> Snapshot | None:
-        """Notes a stored label record; writes and returns a new version when one is due."""
+    def add(
+        self, record: LabelRecord, before_write: Callable[[int], None] | None = None
+    ) -> Snapshot | None:
+        """Notes a stored label record; writes and returns a new version when one is due.
+        `before_write` is called with the version's number before its manifest is written."""
         self._ensure_loaded()
         self._note(record)
         if len(self._pending) < self.snapshot_every:
@@ -263,6 +266,8 @@ class DatasetBook:
             self.load()
             if len(self._pending) < self.snapshot_every:
                 return None
+        if before_write is not None:
+            before_write(self.version + 1)
         return self._write_next()
 
     def migrate(self) -> Snapshot | None:

@@ -3,12 +3,14 @@ the ML backend endpoints (/health, /setup, /predict).
 
 Webhook answers: 401 without the shared secret (counted); 400 for a body that is not an
 annotation payload and 422 for an annotation that can never become a label (both
-dead-lettered with the reason); 503 when the label could not be stored or published now
-(reconciliation brings it later); 200 otherwise.
+dead-lettered with the reason); 503 when the label (or the dead letter) could not be stored or
+published now, whatever the store or NATS answered (reconciliation brings it later); 200
+otherwise.
 
 /predict answers 400 for a body that is not {"tasks": [task, ...]}, 413 for more than
 MAX_PREDICT_TASKS tasks, and 503 while there is no champion or the store does not answer; a
-task whose frame is gone (also one deleted while the request runs) gets an empty prediction.
+task whose frame is gone (also one deleted while the request runs), damaged or under a key the
+store refuses gets an empty prediction.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
+from nats.errors import Error as NatsError
 
 from binloop.errors import MissingBlobError, PermanentError, TransientError
 from binloop.observability import metrics
@@ -39,6 +42,9 @@ FRAMES_PATH = "/frames/"
 SECRET_HEADER = "X-Binloop-Webhook-Secret"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 """Label Studio sends the whole project (label config included) with each annotation."""
+NOT_NOW = (TransientError, NatsError, TimeoutError)
+"""A store or bus that does not answer, or refuses now (NATS: no stream, connection closed, a
+full buffer while reconnecting): the webhook answers 503, reconciliation brings the label."""
 MAX_PREDICT_TASKS = 256
 """Tasks one /predict may ask about: each is a frame read, decoded and held in memory for the
 batch. Label Studio sends one task as an annotator opens it; its "Retrieve Predictions" action
@@ -99,9 +105,8 @@ def make_web_app(parts: WebParts) -> web.Application:
             taken = await parts.link.take(annotation, "webhook")
         except PermanentError as exc:
             return await _reject(parts, 422, body, exc)
-        except TransientError as exc:
-            metrics.LABEL_STUDIO_WEBHOOKS.labels("failed").inc()
-            return _json(503, error=str(exc))
+        except NOT_NOW as exc:
+            return _failed(exc)
         metrics.LABEL_STUDIO_WEBHOOKS.labels("published" if taken.published else "unchanged").inc()
         return _json(200, published=taken.published)
 
@@ -153,9 +158,17 @@ def make_web_app(parts: WebParts) -> web.Application:
 
 
 async def _reject(parts: WebParts, status: int, body: bytes, error: PermanentError) -> web.Response:
+    try:
+        await parts.dead_letter(f"http:POST {WEBHOOK_PATH}", body, error)
+    except NOT_NOW as exc:  # reconciliation dead-letters it later
+        return _failed(exc)
     metrics.LABEL_STUDIO_WEBHOOKS.labels("rejected").inc()
-    await parts.dead_letter(f"http:POST {WEBHOOK_PATH}", body, error)
     return _json(status, error=str(error))
+
+
+def _failed(error: BaseException) -> web.Response:
+    metrics.LABEL_STUDIO_WEBHOOKS.labels("failed").inc()
+    return _json(503, error=str(error) or type(error).__name__)
 
 
 class WebServer:
