@@ -124,7 +124,8 @@ def test_image_folder_skips_corrupt_files_and_labels_from_folders(tmp_path: Path
     root = tmp_path / "stream"
     good = _demo_jpegs(3)
     for index, path in enumerate(good):
-        target = root / ("Glass" if index == 0 else "paper") / path.name
+        # A sub-folder of a class is still that class, as the trainer labels it.
+        target = root / ("Glass/bottles" if index == 0 else "paper") / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
     (root / "paper" / "garbage.jpg").write_bytes(b"\x00\x01 not a jpeg")

@@ -5,6 +5,7 @@ model-registry over a real nats-server, like a trained candidate."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sys
@@ -226,4 +227,18 @@ def test_a_card_no_announcement_can_carry_is_refused_before_anything_is_stored(
     with pytest.raises(ModelLoadError, match=r"cannot be announced as training\.completed"):
         import_external_model(store, settings, onnx, card_path)
 
+    assert store.list("models/") == []
+
+
+def test_a_hand_written_card_with_a_misspelt_key_is_refused(tmp_path: Path, eval_dir: Path) -> None:
+    """Bins read cards past keys they do not know (a newer trainer's); an imported card is
+    someone's file, where such a key is a typo that would change what the model means."""
+    onnx, card_path = make_onnx_model(tmp_path / "model", CLASSES)
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps(card | {"outputs": "probabilities"}))
+    settings = _settings(tmp_path / "blobs", eval_dir)
+    store = LocalBlobStore(settings.blob_root)
+
+    with pytest.raises(ModelLoadError, match="outputs"):
+        import_external_model(store, settings, onnx, card_path)
     assert store.list("models/") == []

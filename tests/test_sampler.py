@@ -125,11 +125,14 @@ def make_sampler(
     per_hour: int = 600,
     remember: int = 100_000,
     clock: FakeClock | None = None,
+    name_results: bool = False,
 ) -> Sampler:
     policy = least_confidence_policy(
         threshold=threshold, random_fraction=random_fraction, per_hour=per_hour
     )
-    return build_sampler(policy, "sampler", clock or FakeClock(), remember=remember)
+    return build_sampler(
+        policy, "sampler", clock or FakeClock(), remember=remember, name_results=name_results
+    )
 
 
 # --- strategies ---------------------------------------------------------------------------
@@ -320,16 +323,18 @@ def test_a_result_redelivered_after_a_restart_republishes_its_selection_not_a_re
     # The sampler published the selection and died before acking the result: the restarted
     # one restores the selection from the stream and then gets the same result again.
     result = make_result(1, 0.2)
-    (selection,) = make_sampler().select_batch([result]).selected
+    (selection,) = make_sampler(name_results=True).select_batch([result]).selected
     assert selection.source_event_id == result.event_id
+    # Off by default: consumers of the previous release refuse the field.
+    assert make_sampler().select_batch([result]).selected[0].source_event_id is None
     now = datetime.now(UTC)
-    restarted = make_sampler()
+    restarted = make_sampler(name_results=True)
     assert restarted.restore([selection], now) == 1
     redelivered = restarted.select_batch([result])
     assert (redelivered.selected, redelivered.repeats) == ([], {})
     assert [s.model_dump_json() for s in redelivered.republished] == [selection.model_dump_json()]
     # A selection stored by a sampler older than source_event_id cannot tell: a repeat.
-    older = make_sampler()
+    older = make_sampler(name_results=True)
     older.restore([selection.model_copy(update={"source_event_id": None})], now)
     assert older.select_batch([result]).repeats == {"bin-a": 1}
 

@@ -115,7 +115,9 @@ class ImageFolderSource:
     def _label(self, relative: Path) -> str | None:
         if not self.labels_from_folders or len(relative.parts) < 2:
             return None  # an image directly in the root has no class folder
-        return label_from_folder(relative.parts[-2])
+        # The class folder right under the root, the trainer's rule too
+        # (binloop.datasets.scan_image_folder): glass/bottles/b.jpg is glass.
+        return label_from_folder(relative.parts[0])
 
     def frames(self, on_skip: SkipHandler) -> Generator[SourceFrame, None, None]:
         for path in self.files:

@@ -98,6 +98,7 @@ def create_app(
             clock,
             hash_source=hash_source,
             remember=settings.remember_selected,
+            name_results=settings.name_results,
         )
 
     sampler = new_sampler()

@@ -137,8 +137,11 @@ class Sampler:
         dedup: NearDuplicateFilter | None = None,
         min_score: float = 0.0,
         remember: int = 100_000,
+        name_results: bool = False,
     ) -> None:
         self.strategies = list(strategies)
+        self.name_results = name_results
+        """Whether selections carry source_event_id (SamplerSettings.name_results)."""
         self.random = random
         self.limits = limits
         self.dedup = dedup
@@ -278,7 +281,7 @@ class Sampler:
             model_name=result.model_name,
             model_version=result.model_version,
             ground_truth=result.ground_truth,
-            source_event_id=result.event_id,
+            source_event_id=result.event_id if self.name_results else None,
         )
 
     def _remember(self, result: InferenceResult, selection: SampleSelected) -> None:
@@ -357,6 +360,7 @@ def build_sampler(
     *,
     hash_source: HashSource = event_phash,
     remember: int = 100_000,
+    name_results: bool = False,
 ) -> Sampler:
     random = policy.strategies.random
     dedup = policy.dedup
@@ -374,4 +378,5 @@ def build_sampler(
         ),
         min_score=policy.min_score,
         remember=remember,
+        name_results=name_results,
     )

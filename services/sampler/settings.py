@@ -23,6 +23,13 @@ class SamplerSettings(ServiceSettings):
         description="Selected frames remembered so one frame is not picked twice per model "
         "(about 0.5 KiB each, 1 KiB with the longest reasons)",
     )
+    name_results: bool = Field(
+        default=False,
+        description="Fill samples.selected's source_event_id (the result a frame was selected "
+        "from), so a result redelivered after a restart is not counted as a repeat. Consumers "
+        "of releases before the field refuse it (dead letters on the labeling bridge and every "
+        "bin's uploader): turn it on once all of them run a release that reads it",
+    )
     batch_size: int = Field(
         default=256, ge=1, le=4096, description="Inference results taken off the bus per pass"
     )

@@ -46,6 +46,7 @@ def import_external_model(
     The version is claimed in the store as the trainer claims its own (claim_model_version):
     an import while the trainer stores a run takes the next number instead of the same one."""
     onnx_bytes = onnx_path.read_bytes()
+    _check_card_keys(card_path)
     model = load_model(onnx_path, card_path, intra_op_threads=settings.torch_threads)
     card = model.card
     eval_set = load_eval_set(store, settings, model.preprocessor)
@@ -92,6 +93,16 @@ def import_external_model(
     )
     stored = store_model(store, stored_card, onnx_bytes, report, claim=claim)
     return _outcome(settings, version, stored_card, stored, metrics, report)
+
+
+def _check_card_keys(card_path: Path) -> None:
+    """A card to import is someone's hand-written file, not another release's output: a key
+    the card does not know is a typo (`"outputs": "probabilities"` would otherwise import the
+    model as one giving logits), so it is refused here, where bins read cards leniently."""
+    try:
+        ModelCard.model_validate_json(card_path.read_bytes())
+    except ValidationError as exc:
+        raise ModelLoadError(f"{card_path}: not a valid model card: {exc}") from exc
 
 
 def announced_dataset(card: ModelCard) -> tuple[str, int]:
