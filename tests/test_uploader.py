@@ -407,9 +407,10 @@ async def test_the_sweep_outlives_a_message_it_cannot_read_and_an_unexpected_err
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The first message after the edge-inferencer's ack floor is not a FrameCaptured at all
-    (garbage): the sweep keeps everything this time (within the spool limits), with a warning. An error nobody expected (here, in the first question to JetStream)
-    is logged with its traceback and the next sweep runs: without the sweep the spool is
-    never reclaimed, and the uploader would be restarted into the same crash."""
+    (garbage): the sweep keeps everything this time (within the spool limits), with a
+    warning. An error nobody expected (here, in the first question to JetStream) is logged
+    with its traceback and the next sweep runs: without the sweep the spool is never
+    reclaimed, and the uploader would be restarted into the same crash."""
     settings = UploaderSettings(
         nats_url=nats_server.url,
         http_port=0,
