@@ -10,7 +10,9 @@ from pydantic import AwareDatetime, Field, FiniteFloat, StringConstraints, model
 from schemas.base import BinId, BlobRef, Event, Frozen, Name, Sha256
 from schemas.taxonomy import Compartment
 
-Label = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,64}$")]
+LABEL_PATTERN = r"^[a-z0-9_]{1,64}$"
+"""A class label, object or condition: also a key in metrics and file names."""
+Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Version = Annotated[int, Field(ge=1)]
 Milliseconds = Annotated[FiniteFloat, Field(ge=0)]

@@ -24,11 +24,11 @@ from binloop.observability import metrics
 from binloop.storage import sha256_hex
 from binloop.storage.blobstore import read_verified
 from binloop.storage.files import write_atomically
-from schemas.base import BlobRef, read_json
+from schemas.base import BlobRef, fits, read_json
+from schemas.events import LABEL_PATTERN, Label
 
 log = logging.getLogger(__name__)
 
-_LABEL = re.compile(r"^[a-z0-9_]{1,64}$")
 _PATH_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 ONNX_FILE = "model.onnx"
 CURRENT_FILE = "current.json"
@@ -76,9 +76,9 @@ def _parse_card(data: bytes, where: str) -> ModelCard:
         card = read_json(ModelCard, data)
     except ValidationError as exc:
         raise ModelLoadError(f"{where}: not a valid model card: {exc}") from exc
-    bad = [c for c in card.classes if not _LABEL.match(c)]
+    bad = [c for c in card.classes if not fits(Label, c)]
     if bad:
-        raise ModelLoadError(f"{where}: class names must match {_LABEL.pattern}, got {bad}")
+        raise ModelLoadError(f"{where}: class names must match {LABEL_PATTERN}, got {bad}")
     return card
 
 

@@ -4,39 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 from pydantic import (
     Field,
     SecretStr,
-    StringConstraints,
-    TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from binloop.settings import ServiceSettings
-from schemas.events import Label
+from schemas.base import fits
+from schemas.events import LABEL_PATTERN, Label
 from schemas.taxonomy import Taxonomy
 from services.labeling_bridge.snapshots import TaxonomyMigration
 
 DEFAULT_OBJECTS = ["bottle", "can", "cup", "box", "bag", "napkin", "jar", "wrapper", "other"]
 DEFAULT_CONDITIONS = ["clean", "soiled", "crushed", "wet"]
-_LABEL = TypeAdapter(Label)
-LABEL_PATTERN = next(c.pattern for c in get_args(Label) if isinstance(c, StringConstraints))
-"""What a label record (and every event) takes as a label, object or condition."""
 
 
 def not_labels(values: Iterable[str]) -> list[str]:
     """The values a label record cannot hold as a label, object or condition."""
-    bad = []
-    for value in values:
-        try:
-            _LABEL.validate_python(value)
-        except ValidationError:
-            bad.append(value)
-    return bad
+    return [value for value in values if not fits(Label, value)]
 
 
 class LabelingBridgeSettings(ServiceSettings):

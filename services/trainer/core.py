@@ -15,7 +15,6 @@ from datetime import datetime
 
 import numpy as np
 import torch
-from pydantic import TypeAdapter, ValidationError
 
 from binloop.datasets import DatasetManifest, latest_version, parse_manifest, read_manifest
 from binloop.errors import PermanentError
@@ -23,7 +22,7 @@ from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import FloatArray, Preprocessor
 from binloop.storage import BlobExistsError, BlobStore, dataset_key, model_key
 from binloop.storage.blobstore import check_digest
-from schemas.base import BlobRef, Name, utc_now
+from schemas.base import BlobRef, utc_now
 from schemas.events import DatasetSnapshot, ModelMetrics, TrainingCompleted, TrainingRequested
 from schemas.taxonomy import Taxonomy
 from services.trainer.calibration import temperature_on_val, with_temperature
@@ -110,18 +109,6 @@ class TrainingOutcome:
             onnx_parity_max_abs_diff=self.parity_max_abs_diff,
             train_seconds=self.train_seconds,
         )
-
-
-_EVENT_NAME: TypeAdapter[str] = TypeAdapter(Name)
-
-
-def fits_event_name(value: str) -> bool:
-    """Whether an event's name field (TrainingCompleted.dataset_name, ...) can carry `value`."""
-    try:
-        _EVENT_NAME.validate_python(value)
-    except ValidationError:
-        return False
-    return True
 
 
 def taxonomy_for(settings: TrainerSettings) -> Taxonomy:

@@ -11,14 +11,13 @@ from pydantic import ValidationError
 from binloop.errors import ModelLoadError
 from binloop.ml.card import ModelCard
 from binloop.storage import BlobStore
-from schemas.base import BlobRef
+from schemas.base import BlobRef, Name, fits
 from schemas.events import ModelMetrics
 from services.edge_inferencer.models import load_model
 from services.trainer.core import (
     StoredModel,
     TrainingOutcome,
     claim_model_version,
-    fits_event_name,
     load_eval_set,
     next_model_version,
     score_on_eval_set,
@@ -109,7 +108,7 @@ def announced_dataset(card: ModelCard) -> tuple[str, int]:
     """The dataset name and version training.completed carries for the card: the card's own,
     or EXTERNAL_DATASET v1 when it names none or one no event can carry (`binloop train`
     once recorded its source's full path there, of any length)."""
-    if card.dataset_name is None or not fits_event_name(card.dataset_name):
+    if card.dataset_name is None or not fits(Name, card.dataset_name):
         return EXTERNAL_DATASET, 1
     version = card.dataset_version
     return card.dataset_name, version if version is not None and version >= 1 else 1

@@ -18,14 +18,13 @@ import torch
 
 from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import FloatArray, Preprocessor, softmax
-from schemas.base import utc_now
+from schemas.base import Name, fits, utc_now
 from schemas.taxonomy import Taxonomy
 from services.trainer.calibration import (
     negative_log_likelihood,
     temperature_on_val,
     with_temperature,
 )
-from services.trainer.core import fits_event_name
 from services.trainer.data import LoadedItems, ManifestDataset
 from services.trainer.evaluate import (
     EvalReport,
@@ -356,7 +355,7 @@ def _dataset_name(source: SourceImages) -> str | None:
     """Short enough for the events that carry it (`binloop import-model` announces the card's
     dataset_name); the source in full is in the notes."""
     name = source.dataset_name
-    return name if name is not None and fits_event_name(name) else None
+    return name if name is not None and fits(Name, name) else None
 
 
 def _card_notes(
