@@ -188,6 +188,9 @@ def train_command(
         bool, typer.Option(help="Download the library's pretrained weights (needs internet)")
     ] = False,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt")] = False,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=1, help="Save OUT/checkpoint.pt every N epochs (and the last)")
+    ] = 1,
     calibrate: Annotated[bool, typer.Option(help="Fit temperature scaling on val")] = True,
     int8: Annotated[bool, typer.Option(help="Also write an INT8 model and its accuracy")] = False,
     split_by: Annotated[SplitBy, typer.Option(help="Hash the image content or its name")] = (
@@ -237,6 +240,7 @@ def train_command(
         device=device.value,
         threads=threads,
         resume=resume,
+        checkpoint_every=checkpoint_every,
         calibrate=calibrate,
         int8=int8,
     )
@@ -324,3 +328,9 @@ def _print_result(result: PipelineResult) -> None:
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
+
+
+if __name__ == "__main__":
+    # `python -m binloop.train_command ...`: the same command on a training node that has the
+    # pipeline's packages (torch, onnx, pydantic) but not the services' (NATS, FastStream).
+    typer.run(train_command)

@@ -45,8 +45,7 @@ from schemas.routes import (
     TRAINING_REQUESTED,
 )
 from schemas.taxonomy import Taxonomy
-from services.trainer import TrainerSettings, create_app
-from services.trainer.app import TrainerState, recall_champion
+from services.trainer.app import TrainerState, create_app, recall_champion
 from services.trainer.core import (
     InsufficientDataError,
     TrainingOutcome,
@@ -81,6 +80,7 @@ from services.trainer.export import (
     parity_max_abs_diff,
 )
 from services.trainer.nets import CompactCNN, build_model
+from services.trainer.settings import TrainerSettings
 from services.trainer.train import (
     Augmenter,
     TrainConfig,

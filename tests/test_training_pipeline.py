@@ -168,6 +168,53 @@ def test_resume_reproduces_the_next_epoch_exactly(folder: Path, tmp_path: Path) 
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
 
 
+def test_checkpoint_every_n_epochs_resumes_from_the_last_nth_and_saves_the_last(
+    folder: Path, tmp_path: Path
+) -> None:
+    """With checkpoint_every=2, a crash in epoch 3 of 4 resumes after epoch 2 (epoch 3 is
+    trained again, identically), and a finished run's checkpoint holds its last epoch even when
+    that is not a multiple of 2."""
+    data = _dataset(folder)
+    config = dataclasses.replace(QUICK, epochs=4, mixup_alpha=0.2, ema_decay=0.9)
+
+    def build() -> torch.nn.Module:
+        return build_model("compact-cnn", 3)
+
+    straight = train_classifier(build, data, data, config, checkpoint_every=2)
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_three(stats: EpochStats) -> None:
+        if stats.epoch == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_classifier(
+            build,
+            data,
+            data,
+            config,
+            checkpoint_path=tmp_path / "b.pt",
+            checkpoint_every=2,
+            on_epoch=crash_in_three,
+        )
+    resumed = train_classifier(
+        build, data, data, config, checkpoint_path=tmp_path / "b.pt", resume=True
+    )
+    assert resumed.resumed_from_epoch == 2
+    assert resumed.history == straight.history
+
+    three = dataclasses.replace(config, epochs=3)
+    train_classifier(
+        build, data, None, three, checkpoint_path=tmp_path / "c.pt", checkpoint_every=2
+    )
+    saved = torch.load(tmp_path / "c.pt", map_location="cpu", weights_only=False)
+    assert len(saved["history"]) == 3
+    with pytest.raises(ValueError, match="at least 1"):
+        train_classifier(build, data, None, config, checkpoint_every=0)
+
+
 def test_with_a_weight_average_the_average_is_the_model_kept(folder: Path, tmp_path: Path) -> None:
     data = _dataset(folder)
     config = dataclasses.replace(QUICK, epochs=2, ema_decay=0.9)

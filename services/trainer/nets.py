@@ -229,6 +229,7 @@ ARCHITECTURES: dict[str, ModelFactory] = {
     "compact-cnn-wide": _compact((32, 64, 128, 256)),
     "compact-resnet": _residual((32, 64, 128, 256), (1, 1, 1, 1)),
     "compact-resnet-deep": _residual((32, 64, 128, 256), (1, 1, 2, 2)),
+    "compact-resnet-wide": _residual((40, 80, 160, 320), (1, 1, 2, 2)),
     "mobilenet_v3_small": _torchvision("mobilenet_v3_small"),
     "mobilenet_v3_large": _torchvision("mobilenet_v3_large"),
     "efficientnet_b0": _torchvision("efficientnet_b0"),

@@ -84,6 +84,8 @@ class PipelineConfig:
     device: str = "auto"
     threads: int = 1
     resume: bool = False
+    checkpoint_every: int = 1
+    """Save OUT/checkpoint.pt after every Nth epoch (and the last)."""
     calibrate: bool = True
     int8: bool = False
     int8_calibration_images: int = 200
@@ -213,6 +215,7 @@ def run_pipeline(
         train_config,
         device=device,
         checkpoint_path=out / CHECKPOINT,
+        checkpoint_every=config.checkpoint_every,
         resume=config.resume,
         fingerprint=checkpoint_fingerprint(config, data),
         on_epoch=epoch_done,

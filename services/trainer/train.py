@@ -122,7 +122,9 @@ class Augmenter:
     """Bin-camera augmentation applied in [0, 1] pixel space to a normalised batch, so the
     network still sees exactly the card's preprocessing: horizontal flip, rotation and
     scale (one affine resampling), brightness/contrast/saturation jitter, blur. Random numbers
-    are drawn only for the augmentations that are switched on."""
+    are drawn only for the augmentations that are switched on, always from the CPU generator
+    (so a checkpoint restores them on any device); the pixel work runs on the batch's device,
+    which on a GPU keeps the augmentation off the CPU."""
 
     def __init__(self, config: TrainConfig, generator: torch.Generator) -> None:
         self.config = config
@@ -132,15 +134,17 @@ class Augmenter:
         kernel = torch.outer(_BLUR_KERNEL, _BLUR_KERNEL)
         self.blur_kernel = (kernel / kernel.sum()).expand(3, 1, 3, 3).contiguous()
 
-    def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:
-        return torch.rand(n, 1, 1, 1, generator=self.generator) * (high - low) + low
+    def _uniform(self, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
+        drawn = torch.rand(n, 1, 1, 1, generator=self.generator) * (high - low) + low
+        return drawn.to(device)
 
     def _geometry(self, pixels: torch.Tensor) -> torch.Tensor:
         n = pixels.shape[0]
         low, high = self.config.scale
         degrees = self.config.rotation_degrees
-        scale = self._uniform(n, low, high).view(n)
-        angle = self._uniform(n, -degrees, degrees).view(n) * (math.pi / 180)
+        cpu = torch.device("cpu")
+        scale = self._uniform(n, low, high, cpu).view(n)
+        angle = self._uniform(n, -degrees, degrees, cpu).view(n) * (math.pi / 180)
         # A crop (scale < 1) moves anywhere inside the frame; a zoom-out stays centred.
         room = (1 - scale).clamp(min=0)
         shift = (torch.rand(n, 2, generator=self.generator) * 2 - 1) * room.unsqueeze(1)
@@ -148,7 +152,7 @@ class Augmenter:
         theta = torch.stack(
             [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)],
             1,
-        )
+        ).to(pixels.device)
         grid = nn.functional.affine_grid(theta, list(pixels.shape), align_corners=False)
         return nn.functional.grid_sample(
             pixels, grid, mode="bilinear", padding_mode="reflection", align_corners=False
@@ -158,29 +162,30 @@ class Augmenter:
         n = pixels.shape[0]
         chosen = torch.rand(n, generator=self.generator) < self.config.blur_probability
         padded = nn.functional.pad(pixels, (1, 1, 1, 1), mode="replicate")
-        blurred = nn.functional.conv2d(padded, self.blur_kernel, groups=3)
-        return torch.where(chosen.view(n, 1, 1, 1), blurred, pixels)
+        blurred = nn.functional.conv2d(padded, self.blur_kernel.to(pixels.device), groups=3)
+        return torch.where(chosen.to(pixels.device).view(n, 1, 1, 1), blurred, pixels)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        n = batch.shape[0]
+        n, device = batch.shape[0], batch.device
         config = self.config
-        flip = torch.rand(n, generator=self.generator) < config.flip_probability
+        mean, std = self.mean.to(device), self.std.to(device)
+        flip = (torch.rand(n, generator=self.generator) < config.flip_probability).to(device)
         batch = torch.where(flip.view(n, 1, 1, 1), batch.flip(-1), batch)
-        pixels = batch * self.std + self.mean
+        pixels = batch * std + mean
         if config.rotation_degrees > 0 or config.scale != (1.0, 1.0):
             pixels = self._geometry(pixels)
         grey = pixels.mean(dim=(1, 2, 3), keepdim=True)
-        contrast = self._uniform(n, 1 - config.contrast, 1 + config.contrast)
-        brightness = self._uniform(n, -config.brightness, config.brightness)
+        contrast = self._uniform(n, 1 - config.contrast, 1 + config.contrast, device)
+        brightness = self._uniform(n, -config.brightness, config.brightness, device)
         pixels = (pixels - grey) * contrast + grey + brightness
         if config.saturation > 0:
             luma = pixels.mean(dim=1, keepdim=True)
-            saturation = self._uniform(n, 1 - config.saturation, 1 + config.saturation)
+            saturation = self._uniform(n, 1 - config.saturation, 1 + config.saturation, device)
             pixels = (pixels - luma) * saturation + luma
         pixels = pixels.clamp(0.0, 1.0)
         if config.blur_probability > 0:
             pixels = self._blur(pixels)
-        return (pixels - self.mean) / self.std
+        return (pixels - mean) / std
 
 
 @torch.no_grad()
@@ -289,6 +294,8 @@ class _Run:
             total_steps=config.epochs * len(self.loader),
         )
         self.amp = config.mixed_precision and device.startswith("cuda")
+        # Every batch has the same shape: let cuDNN time its algorithms once and keep the best.
+        torch.backends.cudnn.benchmark = device.startswith("cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.history: list[EpochStats] = []
         self.best_score: tuple[float, float] | None = None
@@ -317,6 +324,8 @@ class _Run:
         batches = len(self.loader)
         for step, (inputs, targets) in enumerate(self.loader, 1):
             self.optimizer.zero_grad(set_to_none=True)
+            # Augmentation and mixing run where the network does (a GPU's work, not the CPU's).
+            inputs = inputs.to(self.device, non_blocking=True)
             batch = self.mix(self.augment(inputs), targets).to(self.device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
                 loss = batch.loss(self.criterion, self.model(batch.inputs))
@@ -412,6 +421,7 @@ def train_classifier(
     device: str = "cpu",
     *,
     checkpoint_path: Path | None = None,
+    checkpoint_every: int = 1,
     resume: bool = False,
     fingerprint: Fingerprint | None = None,
     on_epoch: EpochCallback | None = None,
@@ -427,8 +437,12 @@ def train_classifier(
     generators, history) is saved after every epoch, with `fingerprint` (what the data and
     model are); `resume=True` continues from it, and the next epoch is exactly the one the
     interrupted run would have trained. A checkpoint of another config or fingerprint is
-    refused with the names of what differs.
+    refused with the names of what differs. `checkpoint_every` N saves after every Nth epoch
+    and the last one only (a GPU trains an epoch of a small dataset faster than the whole state
+    can be written and fsynced); a resume then repeats at most N - 1 epochs.
     """
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
     if len(train_data) < 2:
         # Batch norm cannot normalise a single item in train mode.
         raise ValueError(f"{len(train_data)} training items; training needs at least 2")
@@ -461,7 +475,8 @@ def train_classifier(
             elif epoch - run.best_epoch >= config.patience:
                 log.info("early stop after epoch %d; best was epoch %d", epoch, run.best_epoch)
                 run.stopped = True
-            if checkpoint_path is not None:
+            last = run.stopped or run.epoch >= config.epochs
+            if checkpoint_path is not None and (last or epoch % checkpoint_every == 0):
                 _save_atomically(run.state_dict(), checkpoint_path)
             if on_epoch is not None:
                 on_epoch(stats)
