@@ -182,3 +182,29 @@ def test_long_commands_report_progress_at_most_every_interval(
     report(4)
     lines = [line for line in capsys.readouterr().out.splitlines() if line]
     assert lines == ["replayed 2 messages so far", "replayed 4 messages so far"]
+
+
+def test_every_registered_service_loads_its_settings_and_factory() -> None:
+    """`binloop run NAME` and `binloop up` find each service through the registry; a package
+    that stops exporting its settings class or create_app (the trainer's are lazy) breaks them."""
+    from services.registry import SERVICES
+
+    for name, spec in SERVICES.items():
+        settings_cls, factory = spec.load()
+        assert settings_cls.__name__ == spec.settings_class, name
+        assert callable(factory), name
+
+
+def test_the_training_command_loads_without_the_services_messaging_packages() -> None:
+    """A GPU training node runs `python -m binloop.train_command` with the pipeline's packages
+    only: importing it must not pull in NATS or FastStream."""
+    import subprocess
+
+    code = (
+        "import sys, binloop.train_command, services.trainer.pipeline, services.trainer.sources;"
+        "print(sorted(m for m in ('nats', 'faststream') if m in sys.modules))"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert shown.strip() == "[]"
