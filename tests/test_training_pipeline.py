@@ -1020,3 +1020,55 @@ def test_train_command_writes_a_complete_model_folder(folder: Path, tmp_path: Pa
     bad = CliRunner().invoke(app, ["--out", str(out)])
     assert bad.exit_code != 0
     assert "exactly one of" in bad.output
+
+
+def test_the_sweep_tool_fits_epochs_to_its_budget_and_writes_the_equivalent_command(
+    tmp_path: Path,
+) -> None:
+    """tools/train_sweep.py: a probe times the run, the epochs fit the budget (at least one),
+    the run folder is a full pipeline output, and command.txt is the `binloop train` command of
+    the same configuration."""
+    import json
+    import subprocess
+    import sys
+
+    tool = DEMO.parents[1] / "tools" / "train_sweep.py"
+    out = tmp_path / "sweep"
+    subprocess.run(
+        [
+            sys.executable,
+            str(tool),
+            "--image-folder",
+            str(DEMO / "seed"),
+            "--out",
+            str(out),
+            "--budget-minutes",
+            "0.01",
+            "--probe-epochs",
+            "2",
+            "--threads",
+            "1",
+            "--only",
+            "resnet-deep-96-mix",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    row = json.loads((out / "summary.json").read_text())["resnet-deep-96-mix"]
+    assert "error" not in row, row.get("error")
+    assert row["epochs"] == 1  # a budget shorter than the probe still trains one epoch
+    assert row["seconds_per_epoch"] > 0
+    assert 0.0 <= row["best_val_accuracy"] <= 1.0
+    run = out / "resnet-deep-96-mix"
+    assert {"model.onnx", "card.json", "metrics.json"} <= {p.name for p in run.iterdir()}
+    command = (run / "command.txt").read_text()
+    for part in (
+        "binloop train",
+        "--architecture compact-resnet-deep --input-size 96 128",
+        "--epochs 1 --patience 1",
+        "--mixup-alpha 0.2",
+        "--cutmix-alpha 1.0",
+        "--ema-decay 0.999",
+    ):
+        assert part in command, part

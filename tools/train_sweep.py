@@ -1,16 +1,17 @@
-"""Trains several `binloop train` configurations at once on one GPU (or CPU) and prints a table
-of what each reached, so a GPU lease is spent on a comparison instead of one guess.
+"""Trains several `binloop train` configurations on one GPU (or CPU), one after another, and
+prints a table of what each reached, so a GPU lease is spent on a comparison instead of one
+guess.
 
 Every configuration runs the trainer's own pipeline (`services.trainer.pipeline.run_pipeline`,
-exactly what `binloop train` runs) in its own process, into OUT/<name>/. With `--budget-minutes`
-each run first trains `--probe-epochs` epochs to time itself (alongside the others, so the
-timing includes their load), then gets as many epochs as fit the budget (capped by its own
-`epochs`); the table names the epochs, and the equivalent `binloop train` command is written to
-OUT/<name>/command.txt. Selection is by the best validation accuracy: the test split is
-reported, never chosen on.
+exactly what `binloop train` runs) into OUT/<name>/. With `--budget-minutes` each run first
+trains `--probe-epochs` epochs to time itself, then gets as many epochs as fit its budget
+(capped by its own `epochs`); the table names the epochs, and the equivalent `binloop train`
+command is written to OUT/<name>/command.txt. The table is sorted by the best validation
+accuracy: the test split is reported, not chosen on. `--parallel` runs them side by side
+instead, one process each (the probe then times each run under the others' load).
 
-    python tools/train_sweep.py --image-folder ../shared/datasets/trashnet --out runs/sweep \\
-        --budget-minutes 6 --only resnet-deep-96 mnv3-large-192
+    python tools/train_sweep.py --image-folder ../shared/datasets/trashnet --out runs/sweep \
+        --budget-minutes 4 --only resnet-deep-96-mix mnv3-large-192-mix
 """
 
 from __future__ import annotations
@@ -220,15 +221,16 @@ def main() -> None:
     parser.add_argument("--probe-epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
     parser.add_argument(
-        "--sequential",
+        "--parallel",
         action="store_true",
-        help="one run after another, each with the whole budget (processes sharing one GPU "
-        "without MPS slowed each other down many times over)",
+        help="all runs side by side, one process each (on a many-core CPU); on one GPU without "
+        "NVIDIA MPS they slowed each other down 30-90 times, so runs go one after another by "
+        "default, each with the whole budget",
     )
     args = parser.parse_args()
 
     chosen = args.only or list(SWEEP)
-    if args.sequential:
+    if not args.parallel:
         done: dict[str, dict[str, Any]] = {}
         for name in chosen:
             run_one(name, {**DEFAULTS, **SWEEP[name]}, args, done)
