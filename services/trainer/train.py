@@ -294,8 +294,9 @@ class _Run:
             total_steps=config.epochs * len(self.loader),
         )
         self.amp = config.mixed_precision and device.startswith("cuda")
-        # Every batch has the same shape: let cuDNN time its algorithms once and keep the best.
-        torch.backends.cudnn.benchmark = device.startswith("cuda")
+        if device.startswith("cuda"):
+            # Batches keep one shape: let cuDNN time its algorithms once and keep the fastest.
+            torch.backends.cudnn.benchmark = True
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.history: list[EpochStats] = []
         self.best_score: tuple[float, float] | None = None
