@@ -36,6 +36,7 @@ from services.trainer.calibration import (
 from services.trainer.data import LoadedItems, ManifestDataset
 from services.trainer.evaluate import evaluate, evaluate_compartments, expected_calibration_error
 from services.trainer.export import export_onnx, onnx_logits, onnx_session, parity_max_abs_diff
+from services.trainer.mixing import BatchMixer
 from services.trainer.nets import build_model, load_weights
 from services.trainer.pipeline import PipelineConfig, PipelineError, PipelineResult, run_pipeline
 from services.trainer.sources import (
@@ -364,6 +365,32 @@ def test_bin_camera_augmentation_keeps_shape_and_pixel_range() -> None:
         flip_probability=0, brightness=0, contrast=0, rotation_degrees=30, blur_probability=1.0
     )
     assert torch.allclose(Augmenter(still, torch.Generator())(flat), flat, atol=1e-5)
+
+
+def test_augmentation_and_mixing_run_on_the_batchs_device_with_cpu_random_numbers() -> None:
+    """On a GPU the batch is augmented where it lies: every tensor the augmentation combines
+    with it must follow it there. The "meta" device (shapes only) stands in for CUDA here: a
+    constant or random tensor left on the CPU raises. The random numbers come from the CPU
+    generator whatever the device, so a checkpoint's generator state resumes on any device."""
+    config = TrainConfig(
+        rotation_degrees=30,
+        scale=(0.6, 1.2),
+        blur_probability=0.5,
+        saturation=0.5,
+        brightness=0.2,
+        contrast=0.2,
+    )
+    on_cpu = Augmenter(config, torch.Generator().manual_seed(3))
+    elsewhere = Augmenter(config, torch.Generator().manual_seed(3))
+    on_cpu(torch.randn(6, 3, 16, 20))
+    out = elsewhere(torch.zeros(6, 3, 16, 20, device="meta"))
+    assert out.device.type == "meta"
+    assert out.shape == (6, 3, 16, 20)
+    assert torch.equal(on_cpu.generator.get_state(), elsewhere.generator.get_state())
+    mixer = BatchMixer(mixup_alpha=0.2, cutmix_alpha=1.0, seed=0)
+    for _ in range(4):  # both kinds of mixing come up
+        mixed = mixer(out, torch.tensor([0, 1, 2, 0, 1, 2]))
+        assert mixed.inputs.device.type == "meta"
 
 
 def test_local_weights_load_except_a_head_of_another_shape(tmp_path: Path) -> None:
