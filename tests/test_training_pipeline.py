@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -131,6 +132,18 @@ def test_training_on_a_tiny_subset_beats_chance(pipeline: PipelineResult, folder
     assert len(pipeline.history) == QUICK.epochs
 
 
+class _Crash(Exception):
+    """A training process dying after an epoch's checkpoint was (or was not) written."""
+
+
+def _crash_at(epoch: int) -> Callable[[EpochStats], None]:
+    def crash(stats: EpochStats) -> None:
+        if stats.epoch == epoch:
+            raise _Crash
+
+    return crash
+
+
 def test_resume_reproduces_the_next_epoch_exactly(folder: Path, tmp_path: Path) -> None:
     data = _dataset(folder)
     config = dataclasses.replace(
@@ -148,17 +161,9 @@ def test_resume_reproduces_the_next_epoch_exactly(folder: Path, tmp_path: Path) 
         return build_model("compact-cnn", 3)
 
     straight = train_classifier(build, data, data, config, checkpoint_path=tmp_path / "a.pt")
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_two(stats: EpochStats) -> None:
-        if stats.epoch == 2:
-            raise Crash
-
-    with pytest.raises(Crash):
+    with pytest.raises(_Crash):
         train_classifier(
-            build, data, data, config, checkpoint_path=tmp_path / "b.pt", on_epoch=crash_after_two
+            build, data, data, config, checkpoint_path=tmp_path / "b.pt", on_epoch=_crash_at(2)
         )
     resumed = train_classifier(
         build, data, data, config, checkpoint_path=tmp_path / "b.pt", resume=True
@@ -182,15 +187,7 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_nth_and_saves_the_last(
         return build_model("compact-cnn", 3)
 
     straight = train_classifier(build, data, data, config, checkpoint_every=2)
-
-    class Crash(Exception):
-        pass
-
-    def crash_in_three(stats: EpochStats) -> None:
-        if stats.epoch == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
+    with pytest.raises(_Crash):
         train_classifier(
             build,
             data,
@@ -198,7 +195,7 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_nth_and_saves_the_last(
             config,
             checkpoint_path=tmp_path / "b.pt",
             checkpoint_every=2,
-            on_epoch=crash_in_three,
+            on_epoch=_crash_at(3),
         )
     resumed = train_classifier(
         build, data, data, config, checkpoint_path=tmp_path / "b.pt", resume=True

@@ -7,8 +7,9 @@ exactly what `binloop train` runs) into OUT/<name>/. With `--budget-minutes` eac
 trains `--probe-epochs` epochs to time itself, then gets as many epochs as fit its budget
 (capped by its own `epochs`); the table names the epochs, and the equivalent `binloop train`
 command is written to OUT/<name>/command.txt. The table is sorted by the best validation
-accuracy: the test split is reported, not chosen on. `--parallel` runs them side by side
-instead, one process each (the probe then times each run under the others' load).
+accuracy: the test split is reported, not chosen on. The probe decodes the dataset once more
+than the run itself (seconds for TrashNet). Runs go one after another: eight side by side on
+one H100 slowed each other 30-90 times (docs/training.md).
 
     python tools/train_sweep.py --image-folder ../shared/datasets/trashnet --out runs/sweep \
         --budget-minutes 4 --only resnet-deep-96-mix mnv3-large-192-mix
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import multiprocessing
 import time
 import traceback
 from dataclasses import replace
@@ -92,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
 }
 """The shipped model's recipe (docs/training.md), with a longer schedule."""
+CHECKPOINT_EVERY = 25
 
 
 def command_line(image_folder: Path, out: Path, options: dict[str, Any]) -> str:
@@ -107,7 +108,7 @@ def command_line(image_folder: Path, out: Path, options: dict[str, Any]) -> str:
     for name in ("mixup_alpha", "cutmix_alpha", "ema_decay"):
         if options[name]:
             parts.append(f"--{name.replace('_', '-')} {options[name]}")
-    parts.append(f"--seed {options['seed']} --device auto --checkpoint-every 25")
+    parts.append(f"--seed {options['seed']} --device auto --checkpoint-every {CHECKPOINT_EVERY}")
     return " \\\n    ".join(parts)
 
 
@@ -136,7 +137,7 @@ def _pipeline_config(out: Path, options: dict[str, Any], threads: int) -> Any:
         input_size=tuple(options["input_size"]),
         train=train,
         threads=threads,
-        checkpoint_every=25,
+        checkpoint_every=CHECKPOINT_EVERY,
         int8=False,
     )
 
@@ -168,7 +169,8 @@ def _seconds_per_epoch(source: Any, config: Any, epochs: int) -> float:
     return laps[len(laps) // 2]
 
 
-def run_one(name: str, options: dict[str, Any], args: argparse.Namespace, results: Any) -> None:
+def run_one(options: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One configuration into `out`: its row of the table, or {"error": traceback}."""
     import logging
 
     import torch
@@ -177,8 +179,7 @@ def run_one(name: str, options: dict[str, Any], args: argparse.Namespace, result
     from services.trainer.sources import image_folder
 
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)  # the probe too: runs side by side must not oversubscribe
-    out = args.out / name
+    torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
@@ -194,7 +195,7 @@ def run_one(name: str, options: dict[str, Any], args: argparse.Namespace, result
         (out / "command.txt").write_text(command_line(args.image_folder, out, options) + "\n")
         result = run_pipeline(source, _pipeline_config(out, options, args.threads))
         best_val = max((s.val_accuracy or 0.0) for s in result.history)
-        results[name] = {
+        return {
             "architecture": options["architecture"],
             "input_size": list(options["input_size"]),
             "parameters": result.card.parameters,
@@ -209,7 +210,7 @@ def run_one(name: str, options: dict[str, Any], args: argparse.Namespace, result
             "seconds": time.perf_counter() - started,
         }
     except Exception:  # one failed configuration must not take the table with it
-        results[name] = {"error": traceback.format_exc()[-2000:]}
+        return {"error": traceback.format_exc()[-2000:]}
 
 
 def main() -> None:
@@ -217,43 +218,17 @@ def main() -> None:
     parser.add_argument("--image-folder", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--only", nargs="*", choices=sorted(SWEEP), help="configurations to run")
-    parser.add_argument("--budget-minutes", type=float, default=0.0, help="0: each its epochs")
+    parser.add_argument(
+        "--budget-minutes", type=float, default=0.0, help="per run; 0: each its own epochs"
+    )
     parser.add_argument("--probe-epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
-    parser.add_argument(
-        "--parallel",
-        action="store_true",
-        help="all runs side by side, one process each (on a many-core CPU); on one GPU without "
-        "NVIDIA MPS they slowed each other down 30-90 times, so runs go one after another by "
-        "default, each with the whole budget",
-    )
     args = parser.parse_args()
 
-    chosen = args.only or list(SWEEP)
-    if not args.parallel:
-        done: dict[str, dict[str, Any]] = {}
-        for name in chosen:
-            run_one(name, {**DEFAULTS, **SWEEP[name]}, args, done)
-            print(name, json.dumps(done[name])[:600], flush=True)
-        _finish(args, done)
-        return
-    context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager:
-        results = manager.dict()
-        processes = [
-            context.Process(target=run_one, args=(name, {**DEFAULTS, **SWEEP[name]}, args, results))
-            for name in chosen
-        ]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join()
-        table = dict(results)
-    _finish(args, table)
-
-
-def _finish(args: argparse.Namespace, table: dict[str, dict[str, Any]]) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
+    table: dict[str, dict[str, Any]] = {}
+    for name in args.only or list(SWEEP):
+        table[name] = run_one({**DEFAULTS, **SWEEP[name]}, args.out / name, args)
+        print(name, json.dumps(table[name])[:600], flush=True)
     (args.out / "summary.json").write_text(json.dumps(table, indent=1) + "\n")
     _print_table(table)
 
