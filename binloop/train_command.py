@@ -41,6 +41,11 @@ class SplitBy(StrEnum):
     name = "name"
 
 
+class Int8Activations(StrEnum):
+    uint8 = "uint8"
+    int8 = "int8"
+
+
 class Tracking(StrEnum):
     wandb = "wandb"
     none = "none"
@@ -193,6 +198,13 @@ def train_command(
     ] = 1,
     calibrate: Annotated[bool, typer.Option(help="Fit temperature scaling on val")] = True,
     int8: Annotated[bool, typer.Option(help="Also write an INT8 model and its accuracy")] = False,
+    int8_activations: Annotated[
+        Int8Activations,
+        typer.Option(help="uint8: integer kernels on x86; int8: for ARM CPUs"),
+    ] = Int8Activations.uint8,
+    int8_reduce_range: Annotated[
+        bool, typer.Option(help="7-bit INT8 weights, for x86 CPUs without VNNI")
+    ] = False,
     split_by: Annotated[SplitBy, typer.Option(help="Hash the image content or its name")] = (
         SplitBy.content
     ),
@@ -243,6 +255,8 @@ def train_command(
         checkpoint_every=checkpoint_every,
         calibrate=calibrate,
         int8=int8,
+        int8_activations="int8" if int8_activations is Int8Activations.int8 else "uint8",
+        int8_reduce_range=int8_reduce_range,
     )
     tracker: Tracker = NullTracker()
     if tracking is Tracking.wandb:

@@ -40,6 +40,7 @@ from services.trainer.export import export_onnx, onnx_logits, onnx_session, pari
 from services.trainer.mixing import BatchMixer
 from services.trainer.nets import build_model, load_weights
 from services.trainer.pipeline import PipelineConfig, PipelineError, PipelineResult, run_pipeline
+from services.trainer.quantize import quantize_int8
 from services.trainer.sources import (
     SplitRule,
     image_folder,
@@ -610,6 +611,43 @@ def test_int8_export_runs_and_reports_its_accuracy_change(
     assert int8.accuracy_delta == pytest.approx(accuracy - pipeline.report.accuracy)
     metrics = json.loads((pipeline.out_dir / "metrics.json").read_text())
     assert metrics["int8"]["accuracy_delta"] == pytest.approx(int8.accuracy_delta)
+    assert metrics["int8"]["activations"] == "uint8"
+    assert metrics["int8"]["reduce_range"] is False
+
+
+def _op_counts_after_onnxruntime(model: Path, tmp_path: Path) -> dict[str, int]:
+    """The node types of the graph onnxruntime runs, after its hardware-independent fusions."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(options.optimized_model_filepath).graph.node
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_int8_model_runs_every_convolution_as_an_integer_kernel(tmp_path: Path) -> None:
+    """With uint8 activations (the default) onnxruntime fuses each DequantizeLinear -> Conv ->
+    QuantizeLinear into one QLinearConv. The int8 activations used before left 10 of the
+    shipped residual network's 16 convolutions as float Convs on x86, slower than the float
+    model (docs/edge-latency.md, INT8); this residual network shows the same."""
+    torch.manual_seed(0)
+    model = build_model("compact-resnet", len(CLASSES))
+    float_graph = export_onnx(model, (32, 32))
+    convolutions = sum(
+        node.op_type == "Conv" for node in onnx.load_from_string(float_graph).graph.node
+    )
+    calibration = np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32)
+    int8 = tmp_path / "model.int8.onnx"
+    int8.write_bytes(quantize_int8(float_graph, calibration))
+    counts = _op_counts_after_onnxruntime(int8, tmp_path)
+    assert convolutions > 0
+    assert counts.get("Conv", 0) == 0
+    assert counts["QLinearConv"] == convolutions
 
 
 # --- data sources ------------------------------------------------------------------------------

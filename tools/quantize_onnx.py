@@ -5,9 +5,10 @@
 
 Copies `model.onnx` and `card.json` from the source folder into the output folder and writes
 `model.int8.onnx` beside them with the trainer's own static quantizer
-(services/trainer/quantize.py: QDQ, per-channel int8 weights, int8 activations, min/max
-ranges), calibrated on a seeded sample of the images under `--calibration`, preprocessed exactly
-as the card says. The output folder is what `tools/bench_edge.py --model` reads.
+(services/trainer/quantize.py: QDQ, per-channel int8 weights, uint8 activations unless
+`--activations int8`, min/max ranges), calibrated on a seeded sample of the images under
+`--calibration`, preprocessed exactly as the card says. The output folder is what
+`tools/bench_edge.py --model` reads.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rich.progress import track
 from binloop.ml.card import ModelCard
 from binloop.ml.preprocess import Preprocessor
 from services.edge_inferencer.models import card_path_for
-from services.trainer.quantize import calibration_sample, quantize_int8
+from services.trainer.quantize import ACTIVATION_TYPES, calibration_sample, quantize_int8
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -35,6 +36,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--calibration", type=Path, required=True, help="folder of images")
     parser.add_argument("--images", type=int, default=128, help="calibration images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--activations",
+        choices=sorted(ACTIVATION_TYPES),
+        default="uint8",
+        help="uint8: integer kernels on x86; int8: for ARM CPUs",
+    )
+    parser.add_argument(
+        "--reduce-range", action="store_true", help="7-bit weights, for x86 CPUs without VNNI"
+    )
     args = parser.parse_args(argv)
 
     onnx = args.source / "model.onnx"
@@ -52,8 +62,14 @@ def main(argv: list[str]) -> None:
         source_card = card_path_for(onnx)
         shutil.copy2(source_card, args.out / source_card.name)
     sample = calibration_sample(inputs, args.images, args.seed)
-    (args.out / "model.int8.onnx").write_bytes(quantize_int8(onnx.read_bytes(), sample))
-    print(f"wrote {args.out / 'model.int8.onnx'} ({len(sample)} calibration images)")
+    int8 = quantize_int8(
+        onnx.read_bytes(), sample, activations=args.activations, reduce_range=args.reduce_range
+    )
+    (args.out / "model.int8.onnx").write_bytes(int8)
+    print(
+        f"wrote {args.out / 'model.int8.onnx'} ({len(sample)} calibration images, "
+        f"{args.activations} activations{', 7-bit weights' if args.reduce_range else ''})"
+    )
 
 
 if __name__ == "__main__":

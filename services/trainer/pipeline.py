@@ -41,7 +41,7 @@ from services.trainer.export import (
     parity_max_abs_diff,
 )
 from services.trainer.nets import build_model, count_parameters, load_weights
-from services.trainer.quantize import calibration_sample, quantize_int8
+from services.trainer.quantize import Int8Activations, calibration_sample, quantize_int8
 from services.trainer.report import confusion_png, learning_curve_png
 from services.trainer.settings import IMAGENET_MEAN, IMAGENET_STD
 from services.trainer.sources import SourceImages, SplitData, SplitRule, load_and_split
@@ -89,6 +89,10 @@ class PipelineConfig:
     calibrate: bool = True
     int8: bool = False
     int8_calibration_images: int = 200
+    int8_activations: Int8Activations = "uint8"
+    """uint8 for x86 (integer kernels), int8 for ARM (services/trainer/quantize.py)."""
+    int8_reduce_range: bool = False
+    """7-bit weights, for x86 CPUs without VNNI."""
     parity_tolerance: float = 1e-3
     taxonomy: Taxonomy = field(default_factory=Taxonomy)
 
@@ -115,6 +119,8 @@ class Int8Result:
     accuracy_delta: float
     """INT8 accuracy minus float accuracy on the test split (negative: INT8 loses)."""
     size_bytes: int
+    activations: Int8Activations
+    reduce_range: bool
 
 
 @dataclass(frozen=True)
@@ -345,13 +351,25 @@ def _quantize(
     out: Path,
 ) -> Int8Result:
     sample = calibration_sample(train.inputs, config.int8_calibration_images, config.train.seed)
-    int8_bytes = quantize_int8(onnx_bytes, sample)
+    int8_bytes = quantize_int8(
+        onnx_bytes,
+        sample,
+        activations=config.int8_activations,
+        reduce_range=config.int8_reduce_range,
+    )
     path = out / "model.int8.onnx"
     path.write_bytes(int8_bytes)
     logits = onnx_logits(onnx_session(int8_bytes, config.threads), test.inputs)
     hits = sum(classes[i] == t for i, t in zip(logits.argmax(axis=1), test.labels, strict=True))
     accuracy = hits / len(test)
-    return Int8Result(path, accuracy, accuracy - float_accuracy, len(int8_bytes))
+    return Int8Result(
+        path,
+        accuracy,
+        accuracy - float_accuracy,
+        len(int8_bytes),
+        config.int8_activations,
+        config.int8_reduce_range,
+    )
 
 
 def _dataset_name(source: SourceImages) -> str | None:
@@ -440,6 +458,8 @@ def metrics_document(result: PipelineResult, data: SplitData) -> dict[str, Any]:
             "accuracy": result.int8.accuracy,
             "accuracy_delta": result.int8.accuracy_delta,
             "size_bytes": result.int8.size_bytes,
+            "activations": result.int8.activations,
+            "reduce_range": result.int8.reduce_range,
         },
         "best_epoch": result.best_epoch,
         "resumed_from_epoch": result.resumed_from_epoch,

@@ -1,11 +1,22 @@
 """Optional INT8 post-training quantization with onnxruntime's static quantizer (QDQ format,
-per-channel weights), calibrated on training images; the caller measures what it costs in
-accuracy before anyone ships it."""
+per-channel int8 weights), calibrated on training images; the caller measures what it costs in
+accuracy before anyone ships it.
+
+Activations are unsigned (U8S8) by default. On x86, onnxruntime fuses a quantized
+convolution into one integer QLinearConv only when its activations are uint8: with int8
+activations (S8S8) most convolutions of the shipped network stayed float Convs between
+DequantizeLinear and QuantizeLinear, so that graph ran slower than the float one on two
+threads, while the U8S8 graph is integer throughout and 3.4x faster than float on one thread
+(docs/edge-latency.md, INT8). Choose int8 activations for ARM CPUs, where onnxruntime has
+S8S8 kernels, and `reduce_range` (7-bit weights) for x86 CPUs without VNNI, whose U8S8
+multiply-adds can saturate at 16 bits.
+"""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from onnxruntime.quantization import (
@@ -19,6 +30,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from binloop.ml.preprocess import FloatArray
 from services.trainer.export import INPUT_NAME
+
+Int8Activations = Literal["uint8", "int8"]
+ACTIVATION_TYPES: dict[Int8Activations, QuantType] = {
+    "uint8": QuantType.QUInt8,
+    "int8": QuantType.QInt8,
+}
 
 
 class _Batches(CalibrationDataReader):  # type: ignore[misc]  # untyped onnxruntime base
@@ -48,9 +65,16 @@ def calibration_sample(inputs: FloatArray, size: int, seed: int) -> FloatArray:
     return sample
 
 
-def quantize_int8(onnx_bytes: bytes, calibration: FloatArray) -> bytes:
-    """Static INT8 quantization of a float32 graph: int8 weights (per channel) and activations,
-    ranges from the calibration inputs by min/max."""
+def quantize_int8(
+    onnx_bytes: bytes,
+    calibration: FloatArray,
+    *,
+    activations: Int8Activations = "uint8",
+    reduce_range: bool = False,
+) -> bytes:
+    """Static INT8 quantization of a float32 graph: int8 weights (per channel; 7-bit with
+    `reduce_range`) and 8-bit activations of the given type, ranges from the calibration inputs
+    by min/max."""
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "model.onnx"
         prepared = Path(folder) / "model.prep.onnx"
@@ -63,9 +87,10 @@ def quantize_int8(onnx_bytes: bytes, calibration: FloatArray) -> bytes:
             str(target),
             _Batches(calibration),
             quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
+            activation_type=ACTIVATION_TYPES[activations],
             weight_type=QuantType.QInt8,
             per_channel=True,
+            reduce_range=reduce_range,
             calibrate_method=CalibrationMethod.MinMax,
         )
         return target.read_bytes()
