@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
 import platform
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -127,11 +129,15 @@ class BenchModel:
     weights: Path | None
     """The trained torch weights; without them eager mode runs the same network freshly
     initialised (latency does not depend on the values of the weights)."""
+    tag: str | None = None
+    """Set to the folder's name when another --model has the same architecture and input size,
+    so that their rows (keyed by label) stay apart."""
 
     @property
     def label(self) -> str:
         height, width = self.card.input_size
-        return f"{self.card.architecture}@{height}x{width}"
+        label = f"{self.card.architecture}@{height}x{width}"
+        return label if self.tag is None else f"{label} ({self.tag})"
 
     @property
     def slug(self) -> str:
@@ -149,6 +155,15 @@ class BenchModel:
             int8 if int8.exists() else None,
             weights if weights.exists() else None,
         )
+
+
+def distinct_labels(models: list[BenchModel]) -> list[BenchModel]:
+    """Tags the models whose label another one shares with their folder's name."""
+    counts = Counter(model.label for model in models)
+    return [
+        dataclasses.replace(model, tag=model.folder.name) if counts[model.label] > 1 else model
+        for model in models
+    ]
 
 
 @dataclass(frozen=True)
@@ -487,44 +502,52 @@ class Verdict:
     holds: bool
 
 
+PRECISIONS = ((ONNX_RAW, EDGE_PATH), (INT8_RAW, INT8_EDGE_PATH))
+"""Each graph's (session.run, edge path) rows; every target is judged for each graph measured."""
+
+
 def verdicts(measurements: list[Measurement]) -> list[Verdict]:
     table = by_key(measurements)
     found: list[Verdict] = []
     for model in dict.fromkeys(m.model for m in measurements):
         threads = sorted({m.threads for m in measurements if m.model == model})
-        for t in threads:
-            raw, path = table[(model, t, ONNX_RAW)], table[(model, t, EDGE_PATH)]
-            ratio = path.p50 / raw.p50
-            found.append(
-                Verdict(
-                    model,
-                    f"edge path p50 <= {PATH_OVERHEAD_MAX}x raw session.run p50 ({t} thr)",
-                    f"{path.p50:.2f} / {raw.p50:.2f} ms = {ratio:.2f}x",
-                    ratio <= PATH_OVERHEAD_MAX,
-                )
-            )
-        if 1 in threads:
-            for variant in (ONNX_RAW, EDGE_PATH):
-                m = table[(model, 1, variant)]
+        for raw_variant, path_variant in PRECISIONS:
+            if (model, threads[0], raw_variant) not in table:
+                continue  # no INT8 twin
+            graph = raw_variant.removesuffix(" session.run")
+            for t in threads:
+                raw, path = table[(model, t, raw_variant)], table[(model, t, path_variant)]
+                ratio = path.p50 / raw.p50
                 found.append(
                     Verdict(
                         model,
-                        f"{variant} p99 < {ONE_CORE_P99_MAX_MS:g} ms (1 thr)",
-                        f"{m.p99:.2f} ms",
-                        m.p99 < ONE_CORE_P99_MAX_MS,
+                        f"{path_variant} p50 <= {PATH_OVERHEAD_MAX}x {raw_variant} p50 ({t} thr)",
+                        f"{path.p50:.2f} / {raw.p50:.2f} ms = {ratio:.2f}x",
+                        ratio <= PATH_OVERHEAD_MAX,
                     )
                 )
-        for t in threads:
-            raw, eager = table[(model, t, ONNX_RAW)], table[(model, t, TORCH_EAGER)]
-            speedup = eager.p50 / raw.p50
-            found.append(
-                Verdict(
-                    model,
-                    f"torch eager p50 >= {TORCH_SLOWDOWN_MIN:g}x onnx p50 ({t} thr)",
-                    f"{eager.p50:.2f} / {raw.p50:.2f} ms = {speedup:.2f}x",
-                    speedup >= TORCH_SLOWDOWN_MIN,
+            if 1 in threads:
+                for variant in (raw_variant, path_variant):
+                    m = table[(model, 1, variant)]
+                    found.append(
+                        Verdict(
+                            model,
+                            f"{variant} p99 < {ONE_CORE_P99_MAX_MS:g} ms (1 thr)",
+                            f"{m.p99:.2f} ms",
+                            m.p99 < ONE_CORE_P99_MAX_MS,
+                        )
+                    )
+            for t in threads:
+                raw, eager = table[(model, t, raw_variant)], table[(model, t, TORCH_EAGER)]
+                speedup = eager.p50 / raw.p50
+                found.append(
+                    Verdict(
+                        model,
+                        f"torch eager p50 >= {TORCH_SLOWDOWN_MIN:g}x {graph} p50 ({t} thr)",
+                        f"{eager.p50:.2f} / {raw.p50:.2f} ms = {speedup:.2f}x",
+                        speedup >= TORCH_SLOWDOWN_MIN,
+                    )
                 )
-            )
     return found
 
 
@@ -698,7 +721,7 @@ async def main(argv: list[str]) -> None:
     args = parse_args(argv)
     # Wide enough for the tables when the output is a pipe or a log file.
     console = Console(width=None if sys.stdout.isatty() else 170)
-    models = [BenchModel.open(folder) for folder in args.model]
+    models = distinct_labels([BenchModel.open(folder) for folder in args.model])
     # One graph at a time: parallelism between torch ops would not be a fair comparison.
     torch.set_num_interop_threads(1)
     started = datetime.now(UTC)
