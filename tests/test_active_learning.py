@@ -748,6 +748,15 @@ def test_the_example_policy_file_documents_the_defaults() -> None:
     assert not SamplingPolicy().strategies.disagreement.enabled
 
 
+def test_the_cold_start_policy_file_runs_representative_and_the_random_baseline_only() -> None:
+    policy = load_policy(REPO / "services" / "sampler" / "policy.cold-start.yaml")
+    strategies = [w.strategy.name for w in build_strategies(policy)]
+    assert strategies == ["representative"]
+    assert policy.strategies.random.fraction == SamplingPolicy().strategies.random.fraction
+    assert policy.dedup == SamplingPolicy().dedup
+    assert policy.rate_limits == SamplingPolicy().rate_limits
+
+
 def test_a_policy_setting_what_each_result_now_carries_is_refused_saying_why() -> None:
     # The policy used to repeat the edge's threshold and the model's class count; a file that
     # still sets them would otherwise look as if it changed something.
@@ -1004,3 +1013,35 @@ def test_every_benchmark_arm_runs_exactly_the_strategies_it_names() -> None:
         running = {weighted.strategy.name for weighted in build_strategies(policy)}
         assert running == expected.get(arm, {arm}), arm
         assert policy.strategies.random.fraction == 1.0  # the baseline fills what is left
+
+
+def test_benchmark_cold_start_lets_the_strategy_pick_the_first_labels() -> None:
+    """The `tiny` protocol starts with no labels: the head predicts every class equally and
+    the first round goes through the real sampler, where `representative` takes one typical
+    frame from each cluster of the embeddings (three tight clusters here)."""
+    benchmark = _al_benchmark()
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8) * 10
+    per_cluster = 12
+    features = np.concatenate([centre + rng.normal(size=(per_cluster, 8)) for centre in centres])
+    labels = np.repeat(np.arange(3), per_cluster)
+    count = len(labels)
+    data = benchmark.Dataset(
+        classes=["cardboard", "glass", "metal"],
+        files=[Path(f"{i}.jpg") for i in range(count)],
+        labels=labels.astype(np.int64),
+        is_test=np.arange(count) % 4 == 0,
+        is_pool=np.arange(count) % 4 != 0,
+        features=features,
+        sha256=[hashlib.sha256(str(i).encode()).hexdigest() for i in range(count)],
+        phash=[f"{rng.integers(0, 2**63):016x}" for _ in range(count)],
+    )
+    untrained = benchmark.SoftmaxRegression(3).fit(features[:0], labels[:0])
+    assert np.allclose(untrained.predict_proba(features), 1 / 3)
+
+    for seed in range(5):
+        run = benchmark.simulate(data, "representative", seed, seed_size=0, budget=3, rounds=1)
+        assert run.labels == [0, 3]
+        assert run.accuracy[1] == 1.0  # one label per cluster separates the three
+    random_runs = [benchmark.simulate(data, "random", seed, 0, 3, 1) for seed in range(5)]
+    assert min(run.accuracy[1] for run in random_runs) < 1.0  # chance misses a cluster
