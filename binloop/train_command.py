@@ -41,7 +41,7 @@ class SplitBy(StrEnum):
     name = "name"
 
 
-class Int8Activations(StrEnum):
+class Int8ActivationChoice(StrEnum):
     uint8 = "uint8"
     int8 = "int8"
 
@@ -199,9 +199,9 @@ def train_command(
     calibrate: Annotated[bool, typer.Option(help="Fit temperature scaling on val")] = True,
     int8: Annotated[bool, typer.Option(help="Also write an INT8 model and its accuracy")] = False,
     int8_activations: Annotated[
-        Int8Activations,
+        Int8ActivationChoice,
         typer.Option(help="uint8: integer kernels on x86; int8: for ARM CPUs"),
-    ] = Int8Activations.uint8,
+    ] = Int8ActivationChoice.uint8,
     int8_reduce_range: Annotated[
         bool, typer.Option(help="7-bit INT8 weights, for x86 CPUs without VNNI")
     ] = False,
@@ -255,7 +255,7 @@ def train_command(
         checkpoint_every=checkpoint_every,
         calibrate=calibrate,
         int8=int8,
-        int8_activations="int8" if int8_activations is Int8Activations.int8 else "uint8",
+        int8_activations="int8" if int8_activations is Int8ActivationChoice.int8 else "uint8",
         int8_reduce_range=int8_reduce_range,
     )
     tracker: Tracker = NullTracker()

@@ -752,6 +752,9 @@ def test_the_cold_start_policy_file_runs_representative_and_the_random_baseline_
     policy = load_policy(REPO / "services" / "sampler" / "policy.cold-start.yaml")
     strategies = [w.strategy.name for w in build_strategies(policy)]
     assert strategies == ["representative"]
+    representative = policy.strategies.representative
+    assert (representative.per_batch, representative.remember) == (4, 1000)
+    assert policy.strategies.random.enabled
     assert policy.strategies.random.fraction == SamplingPolicy().strategies.random.fraction
     assert policy.dedup == SamplingPolicy().dedup
     assert policy.rate_limits == SamplingPolicy().rate_limits

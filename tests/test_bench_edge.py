@@ -72,3 +72,10 @@ def test_two_folders_with_the_same_network_get_their_folder_names(tmp_path: Path
         "compact-resnet-deep@96x128 (shipped-s8s8)",
         "compact-resnet-deep@64x64",
     ]
+    same_name = BenchModel(tmp_path / "b" / "shipped", card, first.onnx, None, None)
+    tagged = distinct_labels([first, same_name])
+    assert [m.label for m in tagged] == [
+        f"compact-resnet-deep@96x128 ({tmp_path / 'shipped'})",
+        f"compact-resnet-deep@96x128 ({tmp_path / 'b' / 'shipped'})",
+    ]
+    assert not tagged[0].slug.endswith("_")

@@ -616,7 +616,8 @@ def test_int8_export_runs_and_reports_its_accuracy_change(
 
 
 def _op_counts_after_onnxruntime(model: Path, tmp_path: Path) -> dict[str, int]:
-    """The node types of the graph onnxruntime runs, after its hardware-independent fusions."""
+    """The node types of the graph onnxruntime runs after its EXTENDED-level fusions (not the
+    NCHWc layout of ALL); which quantized nodes fuse depends on the CPU's platform."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

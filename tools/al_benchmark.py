@@ -5,10 +5,10 @@ TrashNet is split by a hash of each file name into three disjoint parts: a fixed
 feature split and the unlabeled pool. The trainer's CompactCNN is trained from scratch on the
 feature split once (seeded, cached) and frozen; its pooled penultimate features are the
 embeddings of the pool and the test split, which never touch its training. Per strategy and
-seed: a small random labeled seed; then rounds of train a softmax head (L-BFGS) -> score the
-pool (as InferenceResults, through the real `Sampler`, its rate limit as the per-round budget,
-pHash dedup on InferenceResult.phash) -> the oracle labels the selections; accuracy on the test
-split after every round.
+seed: a small random labeled seed (none in "tiny"); then rounds of train a softmax head
+(L-BFGS) -> score the pool (as InferenceResults, through the real `Sampler`, its rate limit as
+the per-round budget, pHash dedup on InferenceResult.phash) -> the oracle labels the
+selections; accuracy on the test split after every round.
 
 Three protocols (docs/active-learning.md): "small" (20 seed labels + 15 rounds of 20 = 320, 37 % of
 the pool), "large" (40 + 15 rounds of 40 = 640, 75 % of the pool, where random sampling is
@@ -88,8 +88,8 @@ PROTOCOLS = {
     # Budget 640 of 858: random at the full budget is near the whole-pool ceiling; half is 320.
     "large": Protocol(seed_size=40, per_round=40, rounds=15, plot="al_learning_curves_large.png"),
     # Cold start, few labels: no seed, so the first round's picks are the strategy's own (from
-    # the embeddings alone; uncertainty has nothing to rank yet and leaves it to the random
-    # baseline); 60 labels, 10 per class on average, where random's curve is still steep.
+    # the embeddings alone; for uncertainty every frame ties and the stream order decides);
+    # 60 labels, 10 per class on average, where random's curve is still steep.
     "tiny": Protocol(seed_size=0, per_round=6, rounds=10, plot="al_learning_curves_tiny.png"),
 }
 

@@ -130,8 +130,8 @@ class BenchModel:
     """The trained torch weights; without them eager mode runs the same network freshly
     initialised (latency does not depend on the values of the weights)."""
     tag: str | None = None
-    """Set to the folder's name when another --model has the same architecture and input size,
-    so that their rows (keyed by label) stay apart."""
+    """Set to the folder's name (its path when names repeat too) when another --model has the
+    same architecture and input size, so that their rows (keyed by label) stay apart."""
 
     @property
     def label(self) -> str:
@@ -141,7 +141,7 @@ class BenchModel:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace("@", "-"))
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace("@", "-")).strip("_")
 
     @classmethod
     def open(cls, folder: Path) -> BenchModel:
@@ -158,10 +158,17 @@ class BenchModel:
 
 
 def distinct_labels(models: list[BenchModel]) -> list[BenchModel]:
-    """Tags the models whose label another one shares with their folder's name."""
-    counts = Counter(model.label for model in models)
+    """Tags the models whose label another one shares with their folder's name, or with the
+    folder's path where two such folders have the same name."""
+    labels = Counter(model.label for model in models)
+    names = Counter((model.label, model.folder.name) for model in models)
+
+    def tag(model: BenchModel) -> str:
+        unique = names[(model.label, model.folder.name)] == 1
+        return model.folder.name if unique else str(model.folder)
+
     return [
-        dataclasses.replace(model, tag=model.folder.name) if counts[model.label] > 1 else model
+        dataclasses.replace(model, tag=tag(model)) if labels[model.label] > 1 else model
         for model in models
     ]
 
