@@ -513,6 +513,19 @@ PRECISIONS = ((ONNX_RAW, EDGE_PATH), (INT8_RAW, INT8_EDGE_PATH))
 """Each graph's (session.run, edge path) rows; every target is judged for each graph measured."""
 
 
+def _ratio_verdict(
+    model: str,
+    target: str,
+    slower: Measurement,
+    faster: Measurement,
+    holds: Callable[[float], bool],
+) -> Verdict:
+    """A target on the ratio of two medians."""
+    ratio = slower.p50 / faster.p50
+    measured = f"{slower.p50:.2f} / {faster.p50:.2f} ms = {ratio:.2f}x"
+    return Verdict(model, target, measured, holds(ratio))
+
+
 def verdicts(measurements: list[Measurement]) -> list[Verdict]:
     table = by_key(measurements)
     found: list[Verdict] = []
@@ -524,14 +537,9 @@ def verdicts(measurements: list[Measurement]) -> list[Verdict]:
             graph = raw_variant.removesuffix(" session.run")
             for t in threads:
                 raw, path = table[(model, t, raw_variant)], table[(model, t, path_variant)]
-                ratio = path.p50 / raw.p50
+                target = f"{path_variant} p50 <= {PATH_OVERHEAD_MAX}x {raw_variant} p50 ({t} thr)"
                 found.append(
-                    Verdict(
-                        model,
-                        f"{path_variant} p50 <= {PATH_OVERHEAD_MAX}x {raw_variant} p50 ({t} thr)",
-                        f"{path.p50:.2f} / {raw.p50:.2f} ms = {ratio:.2f}x",
-                        ratio <= PATH_OVERHEAD_MAX,
-                    )
+                    _ratio_verdict(model, target, path, raw, lambda r: r <= PATH_OVERHEAD_MAX)
                 )
             if 1 in threads:
                 for variant in (raw_variant, path_variant):
@@ -546,14 +554,9 @@ def verdicts(measurements: list[Measurement]) -> list[Verdict]:
                     )
             for t in threads:
                 raw, eager = table[(model, t, raw_variant)], table[(model, t, TORCH_EAGER)]
-                speedup = eager.p50 / raw.p50
+                target = f"torch eager p50 >= {TORCH_SLOWDOWN_MIN:g}x {graph} p50 ({t} thr)"
                 found.append(
-                    Verdict(
-                        model,
-                        f"torch eager p50 >= {TORCH_SLOWDOWN_MIN:g}x {graph} p50 ({t} thr)",
-                        f"{eager.p50:.2f} / {raw.p50:.2f} ms = {speedup:.2f}x",
-                        speedup >= TORCH_SLOWDOWN_MIN,
-                    )
+                    _ratio_verdict(model, target, eager, raw, lambda r: r >= TORCH_SLOWDOWN_MIN)
                 )
     return found
 
