@@ -203,8 +203,11 @@ def train_command(
         typer.Option(help="uint8: integer kernels on x86; int8: for ARM CPUs"),
     ] = Int8ActivationChoice.uint8,
     int8_reduce_range: Annotated[
-        bool, typer.Option(help="7-bit INT8 weights, for x86 CPUs without VNNI")
-    ] = False,
+        bool,
+        typer.Option(
+            help="7-bit INT8 weights: exact on every x86 CPU (8-bit ones saturate without VNNI)"
+        ),
+    ] = True,
     split_by: Annotated[SplitBy, typer.Option(help="Hash the image content or its name")] = (
         SplitBy.content
     ),

@@ -1,13 +1,15 @@
 """INT8 twin of a trained ONNX classifier, for latency work on the edge.
 
     .venv/bin/python tools/quantize_onnx.py binloop/ml/shipped_model runs/shipped \
-        --calibration ../shared/datasets/trashnet
+        --image-folder ../shared/datasets/trashnet
 
 Copies `model.onnx` and `card.json` from the source folder into the output folder and writes
 `model.int8.onnx` beside them with the trainer's own static quantizer
-(services/trainer/quantize.py: QDQ, per-channel int8 weights, uint8 activations unless
-`--activations int8`, min/max ranges), calibrated on a seeded sample of the images under
-`--calibration`, preprocessed exactly as the card says. The output folder is what
+(services/trainer/quantize.py: QDQ, per-channel 7-bit weights unless `--no-reduce-range`,
+uint8 activations unless `--activations int8`, min/max ranges). The image folder
+(<folder>/<class>/<image>) is split as `binloop train` splits it by default (sha256 of the
+content; test 0.15, val 0.15): a seeded sample of its train split calibrates, and both graphs
+are scored on its test split, preprocessed exactly as the card says. The output folder is what
 `tools/bench_edge.py --model` reads.
 """
 
@@ -19,21 +21,61 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from rich.progress import track
+import onnxruntime as ort
+from rich.console import Console
+from rich.table import Table
 
 from binloop.ml.card import ModelCard
-from binloop.ml.preprocess import Preprocessor
+from binloop.ml.preprocess import FloatArray, Preprocessor
 from services.edge_inferencer.models import card_path_for
+from services.trainer.export import onnx_logits, onnx_session
 from services.trainer.quantize import ACTIVATION_TYPES, calibration_sample, quantize_int8
+from services.trainer.sources import SplitData, SplitRule, image_folder, load_and_split
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+def as_written(graph: bytes, threads: int) -> ort.InferenceSession:
+    """onnxruntime with its graph optimisations off: a QDQ graph computed in float, exactly as
+    written, rather than in the fused integer kernels this CPU has."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def score_on_test_split(
+    card: ModelCard, data: SplitData, sessions: dict[str, ort.InferenceSession]
+) -> tuple[Table, dict[str, FloatArray]]:
+    """Accuracy of each session on the test split, how often it agrees with the first, and
+    every session's logits."""
+    test = data.splits["test"]
+    same_split = card.metrics is not None and card.metrics.eval_set_id == data.content_id("test")
+    table = Table(
+        title=f"Test split: {len(test)} images "
+        f"({'the card' if same_split else 'NOT the card'}'s test split)"
+    )
+    for column in ("graph", "accuracy", "correct", "same class as the first"):
+        table.add_column(column, justify="left" if column == "graph" else "right")
+    labels = np.array([card.classes.index(label) for label in test.labels])
+    logits = {name: onnx_logits(session, test.inputs) for name, session in sessions.items()}
+    first = next(iter(logits.values())).argmax(axis=1)
+    for name, scores in logits.items():
+        predicted = scores.argmax(axis=1)
+        hits = int(np.sum(predicted == labels))
+        agree = float(np.mean(predicted == first))
+        table.add_row(name, f"{hits / len(test):.3f}", f"{hits}/{len(test)}", f"{agree:.1%}")
+    return table, logits
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("source", type=Path, help="folder with model.onnx and its card.json")
     parser.add_argument("out", type=Path, help="folder to write the copy and model.int8.onnx to")
-    parser.add_argument("--calibration", type=Path, required=True, help="folder of images")
+    parser.add_argument(
+        "--image-folder",
+        type=Path,
+        required=True,
+        help="<folder>/<class>/<image>: its train split calibrates, its test split scores",
+    )
     parser.add_argument("--images", type=int, default=128, help="calibration images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -43,32 +85,53 @@ def main(argv: list[str]) -> None:
         help="uint8: integer kernels on x86; int8: for ARM CPUs",
     )
     parser.add_argument(
-        "--reduce-range", action="store_true", help="7-bit weights, for x86 CPUs without VNNI"
+        "--reduce-range",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="7-bit weights, exact on every x86 CPU (8-bit ones saturate without VNNI)",
     )
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads to score")
     args = parser.parse_args(argv)
 
     onnx = args.source / "model.onnx"
     card = ModelCard.read(card_path_for(onnx))
-    paths = sorted(p for p in args.calibration.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise SystemExit(f"no images under {args.calibration}")
-    chosen = [paths[i] for i in np.random.default_rng(args.seed).permutation(len(paths))]
     preprocess = Preprocessor.from_card(card)
-    calibration = track(chosen[: args.images], "calibrating")
-    inputs = np.stack([preprocess.load(p.read_bytes()) for p in calibration])
+    data = load_and_split(image_folder(args.image_folder), preprocess, SplitRule())
+    train = data.splits["train"]
+    if len(train) == 0:
+        raise SystemExit(f"no train-split images under {args.image_folder}")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.out.resolve() != args.source.resolve():
         shutil.copy2(onnx, args.out / "model.onnx")
         source_card = card_path_for(onnx)
         shutil.copy2(source_card, args.out / source_card.name)
-    sample = calibration_sample(inputs, args.images, args.seed)
+    sample = calibration_sample(train.inputs, args.images, args.seed)
+    float_graph = onnx.read_bytes()
     int8 = quantize_int8(
-        onnx.read_bytes(), sample, activations=args.activations, reduce_range=args.reduce_range
+        float_graph, sample, activations=args.activations, reduce_range=args.reduce_range
     )
     (args.out / "model.int8.onnx").write_bytes(int8)
     print(
-        f"wrote {args.out / 'model.int8.onnx'} ({len(sample)} calibration images, "
-        f"{args.activations} activations{', 7-bit weights' if args.reduce_range else ''})"
+        f"wrote {args.out / 'model.int8.onnx'} ({len(sample)} train-split calibration images, "
+        f"{args.activations} activations, {7 if args.reduce_range else 8}-bit weights)"
+    )
+    if not len(data.splits["test"]):
+        return
+    fused, written = "INT8 on this CPU", "INT8 as written"
+    sessions = {
+        "float32": onnx_session(float_graph, args.threads),
+        fused: onnx_session(int8, args.threads),
+        written: as_written(int8, args.threads),
+    }
+    table, logits = score_on_test_split(card, data, sessions)
+    console = Console()
+    console.print(table)
+    gap = float(np.abs(logits[fused] - logits[written]).max())
+    same = float(np.mean(logits[fused].argmax(axis=1) == logits[written].argmax(axis=1)))
+    console.print(
+        f"INT8 on this CPU against the graph as written: largest logit difference {gap:.3f}, "
+        f"same class for {same:.1%} of the test images (7-bit weights make them equal on any "
+        "x86 CPU; 8-bit ones clip on CPUs without VNNI)"
     )
 
 

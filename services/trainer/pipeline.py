@@ -91,8 +91,8 @@ class PipelineConfig:
     int8_calibration_images: int = 200
     int8_activations: Int8Activations = "uint8"
     """uint8 for x86 (integer kernels), int8 for ARM (services/trainer/quantize.py)."""
-    int8_reduce_range: bool = False
-    """7-bit weights, for x86 CPUs without VNNI."""
+    int8_reduce_range: bool = True
+    """7-bit weights: the same results on every x86 CPU (services/trainer/quantize.py)."""
     parity_tolerance: float = 1e-3
     taxonomy: Taxonomy = field(default_factory=Taxonomy)
 
