@@ -10,6 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from binloop.storage import sha256_hex
+from services.trainer.sources import SplitRule
 from tools.quantize_onnx import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,10 +44,23 @@ def test_writes_a_7_bit_twin_and_scores_it_against_the_graph_as_written(
     assert "same class for 100.0% of the test images" in printed
 
 
-def test_an_image_folder_without_train_images_is_refused(tmp_path: Path) -> None:
-    empty = tmp_path / "photos"
-    (empty / "glass").mkdir(parents=True)
-    shutil.copy(next((SEED_PHOTOS / "glass").iterdir()), empty / "unlabeled.jpg")
+def test_a_folder_it_cannot_calibrate_from_is_refused_with_the_reason(tmp_path: Path) -> None:
+    def refused(folder: Path) -> str:
+        with pytest.raises(SystemExit) as stopped:
+            main([str(SHIPPED), str(tmp_path / "out"), "--image-folder", str(folder)])
+        return str(stopped.value)
 
-    with pytest.raises(SystemExit, match="no train-split images"):
-        main([str(SHIPPED), str(tmp_path / "out"), "--image-folder", str(empty)])
+    assert "does not exist" in refused(tmp_path / "missing")
+    photos = tmp_path / "photos"
+    (photos / "glass").mkdir(parents=True)
+    shutil.copy(next((SEED_PHOTOS / "glass").iterdir()), photos / "unlabeled.jpg")
+    assert "no readable images in class folders" in refused(photos)
+    rule = SplitRule()
+    held_out = next(
+        path
+        for path in sorted(SEED_PHOTOS.rglob("*.jpg"))
+        if rule.split_of(path.name, sha256_hex(path.read_bytes())) != "train"
+    )
+    shutil.copy(held_out, photos / "glass" / held_out.name)
+    assert "no train-split images" in refused(photos)
+    assert not (tmp_path / "out").exists()

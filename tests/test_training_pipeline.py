@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from binloop.datasets import import_image_folder
 from binloop.ml.card import ModelCard
-from binloop.ml.preprocess import FloatArray, Preprocessor, softmax
+from binloop.ml.preprocess import Preprocessor, softmax
 from binloop.storage import LocalBlobStore
 from binloop.train_command import train_command
 from schemas.taxonomy import Taxonomy
@@ -652,25 +652,12 @@ def test_int8_model_runs_every_convolution_as_an_integer_kernel(tmp_path: Path) 
     assert counts["QLinearConv"] == convolutions
 
 
-def _quantized_logits(graph: bytes, level: object, inputs: FloatArray) -> FloatArray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-    (logits, _embedding) = session.run(None, {session.get_inputs()[0].name: inputs})
-    return np.asarray(logits, dtype=np.float32)
-
-
 def test_int8_integer_kernels_compute_the_graph_as_written(tmp_path: Path) -> None:
     """The fused integer kernels (QLinearConv, ...) give the logits the QDQ graph defines, which
     onnxruntime computes in float with its optimisations off, to within one step of the logits'
     quantization. With 7-bit weights (the default) no uint8 x int8 pair sum can saturate, so
     this holds on every x86 CPU; with 8-bit weights, on x86 without VNNI (AVX2), this network's
     logits were 13 steps off (docs/edge-latency.md, INT8)."""
-    import onnxruntime as ort
-
     torch.manual_seed(0)
     float_graph = export_onnx(build_model("compact-resnet", len(CLASSES)), (32, 32))
     rng = np.random.default_rng(0)
@@ -684,8 +671,8 @@ def test_int8_integer_kernels_compute_the_graph_as_written(tmp_path: Path) -> No
     assert weights
     assert max(int(np.abs(w).max()) for w in weights) <= 64  # 7 bits
     step = float(numpy_helper.to_array(initializers["logits_scale"]))
-    written = _quantized_logits(int8, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, inputs)
-    fused = _quantized_logits(int8, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, inputs)
+    written = onnx_logits(onnx_session(int8, optimized=False), inputs)
+    fused = onnx_logits(onnx_session(int8), inputs)
     assert np.abs(written).max() > 10 * step  # the logits span many steps
     assert np.abs(fused - written).max() <= step * 1.01
 
@@ -1098,6 +1085,7 @@ def test_train_command_writes_a_complete_model_folder(folder: Path, tmp_path: Pa
         "none",
         "--test-fraction",
         "0.25",
+        "--int8",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -1107,6 +1095,8 @@ def test_train_command_writes_a_complete_model_folder(folder: Path, tmp_path: Pa
     assert card.input_size == SIZE
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 2
+    assert metrics["int8"]["activations"] == "uint8"  # the command's defaults
+    assert metrics["int8"]["reduce_range"] is True
     assert set(metrics["test_compartments"]["labels"]) == {
         "plastic_metal",
         "paper_cardboard",

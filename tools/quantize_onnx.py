@@ -8,8 +8,10 @@ Copies `model.onnx` and `card.json` from the source folder into the output folde
 (services/trainer/quantize.py: QDQ, per-channel 7-bit weights unless `--no-reduce-range`,
 uint8 activations unless `--activations int8`, min/max ranges). The image folder
 (<folder>/<class>/<image>) is split as `binloop train` splits it by default (sha256 of the
-content; test 0.15, val 0.15): a seeded sample of its train split calibrates, and both graphs
-are scored on its test split, preprocessed exactly as the card says. The output folder is what
+content; test 0.15, val 0.15; the table says whether that is the card's test split): a seeded
+sample of its train split calibrates, and its test split scores the float32 graph, the INT8
+graph in this CPU's integer kernels and the INT8 graph as written (onnxruntime's optimisations
+off, in float), all preprocessed exactly as the card says. The output folder is what
 `tools/bench_edge.py --model` reads.
 """
 
@@ -33,21 +35,15 @@ from services.trainer.quantize import ACTIVATION_TYPES, calibration_sample, quan
 from services.trainer.sources import SplitData, SplitRule, image_folder, load_and_split
 
 
-def as_written(graph: bytes, threads: int) -> ort.InferenceSession:
-    """onnxruntime with its graph optimisations off: a QDQ graph computed in float, exactly as
-    written, rather than in the fused integer kernels this CPU has."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-
-
 def score_on_test_split(
     card: ModelCard, data: SplitData, sessions: dict[str, ort.InferenceSession]
 ) -> tuple[Table, dict[str, FloatArray]]:
     """Accuracy of each session on the test split, how often it agrees with the first, and
     every session's logits."""
     test = data.splits["test"]
+    unknown = sorted(set(test.labels) - set(card.classes))
+    if unknown:
+        raise SystemExit(f"classes the model does not have: {', '.join(unknown)}")
     same_split = card.metrics is not None and card.metrics.eval_set_id == data.content_id("test")
     table = Table(
         title=f"Test split: {len(test)} images "
@@ -96,8 +92,13 @@ def main(argv: list[str]) -> None:
     onnx = args.source / "model.onnx"
     card = ModelCard.read(card_path_for(onnx))
     preprocess = Preprocessor.from_card(card)
-    data = load_and_split(image_folder(args.image_folder), preprocess, SplitRule())
+    try:
+        data = load_and_split(image_folder(args.image_folder), preprocess, SplitRule())
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from exc
     train = data.splits["train"]
+    if not sum(data.counts().values()):
+        raise SystemExit(f"no readable images in class folders under {args.image_folder}")
     if len(train) == 0:
         raise SystemExit(f"no train-split images under {args.image_folder}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -116,22 +117,28 @@ def main(argv: list[str]) -> None:
         f"{args.activations} activations, {7 if args.reduce_range else 8}-bit weights)"
     )
     if not len(data.splits["test"]):
+        print("no test-split images: nothing scored")
         return
     fused, written = "INT8 on this CPU", "INT8 as written"
     sessions = {
         "float32": onnx_session(float_graph, args.threads),
         fused: onnx_session(int8, args.threads),
-        written: as_written(int8, args.threads),
+        written: onnx_session(int8, args.threads, optimized=False),
     }
     table, logits = score_on_test_split(card, data, sessions)
     console = Console()
     console.print(table)
     gap = float(np.abs(logits[fused] - logits[written]).max())
     same = float(np.mean(logits[fused].argmax(axis=1) == logits[written].argmax(axis=1)))
+    why = (
+        " (with uint8 activations, 7-bit weights keep them within one quantization step on any "
+        "x86 CPU; 8-bit ones clip on CPUs without VNNI)"
+        if args.activations == "uint8"
+        else ""
+    )
     console.print(
         f"INT8 on this CPU against the graph as written: largest logit difference {gap:.3f}, "
-        f"same class for {same:.1%} of the test images (7-bit weights make them equal on any "
-        "x86 CPU; 8-bit ones clip on CPUs without VNNI)"
+        f"same class for {same:.1%} of the test images{why}"
     )
 
 

@@ -68,10 +68,17 @@ def export_onnx(
         return path.read_bytes()
 
 
-def onnx_session(onnx_bytes: bytes, threads: int = 1) -> ort.InferenceSession:
+def onnx_session(
+    onnx_bytes: bytes, threads: int = 1, *, optimized: bool = True
+) -> ort.InferenceSession:
+    """`optimized=False` turns onnxruntime's graph optimisations off: a quantized (QDQ) graph
+    is then computed in float exactly as written, not in the fused integer kernels of this
+    CPU."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
 
 
