@@ -92,8 +92,10 @@ def main(argv: list[str]) -> None:
     onnx = args.source / "model.onnx"
     card = ModelCard.read(card_path_for(onnx))
     preprocess = Preprocessor.from_card(card)
+    console = Console()
     try:
-        data = load_and_split(image_folder(args.image_folder), preprocess, SplitRule())
+        with console.status(f"reading and preprocessing {args.image_folder}"):
+            data = load_and_split(image_folder(args.image_folder), preprocess, SplitRule())
     except FileNotFoundError as exc:
         raise SystemExit(str(exc)) from exc
     train = data.splits["train"]
@@ -108,9 +110,10 @@ def main(argv: list[str]) -> None:
         shutil.copy2(source_card, args.out / source_card.name)
     sample = calibration_sample(train.inputs, args.images, args.seed)
     float_graph = onnx.read_bytes()
-    int8 = quantize_int8(
-        float_graph, sample, activations=args.activations, reduce_range=args.reduce_range
-    )
+    with console.status(f"quantizing, calibrated on {len(sample)} images"):
+        int8 = quantize_int8(
+            float_graph, sample, activations=args.activations, reduce_range=args.reduce_range
+        )
     (args.out / "model.int8.onnx").write_bytes(int8)
     print(
         f"wrote {args.out / 'model.int8.onnx'} ({len(sample)} train-split calibration images, "
@@ -125,8 +128,8 @@ def main(argv: list[str]) -> None:
         fused: onnx_session(int8, args.threads),
         written: onnx_session(int8, args.threads, optimized=False),
     }
-    table, logits = score_on_test_split(card, data, sessions)
-    console = Console()
+    with console.status("scoring the test split"):
+        table, logits = score_on_test_split(card, data, sessions)
     console.print(table)
     gap = float(np.abs(logits[fused] - logits[written]).max())
     same = float(np.mean(logits[fused].argmax(axis=1) == logits[written].argmax(axis=1)))
