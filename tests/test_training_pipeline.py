@@ -652,7 +652,7 @@ def test_int8_model_runs_every_convolution_as_an_integer_kernel(tmp_path: Path) 
     assert counts["QLinearConv"] == convolutions
 
 
-def test_int8_integer_kernels_compute_the_graph_as_written(tmp_path: Path) -> None:
+def test_int8_integer_kernels_compute_the_graph_as_written() -> None:
     """The fused integer kernels (QLinearConv, ...) give the logits the QDQ graph defines, which
     onnxruntime computes in float with its optimisations off, to within one step of the logits'
     quantization. With 7-bit weights (the default) no uint8 x int8 pair sum can saturate, so
