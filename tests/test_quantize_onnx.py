@@ -63,4 +63,8 @@ def test_a_folder_it_cannot_calibrate_from_is_refused_with_the_reason(tmp_path: 
     )
     shutil.copy(held_out, photos / "glass" / held_out.name)
     assert "no train-split images" in refused(photos)
+    (photos / "banana").mkdir()
+    for path in sorted((SEED_PHOTOS / "glass").iterdir()):
+        shutil.copy(path, photos / "banana" / path.name)
+    assert "classes the model does not have: banana" in refused(photos)
     assert not (tmp_path / "out").exists()

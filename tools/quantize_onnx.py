@@ -41,9 +41,6 @@ def score_on_test_split(
     """Accuracy of each session on the test split, how often it agrees with the first, and
     every session's logits."""
     test = data.splits["test"]
-    unknown = sorted(set(test.labels) - set(card.classes))
-    if unknown:
-        raise SystemExit(f"classes the model does not have: {', '.join(unknown)}")
     same_split = card.metrics is not None and card.metrics.eval_set_id == data.content_id("test")
     table = Table(
         title=f"Test split: {len(test)} images "
@@ -103,6 +100,10 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"no readable images in class folders under {args.image_folder}")
     if len(train) == 0:
         raise SystemExit(f"no train-split images under {args.image_folder}")
+    labels = {label for split in data.splits.values() for label in split.labels}
+    unknown = sorted(labels - set(card.classes))
+    if unknown:
+        raise SystemExit(f"classes the model does not have: {', '.join(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.out.resolve() != args.source.resolve():
         shutil.copy2(onnx, args.out / "model.onnx")
